@@ -1,0 +1,68 @@
+"""Error values that travel up to the edge, and the middleware that renders HTTP errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+logger = logging.getLogger("aioserver.error")
+
+
+class ConfigError(Exception):
+    """A usage or configuration problem: exit status 2, one line naming source, key and problem."""
+
+    def __init__(self, source: str, key: str | None, problem: str) -> None:
+        super().__init__(source, key, problem)
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.key}" if self.key else self.source
+        return f"{where}: {self.problem}"
+
+
+class StartupError(Exception):
+    """A runtime failure while starting (a port in use, ...): exit status 1."""
+
+
+class InvalidElement(ValueError):
+    """Raised by an action when an element is unfit for it: the client gets 400, not 500."""
+
+
+def http_error(cls: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
+    """An aiohttp HTTP exception whose JSON body is ``{"error": message}``."""
+    return cls(text=json.dumps({"error": message}), content_type="application/json", headers=headers)
+
+
+# Headers of an HTTP exception that describe its plain-text body, which we replace.
+_BODY_HEADERS = frozenset({"Content-Type", "Content-Length"})
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error as JSON; turn anything unexpected into a 500 with an error id.
+
+    The traceback goes to the log only, under the same id, so that an operator can
+    find what a client reports without the client ever seeing internals or secrets.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k not in _BODY_HEADERS}
+        return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
+    except InvalidElement as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except Exception:
+        error_id = secrets.token_hex(6)
+        # The path only: a query string may carry something the client thinks private.
+        logger.exception("error %s while handling %s %s", error_id, request.method, request.path)
+        body: dict[str, Any] = {"error": f"internal error, id {error_id}", "id": error_id}
+        return web.json_response(body, status=500)

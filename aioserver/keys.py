@@ -1,0 +1,13 @@
+"""Typed keys for the state held on the application."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from .config import Config
+from .workflow import Workflow
+
+CONFIG = web.AppKey("config", Config)
+WORKFLOWS = web.AppKey("workflows", Mapping[str, Workflow])

@@ -1,0 +1,181 @@
+"""Server settings, each declared once.
+
+Every field of :class:`Settings` carries its own flag, environment variable, key in the
+config file's ``server:`` section, parser and help. That one table drives argparse, the
+environment, the YAML section, ``--check``'s summary and the README. Flag names follow
+uvicorn's (``--timeout-keep-alive``), attribute names follow the flags.
+
+Precedence: command line > environment > config file > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+# -- parsers: each takes a value from argv/env (str) or YAML (any) and returns it typed,
+#    or raises ValueError with a message that says what was expected.
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected an integer, got {type(value).__name__}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
+def port_number(value: Any) -> int:
+    port = _integer(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"expected a TCP port from 0 to 65535, got {port}")
+    return port
+
+
+def positive_int(value: Any) -> int:
+    number = _integer(value)
+    if number <= 0:
+        raise ValueError(f"expected a positive integer, got {number}")
+    return number
+
+
+def positive_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number of seconds, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return number
+
+
+def host_name(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a host name or IP address")
+    return value.strip()
+
+
+def log_level(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """How one setting is spelled on each channel, parsed and explained."""
+
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+    env: str | None
+    key: str  # dotted key under the config file's ``server:`` section
+    metavar: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _option(
+    default: Any,
+    parse: Callable[[Any], Any],
+    help: str,
+    *,
+    env: str | None = None,
+    key: str | None = None,
+    metavar: str = "VALUE",
+) -> Any:
+    spec = {"default": default, "parse": parse, "help": help, "env": env, "key": key, "metavar": metavar}
+    return field(default=default, metadata={"option": spec})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The resolved server settings (not the workflows)."""
+
+    host: str = _option("127.0.0.1", host_name, "address to bind", env="HOST", metavar="HOST")
+    port: int = _option(8000, port_number, "TCP port to bind", env="PORT", metavar="PORT")
+    max_body_size: int = _option(
+        16 * MiB, positive_int, "largest request body accepted, in bytes (413 beyond)", metavar="BYTES"
+    )
+    timeout_keep_alive: float = _option(
+        15.0, positive_float, "close idle keep-alive connections after this many seconds", metavar="SECONDS"
+    )
+    timeout_graceful_shutdown: float = _option(
+        30.0,
+        positive_float,
+        "on SIGTERM/SIGINT, wait this long for in-flight requests before closing them",
+        metavar="SECONDS",
+    )
+    log_level: str = _option("info", log_level, "log level: " + ", ".join(LOG_LEVELS), env="LOG_LEVEL", metavar="LEVEL")
+
+
+def options() -> Iterator[Option]:
+    """The option table, in declaration order."""
+    for f in dataclasses.fields(Settings):
+        spec = f.metadata["option"]
+        yield Option(name=f.name, **{**spec, "key": spec["key"] or f.name})
+
+
+OPTIONS: tuple[Option, ...] = tuple(options())
+
+
+def _flatten(section: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in section.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and any(o.key.startswith(dotted + ".") for o in OPTIONS):
+            yield from _flatten(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def resolve_settings(
+    cli: Mapping[str, Any],
+    env: Mapping[str, str],
+    section: Mapping[str, Any],
+    source: str,
+) -> tuple[Settings, dict[str, str]]:
+    """Resolve every option from its channels; return the settings and where each came from.
+
+    ``cli`` maps option names to the strings given on the command line, ``section`` is the
+    config file's ``server:`` mapping and ``source`` names that file in errors.
+    """
+    by_key = {o.key: o for o in OPTIONS}
+    from_file = {}
+    for key, value in _flatten(section):
+        if key not in by_key:
+            raise ConfigError(source, f"server.{key}", f"unknown option; known: {', '.join(by_key)}")
+        from_file[key] = value
+
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for option in OPTIONS:
+        if option.name in cli:
+            raw, where, key = cli[option.name], "command line", option.flag
+        elif option.env and option.env in env:
+            raw, where, key = env[option.env], "environment", option.env
+        elif option.key in from_file:
+            raw, where, key = from_file[option.key], source, f"server.{option.key}"
+        else:
+            origins[option.name] = "default"
+            continue
+        try:
+            values[option.name] = option.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(where, key, str(exc)) from None
+        origins[option.name] = where
+    return Settings(**values), origins
+

@@ -1,0 +1,82 @@
+"""Actions for the tests, referenced by dotted path (tests/ is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+CALLS: list[int] = []  # batch sizes seen by ``record``
+
+
+def double(batch: list[Any]) -> list[Any]:
+    return [x * 2 for x in batch]
+
+
+async def async_double(batch: list[Any]) -> list[Any]:
+    await asyncio.sleep(0)
+    return [x * 2 for x in batch]
+
+
+def record(batch: list[Any]) -> list[Any]:
+    CALLS.append(len(batch))
+    return batch
+
+
+def thread_name(batch: list[Any]) -> list[str]:
+    return [threading.current_thread().name for _ in batch]
+
+
+def add(batch: list[Any], amount: int = 1, *more: int) -> list[Any]:
+    return [x + amount + sum(more) for x in batch]
+
+
+def scale(batch: list[Any], factor: int, offset: int = 0) -> list[Any]:
+    return [x * factor + offset for x in batch]
+
+
+def sleepy(batch: list[Any], seconds: float = 1.0) -> list[Any]:
+    time.sleep(seconds)
+    return batch
+
+
+def boom(batch: list[Any]) -> list[Any]:
+    raise RuntimeError("the action broke: secret-detail-42")
+
+
+def too_few(batch: list[Any]) -> list[Any]:
+    return batch[1:]
+
+
+def not_json(batch: list[Any]) -> list[Any]:
+    return [object() for _ in batch]
+
+
+class Multiplier:
+    """A class action: instantiated once with its config section's arguments."""
+
+    instances = 0
+
+    def __init__(self, factor: int = 3) -> None:
+        type(self).instances += 1
+        self.factor = factor
+
+    def __call__(self, batch: list[Any]) -> list[Any]:
+        return [x * self.factor for x in batch]
+
+
+class AsyncPrefixer:
+    def __init__(self, prefix: str = ">") -> None:
+        self.prefix = prefix
+
+    async def __call__(self, batch: list[Any]) -> list[Any]:
+        return [self.prefix + str(x) for x in batch]
+
+
+class Broken:
+    def __init__(self) -> None:
+        raise ValueError("cannot start")
+
+
+NOT_CALLABLE = 42

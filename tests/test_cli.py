@@ -1,0 +1,202 @@
+"""main(argv) in-process, and the real ``python -m aioserver`` as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aioserver.cli import main
+from conftest import PYTHON, TESTS
+
+GOOD = "server:\n  port: 9100\nworkflow:\n  twice: {tasks: [sample_actions.double]}\n"
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(GOOD)
+    return path
+
+
+def test_check_prints_summary_with_origins(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["--config", str(config_file), "--check", "--host", "0.0.0.0"], env={"LOG_LEVEL": "debug"})
+    out = capsys.readouterr().out
+    assert status == 0
+    assert f"config: {config_file}" in out
+    assert "host = 0.0.0.0  (command line)" in out
+    assert f"port = 9100  ({config_file})" in out
+    assert "log_level = debug  (environment)" in out
+    assert "timeout_keep_alive = 15.0  (default)" in out
+    assert "workflow twice: sample_actions.double" in out
+
+
+def test_config_from_environment(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--check"], env={"CONFIG": str(config_file)}) == 0
+    assert "workflow twice" in capsys.readouterr().out
+
+
+def test_command_line_config_beats_environment(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--check", "--config", str(config_file)], env={"CONFIG": "/nonexistent.yml"}) == 0
+
+
+def test_check_default_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--check"], env={}) == 0
+    assert "config: <embedded default config>" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--port", "http"], {}, "aioserver: error: command line: --port: expected an integer, got 'http'\n"),
+        ([], {"PORT": "99999"}, "aioserver: error: environment: PORT: expected a TCP port from 0 to 65535"),
+        (["--bogus"], {}, "aioserver: error: command line: unrecognized arguments: --bogus\n"),
+        (["--log-level"], {}, "aioserver: error: command line: argument --log-level"),
+        (["--config", "/no/such.yml"], {}, "aioserver: error: /no/such.yml: cannot read config"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--check"], env=env) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message)
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("workflow:\n  sumfrench:\n    tasks:\n      - echo\n      - action: translation.nope\n")
+    assert main(["--config", str(path), "--check"], env={}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aioserver: error: {path}: workflow.sumfrench.tasks[1].action: cannot import")
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_exit_0(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([flag], env={}) == 0
+    assert "aioserver" in capsys.readouterr().out
+
+
+def test_port_in_use_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--port", str(port)], env={}) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"aioserver: error: cannot listen on 127.0.0.1:{port}: .*in use", err)
+
+
+# -- the real thing: a subprocess as a user starts it
+
+
+class Server:
+    """A running ``python -m aioserver``, its port read from its own log line."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        environment = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "aioserver", "--port", "0", *args],
+            env=environment,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log: list[str] = []
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self.port = self._wait_for_port()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self._drainer.is_alive():
+            self._drainer.join()
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+    def _wait_for_port(self) -> int:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
+            if found:
+                self._drainer.start()
+                return int(found.group(1))
+        self.__exit__()
+        raise AssertionError("server exited early:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        self.log.extend(self.process.stderr)
+
+    def post(self, body: bytes) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/workflow", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+
+
+@pytest.fixture
+def sleepy_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text("workflow:\n  sleepy:\n    tasks: [{action: sample_actions.sleepy, args: [1.5]}]\n")
+    return path
+
+
+@pytest.fixture
+def server(sleepy_config: Path) -> Iterator[Server]:
+    with Server("--config", str(sleepy_config)) as running:
+        yield running
+
+
+def test_sigterm_lets_the_request_in_flight_finish(server: Server) -> None:
+    result: list[tuple[int, bytes]] = []
+    client = threading.Thread(target=lambda: result.append(server.post(b'{"name": "sleepy", "elements": [7]}')))
+    client.start()
+    time.sleep(0.5)  # the request is now inside the 1.5 s action
+    server.process.send_signal(signal.SIGTERM)
+    client.join(timeout=10)
+    assert server.process.wait(timeout=10) == 0
+    assert result == [(200, b"[7]")]
+    log = "".join(server.log)
+    assert "shutting down" in log and "stopped" in log and "Traceback" not in log
+    # New connections are refused once it has stopped.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+
+
+def test_sigint_exits_0(server: Server) -> None:
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=10) == 0
+
+
+def test_bad_config_subprocess_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("workflow:\n  w:\n    tasks: [{action: echo, batch: many}]\n")
+    done = subprocess.run([PYTHON, "-m", "aioserver", "--config", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr == f"aioserver: error: {path}: workflow.w.tasks[0].batch: expected a positive integer, got 'many'\n"
+    assert done.stdout == ""
+
+
+def test_console_script_serves_default_config(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("aioserver")
+    with Server() as running:  # python -m aioserver, embedded default config
+        assert running.post(b'{"name": "shout", "elements": [" hi "]}') == (200, b'["HI!"]')
+        running.process.terminate()
+        assert running.process.wait(timeout=10) == 0
+    done = subprocess.run([str(script), "--check"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "workflow shout" in done.stdout
