@@ -5,19 +5,44 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import views
+from .auth import FailureThrottle, TokenStore, auth_middleware
 from .config import Config
 from .errors import error_middleware
-from .keys import CONFIG, WORKFLOWS
+from .keys import CONFIG, TOKENS, WORKFLOWS
+from .plugins import dependencies_middleware
+
+# RFC 6797: two years, as Mozilla's guidelines; sent on HTTPS responses only.
+HSTS = "max-age=63072000"
 
 
 def create_app(config: Config) -> web.Application:
     """Build the aiohttp application for a resolved config; reads no argv, environment or file."""
-    # Middleware order, outermost first. error_middleware must stay first so that it
-    # renders, as JSON, every error raised by anything inside it.
-    middlewares = [error_middleware]
+    tokens = TokenStore(config.tokens)
+    # Middleware order, outermost first:
+    # 1. error_middleware renders every error raised inside it as JSON, so it wraps all else;
+    # 2. auth_middleware decides before any routing outcome is revealed (an unknown path
+    #    without a token is 401, not 404);
+    # 3. the user's dependencies run only for authorized requests.
+    middlewares = [error_middleware, auth_middleware(tokens, FailureThrottle())]
+    if config.dependencies:
+        middlewares.append(dependencies_middleware(config.dependencies))
     app = web.Application(middlewares=middlewares, client_max_size=config.settings.max_body_size)
     app[CONFIG] = config
     app[WORKFLOWS] = config.workflows
+    app[TOKENS] = tokens
+    app.on_response_prepare.append(_secure_headers if config.tls else _headers)
     app.router.add_get("/health", views.health, allow_head=False)
     app.router.add_post("/workflow", views.run_workflow)
+    for extension in config.extensions:
+        extension(app)
     return app
+
+
+async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = "aioserver"  # not aiohttp's, which names its version
+    response.headers["X-Content-Type-Options"] = "nosniff"
+
+
+async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    await _headers(request, response)
+    response.headers["Strict-Transport-Security"] = HSTS

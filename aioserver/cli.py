@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ from typing import NoReturn
 from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError, StartupError
+from .logs import configure_logging
 from .options import OPTIONS
 from .server import serve
 
@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for option in OPTIONS:
         env = f" (env {option.env})" if option.env else ""
+        if option.switch:
+            parser.add_argument(
+                option.flag, dest=option.name, action="store_const", const=True, default=argparse.SUPPRESS,
+                help=option.help,
+            )
+            continue
         parser.add_argument(
             option.flag,
             dest=option.name,
@@ -54,7 +60,9 @@ def summary(config: Config) -> str:
     lines = [f"config: {config.source}"]
     for option in OPTIONS:
         value = getattr(config.settings, option.name)
-        lines.append(f"  {option.name} = {value}  ({config.origins.get(option.name, 'default')})")
+        origin = config.origins[option.name].source if option.name in config.origins else "default"
+        lines.append(f"  {option.name} = {value}  ({origin})")
+    lines.append(f"  tls = {'on' if config.tls else 'off'}, tokens = {len(config.tokens)}")
     for name, workflow in config.workflows.items():
         actions = " -> ".join("+".join(a.name for a in task.actions) for task in workflow.tasks)
         lines.append(f"  workflow {name}: {actions}")
@@ -79,10 +87,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(summary(config))
         return 0
 
-    logging.basicConfig(
-        level=config.settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.settings.log_level)
     try:
         asyncio.run(serve(config))
     except StartupError as exc:

@@ -15,15 +15,19 @@ from typing import Any
 
 import yaml
 
+from . import plugins
+from .auth import Token, TokenSources, token_sources
 from .errors import ConfigError
-from .options import Settings, resolve_settings
+from .options import Origin, Settings, resolve_settings
+from .tls import Password, ReloadableContext, TLSError, TLSFiles
 from .workflow import Workflow
 from .workflow.actions import ActionResolver, is_pipeline_name
 from .workflow.spec import parse_workflows
 
 DEFAULT_SOURCE = "<embedded default config>"
 INLINE_SOURCE = "<inline config>"
-SECTIONS = ("server", "workflow")
+SECTIONS = ("server", "workflow", "auth", "dependencies", "extensions")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +37,19 @@ class Config:
     settings: Settings = field(default_factory=Settings)
     workflows: Mapping[str, Workflow] = field(default_factory=dict)
     source: str = INLINE_SOURCE
-    origins: Mapping[str, str] = field(default_factory=dict)  # setting name -> where it came from
+    origins: Mapping[str, Origin] = field(default_factory=dict)  # setting name -> where it came from
+    tokens: tuple[Token, ...] = ()
+    token_sources: TokenSources = field(default_factory=TokenSources)  # read again on SIGHUP
+    tls: ReloadableContext | None = None
+    dependencies: tuple[plugins.Plugin, ...] = ()
+    extensions: tuple[plugins.Plugin, ...] = ()
 
 
 def read_document(location: str | None) -> tuple[dict[str, Any], str]:
     """The parsed YAML and a name for it: the embedded default, a file, or inline YAML (as txtai)."""
     if location is None:
         text, source = resources.files(__package__).joinpath("default.yml").read_text("utf-8"), DEFAULT_SOURCE
-    elif os.path.exists(location) or "\n" not in location and ": " not in location:
+    elif os.path.exists(location) or not _looks_inline(location):
         source = location
         try:
             with open(location, encoding="utf-8") as file:
@@ -61,6 +70,11 @@ def read_document(location: str | None) -> tuple[dict[str, Any], str]:
     if not isinstance(document, dict):
         raise ConfigError(source, None, "expected a mapping of sections at the top level")
     return document, source
+
+
+def _looks_inline(location: str) -> bool:
+    """Whether a config location is YAML text rather than a path (txtai accepts both)."""
+    return "\n" in location or ": " in location or location.lstrip().startswith("{")
 
 
 def build_config(
@@ -85,9 +99,71 @@ def build_config(
     server = document.get("server") or {}
     if not isinstance(server, Mapping):
         raise ConfigError(source, "server", "expected a mapping of options")
-    settings, origins = resolve_settings(cli or {}, env or {}, server, source)
+    env = env or {}
+    settings, origins = resolve_settings(cli or {}, env, server, source)
     workflows = parse_workflows(document.get("workflow"), ActionResolver(pipelines, source), source)
-    return Config(settings=settings, workflows=workflows, source=source, origins=origins)
+    sources = token_sources(document.get("auth"), env, source)
+    tokens = tuple(sources.load())
+    tls = _tls(settings, origins, env)
+    _refuse_clear_text_tokens(settings, origins, tokens, tls)
+    return Config(
+        settings=settings,
+        workflows=workflows,
+        source=source,
+        origins=origins,
+        tokens=tokens,
+        token_sources=sources,
+        tls=tls,
+        dependencies=plugins.load_plugins("dependencies", document, env, source),
+        extensions=plugins.load_plugins("extensions", document, env, source),
+    )
+
+
+def _tls(settings: Settings, origins: dict[str, Origin], env: Mapping[str, str]) -> ReloadableContext | None:
+    keyfile = settings.ssl_keyfile
+    credential = os.path.join(env.get("CREDENTIALS_DIRECTORY", ""), "tls.key")
+    if keyfile is None and env.get("CREDENTIALS_DIRECTORY") and os.path.exists(credential):
+        keyfile, origins["ssl_keyfile"] = credential, Origin("credentials", credential)
+    if settings.ssl_certfile is None:
+        for name in ("ssl_keyfile", "ssl_keyfile_password_file", "ssl_ca_certs", "ssl_cert_reqs", "redirect_http"):
+            if origins[name].source not in ("default", "credentials"):
+                raise ConfigError(*origins[name], "needs ssl_certfile: it only applies to HTTPS")
+        return None
+
+    password = None
+    # The file named on the command line wins over the environment's password, which wins
+    # over the file named in the config.
+    if settings.ssl_keyfile_password_file and origins["ssl_keyfile_password_file"].source == "command line":
+        password = _read_password(settings.ssl_keyfile_password_file, origins["ssl_keyfile_password_file"])
+    elif env.get("SSL_KEYFILE_PASSWORD"):
+        password = Password(env["SSL_KEYFILE_PASSWORD"])
+    elif settings.ssl_keyfile_password_file:
+        password = _read_password(settings.ssl_keyfile_password_file, origins["ssl_keyfile_password_file"])
+    files = TLSFiles(settings.ssl_certfile, keyfile, password, settings.ssl_ca_certs, settings.ssl_cert_reqs)
+    try:
+        return ReloadableContext(files)
+    except TLSError as exc:
+        raise ConfigError(*origins[exc.option], exc.problem) from None
+
+
+def _read_password(path: str, origin: Origin) -> Password:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return Password(file.read().rstrip("\r\n"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(*origin, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _refuse_clear_text_tokens(
+    settings: Settings, origins: Mapping[str, Origin], tokens: tuple[Token, ...], tls: ReloadableContext | None
+) -> None:
+    """Tokens must not cross a network in clear text (SPEC section 2)."""
+    if tokens and tls is None and settings.host not in LOOPBACK_HOSTS and not settings.allow_insecure_http:
+        raise ConfigError(
+            *origins["host"],
+            f"tokens would travel in clear text on {settings.host}: serve HTTPS (--ssl-certfile, --ssl-keyfile),"
+            " bind 127.0.0.1 behind a TLS proxy, or pass --allow-insecure-http",
+        )
 
 
 def load_config(

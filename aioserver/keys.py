@@ -6,8 +6,10 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from .auth import TokenStore
 from .config import Config
 from .workflow import Workflow
 
 CONFIG = web.AppKey("config", Config)
 WORKFLOWS = web.AppKey("workflows", Mapping[str, Workflow])
+TOKENS = web.AppKey("tokens", TokenStore)

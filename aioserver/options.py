@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ConfigError
 
 MiB = 1024 * 1024
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+CERT_REQS = ("none", "optional", "required")
 
 
 # -- parsers: each takes a value from argv/env (str) or YAML (any) and returns it typed,
@@ -66,6 +67,26 @@ def host_name(value: Any) -> str:
     return value.strip()
 
 
+def file_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a file path")
+    return value
+
+
+def cert_reqs(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in CERT_REQS:
+        raise ValueError(f"expected one of {', '.join(CERT_REQS)}, got {value!r}")
+    return value.lower()
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def log_level(value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
@@ -83,6 +104,7 @@ class Option:
     env: str | None
     key: str  # dotted key under the config file's ``server:`` section
     metavar: str
+    switch: bool  # a flag without a value on the command line (true when given)
 
     @property
     def flag(self) -> str:
@@ -97,8 +119,12 @@ def _option(
     env: str | None = None,
     key: str | None = None,
     metavar: str = "VALUE",
+    flag_only: bool = False,
 ) -> Any:
-    spec = {"default": default, "parse": parse, "help": help, "env": env, "key": key, "metavar": metavar}
+    spec = {
+        "default": default, "parse": parse, "help": help, "env": env, "key": key, "metavar": metavar,
+        "switch": flag_only,
+    }
     return field(default=default, metadata={"option": spec})
 
 
@@ -108,6 +134,30 @@ class Settings:
 
     host: str = _option("127.0.0.1", host_name, "address to bind", env="HOST", metavar="HOST")
     port: int = _option(8000, port_number, "TCP port to bind", env="PORT", metavar="PORT")
+    ssl_certfile: str | None = _option(
+        None, file_path, "serve HTTPS with this PEM certificate (chain)", env="SSL_CERTFILE", key="ssl.certfile", metavar="PATH"
+    )
+    ssl_keyfile: str | None = _option(
+        None, file_path, "the certificate's private key (PEM)", env="SSL_KEYFILE", key="ssl.keyfile", metavar="PATH"
+    )
+    # The password itself may come from SSL_KEYFILE_PASSWORD, never from the command line.
+    ssl_keyfile_password_file: str | None = _option(
+        None, file_path, "file holding the key's password", key="ssl.keyfile_password_file", metavar="PATH"
+    )
+    ssl_ca_certs: str | None = _option(
+        None, file_path, "verify client certificates against these CAs (mTLS)", env="SSL_CA_CERTS", key="ssl.ca_certs",
+        metavar="PATH",
+    )
+    ssl_cert_reqs: str | None = _option(
+        None, cert_reqs, "client certificates: none, optional or required (required when a CA is given)",
+        env="SSL_CERT_REQS", key="ssl.cert_reqs", metavar="MODE",
+    )
+    redirect_http: int | None = _option(
+        None, port_number, "also listen on this plain-HTTP port, answering 308 to HTTPS", metavar="PORT"
+    )
+    allow_insecure_http: bool = _option(
+        False, boolean, "allow tokens over plain HTTP on a non-loopback address", flag_only=True
+    )
     max_body_size: int = _option(
         16 * MiB, positive_int, "largest request body accepted, in bytes (413 beyond)", metavar="BYTES"
     )
@@ -142,12 +192,19 @@ def _flatten(section: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str
             yield dotted, value
 
 
+class Origin(NamedTuple):
+    """Where a setting came from: ``source`` (a file, "command line", ...) and the ``key`` there."""
+
+    source: str
+    key: str
+
+
 def resolve_settings(
     cli: Mapping[str, Any],
     env: Mapping[str, str],
     section: Mapping[str, Any],
     source: str,
-) -> tuple[Settings, dict[str, str]]:
+) -> tuple[Settings, dict[str, Origin]]:
     """Resolve every option from its channels; return the settings and where each came from.
 
     ``cli`` maps option names to the strings given on the command line, ``section`` is the
@@ -161,7 +218,7 @@ def resolve_settings(
         from_file[key] = value
 
     values: dict[str, Any] = {}
-    origins: dict[str, str] = {}
+    origins: dict[str, Origin] = {}
     for option in OPTIONS:
         if option.name in cli:
             raw, where, key = cli[option.name], "command line", option.flag
@@ -170,12 +227,12 @@ def resolve_settings(
         elif option.key in from_file:
             raw, where, key = from_file[option.key], source, f"server.{option.key}"
         else:
-            origins[option.name] = "default"
+            origins[option.name] = Origin("default", option.flag)
             continue
         try:
             values[option.name] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(where, key, str(exc)) from None
-        origins[option.name] = where
+        origins[option.name] = Origin(where, key)
     return Settings(**values), origins
 

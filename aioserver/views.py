@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .auth import check_scope
 from .errors import http_error
 from .keys import WORKFLOWS
 
@@ -21,6 +22,7 @@ async def health(request: web.Request) -> web.Response:
 async def run_workflow(request: web.Request) -> web.Response:
     """Run the named workflow over the elements and answer with the list of results."""
     name, elements = _parse_body(await request.read())
+    check_scope(request, name)
     workflow = request.app[WORKFLOWS].get(name)
     if workflow is None:
         raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")

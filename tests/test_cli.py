@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -10,14 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from aioserver.cli import main
-from conftest import PYTHON, TESTS
+from conftest import PYTHON, Server
 
 GOOD = "server:\n  port: 9100\nworkflow:\n  twice: {tasks: [sample_actions.double]}\n"
 
@@ -99,54 +97,6 @@ def test_port_in_use_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # -- the real thing: a subprocess as a user starts it
-
-
-class Server:
-    """A running ``python -m aioserver``, its port read from its own log line."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        environment = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
-        self.process = subprocess.Popen(
-            [PYTHON, "-m", "aioserver", "--port", "0", *args],
-            env=environment,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.log: list[str] = []
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self.port = self._wait_for_port()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        if self._drainer.is_alive():
-            self._drainer.join()
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-
-    def _wait_for_port(self) -> int:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log.append(line)
-            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", line)
-            if found:
-                self._drainer.start()
-                return int(found.group(1))
-        self.__exit__()
-        raise AssertionError("server exited early:\n" + "".join(self.log))
-
-    def _drain(self) -> None:
-        assert self.process.stderr is not None
-        self.log.extend(self.process.stderr)
-
-    def post(self, body: bytes) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/workflow", data=body, method="POST")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read()
 
 
 @pytest.fixture

@@ -108,4 +108,4 @@ def test_class_instantiated_once_with_its_section() -> None:
 def test_settings_from_server_section_and_env() -> None:
     config = load_config("server:\n  port: 9000\n  host: 0.0.0.0\n", env={"PORT": "9001"})
     assert (config.settings.host, config.settings.port) == ("0.0.0.0", 9001)
-    assert config.origins["port"] == "environment"
+    assert config.origins["port"].source == "environment"

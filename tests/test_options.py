@@ -11,6 +11,13 @@ from aioserver.options import OPTIONS, Settings, resolve_settings
 SAMPLES = {
     "host": ("0.0.0.0", "0.0.0.0", " "),
     "port": ("9001", 9001, "70000"),
+    "ssl_certfile": ("/etc/cert.pem", "/etc/cert.pem", ""),
+    "ssl_keyfile": ("/etc/key.pem", "/etc/key.pem", " "),
+    "ssl_keyfile_password_file": ("/run/pw", "/run/pw", ""),
+    "ssl_ca_certs": ("/etc/ca.pem", "/etc/ca.pem", ""),
+    "ssl_cert_reqs": ("Optional", "optional", "sometimes"),
+    "redirect_http": ("8080", 8080, "-1"),
+    "allow_insecure_http": ("true", True, "maybe"),
     "max_body_size": ("1024", 1024, "-1"),
     "timeout_keep_alive": ("2.5", 2.5, "soon"),
     "timeout_graceful_shutdown": ("4", 4.0, "0"),
@@ -26,7 +33,7 @@ def test_every_option_has_samples() -> None:
 def test_default(option) -> None:  # type: ignore[no-untyped-def]
     settings, origins = resolve_settings({}, {}, {}, "config.yml")
     assert getattr(settings, option.name) == option.default == getattr(Settings(), option.name)
-    assert origins[option.name] == "default"
+    assert origins[option.name].source == "default"
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)
@@ -37,16 +44,16 @@ def test_precedence(option) -> None:  # type: ignore[no-untyped-def]
     env = {option.env: text} if option.env else {}
 
     settings, origins = resolve_settings({}, {}, section, "config.yml")
-    assert (getattr(settings, option.name), origins[option.name]) == (parsed, "config.yml")
+    assert (getattr(settings, option.name), origins[option.name].source) == (parsed, "config.yml")
 
     if option.env:
         settings, origins = resolve_settings({}, env, {option.key: other}, "config.yml")
-        assert (getattr(settings, option.name), origins[option.name]) == (parsed, "environment")
+        assert (getattr(settings, option.name), origins[option.name].source) == (parsed, "environment")
 
     settings, origins = resolve_settings(
         {option.name: text}, {option.env: other} if option.env else {}, {option.key: other}, "config.yml"
     )
-    assert (getattr(settings, option.name), origins[option.name]) == (parsed, "command line")
+    assert (getattr(settings, option.name), origins[option.name].source) == (parsed, "command line")
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.name)

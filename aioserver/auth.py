@@ -1,0 +1,259 @@
+"""Token authorization (RFC 6750 bearer tokens checked against SHA-256 hashes).
+
+Tokens come from ``TOKEN`` (one hash, as txtai), the config's ``auth.tokens``, a token file
+(``TOKEN_FILE`` or the systemd credential ``token``) with one ``HASH [NAME [WORKFLOW,...]]``
+per line. Only hashes are held; a presented token is hashed once and compared with every
+known hash in constant time. Repeated failures from one client are throttled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import math
+import os
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .errors import ConfigError, http_error
+
+REALM = 'Bearer realm="aioserver"'
+OPEN_PATHS = frozenset({"/health"})
+HASH_HINT = (
+    "expected the SHA-256 hex digest of the API token (64 hex characters), not the token itself;"
+    " bin/aioserver-token makes a token and its hash"
+)
+_HASH = re.compile(r"[0-9a-fA-F]{64}")
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *")
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A known token: its name, the SHA-256 digest of its value, the workflows it may run."""
+
+    name: str
+    digest: bytes = field(repr=False)
+    workflows: frozenset[str] | None = None  # None: every workflow
+
+    def may_run(self, workflow: str) -> bool:
+        return self.workflows is None or workflow in self.workflows
+
+
+def parse_hash(value: Any, source: str, key: str) -> bytes:
+    """The digest of a 64-hex-character SHA-256 hash; the error never echoes the value."""
+    if not isinstance(value, str) or not _HASH.fullmatch(value.strip()):
+        raise ConfigError(source, key, HASH_HINT)
+    return bytes.fromhex(value.strip())
+
+
+def parse_token_file(text: str, source: str) -> list[Token]:
+    """Tokens of a file of ``HASH [NAME [WORKFLOW,...]]`` lines, ``#`` starting a comment."""
+    tokens = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) > 3:
+            raise ConfigError(source, f"line {number}", "expected HASH [NAME [WORKFLOW,...]]")
+        digest = parse_hash(fields[0], source, f"line {number}")
+        name = fields[1] if len(fields) > 1 else f"{source}:{number}"
+        workflows = frozenset(w for w in fields[2].split(",") if w) if len(fields) > 2 else None
+        tokens.append(Token(name, digest, workflows))
+    return tokens
+
+
+def parse_config_tokens(entries: Any, source: str) -> list[Token]:
+    """Tokens of the config's ``auth.tokens`` list of ``{name, sha256, workflows?}``."""
+    if not isinstance(entries, list):
+        raise ConfigError(source, "auth.tokens", "expected a list of {name, sha256, workflows}")
+    tokens = []
+    for i, entry in enumerate(entries):
+        key = f"auth.tokens[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(source, key, "expected a mapping {name, sha256, workflows}")
+        for unknown in entry.keys() - {"name", "sha256", "workflows"}:
+            raise ConfigError(source, f"{key}.{unknown}", "unknown key; known: name, sha256, workflows")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(source, f"{key}.name", "expected a non-empty string")
+        workflows = entry.get("workflows")
+        if workflows is not None and not (isinstance(workflows, list) and all(isinstance(w, str) for w in workflows)):
+            raise ConfigError(source, f"{key}.workflows", "expected a list of workflow names")
+        digest = parse_hash(entry.get("sha256"), source, f"{key}.sha256")
+        tokens.append(Token(name, digest, None if workflows is None else frozenset(workflows)))
+    return tokens
+
+
+class TokenStore:
+    """The tokens in force; :meth:`replace` swaps them all at once (SIGHUP)."""
+
+    # The mutable holder lets a reload change the tokens under the running middleware.
+
+    def __init__(self, tokens: Iterable[Token] = ()) -> None:
+        self.tokens: tuple[Token, ...] = tuple(tokens)
+
+    def replace(self, tokens: Iterable[Token]) -> None:
+        self.tokens = tuple(tokens)
+
+    def match(self, presented: str) -> Token | None:
+        """The token whose hash is that of ``presented``; every hash is compared, in constant time."""
+        digest = hashlib.sha256(presented.encode()).digest()
+        found = None
+        for token in self.tokens:
+            if hmac.compare_digest(digest, token.digest):
+                found = token
+        return found
+
+
+# The matched token of an authorized request, for handlers, dependencies and the access log.
+IDENTITY = web.RequestKey("identity", Token)
+
+
+class FailureThrottle:
+    """Counts authorization failures per client; past ``limit`` in ``window`` seconds, 429.
+
+    Memory is bounded: at most ``max_clients`` entries, the least recently failing evicted.
+    IPv6 clients are counted per /64, the block one subscriber usually holds.
+    """
+
+    def __init__(self, limit: int = 10, window: float = 60.0, max_clients: int = 10_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    @staticmethod
+    def client_key(address: str | None) -> str:
+        try:
+            ip = ipaddress.ip_address(address or "")
+        except ValueError:
+            return address or "-"
+        if ip.version == 6 and ip.ipv4_mapped is None:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)
+
+    def retry_after(self, client: str, now: float | None = None) -> int:
+        """Seconds the client must wait, or 0 if it may try."""
+        entry = self._failures.get(client)
+        if entry is None:
+            return 0
+        count, started = entry
+        remaining = started + self.window - (time.monotonic() if now is None else now)
+        if remaining <= 0:
+            del self._failures[client]
+            return 0
+        return math.ceil(remaining) if count >= self.limit else 0
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        count, started = self._failures.pop(client, (0, now))
+        if now - started > self.window:
+            count, started = 0, now
+        self._failures[client] = (count + 1, started)
+        while len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
+
+    def __len__(self) -> int:
+        return len(self._failures)
+
+
+def _challenge(cls: type[web.HTTPException], message: str, error: str | None) -> web.HTTPException:
+    value = f'{REALM}, error="{error}"' if error else REALM
+    return http_error(cls, message, **{"WWW-Authenticate": value})
+
+
+def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
+    """The middleware checking every request but ``GET /health`` against ``store``.
+
+    With no token in ``store`` the service is open, as txtai's is without ``TOKEN``.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not store.tokens or (request.path in OPEN_PATHS and request.method == "GET"):
+            return await handler(request)
+        client = throttle.client_key(request.remote)
+        wait = throttle.retry_after(client)
+        if wait:
+            raise http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
+
+        headers = request.headers.getall("Authorization", [])
+        if not headers:
+            raise _challenge(web.HTTPUnauthorized, "authorization required", None)
+        scheme = headers[0].split(" ", 1)[0]
+        if len(headers) == 1 and scheme.lower() != "bearer":
+            # Another scheme is no bearer credential at all (RFC 6750 section 3.1).
+            raise _challenge(web.HTTPUnauthorized, "authorization required: Bearer token", None)
+        bearer = _BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
+        if bearer is None:
+            throttle.failed(client)
+            raise _challenge(web.HTTPBadRequest, "malformed Authorization header", "invalid_request")
+        token = store.match(bearer.group(1))
+        if token is None:
+            throttle.failed(client)
+            raise _challenge(web.HTTPUnauthorized, "invalid token", "invalid_token")
+        throttle.succeeded(client)
+        request[IDENTITY] = token
+        return await handler(request)
+
+    return middleware
+
+
+def check_scope(request: web.Request, workflow: str) -> None:
+    """Deny (403 insufficient_scope) a token that may not run ``workflow``."""
+    token = request.get(IDENTITY)
+    if token is not None and not token.may_run(workflow):
+        raise _challenge(web.HTTPForbidden, f"this token may not run {workflow[:100]!r}", "insufficient_scope")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSources:
+    """Where tokens come from: fixed ones (``TOKEN``, ``auth.tokens``) and files read on each load."""
+
+    fixed: tuple[Token, ...] = ()
+    files: tuple[str, ...] = ()
+
+    def load(self) -> list[Token]:
+        """Every token, the files read now; raises ConfigError naming a file that fails."""
+        tokens = list(self.fixed)
+        for path in self.files:
+            try:
+                with open(path, encoding="utf-8") as file:
+                    text = file.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(path, None, f"cannot read token file: {getattr(exc, 'strerror', None) or exc}") from None
+            found = parse_token_file(text, path)
+            if not found:
+                raise ConfigError(path, None, "the token file holds no token")
+            tokens.extend(found)
+        return tokens
+
+
+def token_sources(section: Any, env: Mapping[str, str], source: str) -> TokenSources:
+    """The token sources of the config's ``auth:`` section and the environment."""
+    if section is None:
+        section = {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(source, "auth", "expected a mapping with 'tokens'")
+    for unknown in section.keys() - {"tokens"}:
+        raise ConfigError(source, f"auth.{unknown}", "unknown key; known: tokens")
+    fixed = parse_config_tokens(section.get("tokens", []), source)
+    if env.get("TOKEN"):
+        fixed.insert(0, Token("token", parse_hash(env["TOKEN"], "environment", "TOKEN")))
+    files = [env["TOKEN_FILE"]] if env.get("TOKEN_FILE") else []
+    credential = os.path.join(env.get("CREDENTIALS_DIRECTORY", ""), "token")
+    if env.get("CREDENTIALS_DIRECTORY") and os.path.exists(credential):
+        files.append(credential)
+    return TokenSources(tuple(fixed), tuple(files))

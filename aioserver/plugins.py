@@ -1,0 +1,63 @@
+"""The user's own code: ``DEPENDENCIES`` run on every request, ``EXTENSIONS`` add routes (as txtai).
+
+Both are comma-separated dotted paths (environment) or lists (config keys ``dependencies:``
+and ``extensions:``). A class is instantiated once, without arguments; a function is used
+as it is. A dependency gets the request after the token check, may be sync or async, and
+denies by raising an ``aiohttp.web.HTTPException``. An extension gets the application.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .auth import OPEN_PATHS
+from .errors import ConfigError
+from .workflow.actions import import_string
+
+Plugin = Callable[..., Any]
+
+
+def load_plugins(kind: str, document: Mapping[str, Any], env: Mapping[str, str], source: str) -> tuple[Plugin, ...]:
+    """The ``kind`` plugins ("dependencies" or "extensions"): the environment's, else the config's."""
+    variable = kind.upper()
+    if env.get(variable, "").strip():
+        where, key, value = "environment", variable, env[variable]
+    else:
+        where, key, value = source, kind, document.get(kind)
+    if value is None:
+        return ()
+    paths = value.split(",") if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ConfigError(where, key, "expected dotted paths (a list, or comma-separated)")
+    return tuple(_load(path.strip(), where, key) for path in paths if path.strip())
+
+
+def _load(path: str, where: str, key: str) -> Plugin:
+    try:
+        target = import_string(path)
+        plugin = target() if inspect.isclass(target) else target
+    except Exception as exc:  # the user's import or constructor may fail in any way
+        raise ConfigError(where, key, f"cannot load {path!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(plugin):
+        raise ConfigError(where, key, f"{path!r} is not callable")
+    return plugin
+
+
+def dependencies_middleware(dependencies: tuple[Plugin, ...]) -> web.Middleware:
+    """Run every dependency on each request but the open ones, after authorization."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not (request.path in OPEN_PATHS and request.method == "GET"):
+            for dependency in dependencies:
+                result = dependency(request)
+                if inspect.isawaitable(result):
+                    await result
+        return await handler(request)
+
+    return middleware

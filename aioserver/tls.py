@@ -1,0 +1,192 @@
+"""TLS: one function from files and options to a server ``ssl.SSLContext``.
+
+The context follows Mozilla's "intermediate" configuration (guideline 5.7): TLS 1.2 minimum,
+TLS 1.3 preferred, ECDHE with AES-GCM or ChaCha20-Poly1305 for TLS 1.2, key exchange on
+X25519, P-256 or P-384 only, no compression, no renegotiation. (Mozilla's DHE suites are
+left out: they need a DH parameter file and add nothing for the clients it targets.)
+https://wiki.mozilla.org/Security/Server_Side_TLS#Intermediate_compatibility_.28recommended.29
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import ssl
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+logger = logging.getLogger("aioserver.tls")
+
+TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+GROUPS = "X25519:prime256v1:secp384r1"
+CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+class TLSError(Exception):
+    """A TLS file or option is unusable; ``option`` names the setting at fault."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(option, problem)
+        self.option = option
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+class Password(str):
+    """A key password: a str that never shows itself in a repr, a log line or a traceback."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    """Where the certificate, key and CA are, and how to check clients."""
+
+    certfile: str
+    keyfile: str | None = None
+    password: Password | None = field(default=None, repr=False)
+    ca_certs: str | None = None
+    cert_reqs: str | None = None  # none | optional | required; None: required when ca_certs
+
+
+def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
+    """A new server context loaded from ``files``; raises TLSError naming the option at fault."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites are OpenSSL's defaults, all allowed
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.keylog_filename = None  # type: ignore[assignment]  # never honour SSLKEYLOGFILE
+    _restrict_groups(context, GROUPS)
+    _load_cert_chain(context, files)
+    if files.ca_certs:
+        _load_ca(context, files.ca_certs)
+    reqs = files.cert_reqs or ("required" if files.ca_certs else "none")
+    if reqs != "none" and not files.ca_certs:
+        raise TLSError("ssl_cert_reqs", f"{reqs!r} needs ssl_ca_certs to verify client certificates against")
+    context.verify_mode = CERT_REQS[reqs]
+    return context
+
+
+def _load_cert_chain(context: ssl.SSLContext, files: TLSFiles) -> None:
+    for option, path in (("ssl_certfile", files.certfile), ("ssl_keyfile", files.keyfile)):
+        if path is not None:
+            _check_readable(option, path)
+    try:
+        # A callable, so that OpenSSL never prompts on a terminal for a missing password.
+        context.load_cert_chain(files.certfile, files.keyfile, password=lambda: files.password or "")
+    except ssl.SSLError as exc:
+        raise _diagnose(files, exc) from None
+
+
+def _diagnose(files: TLSFiles, exc: ssl.SSLError) -> TLSError:
+    """Say which file is at fault and why: OpenSSL's own reason is often just "PEM lib"."""
+    key_option = "ssl_keyfile" if files.keyfile else "ssl_certfile"
+    if "KEY_VALUES_MISMATCH" in (exc.reason or ""):
+        return TLSError(key_option, "the private key does not match the certificate")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=files.certfile)
+    except ssl.SSLError:
+        return TLSError("ssl_certfile", f"{files.certfile} holds no PEM certificate")
+    with open(files.keyfile or files.certfile, "rb") as file:
+        encrypted = b"ENCRYPTED" in file.read()
+    if encrypted and files.password:
+        return TLSError(key_option, "cannot decrypt the private key: wrong password")
+    if encrypted:
+        return TLSError(
+            key_option,
+            "the private key is encrypted: give its password (ssl_keyfile_password_file or SSL_KEYFILE_PASSWORD)",
+        )
+    return TLSError(key_option, f"cannot load the private key: {exc.reason or exc}")
+
+
+def _load_ca(context: ssl.SSLContext, path: str) -> None:
+    _check_readable("ssl_ca_certs", path)
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise TLSError("ssl_ca_certs", f"{path} holds no CA certificate: {exc.reason or exc}") from None
+    if not context.get_ca_certs():
+        raise TLSError("ssl_ca_certs", f"{path} holds no CA certificate")
+
+
+def _check_readable(option: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise TLSError(option, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _restrict_groups(context: ssl.SSLContext, groups: str) -> None:
+    """Offer only ``groups`` for key exchange.
+
+    Python only gained SSLContext.set_groups in 3.15; before that, ``set_ecdh_curve`` keeps a
+    single group. So we call OpenSSL's SSL_CTX_set1_groups_list on the context's SSL_CTX,
+    after checking that the pointer really is it (its options must read back the same).
+    """
+    set_groups = getattr(context, "set_groups", None)
+    if set_groups is not None:  # Python 3.15+
+        set_groups(groups)
+        return
+    try:
+        library = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+        library.SSL_CTX_get_options.restype = ctypes.c_uint64
+        library.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        library.SSL_CTX_ctrl.restype = ctypes.c_long
+        library.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+        # The SSL_CTX pointer follows the object header in CPython's PySSLContext.
+        pointer = ctypes.c_void_p.from_address(id(context) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+        if pointer and library.SSL_CTX_get_options(pointer) == context.options:
+            ssl_ctrl_set_groups_list = 92
+            if library.SSL_CTX_ctrl(pointer, ssl_ctrl_set_groups_list, 0, groups.encode()) == 1:
+                return
+    except (OSError, AttributeError, ValueError):
+        pass
+    # P-256 is the group every TLS 1.2 and 1.3 client must support (RFC 8446 section 9.1).
+    logger.debug("cannot set the key-exchange group list; using prime256v1 only")
+    context.set_ecdh_curve("prime256v1")
+
+
+class ReloadableContext:
+    """The context given to listeners; :meth:`reload` swaps in a new one for later handshakes.
+
+    New handshakes pick the current context in the SNI callback, which OpenSSL runs for every
+    ClientHello (with or without a server name), so connections already open keep theirs.
+    """
+
+    def __init__(self, files: TLSFiles) -> None:
+        self.files = files
+        self.current = create_ssl_context(files)
+        self.listener = create_ssl_context(files)
+        self.listener.sni_callback = self._select
+
+    def _select(self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        connection.context = self.current
+
+    def reload(self, files: TLSFiles | None = None) -> None:
+        """Load the files again (or new ones); raises TLSError and keeps the old context if they fail."""
+        files = files or self.files
+        self.current = create_ssl_context(files)
+        self.files = files
+
+
+def client_subject(request: web.BaseRequest) -> dict[str, str] | None:
+    """The verified client certificate's subject (``{"commonName": ...}``), or None without one."""
+    transport = request.transport
+    certificate = transport.get_extra_info("peercert") if transport is not None else None
+    if not certificate:
+        return None
+    return {name: value for rdn in certificate.get("subject", ()) for name, value in rdn}

@@ -1,0 +1,53 @@
+"""Dependencies and extensions for the tests, referenced by dotted path."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from aioserver.auth import IDENTITY
+from aioserver.tls import client_subject
+
+SEEN: list[str] = []
+
+
+def add_whoami(app: web.Application) -> None:
+    """An extension: a route that reports who is calling."""
+
+    async def whoami(request: web.Request) -> web.Response:
+        token = request.get(IDENTITY)
+        return web.json_response({"name": token.name if token else None, "client_subject": client_subject(request)})
+
+    app.router.add_get("/whoami", whoami)
+
+
+class AddRoutes:
+    """A class extension: instantiated once, then called with the app."""
+
+    def __call__(self, app: web.Application) -> None:
+        async def hello(request: web.Request) -> web.Response:
+            return web.json_response("hello")
+
+        app.router.add_get("/hello", hello)
+
+
+def record_path(request: web.Request) -> None:
+    """A sync dependency."""
+    SEEN.append(request.path)
+
+
+async def deny_header(request: web.Request) -> None:
+    """An async dependency denying requests that carry X-Deny."""
+    if "X-Deny" in request.headers:
+        raise web.HTTPForbidden(reason="denied by policy")
+
+
+class RequireAgent:
+    """A class dependency, instantiated once without arguments."""
+
+    def __call__(self, request: web.Request) -> None:
+        if request.headers.get("User-Agent", "").startswith("evil"):
+            raise web.HTTPForbidden()
+
+
+def crash(request: web.Request) -> None:
+    raise RuntimeError("dependency bug: secret-in-dependency")

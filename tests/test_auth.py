@@ -1,0 +1,263 @@
+"""Token authorization: sources, RFC 6750 answers, scopes, throttling, identity, reload."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pytest
+from aioserver import create_app, load_config
+from aioserver.auth import FailureThrottle, Token, TokenStore, parse_token_file
+from aioserver.errors import ConfigError
+from aioserver.server import reload
+from conftest import TOKEN, TOKEN_HASH, ClientFactory
+
+CONFIG = """
+workflow:
+  echo: {tasks: [echo]}
+  upper: {tasks: [upper]}
+auth:
+  tokens:
+    - {name: reader, sha256: %s, workflows: [echo]}
+""" % hashlib.sha256(b"reader-token").hexdigest()
+
+REALM = 'Bearer realm="aioserver"'
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "not-a-hash", TOKEN, TOKEN_HASH[:-1], TOKEN_HASH + "0", "g" * 64, f"{TOKEN_HASH} extra"],
+)
+def test_token_must_be_a_sha256_hex_digest(value: str) -> None:
+    if not value:
+        assert load_config("{}", env={"TOKEN": value}).tokens == ()  # empty: unset
+        return
+    with pytest.raises(ConfigError) as error:
+        load_config("{}", env={"TOKEN": value})
+    message = str(error.value)
+    assert message.startswith("environment: TOKEN: expected the SHA-256 hex digest")
+    assert "bin/aioserver-token" in message
+    assert value not in message
+
+
+def test_token_is_case_insensitive() -> None:
+    upper = load_config("{}", env={"TOKEN": TOKEN_HASH.upper()})
+    assert TokenStore(upper.tokens).match(TOKEN) is not None
+
+
+def test_token_file_format() -> None:
+    text = f"""
+# comment line
+{sha("a")}                       # unnamed
+{sha("b")} bob
+{sha("c")} carol echo,upper      # scoped
+"""
+    tokens = parse_token_file(text, "tokens.txt")
+    assert [(t.name, t.workflows) for t in tokens] == [
+        ("tokens.txt:3", None),
+        ("bob", None),
+        ("carol", frozenset({"echo", "upper"})),
+    ]
+    assert "digest" not in repr(tokens[0]) and sha("a") not in repr(tokens)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("nothash bob\n", "line 1"), (f"\n{sha('a')} a b c\n", "line 2")],
+)
+def test_bad_token_file_lines(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_token_file(text, "tokens.txt")
+    assert (error.value.source, error.value.key) == ("tokens.txt", key)
+
+
+@pytest.mark.parametrize(
+    ("auth", "key"),
+    [
+        ("[]", "auth"),
+        ("{tokens: {}}", "auth.tokens"),
+        ("{tokens: [x]}", "auth.tokens[0]"),
+        ("{tokens: [{name: a}]}", "auth.tokens[0].sha256"),
+        (f"{{tokens: [{{name: '', sha256: {TOKEN_HASH}}}]}}", "auth.tokens[0].name"),
+        (f"{{tokens: [{{name: a, sha256: {TOKEN_HASH}, workflows: echo}}]}}", "auth.tokens[0].workflows"),
+        (f"{{tokens: [{{name: a, sha256: {TOKEN_HASH}, scope: x}}]}}", "auth.tokens[0].scope"),
+        ("{token: x}", "auth.token"),
+    ],
+)
+def test_bad_auth_section(auth: str, key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(f"auth: {auth}\n")
+    assert error.value.key == key
+
+
+def test_token_file_and_credential(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text(f"{sha('one')} one\n")
+    (tmp_path / "token").write_text(f"{sha('two')} two echo\n")
+    config = load_config("{}", env={"TOKEN_FILE": str(tmp_path / "tokens"), "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert [t.name for t in config.tokens] == ["one", "two"]
+
+
+@pytest.mark.parametrize("content", ["# only a comment\n", ""])
+def test_token_file_without_tokens_is_an_error(tmp_path: Path, content: str) -> None:
+    (tmp_path / "tokens").write_text(content)
+    with pytest.raises(ConfigError, match="holds no token"):
+        load_config("{}", env={"TOKEN_FILE": str(tmp_path / "tokens")})
+
+
+def test_no_token_means_open(make_client: ClientFactory) -> None:
+    assert load_config("{}").tokens == ()
+
+
+async def test_open_service_without_tokens(make_client: ClientFactory) -> None:
+    client = await make_client("workflow:\n  echo: {tasks: [echo]}\n")
+    response = await client.post("/workflow", json={"name": "echo", "elements": [1]})
+    assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status", "challenge"),
+    [
+        ("POST", "/workflow", {}, 401, REALM),
+        ("POST", "/workflow", {"Authorization": "Basic dXNlcjpwYXNz"}, 401, REALM),
+        ("POST", "/workflow", {"Authorization": "Bearer"}, 400, f'{REALM}, error="invalid_request"'),
+        ("POST", "/workflow", {"Authorization": "Bearer "}, 400, f'{REALM}, error="invalid_request"'),
+        ("POST", "/workflow", {"Authorization": "Bearer a b"}, 400, f'{REALM}, error="invalid_request"'),
+        ("POST", "/workflow", {"Authorization": "Bearer tok€n"}, 400, f'{REALM}, error="invalid_request"'),
+        ("POST", "/workflow", {"Authorization": "Bearer wrong-token"}, 401, f'{REALM}, error="invalid_token"'),
+        ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN_HASH}"}, 401, f'{REALM}, error="invalid_token"'),
+        ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN}"}, 200, None),
+        ("POST", "/workflow", {"Authorization": f"bearer {TOKEN}"}, 200, None),
+        ("GET", "/nowhere", {}, 401, REALM),
+        ("GET", "/nowhere", {"Authorization": f"Bearer {TOKEN}"}, 404, None),
+        ("GET", "/health", {}, 200, None),
+        ("GET", "/health", {"Authorization": "Bearer wrong"}, 200, None),
+        ("POST", "/health", {}, 401, REALM),
+    ],
+)
+async def test_authorization_answers(
+    make_client: ClientFactory, method: str, path: str, headers: dict[str, str], status: int, challenge: str | None
+) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
+    body = {"name": "echo", "elements": ["x"]} if method == "POST" else None
+    response = await client.request(method, path, json=body, headers=headers)
+    assert response.status == status
+    assert response.headers.get("WWW-Authenticate") == challenge
+    payload = await response.json()
+    assert ("error" in payload) == (status >= 400)
+
+
+async def test_two_authorization_headers_are_malformed(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
+    headers = [("Authorization", f"Bearer {TOKEN}"), ("Authorization", f"Bearer {TOKEN}")]
+    response = await client.post("/workflow", json={"name": "echo", "elements": []}, headers=headers)
+    assert response.status == 400
+    assert response.headers["WWW-Authenticate"].endswith('error="invalid_request"')
+
+
+@pytest.mark.parametrize(
+    ("workflow", "status"),
+    [("echo", 200), ("upper", 403), ("missing", 403)],
+)
+async def test_scoped_token(make_client: ClientFactory, workflow: str, status: int) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
+    headers = {"Authorization": "Bearer reader-token"}
+    response = await client.post("/workflow", json={"name": workflow, "elements": ["a"]}, headers=headers)
+    assert response.status == status
+    if status == 403:
+        assert response.headers["WWW-Authenticate"] == f'{REALM}, error="insufficient_scope"'
+        assert "may not run" in (await response.json())["error"]
+    # The unscoped TOKEN runs everything that exists.
+    response = await client.post(
+        "/workflow", json={"name": workflow, "elements": ["a"]}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.status == (404 if workflow == "missing" else 200)
+
+
+async def test_repeated_failures_are_throttled(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
+    body = {"name": "echo", "elements": []}
+    statuses = [
+        (await client.post("/workflow", json=body, headers={"Authorization": f"Bearer bad{i}"})).status
+        for i in range(12)
+    ]
+    assert statuses == [401] * 10 + [429] * 2
+    # Even the right token waits now: a guesser cannot tell a hit from a miss.
+    response = await client.post("/workflow", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 429
+    assert 0 < int(response.headers["Retry-After"]) <= 60
+    assert (await response.json())["error"] == "too many failed authorizations"
+    # /health stays open.
+    assert (await client.get("/health")).status == 200
+
+
+def test_throttle_window_reset_and_bounded_memory() -> None:
+    throttle = FailureThrottle(limit=3, window=10, max_clients=100)
+    for _ in range(3):
+        throttle.failed("1.2.3.4", now=0)
+    assert throttle.retry_after("1.2.3.4", now=1) == 9
+    assert throttle.retry_after("1.2.3.4", now=10.5) == 0  # the window has passed
+    for _ in range(3):
+        throttle.failed("5.6.7.8", now=20)
+    throttle.succeeded("5.6.7.8")
+    assert throttle.retry_after("5.6.7.8", now=21) == 0
+    for i in range(10_000):  # an attacker cycling addresses
+        throttle.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", now=30)
+    assert len(throttle) == 100
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        (None, "-"),
+    ],
+)
+def test_throttle_keys_ipv6_by_64(address: str | None, key: str) -> None:
+    assert FailureThrottle.client_key(address) == key
+
+
+def test_store_matches_in_constant_time_over_all_hashes() -> None:
+    tokens = [Token(f"t{i}", hashlib.sha256(f"v{i}".encode()).digest()) for i in range(5)]
+    store = TokenStore(tokens)
+    assert store.match("v3") is tokens[3]
+    assert store.match("v9") is None
+
+
+async def test_identity_reaches_handlers(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG + "extensions: [sample_plugins.add_whoami]\n", env={"TOKEN": TOKEN_HASH})
+    response = await client.get("/whoami", headers={"Authorization": "Bearer reader-token"})
+    assert await response.json() == {"name": "reader", "client_subject": None}
+
+
+async def test_reload_reads_token_files_again(
+    tmp_path: Path, aiohttp_client, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{sha('old')} old\n")
+    config = load_config("workflow:\n  echo: {tasks: [echo]}\n", env={"TOKEN_FILE": str(path)})
+    app = create_app(config)
+    client = await aiohttp_client(app)
+
+    async def status(token: str) -> int:
+        body = {"name": "echo", "elements": []}
+        return (await client.post("/workflow", json=body, headers={"Authorization": f"Bearer {token}"})).status
+
+    assert (await status("old"), await status("new")) == (200, 401)
+    path.write_text(f"{sha('new')} new\n")
+    await reload(app, config)
+    assert (await status("old"), await status("new")) == (401, 200)
+
+    # A reload that fails keeps the tokens in force and says why.
+    path.write_text("garbage\n")
+    with caplog.at_level(logging.ERROR):
+        await reload(app, config)
+    assert await status("new") == 200
+    assert "token reload failed, keeping the 1 tokens in force" in caplog.text

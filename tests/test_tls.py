@@ -1,0 +1,242 @@
+"""The TLS context: Mozilla intermediate, key passwords, mTLS, errors, reload; HTTPS for real."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from aioserver import create_app, load_config
+from aioserver.errors import ConfigError
+from aioserver.tls import ReloadableContext, TLSError, TLSFiles, create_ssl_context
+from conftest import KEY_PASSWORD, TOKEN, TOKEN_HASH, PemFiles
+
+MOZILLA_INTERMEDIATE_TLS12 = {
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+}
+async def https_client(aiohttp_client, app, context: ssl.SSLContext):  # type: ignore[no-untyped-def]
+    """A test client of ``app`` served over real TLS with ``context``."""
+    server = TestServer(app)
+    await server.start_server(ssl=context)
+    return await aiohttp_client(server)
+
+
+CONFIG = "workflow:\n  echo: {tasks: [echo]}\nextensions: [sample_plugins.add_whoami]\n"
+
+
+def test_context_follows_mozilla_intermediate(pem_files: PemFiles) -> None:
+    context = create_ssl_context(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.maximum_version == ssl.TLSVersion.MAXIMUM_SUPPORTED
+    assert context.options & ssl.OP_NO_COMPRESSION and context.options & ssl.OP_NO_RENEGOTIATION
+    assert context.verify_mode == ssl.CERT_NONE
+    assert context.keylog_filename is None
+    ciphers = context.get_ciphers()
+    tls12 = {c["name"] for c in ciphers if c["protocol"] == "TLSv1.2"}
+    assert tls12 and tls12 <= MOZILLA_INTERMEDIATE_TLS12
+    assert {c["name"] for c in ciphers if c["protocol"] == "TLSv1.3"} >= {"TLS_AES_128_GCM_SHA256"}
+
+
+@pytest.mark.parametrize("channel", ["password file", "environment", "config file", "credentials"])
+def test_encrypted_key(pem_files: PemFiles, tmp_path: Path, channel: str) -> None:
+    cli = {"ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.encrypted_key)}
+    env: dict[str, str] = {}
+    text = "{}"
+    if channel == "password file":
+        cli["ssl_keyfile_password_file"] = str(pem_files.password_file)
+    elif channel == "environment":
+        env["SSL_KEYFILE_PASSWORD"] = KEY_PASSWORD
+    elif channel == "config file":
+        text = f"server:\n  ssl:\n    keyfile_password_file: {pem_files.password_file}\n"
+    else:  # systemd's LoadCredential=tls.key, password from the environment
+        del cli["ssl_keyfile"]
+        shutil.copy(pem_files.encrypted_key, tmp_path / "tls.key")
+        env = {"CREDENTIALS_DIRECTORY": str(tmp_path), "SSL_KEYFILE_PASSWORD": KEY_PASSWORD}
+    config = load_config(text, cli=cli, env=env)
+    assert config.tls is not None
+    assert KEY_PASSWORD not in repr(config) and KEY_PASSWORD not in repr(config.tls.files)
+
+
+def _errors(pem: PemFiles, tmp: Path) -> list[tuple[dict[str, str], dict[str, str], str, str]]:
+    empty = tmp / "empty.pem"
+    empty.write_text("")
+    cert, key = str(pem.cert), str(pem.key)
+    return [
+        ({"ssl_certfile": str(tmp / "missing.pem"), "ssl_keyfile": key}, {}, "--ssl-certfile", "cannot read"),
+        ({"ssl_certfile": str(empty), "ssl_keyfile": key}, {}, "--ssl-certfile", "holds no PEM certificate"),
+        ({"ssl_certfile": cert, "ssl_keyfile": str(tmp / "nokey.pem")}, {}, "--ssl-keyfile", "cannot read"),
+        ({"ssl_certfile": cert, "ssl_keyfile": str(pem.other_key)}, {}, "--ssl-keyfile", "does not match"),
+        ({"ssl_certfile": cert, "ssl_keyfile": str(pem.encrypted_key)}, {}, "--ssl-keyfile", "encrypted: give its password"),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": str(pem.encrypted_key)},
+            {"SSL_KEYFILE_PASSWORD": "wrong-password-xyz"},
+            "--ssl-keyfile",
+            "wrong password",
+        ),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_keyfile_password_file": str(tmp / "nopw")},
+            {},
+            "--ssl-keyfile-password-file",
+            "cannot read",
+        ),
+        ({"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": str(empty)}, {}, "--ssl-ca-certs", "no CA"),
+        ({"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": key}, {}, "--ssl-ca-certs", "no CA"),
+        ({"ssl_certfile": cert, "ssl_keyfile": key, "ssl_cert_reqs": "required"}, {}, "--ssl-cert-reqs", "needs"),
+        ({"ssl_keyfile": key}, {}, "--ssl-keyfile", "needs ssl_certfile"),
+        ({"redirect_http": "8080"}, {}, "--redirect-http", "needs ssl_certfile"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_tls_configuration_errors(pem_files: PemFiles, tmp_path: Path, case: int) -> None:
+    cli, env, key, problem = _errors(pem_files, tmp_path)[case]
+    with pytest.raises(ConfigError) as error:
+        load_config("{}", cli=cli, env=env)
+    assert (error.value.source, error.value.key) == ("command line", key)
+    assert problem in error.value.problem
+    assert "wrong-password-xyz" not in str(error.value) and KEY_PASSWORD not in str(error.value)
+
+
+def test_tls_error_names_the_config_file_key(pem_files: PemFiles, tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(f"server:\n  ssl:\n    certfile: {pem_files.cert}\n    keyfile: {pem_files.other_key}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(error.value) == f"{path}: server.ssl.keyfile: the private key does not match the certificate"
+
+
+@pytest.mark.parametrize(
+    ("host", "extra", "allowed"),
+    [
+        ("0.0.0.0", {}, False),
+        ("192.0.2.1", {}, False),
+        ("0.0.0.0", {"allow_insecure_http": True}, True),
+        ("127.0.0.1", {}, True),
+        ("localhost", {}, True),
+        ("::1", {}, True),
+    ],
+)
+def test_tokens_refused_over_clear_text(host: str, extra: dict[str, object], allowed: bool) -> None:
+    cli = {"host": host, **extra}
+    if allowed:
+        assert load_config("{}", cli=cli, env={"TOKEN": TOKEN_HASH}).tokens
+    else:
+        with pytest.raises(ConfigError, match="tokens would travel in clear text") as error:
+            load_config("{}", cli=cli, env={"TOKEN": TOKEN_HASH})
+        assert error.value.key == "--host"
+    assert load_config("{}", cli=cli).tokens == ()  # no token, nothing to protect
+
+
+def test_https_with_tokens_on_any_address(pem_files: PemFiles) -> None:
+    cli = {"host": "0.0.0.0", "ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key)}
+    assert load_config("{}", cli=cli, env={"TOKEN": TOKEN_HASH}).tls is not None
+
+
+async def test_https_end_to_end_with_hsts(
+    aiohttp_client, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext  # type: ignore[no-untyped-def]
+) -> None:
+    config = load_config(
+        CONFIG, cli={"ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key)}, env={"TOKEN": TOKEN_HASH}
+    )
+    assert config.tls is not None
+    client = await https_client(aiohttp_client, create_app(config), config.tls.listener)
+    assert client.make_url("/").scheme == "https"
+    response = await client.post(
+        "/workflow",
+        json={"name": "echo", "elements": ["over TLS"]},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        ssl=client_ssl_ctx,
+    )
+    assert (response.status, await response.json()) == (200, ["over TLS"])
+    assert response.headers["Strict-Transport-Security"] == "max-age=63072000"
+    assert response.headers["Server"] == "aioserver"
+    refused = await client.post("/workflow", json={}, ssl=client_ssl_ctx)
+    assert refused.status == 401 and "Strict-Transport-Security" in refused.headers
+
+
+async def test_plain_http_has_no_hsts(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
+    client = await aiohttp_client(create_app(load_config(CONFIG)))
+    response = await client.get("/health")
+    assert "Strict-Transport-Security" not in response.headers
+    assert response.headers["Server"] == "aioserver"
+
+
+@pytest.mark.parametrize("reqs", ["required", "optional"])
+async def test_mutual_tls(
+    aiohttp_client, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, reqs: str  # type: ignore[no-untyped-def]
+) -> None:
+    cli = {
+        "ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key), "ssl_ca_certs": str(pem_files.ca),
+    }
+    if reqs == "optional":
+        cli["ssl_cert_reqs"] = "optional"
+    config = load_config(CONFIG, cli=cli)
+    assert config.tls is not None
+    client = await https_client(aiohttp_client, create_app(config), config.tls.listener)
+
+    with_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pem_files.ca))
+    with_cert.load_cert_chain(str(pem_files.client))
+    response = await client.get("/whoami", ssl=with_cert)
+    assert (await response.json())["client_subject"]["commonName"] == "alice"
+
+    if reqs == "required":
+        with pytest.raises(Exception) as refused:  # the handshake or the first read fails
+            await (await client.get("/whoami", ssl=client_ssl_ctx)).json()
+        assert "certificate" in str(refused.value).lower() or isinstance(refused.value, (ConnectionError, OSError))
+    else:
+        response = await client.get("/whoami", ssl=client_ssl_ctx)
+        assert (await response.json())["client_subject"] is None
+
+
+def _handshake(context: ssl.SSLContext, client: ssl.SSLContext) -> dict[str, str]:
+    """The subject of the certificate a server with ``context`` presents, over a real socket pair."""
+    server_sock, client_sock = socket.socketpair()
+    with server_sock, client_sock:
+        client_sock.settimeout(5)
+        server_sock.settimeout(5)
+        server = context.wrap_socket(server_sock, server_side=True, do_handshake_on_connect=False)
+        tls_client = client.wrap_socket(client_sock, server_hostname="localhost", do_handshake_on_connect=False)
+        with server, tls_client:
+            worker = threading.Thread(target=server.do_handshake)
+            worker.start()
+            tls_client.do_handshake()
+            worker.join()
+            certificate = tls_client.getpeercert()
+            return {name: value for rdn in certificate["subject"] for name, value in rdn}
+
+
+def test_reload_swaps_the_certificate_for_new_handshakes(
+    pem_files: PemFiles, tmp_path: Path, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(pem_files.cert, cert)
+    shutil.copy(pem_files.key, key)
+    context = ReloadableContext(TLSFiles(str(cert), str(key)))
+    assert "commonName" not in _handshake(context.listener, client_ssl_ctx)
+
+    shutil.copy(pem_files.other_cert, cert)
+    shutil.copy(pem_files.other_key, key)
+    context.reload()
+    assert _handshake(context.listener, client_ssl_ctx)["commonName"] == "reloaded"
+
+    cert.write_text("not a certificate")  # a broken reload keeps the current context
+    with pytest.raises(TLSError):
+        context.reload()
+    assert _handshake(context.listener, client_ssl_ctx)["commonName"] == "reloaded"
+
+
+def test_sslkeylogfile_is_ignored(
+    pem_files: PemFiles, tmp_path: Path, client_ssl_ctx: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keylog = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(keylog))
+    context = create_ssl_context(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    _handshake(context, client_ssl_ctx)
+    assert not keylog.exists()
