@@ -1,0 +1,205 @@
+"""The real ``python -m aioserver`` over HTTPS, driven by curl and openssl as a user would."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import KEY_PASSWORD, PYTHON, TOKEN, TOKEN_HASH, PemFiles, Server
+
+CONFIG = """
+workflow:
+  # The txtai docs' example workflow name; here it echoes (no translation model on a test machine).
+  sumfrench: {tasks: [echo]}
+  upper: {tasks: [upper]}
+  boom: {tasks: [sample_actions.boom]}
+auth:
+  tokens:
+    - {name: reader, sha256: %s, workflows: [sumfrench]}
+""" % hashlib.sha256(b"reader-token").hexdigest()
+
+
+@pytest.fixture
+def tls_files(pem_files: PemFiles, tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the server's certificate and key that a test may overwrite before a reload."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(pem_files.cert, cert)
+    shutil.copy(pem_files.key, key)
+    return cert, key
+
+
+@pytest.fixture
+def https_server(tmp_path: Path, tls_files: tuple[Path, Path]) -> Iterator[Server]:
+    config = tmp_path / "config.yml"
+    config.write_text(CONFIG)
+    cert, key = tls_files
+    args = ("--config", str(config), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as server:
+        yield server
+
+
+def s_client(port: int, *options: str, ca: Path) -> subprocess.CompletedProcess[str]:
+    command = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief", "-CAfile", str(ca), *options]
+    return subprocess.run(command, input="", capture_output=True, text=True, timeout=20)
+
+
+def test_txtai_curl_example_over_https(https_server: Server, pem_files: PemFiles) -> None:
+    # The client example of txtai's security page, verbatim but for https, host, port and --cacert.
+    command = [
+        "curl", "--cacert", str(pem_files.ca), "-s",
+        "-X", "POST", f"https://localhost:{https_server.port}/workflow",
+        "-H", "Content-Type: application/json",
+        "-H", f"Authorization: Bearer {TOKEN}",
+        "-d", '{"name":"sumfrench", "elements": ["https://github.com/neuml/txtai"]}',
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["https://github.com/neuml/txtai"]
+
+    without_token = subprocess.run(
+        [*command[:3], "-i", *command[3:7], "-d", "{}"], capture_output=True, text=True, timeout=20
+    )
+    assert " 401 " in without_token.stdout.splitlines()[0]
+    assert 'www-authenticate: Bearer realm="aioserver"' in without_token.stdout.lower().replace("bearer", "Bearer")
+    assert "strict-transport-security: max-age=63072000" in without_token.stdout.lower()
+
+
+@pytest.mark.parametrize(
+    ("options", "accepted"),
+    [
+        (("-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"), None),
+        (("-tls1_2",), "TLSv1.2"),
+        (("-tls1_3",), "TLSv1.3"),
+        (("-tls1_2", "-cipher", "ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES128-SHA"), None),  # CBC: not intermediate
+        (("-groups", "x448"), None),
+        (("-tls1_2", "-groups", "ffdhe2048"), None),
+        (("-groups", "X25519"), "TLSv1.3"),
+        (("-groups", "P-256"), "TLSv1.3"),
+        (("-groups", "P-384"), "TLSv1.3"),
+        (("-tls1_2", "-groups", "X25519:P-256"), "TLSv1.2"),
+    ],
+)
+def test_protocols_ciphers_and_groups(
+    https_server: Server, pem_files: PemFiles, options: tuple[str, ...], accepted: str | None
+) -> None:
+    done = s_client(https_server.port, *options, ca=pem_files.ca)
+    if accepted:
+        assert done.returncode == 0, done.stderr
+        assert f"Protocol version: {accepted}" in done.stderr
+        assert "Verification: OK" in done.stderr
+    else:
+        assert done.returncode != 0
+        assert "CONNECTION ESTABLISHED" not in done.stderr
+
+
+def test_sighup_reloads_the_certificate_without_dropping_connections(
+    https_server: Server, pem_files: PemFiles, tls_files: tuple[Path, Path], client_ssl_ctx: ssl.SSLContext
+) -> None:
+    assert "CN = reloaded" not in s_client(https_server.port, ca=pem_files.ca).stderr
+    connection = http.client.HTTPSConnection("localhost", https_server.port, context=client_ssl_ctx, timeout=10)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    body = json.dumps({"name": "upper", "elements": ["before"]})
+    connection.request("POST", "/workflow", body, headers)
+    assert connection.getresponse().read() == b'["BEFORE"]'
+
+    cert, key = tls_files
+    shutil.copy(pem_files.other_cert, cert)
+    shutil.copy(pem_files.other_key, key)
+    https_server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "reloaded TLS" not in "".join(https_server.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    after = s_client(https_server.port, ca=pem_files.ca)
+    assert after.returncode == 0 and "CN = reloaded" in after.stderr
+    # The connection opened before the reload still serves, on its old session.
+    connection.request("POST", "/workflow", json.dumps({"name": "upper", "elements": ["after"]}), headers)
+    assert connection.getresponse().read() == b'["AFTER"]'
+    connection.close()
+
+    # A reload that fails keeps the current certificate and says why.
+    cert.write_text("garbage")
+    https_server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "TLS reload failed" not in "".join(https_server.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "TLS reload failed, keeping the current certificate: ssl_certfile:" in "".join(https_server.log)
+    assert "CN = reloaded" in s_client(https_server.port, ca=pem_files.ca).stderr
+    https_server.process.terminate()
+    assert https_server.process.wait(timeout=10) == 0
+
+
+def test_redirect_http_answers_308(tmp_path: Path, pem_files: PemFiles) -> None:
+    args = ("--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key), "--redirect-http", "0")
+    with Server(*args, listeners=2) as server:
+        https_port, http_port = server.ports
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=10)
+        connection.request("POST", "/workflow?x=1&y=%20", body=b"{}", headers={"Host": f"localhost:{http_port}"})
+        response = connection.getresponse()
+        assert response.status == 308
+        assert response.getheader("Location") == f"https://localhost:{https_port}/workflow?x=1&y=%20"
+        assert response.getheader("Strict-Transport-Security") is None  # RFC 6797: never over HTTP
+        connection.close()
+
+
+def test_secrets_never_reach_logs_or_responses(tmp_path: Path, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(CONFIG)
+    args = (
+        "--config", str(config), "--log-level", "debug",
+        "--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.encrypted_key),
+    )  # fmt: skip
+    env = {"TOKEN": TOKEN_HASH, "SSL_KEYFILE_PASSWORD": KEY_PASSWORD, "PYTHONASYNCIODEBUG": "1"}
+    answers: list[bytes] = []
+    with Server(*args, env=env) as server:
+        requests = [
+            ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN}"}, {"name": "sumfrench", "elements": [TOKEN]}),
+            ("POST", f"/workflow?token={TOKEN}", {"Authorization": f"Bearer {TOKEN}"}, {"name": "boom", "elements": [1]}),
+            ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN_HASH}"}, {"name": "upper", "elements": []}),
+            ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN}x"}, {"name": "upper", "elements": []}),
+            ("POST", "/workflow", {"Authorization": f"Basic {TOKEN}"}, {}),
+            ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN} {TOKEN}"}, {}),
+            ("GET", f"/{TOKEN}", {"Authorization": f"Bearer {TOKEN}"}, None),
+            ("POST", "/workflow", {"Authorization": "Bearer reader-token"}, {"name": "upper", "elements": ["x"]}),
+        ]
+        for method, path, headers, body in requests:
+            connection = http.client.HTTPSConnection("localhost", server.port, context=client_ssl_ctx, timeout=10)
+            connection.request(method, path, json.dumps(body) if body is not None else None, headers)
+            response = connection.getresponse()
+            answers.append(str(response.getheaders()).encode() + response.read())
+            connection.close()
+        server.process.terminate()
+        assert server.process.wait(timeout=10) == 0
+    log = "".join(server.log)
+    assert "DEBUG" in log and "Traceback" in log  # debug logging was on, and the 500 was logged
+    assert '"POST /workflow HTTP/1.1" 200' in log and " token\n" in log and " reader\n" in log  # identities
+    for secret in (TOKEN_HASH, KEY_PASSWORD):
+        assert secret not in log and all(secret.encode() not in answer for answer in answers)
+    # The token itself appears only where the client put it into a path (logged as sent, without
+    # the query) and in the first answer, whose element the echo workflow returns.
+    assert log.count(TOKEN) == log.count(f"GET /{TOKEN} ") == 1
+    assert all(TOKEN.encode() not in answer for answer in answers[1:])
+
+
+def test_tokens_over_clear_text_refused_at_start() -> None:
+    done = subprocess.run(
+        [PYTHON, "-m", "aioserver", "--host", "0.0.0.0", "--port", "0"],
+        env={**os.environ, "TOKEN": TOKEN_HASH},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("aioserver: error: command line: --host: tokens would travel in clear text")
+    assert TOKEN_HASH not in done.stderr
