@@ -8,6 +8,7 @@ from . import views
 from .config import Config
 from .errors import error_middleware
 from .keys import CONFIG, WORKFLOWS
+from .workflow.runtime import setup_workflow_runtime
 
 
 def create_app(config: Config) -> web.Application:
@@ -18,6 +19,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=config.settings.max_body_size)
     app[CONFIG] = config
     app[WORKFLOWS] = config.workflows
+    setup_workflow_runtime(app)
     app.router.add_get("/health", views.health, allow_head=False)
     app.router.add_post("/workflow", views.run_workflow)
     return app

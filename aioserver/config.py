@@ -19,11 +19,12 @@ from .errors import ConfigError
 from .options import Settings, resolve_settings
 from .workflow import Workflow
 from .workflow.actions import ActionResolver, is_pipeline_name
+from .workflow.safeopen import SafeOpen, parse_safeopen
 from .workflow.spec import parse_workflows
 
 DEFAULT_SOURCE = "<embedded default config>"
 INLINE_SOURCE = "<inline config>"
-SECTIONS = ("server", "workflow")
+SECTIONS = ("server", "workflow", "safeopen")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,7 @@ class Config:
     workflows: Mapping[str, Workflow] = field(default_factory=dict)
     source: str = INLINE_SOURCE
     origins: Mapping[str, str] = field(default_factory=dict)  # setting name -> where it came from
+    safeopen: SafeOpen = field(default_factory=SafeOpen)  # what workflows may open
 
 
 def read_document(location: str | None) -> tuple[dict[str, Any], str]:
@@ -86,8 +88,9 @@ def build_config(
     if not isinstance(server, Mapping):
         raise ConfigError(source, "server", "expected a mapping of options")
     settings, origins = resolve_settings(cli or {}, env or {}, server, source)
-    workflows = parse_workflows(document.get("workflow"), ActionResolver(pipelines, source), source)
-    return Config(settings=settings, workflows=workflows, source=source, origins=origins)
+    safeopen = parse_safeopen(document.get("safeopen"), source)
+    workflows = parse_workflows(document.get("workflow"), ActionResolver(pipelines, source), source, safeopen)
+    return Config(settings=settings, workflows=workflows, source=source, origins=origins, safeopen=safeopen)
 
 
 def load_config(

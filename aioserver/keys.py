@@ -8,6 +8,8 @@ from aiohttp import web
 
 from .config import Config
 from .workflow import Workflow
+from .workflow.runtime import Runtime
 
 CONFIG = web.AppKey("config", Config)
 WORKFLOWS = web.AppKey("workflows", Mapping[str, Workflow])
+RUNTIME = web.AppKey("runtime", Runtime)  # the workflows' client session, process pool, schedules
