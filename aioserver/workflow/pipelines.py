@@ -54,7 +54,8 @@ def _texts(name: str, batch: list[Any]) -> list[str]:
 class Segmentation:
     """Splits text into sentences, lines or paragraphs; cleans white space; drops short pieces.
 
-    With none of ``sentences``, ``lines``, ``paragraphs`` the text is only cleaned. ``join``
+    With none of ``sentences``, ``lines``, ``paragraphs`` the text is only cleaned, paragraph by
+    paragraph. ``join``
     puts the pieces back into one string (paragraphs by a blank line, lines by a newline,
     sentences by a space).
     """
@@ -86,10 +87,8 @@ class Segmentation:
             glue = " "
         elif self.lines:
             pieces, glue = text.split("\n"), "\n"
-        elif self.paragraphs:
+        else:  # paragraphs; or, with no split asked for, paragraphs cleaned one by one and joined
             pieces, glue = re.split(r"\n\s*\n", text), "\n\n"
-        else:
-            pieces, glue = [text], "\n\n"
         pieces = [self.clean(piece) for piece in pieces]
         pieces = [piece for piece in pieces if piece and len(piece) >= (self.minlength or 0)]
         if self.join or not (self.sentences or self.lines or self.paragraphs):
