@@ -126,3 +126,10 @@ async def test_pipelines_take_strings_only(make_client, name: str) -> None:  # t
     client = await make_client(f"workflow:\n  w: {{tasks: [{name}]}}\n")
     response = await client.post("/workflow", json={"name": "w", "elements": [1]})
     assert response.status == 400
+
+
+async def test_default_config_demo_workflows() -> None:
+    workflows = load_config().workflows
+    summary = (await workflows["sumtext"]([HTML]))[0]
+    assert "park" in summary and "Menu" not in summary
+    assert await workflows["sentences"](["One. Two.\n\nThree."]) == [["One.", "Two.", "Three."]]
