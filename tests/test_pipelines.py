@@ -133,3 +133,8 @@ async def test_default_config_demo_workflows() -> None:
     summary = (await workflows["sumtext"]([HTML]))[0]
     assert "park" in summary and "Menu" not in summary
     assert await workflows["sentences"](["One. Two.\n\nThree."]) == [["One.", "Two.", "Three."]]
+
+
+def test_summary_ends_sentences_at_paragraph_breaks() -> None:
+    text = "Solar power keeps growing\n\nSolar power is growing fast. The fence is blue."
+    assert Summary(sentences=1)([text]) == ["Solar power is growing fast."]

@@ -162,7 +162,9 @@ class Summary:
 
 def summarize(text: str, count: int, maxlength: int | None = None) -> str:
     """The ``count`` best sentences of ``text``, in their original order, within ``maxlength`` words."""
-    sentences = [s for s in _SENTENCE_END.split(re.sub(r"\s+", " ", text).strip()) if s]
+    # A paragraph break ends a sentence too (a heading has no full stop).
+    paragraphs = (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text))
+    sentences = [s for p in paragraphs for s in _SENTENCE_END.split(p) if s]
     words = [[w.lower() for w in _WORD.findall(s)] for s in sentences]
     frequency = Counter(w for ws in words for w in ws if w not in STOPWORDS)
     top = max(frequency.values(), default=1)
