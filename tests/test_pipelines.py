@@ -137,4 +137,6 @@ async def test_default_config_demo_workflows() -> None:
 
 def test_summary_ends_sentences_at_paragraph_breaks() -> None:
     text = "Solar power keeps growing\n\nSolar power is growing fast. The fence is blue."
-    assert Summary(sentences=1)([text]) == ["Solar power is growing fast."]
+    # Three sentences, of which the two about solar power are kept; glued, the heading would
+    # have made one sentence with the next, and two sentences would have been the whole text.
+    assert Summary(sentences=2)([text]) == ["Solar power keeps growing Solar power is growing fast."]
