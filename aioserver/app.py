@@ -10,6 +10,7 @@ from .config import Config
 from .errors import error_middleware
 from .keys import CONFIG, TOKENS, WORKFLOWS
 from .plugins import dependencies_middleware
+from .workflow.runtime import setup_workflow_runtime
 
 # RFC 6797: two years, as Mozilla's guidelines; sent on HTTPS responses only.
 HSTS = "max-age=63072000"
@@ -31,6 +32,7 @@ def create_app(config: Config) -> web.Application:
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
     app.on_response_prepare.append(_secure_headers if config.tls else _headers)
+    setup_workflow_runtime(app)
     app.router.add_get("/health", views.health, allow_head=False)
     app.router.add_post("/workflow", views.run_workflow)
     for extension in config.extensions:

@@ -22,11 +22,12 @@ from .options import Origin, Settings, resolve_settings
 from .tls import Password, ReloadableContext, TLSError, TLSFiles
 from .workflow import Workflow
 from .workflow.actions import ActionResolver, is_pipeline_name
+from .workflow.safeopen import SafeOpen, parse_safeopen
 from .workflow.spec import parse_workflows
 
 DEFAULT_SOURCE = "<embedded default config>"
 INLINE_SOURCE = "<inline config>"
-SECTIONS = ("server", "workflow", "auth", "dependencies", "extensions")
+SECTIONS = ("server", "workflow", "safeopen", "auth", "dependencies", "extensions")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -43,6 +44,7 @@ class Config:
     tls: ReloadableContext | None = None
     dependencies: tuple[plugins.Plugin, ...] = ()
     extensions: tuple[plugins.Plugin, ...] = ()
+    safeopen: SafeOpen = field(default_factory=SafeOpen)  # what workflows may open
 
 
 def read_document(location: str | None) -> tuple[dict[str, Any], str]:
@@ -101,7 +103,8 @@ def build_config(
         raise ConfigError(source, "server", "expected a mapping of options")
     env = env or {}
     settings, origins = resolve_settings(cli or {}, env, server, source)
-    workflows = parse_workflows(document.get("workflow"), ActionResolver(pipelines, source), source)
+    safeopen = parse_safeopen(document.get("safeopen"), source)
+    workflows = parse_workflows(document.get("workflow"), ActionResolver(pipelines, source), source, safeopen)
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
     tls = _tls(settings, origins, env)
@@ -111,6 +114,7 @@ def build_config(
         workflows=workflows,
         source=source,
         origins=origins,
+        safeopen=safeopen,
         tokens=tokens,
         token_sources=sources,
         tls=tls,

@@ -35,6 +35,10 @@ class InvalidElement(ValueError):
     """Raised by an action when an element is unfit for it: the client gets 400, not 500."""
 
 
+class UpstreamError(Exception):
+    """A remote service a task depends on failed or answered non-2xx: the client gets 502."""
+
+
 def http_error(cls: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
     """An aiohttp HTTP exception whose JSON body is ``{"error": message}``."""
     return cls(text=json.dumps({"error": message}), content_type="application/json", headers=headers)
@@ -60,6 +64,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
     except InvalidElement as exc:
         return web.json_response({"error": str(exc)}, status=400)
+    except UpstreamError as exc:
+        logger.warning("bad gateway while handling %s %s: %s", request.method, request.path, exc)
+        return web.json_response({"error": str(exc)}, status=502)
     except Exception:
         error_id = secrets.token_hex(6)
         # The path only: a query string may carry something the client thinks private.

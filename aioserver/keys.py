@@ -9,7 +9,9 @@ from aiohttp import web
 from .auth import TokenStore
 from .config import Config
 from .workflow import Workflow
+from .workflow.runtime import Runtime
 
 CONFIG = web.AppKey("config", Config)
 WORKFLOWS = web.AppKey("workflows", Mapping[str, Workflow])
 TOKENS = web.AppKey("tokens", TokenStore)
+RUNTIME = web.AppKey("runtime", Runtime)  # the workflows' client session, process pool, schedules

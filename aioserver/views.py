@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .auth import check_scope
 from .errors import http_error
-from .keys import WORKFLOWS
+from .keys import RUNTIME, WORKFLOWS
 
 REQUEST_KEYS = frozenset({"name", "elements"})
 
@@ -26,7 +26,7 @@ async def run_workflow(request: web.Request) -> web.Response:
     workflow = request.app[WORKFLOWS].get(name)
     if workflow is None:
         raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
-    results = await workflow(elements)
+    results = await workflow(elements, request.app[RUNTIME])
     try:
         body = json.dumps(results)
     except (TypeError, ValueError) as exc:

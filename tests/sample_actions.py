@@ -80,3 +80,36 @@ class Broken:
 
 
 NOT_CALLABLE = 42
+
+
+def pid(batch: list[Any]) -> list[int]:
+    import os
+
+    return [os.getpid() for _ in batch]
+
+
+def spin(batch: list[Any], seconds: float = 1.0) -> list[Any]:
+    """CPU-bound: busy for ``seconds`` without sleeping, holding its interpreter's GIL."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return batch
+
+
+HOOKS: list[str] = []
+
+
+def start() -> None:
+    HOOKS.append("start")
+
+
+async def stop() -> None:
+    HOOKS.append("stop")
+
+
+RUNS: list[int] = []
+
+
+async def count_runs(batch: list[Any]) -> list[Any]:
+    RUNS.append(len(batch))
+    return batch

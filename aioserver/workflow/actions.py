@@ -86,7 +86,8 @@ class ActionResolver:
             raise ConfigError(self._source, name, f"{name!r} is a function, not a class: it takes no section")
         if not callable(target):
             raise ConfigError(self._source, key, f"{name!r} is not callable")
-        return Action(name=name, function=target, is_async=_is_async(target))
+        wants_runtime = getattr(target, "wants_runtime", False) is True
+        return Action(name=name, function=target, is_async=_is_async(target), wants_runtime=wants_runtime)
 
     def _import(self, path: str, key: str) -> Any:
         try:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import InvalidElement
+from .pipelines import Segmentation, Summary, Textractor
 
 
 def _strings(name: str, batch: list[Any]) -> list[str]:
@@ -64,5 +65,9 @@ async def template(batch: list[Any], template: str) -> list[str]:
 
 
 BUILTINS: Mapping[str, Callable[..., Any]] = {
-    f.__name__: f for f in (echo, upper, lower, strip, length, template)
+    **{f.__name__: f for f in (echo, upper, lower, strip, length, template)},
+    # Pipelines: classes, configured by a top-level section of the same name.
+    "textractor": Textractor,
+    "segmentation": Segmentation,
+    "summary": Summary,
 }

@@ -9,33 +9,49 @@
             args: {template: "{}!"} # list -> positional, mapping -> keyword arguments
             batch: 10               # at most this many elements per call of the action
           - action: [upper, length] # several actions, results merged per element
+            merge: hstack           # hstack (default), vstack or concat
+        schedule:                   # optional: run in the background of the server
+          cron: "0 * * * *"
+          elements: ["  hourly  "]
+          iterations: 24            # default: for as long as the server runs
 
+Task kinds (``task: url|file|service|retrieve``) and their keys are in :mod:`.tasks`.
 Every problem is a :class:`ConfigError` naming the key path, e.g.
 ``workflow.shout.tasks[1].action``.
 """
 
 from __future__ import annotations
 
+import inspect
+import os
+import pickle
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .actions import ActionResolver
-from .engine import DEFAULT_BATCH, Task, Workflow
+from .actions import ActionResolver, import_string
+from .engine import CONCURRENCY, DEFAULT_BATCH, MERGES, Action, Schedule, Task, Workflow
+from .safeopen import SafeOpen
+from .tasks import KIND_KEYS, TASK_KINDS, Retrieve, Service, selection
 
-WORKFLOW_KEYS = ("tasks", "batch")
-TASK_KEYS = ("action", "task", "args", "batch")
-TASK_KINDS = ("default",)
+WORKFLOW_KEYS = ("tasks", "batch", "schedule")
+TASK_KEYS = ("action", "task", "args", "batch", "select", "unpack", "merge", "initialize", "finalize", "concurrency")
+SCHEDULE_KEYS = ("cron", "elements", "iterations")
 
 
-def parse_workflows(section: Any, resolver: ActionResolver, source: str) -> dict[str, Workflow]:
+def parse_workflows(
+    section: Any, resolver: ActionResolver, source: str, safeopen: SafeOpen | None = None
+) -> dict[str, Workflow]:
     """All workflows of the section, by name."""
     if section is None:
         return {}
     if not isinstance(section, Mapping):
         raise ConfigError(source, "workflow", "expected a mapping of workflow names to workflows")
+    policy = safeopen or SafeOpen()
     return {
-        _name(name, source): _parse_workflow(str(name), body, resolver, source, f"workflow.{name}")
+        _name(name, source): _parse_workflow(str(name), body, resolver, source, f"workflow.{name}", policy)
         for name, body in section.items()
     }
 
@@ -46,7 +62,9 @@ def _name(name: Any, source: str) -> str:
     return name
 
 
-def _parse_workflow(name: str, body: Any, resolver: ActionResolver, source: str, key: str) -> Workflow:
+def _parse_workflow(
+    name: str, body: Any, resolver: ActionResolver, source: str, key: str, policy: SafeOpen
+) -> Workflow:
     if not isinstance(body, Mapping):
         raise ConfigError(source, key, "expected a mapping with 'tasks'")
     _no_unknown_keys(body, WORKFLOW_KEYS, source, key)
@@ -55,40 +73,167 @@ def _parse_workflow(name: str, body: Any, resolver: ActionResolver, source: str,
         raise ConfigError(source, f"{key}.tasks", "expected a non-empty list of tasks")
     return Workflow(
         name=name,
-        tasks=tuple(_parse_task(task, resolver, source, f"{key}.tasks[{i}]") for i, task in enumerate(tasks)),
+        tasks=tuple(_parse_task(task, resolver, source, f"{key}.tasks[{i}]", policy) for i, task in enumerate(tasks)),
         batch=_batch(body.get("batch", DEFAULT_BATCH), source, f"{key}.batch"),
+        schedule=_parse_schedule(body.get("schedule"), source, f"{key}.schedule"),
     )
 
 
-def _parse_task(task: Any, resolver: ActionResolver, source: str, key: str) -> Task:
+def _parse_schedule(schedule: Any, source: str, key: str) -> Schedule | None:
+    if schedule is None:
+        return None
+    if not isinstance(schedule, Mapping):
+        raise ConfigError(source, key, "expected a mapping with cron, elements and iterations")
+    _no_unknown_keys(schedule, SCHEDULE_KEYS, source, key)
+    from croniter import croniter  # a maintained cron parser, rather than one of our own
+
+    cron = schedule.get("cron")
+    if not isinstance(cron, str) or not croniter.is_valid(cron):
+        raise ConfigError(source, f"{key}.cron", f"not a valid cron expression: {cron!r}")
+    elements = schedule.get("elements", [])
+    if not isinstance(elements, list):
+        raise ConfigError(source, f"{key}.elements", "expected a list of elements")
+    iterations = schedule.get("iterations")
+    return Schedule(
+        cron=cron,
+        elements=tuple(elements),
+        iterations=None if iterations is None else _batch(iterations, source, f"{key}.iterations"),
+    )
+
+
+def _parse_task(task: Any, resolver: ActionResolver, source: str, key: str, policy: SafeOpen) -> Task:
     if isinstance(task, str):
         task = {"action": task}
     if not isinstance(task, Mapping):
         raise ConfigError(source, key, "expected an action name or a mapping with 'action'")
-    _no_unknown_keys(task, TASK_KEYS, source, key)
 
     kind = task.get("task") or "default"
     if kind not in TASK_KINDS:
         raise ConfigError(source, f"{key}.task", f"unknown task kind {kind!r}; known: {', '.join(TASK_KINDS)}")
+    _no_unknown_keys(task, TASK_KEYS + KIND_KEYS.get(kind, ()), source, key)
 
-    names = task.get("action")
-    if isinstance(names, str):
-        actions = (resolver.resolve(names, f"{key}.action"),)
-    elif isinstance(names, list) and names and all(isinstance(n, str) for n in names):
-        actions = tuple(resolver.resolve(n, f"{key}.action[{i}]") for i, n in enumerate(names))
+    if kind in ("service", "retrieve"):
+        if "action" in task:
+            raise ConfigError(source, f"{key}.action", f"a {kind} task brings its own action; remove 'action'")
+        actions: tuple[Action, ...] = (_kind_action(kind, task, source, key),)
     else:
-        raise ConfigError(source, f"{key}.action", "expected an action name or a non-empty list of action names")
+        actions = _actions(task.get("action"), resolver, source, key)
 
     args = task.get("args")
     if args is not None and not isinstance(args, (list, Mapping)):
         raise ConfigError(source, f"{key}.args", "expected a list (positional) or a mapping (keyword arguments)")
     batch = task.get("batch")
+    if kind == "service" and isinstance(batch, bool):
+        batch = None  # the service's own batch flag, read by _kind_action
+    concurrency = _choice(task.get("concurrency", "thread"), CONCURRENCY, source, f"{key}.concurrency")
+    if concurrency == "process":
+        _check_picklable(actions, source, f"{key}.concurrency")
+    accept, prepare = selection(kind, policy)
     return Task(
         actions=actions,
         args=tuple(args) if isinstance(args, list) else (),
         kwargs=dict(args) if isinstance(args, Mapping) else {},
         batch=None if batch is None else _batch(batch, source, f"{key}.batch"),
+        accept=accept,
+        prepare=prepare,
+        select=_patterns(task.get("select"), source, f"{key}.select"),
+        unpack=_flag(task.get("unpack", True), source, f"{key}.unpack"),
+        merge=_choice(task.get("merge", "hstack"), MERGES, source, f"{key}.merge"),
+        concurrency=concurrency,
+        initialize=_hook(task.get("initialize"), source, f"{key}.initialize"),
+        finalize=_hook(task.get("finalize"), source, f"{key}.finalize"),
     )
+
+
+def _actions(names: Any, resolver: ActionResolver, source: str, key: str) -> tuple[Action, ...]:
+    if isinstance(names, str):
+        return (resolver.resolve(names, f"{key}.action"),)
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return tuple(resolver.resolve(n, f"{key}.action[{i}]") for i, n in enumerate(names))
+    raise ConfigError(source, f"{key}.action", "expected an action name or a non-empty list of action names")
+
+
+def _kind_action(kind: str, task: Mapping[str, Any], source: str, key: str) -> Action:
+    if kind == "retrieve":
+        directory = task.get("directory")
+        if not isinstance(directory, str) or not os.path.isdir(directory):
+            raise ConfigError(source, f"{key}.directory", f"expected an existing directory, got {directory!r}")
+        flatten = _flag(task.get("flatten", True), source, f"{key}.flatten")
+        retrieve = Retrieve(task=key, directory=Path(directory).resolve(), flatten=flatten)
+        return Action(name=f"{key} (retrieve)", function=retrieve, is_async=True, wants_runtime=True)
+
+    url = task.get("url")
+    if not isinstance(url, str) or not re.match(r"^https?://", url):
+        raise ConfigError(source, f"{key}.url", f"expected an http(s) URL, got {url!r}")
+    method = _choice(str(task.get("method", "post")).lower(), ("get", "post"), source, f"{key}.method")
+    params = task.get("params")
+    if params is not None and not isinstance(params, Mapping):
+        raise ConfigError(source, f"{key}.params", "expected a mapping of parameter names to values (null: the element)")
+    extract = task.get("extract", [])
+    if isinstance(extract, (str, int)):
+        extract = [extract]
+    if not isinstance(extract, list) or not all(isinstance(k, (str, int)) for k in extract):
+        raise ConfigError(source, f"{key}.extract", "expected a key or a list of keys into the JSON answer")
+    batch = task.get("batch", True)
+    service = Service(
+        task=key,
+        url=url,
+        method=method,
+        params=dict(params) if params else None,
+        batch=batch if isinstance(batch, bool) else True,
+        extract=tuple(extract),
+    )
+    return Action(name=f"{key} (service)", function=service, is_async=True, wants_runtime=True)
+
+
+def _choice(value: Any, choices: tuple[str, ...], source: str, key: str) -> str:
+    if value not in choices:
+        raise ConfigError(source, key, f"expected one of {', '.join(choices)}, got {value!r}")
+    return str(value)
+
+
+def _flag(value: Any, source: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(source, key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _patterns(value: Any, source: str, key: str) -> tuple[re.Pattern[str], ...]:
+    if value is None:
+        return ()
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(source, key, "expected a regular expression or a list of them")
+    try:
+        return tuple(re.compile(p) for p in patterns)
+    except re.error as exc:
+        raise ConfigError(source, key, f"invalid regular expression: {exc}") from None
+
+
+def _hook(path: Any, source: str, key: str) -> Any:
+    if path is None:
+        return None
+    if not isinstance(path, str) or "." not in path:
+        raise ConfigError(source, key, f"expected a dotted path to a callable, got {path!r}")
+    try:
+        hook = import_string(path)
+    except Exception as exc:  # a user's module may fail in any way while importing
+        raise ConfigError(source, key, f"cannot import {path!r}: {type(exc).__name__}: {exc}") from None
+    if not callable(hook):
+        raise ConfigError(source, key, f"{path!r} is not callable")
+    return hook
+
+
+def _check_picklable(actions: tuple[Action, ...], source: str, key: str) -> None:
+    # A process pool sends the action to another process by reference: it must be a sync
+    # callable importable by dotted path (a module-level function or a picklable instance).
+    for action in actions:
+        if action.is_async or inspect.iscoroutinefunction(action.function):
+            raise ConfigError(source, key, f"{action.name!r} is async; concurrency: process is for sync actions")
+        try:
+            pickle.dumps(action.function)
+        except Exception as exc:
+            raise ConfigError(source, key, f"{action.name!r} cannot go to another process: {exc}") from None
 
 
 def _batch(value: Any, source: str, key: str) -> int:

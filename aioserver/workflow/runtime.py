@@ -1,0 +1,102 @@
+"""What running workflows share, owned by the app's lifecycle: the client session, the
+safeopen policy, the process pool, and the scheduled runs.
+
+:func:`setup_workflow_runtime` registers all of it on an app (one ``cleanup_ctx``), so that it
+starts with the server and stops cleanly with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import multiprocessing
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from .safeopen import SafeOpen, create_session
+
+if TYPE_CHECKING:
+    from .engine import Workflow
+
+logger = logging.getLogger("aioserver.workflow")
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Services shared by every workflow run of one app."""
+
+    session: aiohttp.ClientSession
+    safeopen: SafeOpen
+    _processes: concurrent.futures.ProcessPoolExecutor | None = field(default=None, repr=False)
+
+    def processes(self) -> concurrent.futures.ProcessPoolExecutor:
+        """The process pool for ``concurrency: process`` tasks, created on first use."""
+        if self._processes is None:
+            # spawn, not fork: forking a process that runs threads and an event loop can
+            # copy a lock in a held state into the child.
+            self._processes = concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn"))
+        return self._processes
+
+    async def close(self) -> None:
+        """Close the session and shut the process pool down, without blocking the loop."""
+        await self.session.close()
+        if self._processes is not None:
+            await asyncio.to_thread(self._processes.shutdown, wait=True, cancel_futures=True)
+
+
+def setup_workflow_runtime(app: web.Application) -> None:
+    """Give the app its workflow runtime and scheduled runs, for the app's lifetime."""
+    app.cleanup_ctx.append(_runtime_context)
+
+
+async def _runtime_context(app: web.Application) -> AsyncIterator[None]:
+    from ..keys import CONFIG, RUNTIME  # here: keys imports this module's Runtime
+
+    config = app[CONFIG]
+    runtime = Runtime(session=create_session(config.safeopen), safeopen=config.safeopen)
+    app[RUNTIME] = runtime
+    schedules = start_schedules(config.workflows, runtime)
+    try:
+        yield
+    finally:
+        for task in schedules:
+            task.cancel()
+        await asyncio.gather(*schedules, return_exceptions=True)
+        await runtime.close()
+
+
+def start_schedules(workflows: Mapping[str, Workflow], runtime: Runtime) -> list[asyncio.Task[None]]:
+    """One background task per workflow that has a ``schedule``."""
+    return [
+        asyncio.create_task(run_schedule(workflow, runtime), name=f"schedule {name}")
+        for name, workflow in workflows.items()
+        if workflow.schedule is not None
+    ]
+
+
+async def run_schedule(workflow: Workflow, runtime: Runtime) -> None:
+    """Run a workflow at each time its cron expression gives, ``iterations`` times (or forever)."""
+    from croniter import croniter
+
+    schedule = workflow.schedule
+    assert schedule is not None
+    times = croniter(schedule.cron, time.time())
+    run = 0
+    logger.info("workflow %s scheduled: %s", workflow.name, schedule.cron)
+    while schedule.iterations is None or run < schedule.iterations:
+        await asyncio.sleep(max(0.0, times.get_next(float) - time.time()))
+        run += 1
+        try:
+            results = await workflow(list(schedule.elements), runtime)
+        except Exception:
+            # A failing run is logged and the schedule goes on, as a failing request would.
+            logger.exception("scheduled run %d of workflow %s failed", run, workflow.name)
+        else:
+            logger.info("scheduled run %d of workflow %s: %d results", run, workflow.name, len(results))
+    logger.info("workflow %s: schedule done after %d runs", workflow.name, run)

@@ -1,0 +1,142 @@
+"""The built-in pipelines on real text, each option in a table."""
+
+from __future__ import annotations
+
+import pytest
+
+from aioserver import load_config
+from aioserver.errors import ConfigError
+from aioserver.workflow.pipelines import Segmentation, Summary, Textractor, html_to_text
+
+TEXT = """The city council met on Monday.  It approved the new park budget after a long debate.
+
+Residents had asked for the park for years.
+Some worried about the cost of the park.
+
+Ok."""
+
+ARTICLE = (
+    "Solar power is growing fast across the world. Cheap solar panels have made solar power the cheapest "
+    "electricity in many countries. My neighbour painted his fence blue. Storage batteries now let solar power "
+    "reach homes at night. The weather was nice yesterday. Analysts expect solar power and batteries to keep growing."
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, "The city council met on Monday. It approved the new park budget after a long debate.\n\n"
+             "Residents had asked for the park for years. Some worried about the cost of the park.\n\nOk."),
+        ({"sentences": True}, ["The city council met on Monday.", "It approved the new park budget after a long debate.",
+                               "Residents had asked for the park for years.", "Some worried about the cost of the park.", "Ok."]),
+        ({"lines": True}, ["The city council met on Monday. It approved the new park budget after a long debate.",
+                           "Residents had asked for the park for years.", "Some worried about the cost of the park.", "Ok."]),
+        ({"paragraphs": True}, ["The city council met on Monday. It approved the new park budget after a long debate.",
+                                "Residents had asked for the park for years. Some worried about the cost of the park.", "Ok."]),
+        ({"sentences": True, "minlength": 35}, ["It approved the new park budget after a long debate.",
+                                                "Residents had asked for the park for years.",
+                                                "Some worried about the cost of the park."]),
+        ({"paragraphs": True, "minlength": 5, "join": True},
+         "The city council met on Monday. It approved the new park budget after a long debate.\n\n"
+         "Residents had asked for the park for years. Some worried about the cost of the park."),
+        ({"sentences": True, "minlength": 35, "join": True},
+         "It approved the new park budget after a long debate. Residents had asked for the park for years. "
+         "Some worried about the cost of the park."),
+        ({"lines": True, "cleantext": False}, ["The city council met on Monday.  It approved the new park budget after a long debate.",
+                                               "Residents had asked for the park for years.",
+                                               "Some worried about the cost of the park.", "Ok."]),
+    ],
+)
+def test_segmentation(options: dict, expected: object) -> None:  # type: ignore[type-arg]
+    assert Segmentation(**options)([TEXT]) == [expected]
+
+
+HTML = """<!doctype html><html><head><title>News</title><style>.a{}</style><script>track()</script></head><body>
+<header><a href="/">Home</a></header><nav><ul><li>Menu one</li><li>Menu two</li></ul></nav>
+<main><h1>Council approves park</h1><p>The city council met on Monday. It approved the new park budget.
+</p><p>Residents had asked for it for years.<p>Short.</main>
+<aside>Related stories</aside><footer>(c) 2024</footer><noscript>enable js</noscript></body></html>"""
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, "News\n\nCouncil approves park\n\nThe city council met on Monday. It approved the new park budget.\n\n"
+             "Residents had asked for it for years.\n\nShort."),
+        ({"paragraphs": True, "minlength": 10}, ["Council approves park",
+                                                 "The city council met on Monday. It approved the new park budget.",
+                                                 "Residents had asked for it for years."]),
+        ({"sentences": True}, ["News", "Council approves park", "The city council met on Monday.",
+                               "It approved the new park budget.", "Residents had asked for it for years.", "Short."]),
+        ({"sentences": True, "minlength": 25, "join": True},
+         "The city council met on Monday. It approved the new park budget. Residents had asked for it for years."),
+    ],
+)
+async def test_textractor_on_html_strings(options: dict, expected: object) -> None:  # type: ignore[type-arg]
+    assert await Textractor(**options)([HTML]) == [expected]
+
+
+def test_boilerplate_is_dropped() -> None:
+    text = html_to_text(HTML)
+    for noise in ("track()", "Menu one", "Home", "Related", "(c) 2024", "enable js", ".a{}"):
+        assert noise not in text
+
+
+@pytest.mark.parametrize(
+    ("options", "call", "expected"),
+    [
+        ({"sentences": 1}, {}, "Cheap solar panels have made solar power the cheapest electricity in many countries."),
+        ({"sentences": 2}, {}, "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+                               "Analysts expect solar power and batteries to keep growing."),
+        ({}, {"sentences": 2}, "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+                               "Analysts expect solar power and batteries to keep growing."),
+        # The lower-ranked sentences go first; the best one is then cut to 12 words.
+        ({"sentences": 3, "maxlength": 12}, {}, "Cheap solar panels have made solar power the cheapest electricity in many"),
+        ({"sentences": 3, "maxlength": 30}, {}, "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+                                                "Analysts expect solar power and batteries to keep growing."),
+        ({"sentences": 1, "maxlength": 4}, {}, "Cheap solar panels have"),
+        ({"sentences": 10}, {}, " ".join(ARTICLE.split())),
+    ],
+)
+def test_summary(options: dict, call: dict, expected: str) -> None:  # type: ignore[type-arg]
+    summary = Summary(**options)([ARTICLE], **call)[0]
+    assert summary == expected
+    assert "fence" not in summary or options.get("sentences") == 10
+
+
+async def test_sections_configure_builtins() -> None:
+    config = load_config("summary: {sentences: 1}\nsegmentation: {sentences: true}\n"
+                         "workflow:\n  w: {tasks: [summary]}\n  s: {tasks: [segmentation]}\n")
+    assert await config.workflows["w"]([ARTICLE]) == [Summary(sentences=1)([ARTICLE])[0]]
+    assert await config.workflows["s"](["A b. C d."]) == [["A b.", "C d."]]
+
+
+@pytest.mark.parametrize(
+    "section",
+    ["summary: {sentences: 0}", "summary: {words: 3}", "segmentation: {sentences: true, lines: true}",
+     "textractor: {minlength: -1}", "textractor: [1]"],
+)
+def test_bad_pipeline_sections(section: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config(section + "\nworkflow:\n  w: {tasks: [echo]}\n")
+
+
+@pytest.mark.parametrize("name", ["summary", "segmentation", "textractor"])
+async def test_pipelines_take_strings_only(make_client, name: str) -> None:  # type: ignore[no-untyped-def]
+    client = await make_client(f"workflow:\n  w: {{tasks: [{name}]}}\n")
+    response = await client.post("/workflow", json={"name": "w", "elements": [1]})
+    assert response.status == 400
+
+
+async def test_default_config_demo_workflows() -> None:
+    workflows = load_config().workflows
+    summary = (await workflows["sumtext"]([HTML]))[0]
+    assert "park" in summary and "Menu" not in summary
+    assert await workflows["sentences"](["One. Two.\n\nThree."]) == [["One.", "Two.", "Three."]]
+
+
+def test_summary_ends_sentences_at_paragraph_breaks() -> None:
+    text = "Solar power keeps growing\n\nSolar power is growing fast. The fence is blue."
+    # Three sentences, of which the two about solar power are kept; glued, the heading would
+    # have made one sentence with the next, and two sentences would have been the whole text.
+    assert Summary(sentences=2)([text]) == ["Solar power keeps growing Solar power is growing fast."]
