@@ -8,7 +8,8 @@ from . import views
 from .auth import FailureThrottle, TokenStore, auth_middleware
 from .config import Config
 from .errors import error_middleware
-from .keys import CONFIG, TOKENS, WORKFLOWS
+from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
+from .limits import WorkflowLimits
 from .plugins import dependencies_middleware
 from .workflow.runtime import setup_workflow_runtime
 
@@ -31,6 +32,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
+    app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
     app.on_response_prepare.append(_secure_headers if config.tls else _headers)
     setup_workflow_runtime(app)
     app.router.add_get("/health", views.health, allow_head=False)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
@@ -101,4 +103,14 @@ def run() -> NoReturn:
     # Like uvicorn's --app-dir ".", so that dotted paths find the user's modules.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    raise SystemExit(main())
+    status = main()
+    abandoned = [t for t in threading.enumerate() if t.name.startswith("aioserver-action") and t.is_alive()]
+    if abandoned:
+        # A sync action still running after the grace period cannot be interrupted, and the
+        # interpreter would wait for it at exit: leave now, as the grace period promised.
+        logging.getLogger("aioserver").warning("exiting with %d action threads still running", len(abandoned))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    raise SystemExit(status)

@@ -61,7 +61,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400 or exc.content_type == "application/json":
             raise
         headers = {k: v for k, v in exc.headers.items() if k not in _BODY_HEADERS}
-        return web.json_response({"error": exc.reason}, status=exc.status, headers=headers)
+        # aiohttp's own text when it says more than its default "404: Not Found".
+        message = exc.reason if exc.text in (None, f"{exc.status}: {exc.reason}") else exc.text
+        return web.json_response({"error": message}, status=exc.status, headers=headers)
     except InvalidElement as exc:
         return web.json_response({"error": str(exc)}, status=400)
     except UpstreamError as exc:

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .auth import TokenStore
 from .config import Config
+from .limits import WorkflowLimits
 from .workflow import Workflow
 from .workflow.runtime import Runtime
 
@@ -15,3 +16,4 @@ CONFIG = web.AppKey("config", Config)
 WORKFLOWS = web.AppKey("workflows", Mapping[str, Workflow])
 TOKENS = web.AppKey("tokens", TokenStore)
 RUNTIME = web.AppKey("runtime", Runtime)  # the workflows' client session, process pool, schedules
+LIMITS = web.AppKey("limits", WorkflowLimits)

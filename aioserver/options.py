@@ -161,8 +161,27 @@ class Settings:
     max_body_size: int = _option(
         16 * MiB, positive_int, "largest request body accepted, in bytes (413 beyond)", metavar="BYTES"
     )
+    limit_concurrency: int = _option(
+        100, positive_int, "workflows running at once; beyond, 503 with Retry-After", metavar="N"
+    )
+    limit_connections: int = _option(
+        1000, positive_int, "open connections per process; beyond, new ones get 503 and are closed", metavar="N"
+    )
+    timeout_workflow: float = _option(
+        300.0, positive_float, "a workflow running longer is cancelled (async) or abandoned (sync): 504",
+        metavar="SECONDS",
+    )
+    timeout_request_body: float = _option(
+        30.0, positive_float, "a request body not received within this time: 408", metavar="SECONDS"
+    )
+    max_line_size: int = _option(8190, positive_int, "longest request line, in bytes (aiohttp's default)", metavar="BYTES")
+    max_field_size: int = _option(8190, positive_int, "longest header field, in bytes (aiohttp's default)", metavar="BYTES")
+    max_headers: int = _option(128, positive_int, "most header fields in a request (aiohttp's default)", metavar="N")
     timeout_keep_alive: float = _option(
-        15.0, positive_float, "close idle keep-alive connections after this many seconds", metavar="SECONDS"
+        15.0,
+        positive_float,
+        "close idle keep-alive connections, and clients that take longer to send a request's headers",
+        metavar="SECONDS",
     )
     timeout_graceful_shutdown: float = _option(
         30.0,

@@ -12,6 +12,7 @@ from .app import create_app
 from .config import Config
 from .errors import ConfigError, StartupError
 from .keys import TOKENS
+from .limits import LimitedRunner
 from .logs import AccessLogger
 from .tls import TLSError
 
@@ -48,10 +49,11 @@ async def serve(config: Config) -> None:
     logger.info("stopped")
 
 
-def _runner(app: web.Application, config: Config) -> web.AppRunner:
+def _runner(app: web.Application, config: Config) -> LimitedRunner:
     settings = config.settings
-    return web.AppRunner(
+    return LimitedRunner(
         app,
+        settings,
         handle_signals=False,  # ours only queue the signal; see _handle_signals
         access_log_class=AccessLogger,
         # aiohttp's default keeps idle connections for an hour; uvicorn's for 5 s.
@@ -60,7 +62,7 @@ def _runner(app: web.Application, config: Config) -> web.AppRunner:
     )
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int | None, scheme: str, config: Config | None) -> None:
+async def _listen(runner: web.BaseRunner, host: str, port: int | None, scheme: str, config: Config | None) -> None:
     context = config.tls.listener if config and config.tls else None
     site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True)
     try:

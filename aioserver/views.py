@@ -9,7 +9,8 @@ from aiohttp import web
 
 from .auth import check_scope
 from .errors import http_error
-from .keys import RUNTIME, WORKFLOWS
+from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
+from .limits import read_body
 
 REQUEST_KEYS = frozenset({"name", "elements"})
 
@@ -21,12 +22,13 @@ async def health(request: web.Request) -> web.Response:
 
 async def run_workflow(request: web.Request) -> web.Response:
     """Run the named workflow over the elements and answer with the list of results."""
-    name, elements = _parse_body(await request.read())
+    app = request.app
+    name, elements = _parse_body(await read_body(request, app[CONFIG].settings.timeout_request_body))
     check_scope(request, name)
-    workflow = request.app[WORKFLOWS].get(name)
+    workflow = app[WORKFLOWS].get(name)
     if workflow is None:
         raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
-    results = await workflow(elements, request.app[RUNTIME])
+    results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
     try:
         body = json.dumps(results)
     except (TypeError, ValueError) as exc:

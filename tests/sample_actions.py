@@ -113,3 +113,16 @@ RUNS: list[int] = []
 async def count_runs(batch: list[Any]) -> list[Any]:
     RUNS.append(len(batch))
     return batch
+
+
+CANCELLED: list[str] = []
+
+
+async def async_sleepy(batch: list[Any], seconds: float = 1.0) -> list[Any]:
+    """Sleeps on the loop; records when a timeout cancels it."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        CANCELLED.append("async_sleepy")
+        raise
+    return batch

@@ -150,3 +150,24 @@ def test_console_script_serves_default_config(tmp_path: Path) -> None:
         assert running.process.wait(timeout=10) == 0
     done = subprocess.run([str(script), "--check"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0 and "workflow shout" in done.stdout
+
+
+def test_shutdown_is_bounded_even_with_a_stuck_sync_action(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("workflow:\n  stuck:\n    tasks: [{action: sample_actions.sleepy, args: [60]}]\n")
+    with Server("--config", str(path), "--timeout-graceful-shutdown", "0.5") as server:
+        client = threading.Thread(target=lambda: _ignore_errors(server), daemon=True)
+        client.start()
+        time.sleep(0.5)  # the request now sits in a thread that sleeps for a minute
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+    assert "exiting with 1 action threads still running" in "".join(server.log)
+
+
+def _ignore_errors(server: Server) -> None:
+    try:
+        server.post(b'{"name": "stuck", "elements": [1]}')
+    except OSError:
+        pass  # the server went away mid-request, as intended

@@ -12,6 +12,7 @@ length.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -54,7 +55,9 @@ class Action:
             result = await self.function(batch, *args, **kwargs)
         else:
             call = functools.partial(self.function, batch, *args, **kwargs)
-            pool = runtime.processes() if concurrency == "process" and runtime is not None else None
+            pool: concurrent.futures.Executor | None = None
+            if runtime is not None:
+                pool = runtime.processes() if concurrency == "process" else runtime.threads
             result = await asyncio.get_running_loop().run_in_executor(pool, call)
         return self._checked(result, len(batch))
 

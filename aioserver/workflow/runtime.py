@@ -33,6 +33,12 @@ class Runtime:
 
     session: aiohttp.ClientSession
     safeopen: SafeOpen
+    # Sync actions run here, not in asyncio's default executor: on shutdown this pool is
+    # left without waiting, so a thread a timed-out workflow abandoned cannot hold the exit.
+    threads: concurrent.futures.ThreadPoolExecutor = field(
+        # 40 threads, as many as Starlette's thread pool gives txtai's sync endpoints.
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(40, thread_name_prefix="aioserver-action")
+    )
     _processes: concurrent.futures.ProcessPoolExecutor | None = field(default=None, repr=False)
 
     def processes(self) -> concurrent.futures.ProcessPoolExecutor:
@@ -46,6 +52,7 @@ class Runtime:
     async def close(self) -> None:
         """Close the session and shut the process pool down, without blocking the loop."""
         await self.session.close()
+        self.threads.shutdown(wait=False, cancel_futures=True)
         if self._processes is not None:
             await asyncio.to_thread(self._processes.shutdown, wait=True, cancel_futures=True)
 

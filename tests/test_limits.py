@@ -1,0 +1,211 @@
+"""Limits: body size and time, running workflows, workflow time, connections, slow and bad clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+import sample_actions
+from aioserver import create_app, load_config
+from aioserver.limits import LimitedRunner
+from conftest import TOKEN, TOKEN_HASH, ClientFactory
+
+CONFIG = """
+server:
+  max_body_size: 1024
+  limit_concurrency: 2
+  timeout_workflow: 0.5
+  timeout_request_body: 0.5
+  timeout_keep_alive: 1
+  limit_connections: 4
+  max_field_size: 200
+workflow:
+  echo: {tasks: [echo]}
+  nap: {tasks: [{action: sample_actions.async_sleepy, args: [0.3]}]}
+  long: {tasks: [{action: sample_actions.async_sleepy, args: [5]}]}
+  stuck: {tasks: [{action: sample_actions.sleepy, args: [2]}]}
+"""
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[int, LimitedRunner]]:
+    """The app behind the runner the CLI uses (connection limit, header limits), on a real port."""
+    config = load_config(CONFIG)
+    runner = LimitedRunner(create_app(config), config.settings, keepalive_timeout=1, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield runner.addresses[0][1], runner
+    await runner.cleanup()
+
+
+async def exchange(port: int, data: bytes, wait: float = 5) -> bytes:
+    """Send raw bytes; return the server's first response (head and body), or all until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        async with asyncio.timeout(wait):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                None,
+            )
+            return head + (await reader.readexactly(length) if length is not None else await reader.read())
+    except asyncio.IncompleteReadError as closed:
+        return closed.partial
+    finally:
+        writer.close()
+
+
+def post(body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        b"POST /workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        + extra
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+async def test_declared_oversize_body_is_413_before_it_is_sent(server: tuple[int, LimitedRunner]) -> None:
+    port, _ = server
+    head = b"POST /workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 10000000\r\n\r\n"
+    answer = await exchange(port, head, wait=3)  # no body sent: the answer does not wait for it
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"error": "Maximum request body size 1024 exceeded' in answer
+
+
+async def test_streamed_oversize_body_is_413(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 100
+
+    response = await client.post("/workflow", data=chunks())  # chunked: no length declared
+    assert response.status == 413
+    assert "Maximum request body size 1024 exceeded" in (await response.json())["error"]
+
+
+async def test_slow_body_is_408(server: tuple[int, LimitedRunner]) -> None:
+    port, _ = server
+    head = b"POST /workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 50\r\n\r\n{\"name\""
+    started = time.monotonic()
+    answer = await exchange(port, head)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"body not received within 0.5s" in answer
+    assert time.monotonic() - started < 4
+
+
+async def test_concurrency_limit_is_503_with_retry_after(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG)
+    body = {"name": "nap", "elements": [1]}
+    responses = await asyncio.gather(*(client.post("/workflow", json=body) for _ in range(3)))
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [200, 200, 503]
+    refused = next(r for r in responses if r.status == 503)
+    assert refused.headers["Retry-After"] == "1"
+    assert (await refused.json())["error"] == "too many workflows running, retry later"
+    # Slots free up again.
+    assert (await client.post("/workflow", json=body)).status == 200
+
+
+async def test_async_workflow_over_time_is_504_and_cancelled(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG)
+    sample_actions.CANCELLED.clear()
+    response = await client.post("/workflow", json={"name": "long", "elements": [1]})
+    assert response.status == 504
+    assert await response.json() == {"error": "the workflow took longer than 0.5s"}
+    assert sample_actions.CANCELLED == ["async_sleepy"]
+
+
+async def test_sync_workflow_over_time_is_504_and_the_loop_keeps_serving(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG)
+    started = time.monotonic()
+    response = await client.post("/workflow", json={"name": "stuck", "elements": [1]})
+    assert response.status == 504
+    assert time.monotonic() - started < 1.5  # answered at the limit, not when the 2 s thread ends
+    assert (await client.get("/health")).status == 200
+    assert (await client.post("/workflow", json={"name": "echo", "elements": [1]})).status == 200
+
+
+async def test_slowloris_is_cut_off_while_others_are_served(server: tuple[int, LimitedRunner]) -> None:
+    port, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.monotonic()
+    closed_after = None
+    for piece in [b"GET /health HTTP/1.1\r\n", b"Host: t\r\n"] + [b"X-Slow-%d: 1\r\n" % i for i in range(20)]:
+        writer.write(piece)
+        # Meanwhile a well-behaved client is served at once.
+        assert (await exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")).startswith(
+            b"HTTP/1.1 200 "
+        )
+        try:
+            if await asyncio.wait_for(reader.read(1), 0.25) == b"":
+                closed_after = time.monotonic() - started
+                break
+        except TimeoutError:
+            continue
+    writer.close()
+    assert closed_after is not None and closed_after < 3  # timeout_keep_alive is 1 s
+
+
+async def test_idle_keep_alive_connection_is_closed(server: tuple[int, LimitedRunner]) -> None:
+    port, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    started = time.monotonic()
+    answer = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and 0.5 < time.monotonic() - started < 4
+
+
+async def test_connection_limit(server: tuple[int, LimitedRunner], caplog: pytest.LogCaptureFixture) -> None:
+    port, _ = server
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+    await asyncio.sleep(0.05)
+    with caplog.at_level(logging.WARNING, logger="aioserver.limits"):
+        first = await exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        second = await exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    for answer in (first, second):
+        assert answer.startswith(b"HTTP/1.1 503 ") and b'{"error": "too many connections"}' in answer
+    assert caplog.text.count("connection limit reached: 4 open") == 1  # once per episode
+    for _, writer in held:
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert (await exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")).startswith(
+        b"HTTP/1.1 200 "
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "kind"),
+    [
+        (post(b"{}", b"Authorization: Bearer " + TOKEN.encode() + b"\x01x\r\n"), b"BadHttpMessage"),
+        (post(b"{}", b"Authorization: Bearer " + TOKEN.encode() + b"A" * 300 + b"\r\n"), b"LineTooLong"),
+        (b"GET /a b/" + TOKEN.encode() + b" HTTP/1.1\r\nHost: t\r\n\r\n", b"BadStatusLine"),
+    ],
+)
+async def test_malformed_http_is_json_and_never_echoed_or_logged(
+    server: tuple[int, LimitedRunner], caplog: pytest.LogCaptureFixture, request_bytes: bytes, kind: bytes
+) -> None:
+    port, _ = server
+    with caplog.at_level(logging.DEBUG):
+        answer = await exchange(port, request_bytes)
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+    assert b'{"error": "malformed HTTP request (' + kind + b')"}' in answer
+    assert TOKEN.encode() not in answer and TOKEN not in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_limits_hold_with_tokens(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
+    response = await client.post(
+        "/workflow", json={"name": "long", "elements": []}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert (response.status, await response.json()) == (200, [])  # no element, no call, no wait
+
+
