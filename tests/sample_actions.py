@@ -113,3 +113,11 @@ RUNS: list[int] = []
 async def count_runs(batch: list[Any]) -> list[Any]:
     RUNS.append(len(batch))
     return batch
+
+
+async def hold_loop(batch: list[Any], seconds: float = 0.5) -> list[int]:
+    """Blocks its worker's event loop on purpose, so that the next connection goes to another."""
+    import os
+
+    time.sleep(seconds)
+    return [os.getpid() for _ in batch]
