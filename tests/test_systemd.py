@@ -19,18 +19,12 @@ from pathlib import Path
 import pytest
 
 from aioserver import systemd
-from conftest import PYTHON, TESTS, TOKEN, TOKEN_HASH, PemFiles
+from conftest import PYTHON, free_port, TESTS, TOKEN, TOKEN_HASH, PemFiles
 
 CONF = TESTS.parent / "conf"
 # The systemd Debian package's tools; no running systemd is needed (.ci/run installs them).
 ANALYZE = "systemd-analyze"
 INSTALLED = "/opt/aioserver/bin/aioserver"  # the unit's ExecStart, as the README installs it
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class NotifySocket:
