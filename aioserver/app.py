@@ -11,6 +11,7 @@ from .errors import error_middleware
 from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
 from .plugins import dependencies_middleware
+from .proxy import TrustedProxies
 from .workflow.runtime import setup_workflow_runtime
 
 # RFC 6797: two years, as Mozilla's guidelines; sent on HTTPS responses only.
@@ -22,10 +23,13 @@ def create_app(config: Config) -> web.Application:
     tokens = TokenStore(config.tokens)
     # Middleware order, outermost first:
     # 1. error_middleware renders every error raised inside it as JSON, so it wraps all else;
-    # 2. auth_middleware decides before any routing outcome is revealed (an unknown path
+    # 2. the proxy middleware swaps in the client and scheme a trusted proxy reports, so that
+    #    the auth throttle, the handlers and the access log see the real client;
+    # 3. auth_middleware decides before any routing outcome is revealed (an unknown path
     #    without a token is 401, not 404);
-    # 3. the user's dependencies run only for authorized requests.
-    middlewares = [error_middleware, auth_middleware(tokens, FailureThrottle())]
+    # 4. the user's dependencies run only for authorized requests.
+    proxies = TrustedProxies(config.settings.trusted_proxies)
+    middlewares = [error_middleware, proxies.middleware(), auth_middleware(tokens, FailureThrottle())]
     if config.dependencies:
         middlewares.append(dependencies_middleware(config.dependencies))
     app = web.Application(middlewares=middlewares, client_max_size=config.settings.max_body_size)

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, workers
 from .config import Config, load_config
 from .errors import ConfigError, StartupError
 from .logs import configure_logging
@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     configure_logging(config.settings.log_level)
     try:
+        if config.settings.workers > 1:
+            return workers.run(config)
         asyncio.run(serve(config))
     except StartupError as exc:
         print(f"aioserver: error: {exc}", file=sys.stderr)

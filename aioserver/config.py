@@ -7,7 +7,9 @@ path to a class, mapping to its keyword arguments, as in txtai.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from . import plugins
+from . import plugins, systemd
 from .auth import Token, TokenSources, token_sources
 from .errors import ConfigError
 from .options import Origin, Settings, resolve_settings
@@ -108,7 +110,7 @@ def build_config(
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
     tls = _tls(settings, origins, env)
-    _refuse_clear_text_tokens(settings, origins, tokens, tls)
+    _refuse_clear_text_tokens(settings, origins, tokens, tls, env)
     return Config(
         settings=settings,
         workflows=workflows,
@@ -159,14 +161,37 @@ def _read_password(path: str, origin: Origin) -> Password:
 
 
 def _refuse_clear_text_tokens(
-    settings: Settings, origins: Mapping[str, Origin], tokens: tuple[Token, ...], tls: ReloadableContext | None
+    settings: Settings,
+    origins: Mapping[str, Origin],
+    tokens: tuple[Token, ...],
+    tls: ReloadableContext | None,
+    env: Mapping[str, str],
 ) -> None:
-    """Tokens must not cross a network in clear text (SPEC section 2)."""
-    if tokens and tls is None and settings.host not in LOOPBACK_HOSTS and not settings.allow_insecure_http:
+    """Tokens must not cross a network in clear text (SPEC section 2).
+
+    Satisfied by HTTPS, a loopback address, a TLS proxy (``trusted_proxies``, or a Unix socket
+    that only a local proxy reaches) or ``--allow-insecure-http``. Under socket activation the
+    passed sockets' own addresses are judged, not ``host``.
+    """
+    if not tokens or tls is not None or settings.allow_insecure_http or settings.trusted_proxies or settings.uds:
+        return
+    activated = systemd.activated_addresses(env)
+    if activated:
+        for family, address in activated:
+            if family in (socket.AF_INET, socket.AF_INET6) and not ipaddress.ip_address(address[0]).is_loopback:
+                raise ConfigError(
+                    "environment",
+                    "LISTEN_FDS",
+                    f"tokens would travel in clear text on the activated socket {address[0]}:{address[1]}:"
+                    " serve HTTPS (--ssl-certfile, --ssl-keyfile), set --trusted-proxies for a TLS proxy,"
+                    " or pass --allow-insecure-http",
+                )
+        return
+    if settings.host not in LOOPBACK_HOSTS:
         raise ConfigError(
             *origins["host"],
             f"tokens would travel in clear text on {settings.host}: serve HTTPS (--ssl-certfile, --ssl-keyfile),"
-            " bind 127.0.0.1 behind a TLS proxy, or pass --allow-insecure-http",
+            " bind 127.0.0.1 or --uds behind a TLS proxy, set --trusted-proxies, or pass --allow-insecure-http",
         )
 
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .auth import IDENTITY
+from .proxy import REAL_CLIENT
 
 
 def configure_logging(level: str) -> None:
@@ -16,7 +17,9 @@ def configure_logging(level: str) -> None:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """``client "METHOD /path HTTP/1.1" status bytes seconds identity``.
+    """``client scheme "METHOD /path HTTP/1.1" status bytes seconds identity``.
+
+    Behind a trusted proxy, client and scheme are those the proxy reported (see proxy.py).
 
     The path is logged still percent-encoded and without its query: a decoded path could
     forge log lines, and a query is where a careless client puts a secret. The identity is
@@ -25,9 +28,11 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         token = request.get(IDENTITY)
+        client, scheme = request.get(REAL_CLIENT) or (request.remote, request.scheme)
         self.logger.info(
-            '%s "%s %s HTTP/%d.%d" %d %d %.3fs %s',
-            request.remote,
+            '%s %s "%s %s HTTP/%d.%d" %d %d %.3fs %s',
+            client,
+            scheme,
             request.method,
             request.rel_url.raw_path,
             request.version.major,

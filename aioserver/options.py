@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .errors import ConfigError
+from .proxy import parse_trusted
 
 MiB = 1024 * 1024
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -158,6 +159,13 @@ class Settings:
     allow_insecure_http: bool = _option(
         False, boolean, "allow tokens over plain HTTP on a non-loopback address", flag_only=True
     )
+    # Deployment (issue 4): a Unix socket for a local proxy, the proxies believed, worker processes.
+    uds: str | None = _option(None, file_path, "listen on this Unix socket instead of host/port, for a local proxy", metavar="PATH")
+    trusted_proxies: tuple[str, ...] = _option(
+        (), parse_trusted, "believe X-Forwarded-*/Forwarded from these addresses/CIDRs (comma-separated)",
+        env="TRUSTED_PROXIES", metavar="LIST",
+    )
+    workers: int = _option(1, positive_int, "worker processes serving the same sockets", env="WORKERS", metavar="N")
     max_body_size: int = _option(
         16 * MiB, positive_int, "largest request body accepted, in bytes (413 beyond)", metavar="BYTES"
     )

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 
 from aiohttp import web
 
+from . import systemd
 from .app import create_app
 from .config import Config
 from .errors import ConfigError, StartupError
 from .keys import TOKENS
 from .limits import LimitedRunner
+from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners
+from .listeners import close as close_listeners
 from .logs import AccessLogger
+from .systemd import Notifier
 from .tls import TLSError
 
 logger = logging.getLogger("aioserver")
@@ -21,31 +26,54 @@ logger = logging.getLogger("aioserver")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-async def serve(config: Config) -> None:
+async def serve(
+    config: Config,
+    listeners: Sequence[Listener] | None = None,
+    notifier: Notifier | None = None,
+    watchdog: float | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let requests in flight finish.
 
+    ``listeners`` are sockets made by a parent (workers), else they are opened here (passed
+    by systemd, or bound). ``notifier`` speaks sd_notify (default: ``$NOTIFY_SOCKET``), with
+    a WATCHDOG=1 ping every ``watchdog`` seconds (default: half ``$WATCHDOG_USEC``).
     SIGHUP reloads token files and the TLS files. Raises StartupError when a listener
     cannot be opened.
     """
-    settings = config.settings
+    owned = listeners is None
+    if notifier is None:
+        notifier, watchdog = Notifier.from_env(), systemd.watchdog_interval()
+    sockets = list(listeners) if listeners is not None else open_listeners(config)
     app = create_app(config)
     runners = [_runner(app, config)]
+    pinging = None
     try:
         await runners[0].setup()
-        await _listen(runners[0], settings.host, settings.port, "https" if config.tls else "http", config)
-        if config.tls and settings.redirect_http is not None:
-            https_port = runners[0].addresses[0][1]  # the bound one, when --port is 0
+        main = [listener for listener in sockets if listener.role == MAIN]
+        for listener in main:
+            await _listen(runners[0], listener, "https" if config.tls else "http", config)
+        redirects = [listener for listener in sockets if listener.role == REDIRECT]
+        if redirects:
+            https_port = next((listener.port for listener in main if listener.port), 443)
             runners.append(_runner(create_redirect_app(https_port), config))
             await runners[1].setup()
-            await _listen(runners[1], settings.host, settings.redirect_http, "http", None)
-        await _handle_signals(app, config)
+            for listener in redirects:
+                await _listen(runners[1], listener, "http", None)
+        if watchdog:
+            pinging = asyncio.create_task(systemd.run_watchdog(notifier, watchdog))
+        await _handle_signals(app, config, notifier)
+        notifier.stopping()
         logger.info(
             "shutting down: no new connections, up to %gs for requests in flight",
-            settings.timeout_graceful_shutdown,
+            config.settings.timeout_graceful_shutdown,
         )
     finally:
+        if pinging:
+            pinging.cancel()
         for runner in reversed(runners):
             await runner.cleanup()
+        if owned:
+            close_listeners(sockets)
     logger.info("stopped")
 
 
@@ -62,27 +90,32 @@ def _runner(app: web.Application, config: Config) -> LimitedRunner:
     )
 
 
-async def _listen(runner: web.BaseRunner, host: str, port: int | None, scheme: str, config: Config | None) -> None:
+async def _listen(runner: web.BaseRunner, listener: Listener, scheme: str, config: Config | None) -> None:
     context = config.tls.listener if config and config.tls else None
-    site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True)
+    site = web.SockSite(runner, listener.sock, ssl_context=context)
     try:
         await site.start()
     except OSError as exc:
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    for address in runner.addresses:
-        logger.info("serving on %s://%s", scheme, _format_address(address))
+        raise StartupError(f"cannot serve on {describe(listener.sock, scheme)}: {exc.strerror or exc}") from None
+    logger.info("serving on %s", describe(listener.sock, scheme))
 
 
-async def _handle_signals(app: web.Application, config: Config) -> None:
-    """Until SIGTERM or SIGINT, reload on SIGHUP. The handlers only queue the signal."""
+async def _handle_signals(app: web.Application, config: Config, notifier: Notifier) -> None:
+    """Until SIGTERM or SIGINT, reload on SIGHUP. The handlers only queue the signal.
+
+    READY=1 goes out once the handlers are in place: a manager may signal us right after it.
+    """
     loop = asyncio.get_running_loop()
     received: asyncio.Queue[signal.Signals] = asyncio.Queue()
     handled = (*STOP_SIGNALS, signal.SIGHUP)
     for sig in handled:
         loop.add_signal_handler(sig, received.put_nowait, sig)
+    notifier.ready()
     try:
         while await received.get() == signal.SIGHUP:
+            notifier.reloading()
             await reload(app, config)
+            notifier.ready("serving, reloaded")
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -116,10 +149,3 @@ def create_redirect_app(https_port: int) -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{path:.*}", redirect)
     return app
-
-
-def _format_address(address: object) -> str:
-    if isinstance(address, tuple):
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(address)

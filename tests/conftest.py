@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -43,9 +44,16 @@ def make_client(aiohttp_client) -> ClientFactory:  # type: ignore[no-untyped-def
 class Server:
     """A running ``python -m aioserver``, its port read from its own log line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, listeners: int = 1) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        listeners: int = 1,
+        pattern: str = r"serving on https?://127\.0\.0\.1:(\d+)",  # a group: the port, if any
+    ) -> None:
         environment = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
         self.listeners = listeners
+        self.pattern = pattern
         self.ports: list[int] = []
         self.process = subprocess.Popen(
             [PYTHON, "-m", "aioserver", "--port", "0", *args],
@@ -73,9 +81,9 @@ class Server:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.log.append(line)
-            found = re.search(r"serving on https?://127\.0\.0\.1:(\d+)", line)
+            found = re.search(self.pattern, line)
             if found:
-                self.ports.append(int(found.group(1)))
+                self.ports.append(int(found.group(1)) if found.groups() else 0)
             if len(self.ports) == self.listeners:
                 self._drainer.start()
                 return self.ports[0]
@@ -90,6 +98,13 @@ class Server:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/workflow", data=body, method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 # -- TLS, for real: a CA of trustme's, certificates for this machine, files and contexts.

@@ -126,3 +126,11 @@ async def async_sleepy(batch: list[Any], seconds: float = 1.0) -> list[Any]:
         CANCELLED.append("async_sleepy")
         raise
     return batch
+
+
+async def hold_loop(batch: list[Any], seconds: float = 0.5) -> list[int]:
+    """Blocks its worker's event loop on purpose, so that the next connection goes to another."""
+    import os
+
+    time.sleep(seconds)
+    return [os.getpid() for _ in batch]

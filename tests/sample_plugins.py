@@ -51,3 +51,12 @@ class RequireAgent:
 
 def crash(request: web.Request) -> None:
     raise RuntimeError("dependency bug: secret-in-dependency")
+
+
+def add_client(app: web.Application) -> None:
+    """An extension: a route that reports the client address and scheme the handlers see."""
+
+    async def client(request: web.Request) -> web.Response:
+        return web.json_response({"remote": request.remote, "scheme": request.scheme, "host": request.host})
+
+    app.router.add_get("/client", client)

@@ -1,0 +1,210 @@
+"""Several worker processes serving the same sockets, and the parent that looks after them.
+
+The parent opens the listening sockets once (or takes them from systemd), forks N workers
+that each run the ordinary :func:`aioserver.server.serve` on the inherited sockets (the
+kernel hands each new connection to one of them), and then only supervises: it restarts a
+worker that dies (backing off when one dies young), forwards SIGTERM/SIGINT and SIGHUP, and
+alone speaks sd_notify for the group. Each worker reports READY/RELOADING/WATCHDOG to the
+parent over its own datagram socket pair, with the same sd_notify messages it would send to
+systemd. The parent runs no event loop (forking under a running loop is unsafe); it waits for
+signals with ``sigtimedwait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from . import systemd
+from .config import Config
+from .listeners import Listener, open_listeners
+from .listeners import close as close_listeners
+from .server import serve
+from .systemd import Notifier
+
+logger = logging.getLogger("aioserver.workers")
+
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+TICK = 0.1  # seconds between looks at the workers' messages when no signal comes
+YOUNG = 5.0  # a worker dying sooner than this after its start makes the next restart wait longer
+MAX_BACKOFF = 10.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass
+class Worker:
+    """One forked worker as the parent sees it."""
+
+    slot: int
+    pid: int
+    channel: socket.socket  # the parent's end of the worker's sd_notify socket pair
+    started: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    last_ping: float = field(default_factory=time.monotonic)
+
+
+class Supervisor:
+    """Forks and watches ``count`` workers serving ``listeners``."""
+
+    def __init__(self, config: Config, listeners: Sequence[Listener], count: int, watchdog: float | None) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.count = count
+        self.watchdog = watchdog
+        self.workers: dict[int, Worker] = {}  # by pid
+        self.restarts: dict[int, float] = {}  # slot -> when to start it again
+        self.backoff: dict[int, float] = {}  # slot -> the wait before its next restart
+        self.announced = False  # READY=1 sent for the current generation
+        self.parent = os.getpid()
+
+    def run(self, notifier: Notifier) -> int:
+        """Supervise until SIGTERM/SIGINT; return 0 when every worker stopped cleanly."""
+        for slot in range(self.count):
+            self.start(slot)
+        last_ping = time.monotonic()
+        while True:
+            info = signal.sigtimedwait(SIGNALS, TICK)
+            self.read_messages()
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                return self.stop(notifier)
+            if info is not None and info.si_signo == signal.SIGHUP:
+                notifier.reloading()
+                self.announced = False
+                for worker in self.workers.values():
+                    worker.ready = False
+                    os.kill(worker.pid, signal.SIGHUP)
+            self.reap(notifier)
+            now = time.monotonic()
+            for slot, when in list(self.restarts.items()):
+                if when <= now:
+                    del self.restarts[slot]
+                    self.start(slot)
+            if not self.announced and len(self.workers) == self.count and all(w.ready for w in self.workers.values()):
+                notifier.ready(f"{self.count} workers serving")
+                self.announced = True
+            # The group is healthy while every worker's loop pings (a new one gets its grace).
+            if self.watchdog and now - last_ping >= self.watchdog:
+                if all(now - w.last_ping < 2 * self.watchdog for w in self.workers.values()):
+                    notifier.watchdog()
+                    last_ping = now
+
+    def start(self, slot: int) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            for worker in self.workers.values():
+                worker.channel.close()  # the other workers' channels are the parent's business
+            _work(self.config, self.listeners, theirs, self.watchdog, self.parent)
+        theirs.close()
+        ours.setblocking(False)
+        self.workers[pid] = Worker(slot, pid, ours)
+        logger.info("worker %d started, pid %d", slot, pid)
+
+    def read_messages(self) -> None:
+        for worker in self.workers.values():
+            while True:
+                try:
+                    lines = worker.channel.recv(4096).decode(errors="replace").splitlines()
+                except BlockingIOError:
+                    break
+                if "READY=1" in lines:
+                    worker.ready = True
+                if "RELOADING=1" in lines or "STOPPING=1" in lines:
+                    worker.ready = False
+                if "WATCHDOG=1" in lines:
+                    worker.last_ping = time.monotonic()
+
+    def reap(self, notifier: Notifier) -> None:
+        """Collect dead workers and plan their restart."""
+        while self.workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            worker.channel.close()
+            lived = time.monotonic() - worker.started
+            wait = min(MAX_BACKOFF, self.backoff.get(worker.slot, 0.05) * 2) if lived < YOUNG else 0.1
+            self.backoff[worker.slot] = wait
+            self.restarts[worker.slot] = time.monotonic() + wait
+            logger.error("worker %d (pid %d) %s; restarting in %.1fs", worker.slot, pid, _describe(status), wait)
+            notifier.status(f"worker {worker.slot} died, restarting")
+
+    def stop(self, notifier: Notifier) -> int:
+        """Forward SIGTERM and wait for every worker to finish its requests in flight."""
+        notifier.stopping()
+        logger.info("stopping %d workers", len(self.workers))
+        for worker in self.workers.values():
+            os.kill(worker.pid, signal.SIGTERM)
+        clean = True
+        for pid, worker in list(self.workers.items()):
+            _, status = os.waitpid(pid, 0)
+            worker.channel.close()
+            if os.waitstatus_to_exitcode(status) != 0:
+                logger.error("worker %d (pid %d) %s", worker.slot, pid, _describe(status))
+                clean = False
+        self.workers.clear()
+        return 0 if clean else 1
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel send us SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), Linux only."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _work(
+    config: Config, listeners: Sequence[Listener], channel: socket.socket, watchdog: float | None, parent: int
+) -> NoReturn:
+    """A worker's life: serve like a single process, report to the parent, never return."""
+    # Our own process group: a terminal's Ctrl-C or a group kill reaches the parent only, which
+    # forwards one SIGTERM (a second one would kill a worker that is finishing its requests).
+    os.setpgid(0, 0)
+    _die_with_parent(parent)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    status = 0
+    try:
+        asyncio.run(serve(config, listeners, Notifier(sock=channel), watchdog))
+    except BaseException:
+        logger.exception("worker %d failed", os.getpid())
+        status = 1
+    finally:
+        logging.shutdown()
+        os._exit(status)  # never run the parent's cleanup (or a test runner's) in the child
+
+
+def run(config: Config) -> int:
+    """Open the sockets, run ``config.settings.workers`` workers on them; the exit status."""
+    listeners = open_listeners(config)
+    notifier = Notifier.from_env()
+    watchdog = systemd.watchdog_interval()
+    # The parent speaks to systemd for the group; the workers must not believe it is theirs.
+    for variable in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(variable, None)
+    # Blocked here and unblocked in each worker: no signal is lost between fork and serve.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        return Supervisor(config, listeners, config.settings.workers, watchdog).run(notifier)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        close_listeners(listeners)

@@ -1,0 +1,229 @@
+"""Behind a TLS proxy: forwarded headers believed from trusted peers only; a real nginx in front."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aioserver import load_config
+from aioserver.errors import ConfigError
+from conftest import TESTS, TOKEN, TOKEN_HASH, ClientFactory, PemFiles, Server, free_port
+
+CLIENT = "extensions: [sample_plugins.add_client]\nserver: {trusted_proxies: '%s'}\n"
+
+
+@pytest.mark.parametrize(
+    ("trusted", "headers", "seen"),
+    [
+        # From a trusted peer, the client and scheme it reports.
+        ("127.0.0.1", {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}, ("203.0.113.7", "https")),
+        ("127.0.0.0/8", {"X-Forwarded-For": "203.0.113.7"}, ("203.0.113.7", "http")),
+        # A chain: the rightmost address that is not a trusted proxy is the client.
+        ("127.0.0.1,10.0.0.0/8", {"X-Forwarded-For": "198.51.100.1, 203.0.113.7, 10.1.2.3"}, ("203.0.113.7", "http")),
+        ("127.0.0.1", {"Forwarded": "for=203.0.113.7;proto=https"}, ("203.0.113.7", "https")),
+        ("127.0.0.1,10.0.0.0/8", {"Forwarded": "for=198.51.100.1, for=203.0.113.7, for=10.1.2.3"}, ("203.0.113.7", "http")),
+        ("127.0.0.1", {}, ("127.0.0.1", "http")),
+        # From anyone else, ignored.
+        ("", {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}, ("127.0.0.1", "http")),
+        ("10.0.0.0/8", {"X-Forwarded-For": "203.0.113.7"}, ("127.0.0.1", "http")),
+        ("10.0.0.0/8", {"Forwarded": "for=203.0.113.7;proto=https"}, ("127.0.0.1", "http")),
+    ],
+)
+async def test_forwarded_headers_believed_from_trusted_peers_only(
+    make_client: ClientFactory, trusted: str, headers: dict[str, str], seen: tuple[str, str]
+) -> None:
+    client = await make_client(CLIENT % trusted)
+    response = await client.get("/client", headers=headers)
+    body = await response.json()
+    assert (body["remote"], body["scheme"]) == seen
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Forwarded-For": "not-an-address"},
+        {"X-Forwarded-For": ["203.0.113.7", "203.0.113.8"]},  # two headers: which one is nginx's?
+    ],
+)
+async def test_malformed_forwarded_headers_from_a_trusted_peer_are_400(
+    make_client: ClientFactory, headers: dict[str, object]
+) -> None:
+    client = await make_client(CLIENT % "127.0.0.1")
+    values = headers["X-Forwarded-For"]
+    pairs = [("X-Forwarded-For", v) for v in (values if isinstance(values, list) else [values])]
+    response = await client.get("/client", headers=pairs)
+    assert response.status == 400
+    assert response.content_type == "application/json"
+
+
+async def test_auth_throttle_keys_on_the_real_client(make_client: ClientFactory) -> None:
+    client = await make_client(CLIENT % "127.0.0.1", env={"TOKEN": TOKEN_HASH})
+    wrong = {"Authorization": "Bearer wrong", "X-Forwarded-For": "203.0.113.7"}
+    statuses = [(await client.get("/client", headers=wrong)).status for _ in range(11)]
+    assert statuses == [401] * 10 + [429]
+    # Another client behind the same proxy is not locked out with the first.
+    other = await client.get("/client", headers={"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.8"})
+    assert other.status == 200 and (await other.json())["remote"] == "203.0.113.8"
+
+
+@pytest.mark.parametrize(
+    ("server", "status"),
+    [
+        ("{host: 0.0.0.0}", "refused"),
+        ("{host: 0.0.0.0, trusted_proxies: 10.0.0.5}", "ok"),  # the proxy terminates TLS
+        ("{host: 0.0.0.0, uds: /run/aioserver.sock}", "ok"),  # only a local proxy reaches it
+        ("{host: 0.0.0.0, allow_insecure_http: true}", "ok"),
+    ],
+)
+def test_clear_text_guard_accepts_a_proxy_setup(server: str, status: str) -> None:
+    text = f"server: {server}\n"
+    if status == "refused":
+        with pytest.raises(ConfigError, match="tokens would travel in clear text on 0.0.0.0"):
+            load_config(text, env={"TOKEN": TOKEN_HASH})
+    else:
+        assert load_config(text, env={"TOKEN": TOKEN_HASH}).tokens
+
+
+def test_trusted_proxies_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config("server: {trusted_proxies: [127.0.0.1, 10.0.0.1/8]}")
+    assert str(error.value) == (
+        "<inline config>: server.trusted_proxies: expected an IP address or CIDR network, got '10.0.0.1/8'"
+    )
+
+
+# -- a real nginx in front of a real aioserver
+
+
+def nginx_config(prefix: Path, port: int, upstream: str, pem_files: PemFiles) -> Path:
+    """conf/nginx.conf as shipped, with only places, ports and files changed for a test."""
+    text = (TESTS.parent / "conf" / "nginx.conf").read_text()
+    changes = {
+        "worker_processes auto;": "worker_processes 1;\ndaemon off;\nmaster_process off;",
+        "pid /run/nginx.pid;": f"pid {prefix}/nginx.pid;",
+        "error_log /var/log/nginx/error.log;": "error_log stderr;",
+        "access_log /var/log/nginx/access.log;": f"access_log {prefix}/access.log;\n"
+        + "".join(f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+        "server unix:/run/aioserver/aioserver.sock;": f"server {upstream};",
+        "listen 80;": f"listen 127.0.0.1:{free_port()};",
+        "listen [::]:80;": "",
+        "listen 443 ssl http2;": f"listen 127.0.0.1:{port} ssl http2;",
+        "listen [::]:443 ssl http2;": "",
+        "/etc/ssl/aioserver/fullchain.pem": str(pem_files.cert),
+        "/etc/ssl/aioserver/privkey.pem": str(pem_files.key),
+    }
+    for old, new in changes.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = prefix / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def nginx(tmp_path: Path, pem_files: PemFiles) -> Iterator[tuple[Path, int]]:
+    """Start nginx with ``start(upstream)``; yields the prefix and its HTTPS port."""
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream: str) -> None:
+        config = nginx_config(prefix, port, upstream, pem_files)
+        processes.append(subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(config), "-e", "stderr"]))
+        deadline = time.monotonic() + 10
+        while not (prefix / "nginx.pid").exists():
+            assert time.monotonic() < deadline and processes[0].poll() is None, "nginx did not start"
+            time.sleep(0.05)
+
+    yield start, port  # type: ignore[misc]
+    for process in processes:
+        process.send_signal(signal.SIGQUIT)  # nginx's graceful stop
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def request(
+    port: int, path: str, *, source: str, headers: dict[str, str], context: ssl.SSLContext | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request from the loopback address ``source`` (a client other than the proxy)."""
+    if context:
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "localhost", port, context=context, timeout=10, source_address=(source, 0)
+        )
+    else:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        body = json.dumps({"name": "echo", "elements": ["hi"]}) if path == "/workflow" else None
+        connection.request("POST" if body else "GET", path, body, headers)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def wait_for_line(server: Server, pattern: str) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for line in server.log:
+            if re.search(pattern, line):
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern!r} in:\n" + "".join(server.log))
+
+
+@pytest.mark.parametrize("upstream", ["uds", "loopback"])
+def test_through_nginx(upstream: str, nginx, tmp_path: Path, client_ssl_ctx: ssl.SSLContext) -> None:  # type: ignore[no-untyped-def]
+    start_nginx, port = nginx
+    env = {"TOKEN": TOKEN_HASH}
+    if upstream == "uds":
+        uds = tmp_path / "aioserver.sock"
+        server = Server("--uds", str(uds), env=env, pattern=r"serving on http\+unix://")
+        target = f"unix:{uds}"
+    else:
+        server = Server("--trusted-proxies", "127.0.0.1", env=env)
+        target = f"127.0.0.1:{server.port}"
+    with server:
+        start_nginx(target)
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        status, headers, body = request(port, "/workflow", source="127.0.0.2", headers=bearer, context=client_ssl_ctx)
+        assert (status, body) == (200, b'["hi"]')
+        assert headers["strict-transport-security"] == "max-age=63072000"  # nginx's
+        # aioserver's access log names the real client (not nginx's 127.0.0.1) and https.
+        assert wait_for_line(server, r'"POST /workflow HTTP/1.1" 200').split(" INFO aiohttp.access: ")[1].startswith(
+            '127.0.0.2 https "POST /workflow HTTP/1.1" 200'
+        )
+        # A client's own X-Forwarded-For through nginx changes nothing: nginx states what it saw.
+        spoof = {**bearer, "X-Forwarded-For": "203.0.113.9", "Forwarded": "for=203.0.113.9"}
+        status, _, _ = request(port, "/health", source="127.0.0.3", headers=spoof, context=client_ssl_ctx)
+        assert status == 200
+        wait_for_line(server, r'127\.0\.0\.3 https "GET /health')
+        # The throttle counts failures per real client, not per proxy.
+        wrong = {"Authorization": "Bearer wrong"}
+        statuses = [request(port, "/workflow", source="127.0.0.4", headers=wrong, context=client_ssl_ctx)[0] for _ in range(11)]
+        assert statuses == [401] * 10 + [429]
+        assert request(port, "/workflow", source="127.0.0.5", headers=bearer, context=client_ssl_ctx)[0] == 200
+        if upstream == "loopback":
+            # Straight to aioserver, not through nginx: the spoofed headers are not believed.
+            status, _, _ = request(server.port, "/health", source="127.0.0.6", headers=spoof)
+            assert status == 200
+            wait_for_line(server, r'127\.0\.0\.6 http "GET /health')
+        server.process.terminate()
+        assert server.process.wait(timeout=10) == 0
+    log = "".join(server.log)
+    assert "203.0.113.9" not in log
+    if upstream == "uds":
+        assert not os.path.exists(tmp_path / "aioserver.sock")  # removed on exit
