@@ -136,13 +136,13 @@ def rows(
     return table
 
 
-HEADERS = ("mode", "stack", "pinning", "req/s", "p50 ms", "p99 ms", "× ref", "runs", "non-2xx", "note")
+HEADERS = ("mode", "stack", "pinning", "req/s", "p50 ms", "p99 ms", "× ref", "runs", "non-2xx", "sock err", "note")
 
 
 def _cells(row: Row) -> tuple[str, ...]:
     s = row.summary
     if s is None:
-        measured = ("-", "-", "-", "-", "0", "-")
+        measured = ("-", "-", "-", "-", "0", "-", "-")
     else:
         measured = (
             f"{s.rate:,.0f}",
@@ -151,12 +151,13 @@ def _cells(row: Row) -> tuple[str, ...]:
             "-" if row.ratio is None else f"{row.ratio:.2f}",
             str(s.runs),
             str(s.bad_status),
+            str(s.socket_errors),
         )
     return (row.mode, row.stack, row.pinning, *measured, row.note)
 
 
 def _numeric(column: int) -> bool:
-    return 3 <= column <= 8
+    return 3 <= column <= 9
 
 
 def text_table(table: Sequence[Row]) -> str:

@@ -103,7 +103,7 @@ class Mode:
 MODES = (
     Mode("http", "HTTP keep-alive", "http", False),
     Mode("https", "HTTPS keep-alive", "https", False),
-    Mode("https-close", "HTTPS new connection per request (handshakes/s)", "https", True),
+    Mode("https-close", "HTTPS conn/request (handshakes/s)", "https", True),
 )
 
 

@@ -146,11 +146,11 @@ def test_text_table_aligns_columns_and_shows_missing_cells() -> None:
     table = report.rows(RESULTS, [("https", "HTTPS keep-alive")], STACKS)
     lines = report.text_table(table).splitlines()
     assert lines[0].split() == ["mode", "stack", "pinning", "req/s", "p50", "ms", "p99", "ms", "×", "ref", "runs",
-                                "non-2xx", "note"]
+                                "non-2xx", "sock", "err", "note"]
     assert len(lines) == 1 + len(STACKS)
     txtai = lines[1]
     assert "1,400" in txtai and "0.28" in txtai
-    assert lines[2].split()[-6:] == ["-", "-", "-", "-", "0", "-"]  # nginx: not measured
+    assert lines[2].split()[-7:] == ["-", "-", "-", "-", "0", "-", "-"]  # nginx: not measured
     # right-aligned numbers: the req/s column ends at the same place on every line
     end = lines[0].index("req/s") + len("req/s")
     assert all(line[end - 1] != " " for line in lines[1:])
@@ -160,7 +160,7 @@ def test_markdown_table_has_a_row_per_stack_and_escapes_pipes() -> None:
     table = report.rows(RESULTS, [("https", "HTTPS")], STACKS, {("https", "txtai"): "a|b"})
     lines = report.markdown_table(table).splitlines()
     assert lines[0].startswith("| mode | stack |")
-    assert lines[1].count("---:") == 6
+    assert lines[1].count("---:") == 7
     assert len(lines) == 2 + len(STACKS)
     assert "a\\|b" in lines[2]
 
