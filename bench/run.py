@@ -328,11 +328,12 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 problems.append(f"{stack_key} {mode_key}: {bad} answers were not 2xx; its rate is not comparable")
     except KeyboardInterrupt:
         print("bench: interrupted; stopping every server", file=sys.stderr)
+        processes.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
         return 130
     finally:
-        processes.stop_all()
-        for secret in ("server.key",):
-            (work / secret).unlink(missing_ok=True)
+        processes.stop_all()  # a no-op when already stopped
+        (work / "server.key").unlink(missing_ok=True)
 
     def pinning(stack: st.Stack) -> str:
         if stack.pinned and pin:
