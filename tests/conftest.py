@@ -77,7 +77,17 @@ class Server:
         assert self.process.stderr is not None
         self.process.stderr.close()
 
-    def _wait_for_port(self) -> int:
+    def _wait_for_port(self, timeout: float = 30) -> int:
+        assert self.process.stderr is not None
+        # A server that never says it serves is killed, so that the test fails instead of hanging.
+        watchdog = threading.Timer(timeout, self.process.kill)
+        watchdog.start()
+        try:
+            return self._read_ports()
+        finally:
+            watchdog.cancel()
+
+    def _read_ports(self) -> int:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.log.append(line)
@@ -88,7 +98,7 @@ class Server:
                 self._drainer.start()
                 return self.ports[0]
         self.__exit__()
-        raise AssertionError("server exited early:\n" + "".join(self.log))
+        raise AssertionError("server exited or hung before serving:\n" + "".join(self.log))
 
     def _drain(self) -> None:
         assert self.process.stderr is not None
