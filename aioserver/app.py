@@ -28,8 +28,10 @@ def create_app(config: Config) -> web.Application:
     # 3. auth_middleware decides before any routing outcome is revealed (an unknown path
     #    without a token is 401, not 404);
     # 4. the user's dependencies run only for authorized requests.
-    proxies = TrustedProxies(config.settings.trusted_proxies)
-    middlewares = [error_middleware, proxies.middleware(), auth_middleware(tokens, FailureThrottle())]
+    middlewares = [error_middleware]
+    if config.proxied:
+        middlewares.append(TrustedProxies(config.settings.trusted_proxies).middleware())
+    middlewares.append(auth_middleware(tokens, FailureThrottle()))
     if config.dependencies:
         middlewares.append(dependencies_middleware(config.dependencies))
     app = web.Application(middlewares=middlewares, client_max_size=config.settings.max_body_size)

@@ -166,7 +166,7 @@ class FailureThrottle:
         self._failures.pop(client, None)
 
     def __len__(self) -> int:
-        return len(self._failures)
+        return len(self._failures)  # also: a throttle is false while nobody has failed
 
 
 def _challenge(cls: type[web.HTTPException], message: str, error: str | None) -> web.HTTPException:
@@ -184,8 +184,9 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not store.tokens or (request.path in OPEN_PATHS and request.method == "GET"):
             return await handler(request)
-        client = throttle.client_key(request.remote)
-        wait = throttle.retry_after(client)
+        # Keyed only while someone has failed: parsing the address costs on every request.
+        client = throttle.client_key(request.remote) if throttle else None
+        wait = throttle.retry_after(client) if client is not None else 0
         if wait:
             raise http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
 
@@ -198,13 +199,14 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
             raise _challenge(web.HTTPUnauthorized, "authorization required: Bearer token", None)
         bearer = _BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
         if bearer is None:
-            throttle.failed(client)
+            throttle.failed(client or throttle.client_key(request.remote))
             raise _challenge(web.HTTPBadRequest, "malformed Authorization header", "invalid_request")
         token = store.match(bearer.group(1))
         if token is None:
-            throttle.failed(client)
+            throttle.failed(client or throttle.client_key(request.remote))
             raise _challenge(web.HTTPUnauthorized, "invalid token", "invalid_token")
-        throttle.succeeded(client)
+        if client is not None:
+            throttle.succeeded(client)
         request[IDENTITY] = token
         return await handler(request)
 

@@ -20,6 +20,7 @@ from .config import Config, load_config
 from .errors import ConfigError, StartupError
 from .logs import configure_logging
 from .options import OPTIONS
+from .server import run as run_server
 from .server import serve
 
 
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         if config.settings.workers > 1:
             return workers.run(config)
-        asyncio.run(serve(config))
+        run_server(serve(config))
     except StartupError as exc:
         print(f"aioserver: error: {exc}", file=sys.stderr)
         return 1

@@ -47,6 +47,8 @@ class Config:
     dependencies: tuple[plugins.Plugin, ...] = ()
     extensions: tuple[plugins.Plugin, ...] = ()
     safeopen: SafeOpen = field(default_factory=SafeOpen)  # what workflows may open
+    # Whether a TLS proxy may stand in front: trusted_proxies, --uds or an activated Unix socket.
+    proxied: bool = False
 
 
 def read_document(location: str | None) -> tuple[dict[str, Any], str]:
@@ -122,6 +124,8 @@ def build_config(
         tls=tls,
         dependencies=plugins.load_plugins("dependencies", document, env, source),
         extensions=plugins.load_plugins("extensions", document, env, source),
+        proxied=bool(settings.trusted_proxies or settings.uds)
+        or any(family == socket.AF_UNIX for family, _ in systemd.activated_addresses(env)),
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from aiohttp import web
@@ -36,28 +35,54 @@ OVERLOADED = (
 )
 
 
-@dataclass(slots=True)
 class WorkflowLimits:
-    """Counts running workflows and bounds their time."""
+    """Counts running workflows and bounds their time.
 
-    concurrency: int
-    timeout: float
-    running: int = field(default=0, init=False)
+    One sweeper, run every quarter of the time limit (at most every second) while workflows
+    run, cancels those past their deadline: cheaper per request than a timer each, and a
+    time limit of seconds needs no finer grain.
+    """
+
+    def __init__(self, concurrency: int, timeout: float) -> None:
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.running = 0
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._interval = min(1.0, timeout / 4)
 
     async def run(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work()`` within the limits; raise 503 or 504 as HTTP errors."""
         if self.running >= self.concurrency:
             raise http_error(web.HTTPServiceUnavailable, "too many workflows running, retry later", **{"Retry-After": "1"})
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        self._deadlines[task] = loop.time() + self.timeout
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._interval, self._sweep)
         self.running += 1
         try:
-            async with asyncio.timeout(self.timeout) as deadline:
-                return await work()
-        except TimeoutError:
-            if deadline.expired():
-                raise http_error(web.HTTPGatewayTimeout, f"the workflow took longer than {self.timeout:g}s") from None
-            raise
+            return await work()
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            task.uncancel()
+            raise http_error(web.HTTPGatewayTimeout, f"the workflow took longer than {self.timeout:g}s") from None
         finally:
             self.running -= 1
+            del self._deadlines[task]
+            self._expired.discard(task)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for task, deadline in self._deadlines.items():
+            if deadline <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        self._sweeper = loop.call_later(self._interval, self._sweep) if self._deadlines else None
 
 
 async def read_body(request: web.Request, timeout: float) -> bytes:
@@ -65,6 +90,8 @@ async def read_body(request: web.Request, timeout: float) -> bytes:
     declared = request.content_length
     if declared is not None and declared > request.client_max_size:
         raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=declared)
+    if request.content.is_eof():  # the whole body came with the head: nothing to wait for
+        return await request.read()
     try:
         async with asyncio.timeout(timeout):
             return await request.read()  # raises 413 itself once past client_max_size

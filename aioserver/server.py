@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -17,13 +18,25 @@ from .keys import TOKENS
 from .limits import LimitedRunner
 from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners
 from .listeners import close as close_listeners
-from .logs import AccessLogger
+from .logs import AccessLogger, flush_access_log
 from .systemd import Notifier
 from .tls import TLSError
 
 logger = logging.getLogger("aioserver")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` to completion on uvloop when installed (the ``speed`` extra), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        factory = None
+    else:
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 async def serve(
@@ -72,6 +85,7 @@ async def serve(
             pinging.cancel()
         for runner in reversed(runners):
             await runner.cleanup()
+        flush_access_log()
         if owned:
             close_listeners(sockets)
     logger.info("stopped")

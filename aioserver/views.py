@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
+from . import jsoncodec
 from .auth import check_scope
 from .errors import http_error
 from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
@@ -30,15 +30,15 @@ async def run_workflow(request: web.Request) -> web.Response:
         raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
     results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
     try:
-        body = json.dumps(results)
+        body = jsoncodec.dumps(results)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"workflow {name!r} returned a result that is not JSON-serializable: {exc}") from None
-    return web.Response(text=body, content_type="application/json")
+    return web.Response(body=body, content_type="application/json")
 
 
 def _parse_body(raw: bytes) -> tuple[str, list[Any]]:
     try:
-        body = json.loads(raw)
+        body = jsoncodec.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
     if not isinstance(body, dict):

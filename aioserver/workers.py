@@ -27,6 +27,7 @@ from . import systemd
 from .config import Config
 from .listeners import Listener, open_listeners
 from .listeners import close as close_listeners
+from .server import run as run_server
 from .server import serve
 from .systemd import Notifier
 
@@ -184,7 +185,7 @@ def _work(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     status = 0
     try:
-        asyncio.run(serve(config, listeners, Notifier(sock=channel), watchdog))
+        run_server(serve(config, listeners, Notifier(sock=channel), watchdog))
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
         status = 1
