@@ -14,7 +14,9 @@ from .plugins import dependencies_middleware
 from .proxy import TrustedProxies
 from .workflow.runtime import setup_workflow_runtime
 
-# RFC 6797: two years, as Mozilla's guidelines; sent on HTTPS responses only.
+# On every answer: our name, not aiohttp's (which gives its version away), and no sniffing.
+HEADERS = {"Server": "aioserver", "X-Content-Type-Options": "nosniff"}
+# RFC 6797: two years, as Mozilla's guidelines; sent on HTTPS answers only.
 HSTS = "max-age=63072000"
 
 
@@ -22,13 +24,15 @@ def create_app(config: Config) -> web.Application:
     """Build the aiohttp application for a resolved config; reads no argv, environment or file."""
     tokens = TokenStore(config.tokens)
     # Middleware order, outermost first:
-    # 1. error_middleware renders every error raised inside it as JSON, so it wraps all else;
+    # 1. error_middleware renders every error raised inside it as JSON and adds the headers
+    #    every answer carries, so it wraps all else;
     # 2. the proxy middleware swaps in the client and scheme a trusted proxy reports, so that
     #    the auth throttle, the handlers and the access log see the real client;
     # 3. auth_middleware decides before any routing outcome is revealed (an unknown path
     #    without a token is 401, not 404);
     # 4. the user's dependencies run only for authorized requests.
-    middlewares = [error_middleware]
+    headers = {**HEADERS, "Strict-Transport-Security": HSTS} if config.tls else HEADERS
+    middlewares = [error_middleware(headers)]
     if config.proxied:
         middlewares.append(TrustedProxies(config.settings.trusted_proxies).middleware())
     middlewares.append(auth_middleware(tokens, FailureThrottle()))
@@ -39,20 +43,9 @@ def create_app(config: Config) -> web.Application:
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
-    app.on_response_prepare.append(_secure_headers if config.tls else _headers)
     setup_workflow_runtime(app)
     app.router.add_get("/health", views.health, allow_head=False)
     app.router.add_post("/workflow", views.run_workflow)
     for extension in config.extensions:
         extension(app)
     return app
-
-
-async def _headers(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = "aioserver"  # not aiohttp's, which names its version
-    response.headers["X-Content-Type-Options"] = "nosniff"
-
-
-async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
-    await _headers(request, response)
-    response.headers["Strict-Transport-Security"] = HSTS

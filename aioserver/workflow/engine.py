@@ -88,6 +88,8 @@ class Task:
     finalize: Callable[[], Any] | None = None
 
     async def __call__(self, elements: list[Any], runtime: Runtime | None = None) -> list[Any]:
+        if self._takes_all(elements):  # the common case, without the bookkeeping below
+            return await self.actions[0](elements, self.args, self.kwargs, runtime, self.concurrency)
         chosen = [i for i, element in enumerate(elements) if self._accepts(self._unpacked(element))]
         data = [self._unpacked(elements[i]) for i in chosen]
         if self.prepare is not None:
@@ -101,6 +103,17 @@ class Task:
         for i, results in zip(chosen, outputs):
             slots[i] = [self._repacked(elements[i], result) for result in results]
         return [item for slot in slots for item in slot]
+
+    def _takes_all(self, elements: list[Any]) -> bool:
+        """Whether one action takes every element as it is, in one call."""
+        return (
+            len(self.actions) == 1
+            and self.accept is None
+            and self.prepare is None
+            and not self.select
+            and (self.batch is None or len(elements) <= self.batch)
+            and not (self.unpack and any(map(_is_document, elements)))
+        )
 
     def _accepts(self, element: Any) -> bool:
         if self.accept is not None and not self.accept(element):
