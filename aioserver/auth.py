@@ -235,7 +235,9 @@ class TokenSources:
                 with open(path, encoding="utf-8") as file:
                     text = file.read()
             except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigError(path, None, f"cannot read token file: {getattr(exc, 'strerror', None) or exc}") from None
+                raise ConfigError(
+                    path, None, f"cannot read token file: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
             found = parse_token_file(text, path)
             if not found:
                 raise ConfigError(path, None, "the token file holds no token")

@@ -7,7 +7,6 @@ valid ``--check``), 2 for a usage or configuration error, 1 for a runtime failur
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -42,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         env = f" (env {option.env})" if option.env else ""
         if option.switch:
             parser.add_argument(
-                option.flag, dest=option.name, action="store_const", const=True, default=argparse.SUPPRESS,
+                option.flag,
+                dest=option.name,
+                action="store_const",
+                const=True,
+                default=argparse.SUPPRESS,
                 help=option.help,
             )
             continue

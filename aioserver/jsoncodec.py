@@ -12,7 +12,7 @@ from typing import Any
 try:
     import orjson
 except ImportError:  # pragma: no cover - exercised where the speed extra is absent
-    orjson = None
+    orjson = None  # type: ignore[assignment]
 
 
 def loads(raw: bytes) -> Any:

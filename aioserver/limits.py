@@ -55,7 +55,9 @@ class WorkflowLimits:
     async def run(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work()`` within the limits; raise 503 or 504 as HTTP errors."""
         if self.running >= self.concurrency:
-            raise http_error(web.HTTPServiceUnavailable, "too many workflows running, retry later", **{"Retry-After": "1"})
+            raise http_error(
+                web.HTTPServiceUnavailable, "too many workflows running, retry later", **{"Retry-After": "1"}
+            )
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -108,7 +110,6 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
-
 class _RequestHandler(RequestHandler):
     """aiohttp's protocol, answering a request that is not valid HTTP with a JSON 400.
 
@@ -154,7 +155,7 @@ class _ConnectionLimit:
         if not self._at_limit:  # once per episode, not once per refused connection
             self._at_limit = True
             logger.warning("connection limit reached: %d open, refusing new ones", self._max_connections)
-        return _Refuse()  # type: ignore[return-value]
+        return _Refuse()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)

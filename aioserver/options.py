@@ -123,7 +123,12 @@ def _option(
     flag_only: bool = False,
 ) -> Any:
     spec = {
-        "default": default, "parse": parse, "help": help, "env": env, "key": key, "metavar": metavar,
+        "default": default,
+        "parse": parse,
+        "help": help,
+        "env": env,
+        "key": key,
+        "metavar": metavar,
         "switch": flag_only,
     }
     return field(default=default, metadata={"option": spec})
@@ -136,7 +141,12 @@ class Settings:
     host: str = _option("127.0.0.1", host_name, "address to bind", env="HOST", metavar="HOST")
     port: int = _option(8000, port_number, "TCP port to bind", env="PORT", metavar="PORT")
     ssl_certfile: str | None = _option(
-        None, file_path, "serve HTTPS with this PEM certificate (chain)", env="SSL_CERTFILE", key="ssl.certfile", metavar="PATH"
+        None,
+        file_path,
+        "serve HTTPS with this PEM certificate (chain)",
+        env="SSL_CERTFILE",
+        key="ssl.certfile",
+        metavar="PATH",
     )
     ssl_keyfile: str | None = _option(
         None, file_path, "the certificate's private key (PEM)", env="SSL_KEYFILE", key="ssl.keyfile", metavar="PATH"
@@ -146,12 +156,20 @@ class Settings:
         None, file_path, "file holding the key's password", key="ssl.keyfile_password_file", metavar="PATH"
     )
     ssl_ca_certs: str | None = _option(
-        None, file_path, "verify client certificates against these CAs (mTLS)", env="SSL_CA_CERTS", key="ssl.ca_certs",
+        None,
+        file_path,
+        "verify client certificates against these CAs (mTLS)",
+        env="SSL_CA_CERTS",
+        key="ssl.ca_certs",
         metavar="PATH",
     )
     ssl_cert_reqs: str | None = _option(
-        None, cert_reqs, "client certificates: none, optional or required (required when a CA is given)",
-        env="SSL_CERT_REQS", key="ssl.cert_reqs", metavar="MODE",
+        None,
+        cert_reqs,
+        "client certificates: none, optional or required (required when a CA is given)",
+        env="SSL_CERT_REQS",
+        key="ssl.cert_reqs",
+        metavar="MODE",
     )
     redirect_http: int | None = _option(
         None, port_number, "also listen on this plain-HTTP port, answering 308 to HTTPS", metavar="PORT"
@@ -160,10 +178,15 @@ class Settings:
         False, boolean, "allow tokens over plain HTTP on a non-loopback address", flag_only=True
     )
     # Deployment (issue 4): a Unix socket for a local proxy, the proxies believed, worker processes.
-    uds: str | None = _option(None, file_path, "listen on this Unix socket instead of host/port, for a local proxy", metavar="PATH")
+    uds: str | None = _option(
+        None, file_path, "listen on this Unix socket instead of host/port, for a local proxy", metavar="PATH"
+    )
     trusted_proxies: tuple[str, ...] = _option(
-        (), parse_trusted, "believe X-Forwarded-*/Forwarded from these addresses/CIDRs (comma-separated)",
-        env="TRUSTED_PROXIES", metavar="LIST",
+        (),
+        parse_trusted,
+        "believe X-Forwarded-*/Forwarded from these addresses/CIDRs (comma-separated)",
+        env="TRUSTED_PROXIES",
+        metavar="LIST",
     )
     workers: int = _option(1, positive_int, "worker processes serving the same sockets", env="WORKERS", metavar="N")
     max_body_size: int = _option(
@@ -176,14 +199,20 @@ class Settings:
         1000, positive_int, "open connections per process; beyond, new ones get 503 and are closed", metavar="N"
     )
     timeout_workflow: float = _option(
-        300.0, positive_float, "a workflow running longer is cancelled (async) or abandoned (sync): 504",
+        300.0,
+        positive_float,
+        "a workflow running longer is cancelled (async) or abandoned (sync): 504",
         metavar="SECONDS",
     )
     timeout_request_body: float = _option(
         30.0, positive_float, "a request body not received within this time: 408", metavar="SECONDS"
     )
-    max_line_size: int = _option(8190, positive_int, "longest request line, in bytes (aiohttp's default)", metavar="BYTES")
-    max_field_size: int = _option(8190, positive_int, "longest header field, in bytes (aiohttp's default)", metavar="BYTES")
+    max_line_size: int = _option(
+        8190, positive_int, "longest request line, in bytes (aiohttp's default)", metavar="BYTES"
+    )
+    max_field_size: int = _option(
+        8190, positive_int, "longest header field, in bytes (aiohttp's default)", metavar="BYTES"
+    )
     max_headers: int = _option(128, positive_int, "most header fields in a request (aiohttp's default)", metavar="N")
     timeout_keep_alive: float = _option(
         15.0,
@@ -262,4 +291,3 @@ def resolve_settings(
             raise ConfigError(where, key, str(exc)) from None
         origins[option.name] = Origin(where, key)
     return Settings(**values), origins
-

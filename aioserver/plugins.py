@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from .auth import OPEN_PATHS
 from .errors import ConfigError
@@ -25,6 +25,7 @@ Plugin = Callable[..., Any]
 def load_plugins(kind: str, document: Mapping[str, Any], env: Mapping[str, str], source: str) -> tuple[Plugin, ...]:
     """The ``kind`` plugins ("dependencies" or "extensions"): the environment's, else the config's."""
     variable = kind.upper()
+    value: Any
     if env.get(variable, "").strip():
         where, key, value = "environment", variable, env[variable]
     else:
@@ -45,10 +46,10 @@ def _load(path: str, where: str, key: str) -> Plugin:
         raise ConfigError(where, key, f"cannot load {path!r}: {type(exc).__name__}: {exc}") from None
     if not callable(plugin):
         raise ConfigError(where, key, f"{path!r} is not callable")
-    return plugin
+    return cast(Plugin, plugin)
 
 
-def dependencies_middleware(dependencies: tuple[Plugin, ...]) -> web.Middleware:
+def dependencies_middleware(dependencies: tuple[Plugin, ...]) -> Middleware:
     """Run every dependency on each request but the open ones, after authorization."""
 
     @web.middleware

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 logger = logging.getLogger("aioserver.systemd")
 
@@ -120,10 +121,10 @@ def _activated_fds(env: Mapping[str, str]) -> list[tuple[int, str]]:
     ]
 
 
-def activated_addresses(env: Mapping[str, str] | None = None) -> list[tuple[int, object]]:
+def activated_addresses(env: Mapping[str, str] | None = None) -> list[tuple[int, Any]]:
     """``(family, address)`` of each socket passed to us, looked at without taking them."""
     env = os.environ if env is None else env
-    found = []
+    found: list[tuple[int, Any]] = []
     for fd, _ in _activated_fds(env):
         try:
             sock = socket.socket(fileno=fd)

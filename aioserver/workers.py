@@ -12,7 +12,6 @@ signals with ``sigtimedwait``.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import os

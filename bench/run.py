@@ -117,14 +117,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(m.key for m in MODES), help="comma-separated subset of modes")
     parser.add_argument("--stacks", default=None, help="comma-separated subset of stacks [all]")
     parser.add_argument("--key-type", choices=("ecdsa", "rsa"), default="ecdsa", help="server key, all stacks [ecdsa]")
-    parser.add_argument("--floor-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
-                        help="event loop of the bare aiohttp app; auto = uvloop when installed [auto]")
+    parser.add_argument(
+        "--floor-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop of the bare aiohttp app; auto = uvloop when installed [auto]",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin servers and wrk to cores")
     parser.add_argument("--markdown", type=Path, help="also write the results as markdown to this file")
-    parser.add_argument("--allow-missing-auth", action="store_true",
-                        help="measure a stack that does not refuse requests without a token (marked in the table)")
-    parser.add_argument("--no-install", action="store_true",
-                        help="use this interpreter as is: no apt-get, no bench/.venv")
+    parser.add_argument(
+        "--allow-missing-auth",
+        action="store_true",
+        help="measure a stack that does not refuse requests without a token (marked in the table)",
+    )
+    parser.add_argument(
+        "--no-install", action="store_true", help="use this interpreter as is: no apt-get, no bench/.venv"
+    )
     args = parser.parse_args(argv)
     if args.repetitions < 3:
         parser.error("--repetitions must be at least 3 (the median of fewer means little)")
@@ -157,8 +165,13 @@ def targets() -> list:  # type: ignore[type-arg]
         Target("aioserver ≥ 3.5× the txtai stack, HTTPS keep-alive", "https", "aioserver", "txtai", 3.5),
         Target("aioserver ≥ 0.9× the bare-aiohttp floor, HTTPS keep-alive", "https", "aioserver", "aiohttp", 0.9),
         Target("aioserver handshakes/s ≥ nginx→uvicorn's", "https-close", "aioserver", "nginx", 1.0),
-        Target("--workers 2 ≥ 1.4× one worker (unpinned), HTTPS keep-alive", "https", "aioserver-w2",
-               "aioserver-unpinned", 1.4),
+        Target(
+            "--workers 2 ≥ 1.4× one worker (unpinned), HTTPS keep-alive",
+            "https",
+            "aioserver-w2",
+            "aioserver-unpinned",
+            1.4,
+        ),
     ]
 
 
@@ -179,11 +192,21 @@ def make_certificate(work: Path, key_type: str) -> tuple[Path, Path, Path]:
     return certfile, keyfile, cafile
 
 
-def run_wrk(wrk: str, url: str, seconds: float, args: argparse.Namespace, token: str, close: bool,
-            cpus: str | None) -> str:
+def run_wrk(
+    wrk: str, url: str, seconds: float, args: argparse.Namespace, token: str, close: bool, cpus: str | None
+) -> str:
     """One wrk run; its standard output."""
-    command = [wrk, "-t1", f"-c{args.connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-               "-s", str(BENCH / "post.lua"), url]
+    command = [
+        wrk,
+        "-t1",
+        f"-c{args.connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(BENCH / "post.lua"),
+        url,
+    ]
     if cpus is not None:
         command = ["taskset", "-c", cpus, *command]
     # The token goes through the environment: never on a command line that ps can show.
@@ -206,7 +229,9 @@ def versions(wrk: str, nginx: str | None) -> str:
             pass
     wrk_version = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split("[")[0].strip()
     nginx_version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip() if nginx else ""
-    return ", ".join([f"Python {platform.python_version()}", *found, wrk_version, nginx_version.replace("nginx version: ", "")])
+    return ", ".join(
+        [f"Python {platform.python_version()}", *found, wrk_version, nginx_version.replace("nginx version: ", "")]
+    )
 
 
 def cpu_model() -> str:
@@ -232,8 +257,11 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     chosen = set(args.stacks.split(",")) if args.stacks else {s.key for s in all_stacks}
     unknown |= chosen - {s.key for s in all_stacks}
     if unknown:
-        print(f"bench: unknown mode or stack: {', '.join(sorted(unknown))}; stacks: "
-              f"{', '.join(s.key for s in all_stacks)}; modes: {', '.join(m.key for m in MODES)}", file=sys.stderr)
+        print(
+            f"bench: unknown mode or stack: {', '.join(sorted(unknown))}; stacks: "
+            f"{', '.join(s.key for s in all_stacks)}; modes: {', '.join(m.key for m in MODES)}",
+            file=sys.stderr,
+        )
         return 2
     stacks = [s for s in all_stacks if s.key in chosen]
 
@@ -255,10 +283,18 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         certfile, keyfile, cafile = make_certificate(work, args.key_type)
         ctx = st.Context(
-            python=sys.executable, processes=processes, work=work, certfile=certfile, keyfile=keyfile,
-            cafile=cafile, token=token, token_hash=hashlib.sha256(token.encode()).hexdigest(),
-            server_cpus=server_cpus, aioserver_flags=st.aioserver_flags(sys.executable),
-            floor_loop=args.floor_loop, nginx=nginx or "nginx",
+            python=sys.executable,
+            processes=processes,
+            work=work,
+            certfile=certfile,
+            keyfile=keyfile,
+            cafile=cafile,
+            token=token,
+            token_hash=hashlib.sha256(token.encode()).hexdigest(),
+            server_cpus=server_cpus,
+            aioserver_flags=st.aioserver_flags(sys.executable),
+            floor_loop=args.floor_loop,
+            nginx=nginx or "nginx",
         )
 
         # Start everything, then wait: start-ups overlap.
@@ -307,7 +343,7 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 order = [s for s in stacks if (mode.key, s.key) in usable]
                 if not order:
                     continue
-                order = order[rep % len(order):] + order[: rep % len(order)]
+                order = order[rep % len(order) :] + order[: rep % len(order)]
                 for stack in order:
                     url = usable[mode.key, stack.key]
                     cpus = wrk_cpus if stack.pinned else None
@@ -319,9 +355,12 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         problems.append(f"{stack.key} {mode.key} round {rep + 1}: {exc}")
                         continue
                     results.setdefault((mode.key, stack.key), []).append(run)
-                    print(f"bench: round {rep + 1}/{args.repetitions} {mode.key:<11} {stack.key:<19} "
-                          f"{run.rate:8,.0f}/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms"
-                          + (f"  non-2xx {run.bad_status}" if run.bad_status else ""), file=sys.stderr)
+                    print(
+                        f"bench: round {rep + 1}/{args.repetitions} {mode.key:<11} {stack.key:<19} "
+                        f"{run.rate:8,.0f}/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms"
+                        + (f"  non-2xx {run.bad_status}" if run.bad_status else ""),
+                        file=sys.stderr,
+                    )
         for (mode_key, stack_key), runs in results.items():
             bad = sum(r.bad_status for r in runs)
             if bad:
@@ -353,9 +392,12 @@ def bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"software: {versions(wrk, nginx)}",
         f"load: wrk -t1 -c{args.connections}, {args.duration:g} s per measurement, {args.repetitions} rounds "
         f"interleaved, medians; POST /workflow echo with the Bearer token; {args.key_type.upper()} certificate",
-        (f"pinning: 'core {server_cpus}' servers (nginx and its uvicorn included) ran under taskset -c "
-         f"{server_cpus} with wrk under taskset -c {wrk_cpus}; 'unpinned' servers and their wrk shared all cores"
-         if pin else "pinning: none (fewer than 2 cores, taskset missing, or --no-pin)"),
+        (
+            f"pinning: 'core {server_cpus}' servers (nginx and its uvicorn included) ran under taskset -c "
+            f"{server_cpus} with wrk under taskset -c {wrk_cpus}; 'unpinned' servers and their wrk shared all cores"
+            if pin
+            else "pinning: none (fewer than 2 cores, taskset missing, or --no-pin)"
+        ),
         "× ref: median req/s over aioserver 1 worker's with the same pinning, same mode, same run",
     ]
     print("\n".join(preamble))

@@ -28,9 +28,25 @@ EXPECTED_ANSWER = ["hello"]
 # Settings of aioserver's (SPEC §1) that must not leak from the caller's environment into the
 # servers, so that every stack runs on the same defaults.
 AIOSERVER_ENV = (
-    "CONFIG", "HOST", "PORT", "SSL_CERTFILE", "SSL_KEYFILE", "SSL_KEYFILE_PASSWORD", "SSL_CA_CERTS",
-    "SSL_CERT_REQS", "TRUSTED_PROXIES", "WORKERS", "LOG_LEVEL", "TOKEN", "TOKEN_FILE", "DEPENDENCIES",
-    "EXTENSIONS", "CREDENTIALS_DIRECTORY", "LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET",
+    "CONFIG",
+    "HOST",
+    "PORT",
+    "SSL_CERTFILE",
+    "SSL_KEYFILE",
+    "SSL_KEYFILE_PASSWORD",
+    "SSL_CA_CERTS",
+    "SSL_CERT_REQS",
+    "TRUSTED_PROXIES",
+    "WORKERS",
+    "LOG_LEVEL",
+    "TOKEN",
+    "TOKEN_FILE",
+    "DEPENDENCIES",
+    "EXTENSIONS",
+    "CREDENTIALS_DIRECTORY",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "NOTIFY_SOCKET",
 )
 
 
@@ -55,8 +71,13 @@ class Processes:
             command = ["taskset", "-c", cpus, *command]
         log = open(self.logs / f"{name}.log", "ab")
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            cwd=self.logs, start_new_session=True,
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.logs,
+            start_new_session=True,
         )
         self._running.append((name, process, log))
         return process
@@ -152,7 +173,16 @@ class Stack:
 def _uvicorn(ctx: Context, name: str, scheme: str, cpus: str | None) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
     command = [
-        ctx.python, "-m", "uvicorn", "txtai_app:app", "--app-dir", str(APPS), "--host", HOST, "--port", str(port),
+        ctx.python,
+        "-m",
+        "uvicorn",
+        "txtai_app:app",
+        "--app-dir",
+        str(APPS),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
     ]
     if scheme == "https":
         command += ["--ssl-certfile", str(ctx.certfile), "--ssl-keyfile", str(ctx.keyfile)]
@@ -212,8 +242,13 @@ def launch_nginx(ctx: Context, scheme: str, cpus: str | None) -> Server:
     conf = prefix / "nginx.conf"
     conf.write_text(
         NGINX_CONF.format(
-            prefix=prefix, host=HOST, upstream=upstream, port=port, ssl=" ssl" if scheme == "https" else "",
-            certfile=ctx.certfile, keyfile=ctx.keyfile,
+            prefix=prefix,
+            host=HOST,
+            upstream=upstream,
+            port=port,
+            ssl=" ssl" if scheme == "https" else "",
+            certfile=ctx.certfile,
+            keyfile=ctx.keyfile,
         )
     )
     # -e: the start-up error log too goes to our prefix, not /var/log/nginx.

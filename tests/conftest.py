@@ -153,10 +153,21 @@ def pem_files(
     tmp_path_factory: pytest.TempPathFactory, tls_certificate_authority: trustme.CA, tls_certificate: trustme.LeafCert
 ) -> PemFiles:
     folder = tmp_path_factory.mktemp("pem")
-    files = PemFiles(*(folder / name for name in (
-        "ca.pem", "cert.pem", "key.pem", "encrypted-key.pem", "password", "client.pem", "other-cert.pem",
-        "other-key.pem",
-    )))
+    files = PemFiles(
+        *(
+            folder / name
+            for name in (
+                "ca.pem",
+                "cert.pem",
+                "key.pem",
+                "encrypted-key.pem",
+                "password",
+                "client.pem",
+                "other-cert.pem",
+                "other-key.pem",
+            )
+        )
+    )
     tls_certificate_authority.cert_pem.write_to_path(files.ca)
     for blob in tls_certificate.cert_chain_pems:
         blob.write_to_path(files.cert, append=True)

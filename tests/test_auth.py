@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 
 import pytest
+
 from aioserver import create_app, load_config
 from aioserver.auth import FailureThrottle, Token, TokenStore, parse_token_file
 from aioserver.errors import ConfigError
 from aioserver.server import reload
+
 from conftest import TOKEN, TOKEN_HASH, ClientFactory
 
 CONFIG = """
@@ -238,7 +240,9 @@ async def test_identity_reaches_handlers(make_client: ClientFactory) -> None:
 
 
 async def test_reload_reads_token_files_again(
-    tmp_path: Path, aiohttp_client, caplog: pytest.LogCaptureFixture  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    aiohttp_client,
+    caplog: pytest.LogCaptureFixture,  # type: ignore[no-untyped-def]
 ) -> None:
     path = tmp_path / "tokens"
     path.write_text(f"{sha('old')} old\n")

@@ -40,7 +40,9 @@ def make_run(rate: float, p50: float = 1.0, p99: float = 2.0, status: int = 0, r
 
 
 def test_parse_wrk_reads_the_result_line_among_wrk_s_report() -> None:
-    output = f"Running 5s test @ https://127.0.0.1:8000\n  1 threads and 64 connections\n{LINE}\nRequests/sec: 5000.00\n"
+    output = (
+        f"Running 5s test @ https://127.0.0.1:8000\n  1 threads and 64 connections\n{LINE}\nRequests/sec: 5000.00\n"
+    )
     run = report.parse_wrk(output)
     assert run.requests == 25000
     assert run.duration_s == 5.0
@@ -57,10 +59,13 @@ def test_parse_wrk_reads_the_result_line_among_wrk_s_report() -> None:
         (f"{LINE}\n{LINE}\n", "found 2"),
         ("BENCH_RESULT {not json}", "malformed"),
         ('BENCH_RESULT {"requests": 1, "duration_us": 10}', "malformed"),
-        ('BENCH_RESULT {"requests": "many", "duration_us": 1, "p50_us": 1, "p99_us": 1, '
-         '"connect": 0, "read": 0, "write": 0, "timeout": 0, "status": 0}', "malformed"),
+        (
+            'BENCH_RESULT {"requests": "many", "duration_us": 1, "p50_us": 1, "p99_us": 1, '
+            '"connect": 0, "read": 0, "write": 0, "timeout": 0, "status": 0}',
+            "malformed",
+        ),
         (LINE.replace('"duration_us": 5000000', '"duration_us": 0'), "impossible"),
-        ("  BENCH_RESULT " + LINE[len("BENCH_RESULT "):], "found 0"),  # only at the start of a line
+        ("  BENCH_RESULT " + LINE[len("BENCH_RESULT ") :], "found 0"),  # only at the start of a line
     ],
 )
 def test_parse_wrk_rejects_output_without_one_good_result_line(output: str, problem: str) -> None:
@@ -145,8 +150,23 @@ def test_ratio_is_none_without_both_sides() -> None:
 def test_text_table_aligns_columns_and_shows_missing_cells() -> None:
     table = report.rows(RESULTS, [("https", "HTTPS keep-alive")], STACKS)
     lines = report.text_table(table).splitlines()
-    assert lines[0].split() == ["mode", "stack", "pinning", "req/s", "p50", "ms", "p99", "ms", "×", "ref", "runs",
-                                "non-2xx", "sock", "err", "note"]
+    assert lines[0].split() == [
+        "mode",
+        "stack",
+        "pinning",
+        "req/s",
+        "p50",
+        "ms",
+        "p99",
+        "ms",
+        "×",
+        "ref",
+        "runs",
+        "non-2xx",
+        "sock",
+        "err",
+        "note",
+    ]
     assert len(lines) == 1 + len(STACKS)
     txtai = lines[1]
     assert "1,400" in txtai and "0.28" in txtai

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from aioserver.cli import main
+
 from conftest import PYTHON, Server
 
 GOOD = "server:\n  port: 9100\nworkflow:\n  twice: {tasks: [sample_actions.double]}\n"
@@ -138,7 +139,9 @@ def test_bad_config_subprocess_exits_2(tmp_path: Path) -> None:
     path.write_text("workflow:\n  w:\n    tasks: [{action: echo, batch: many}]\n")
     done = subprocess.run([PYTHON, "-m", "aioserver", "--config", str(path)], capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr == f"aioserver: error: {path}: workflow.w.tasks[0].batch: expected a positive integer, got 'many'\n"
+    assert (
+        done.stderr == f"aioserver: error: {path}: workflow.w.tasks[0].batch: expected a positive integer, got 'many'\n"
+    )
     assert done.stdout == ""
 
 

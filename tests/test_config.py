@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import sample_actions
 from aioserver.config import DEFAULT_SOURCE, INLINE_SOURCE, load_config
 from aioserver.errors import ConfigError
+
+import sample_actions
 
 
 def test_embedded_default_config_has_demo_workflows() -> None:

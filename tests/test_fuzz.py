@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aioserver.auth import FailureThrottle, Token, TokenStore, auth_middleware
+
 from conftest import TOKEN, TOKEN_HASH, ClientFactory
 
 CONFIG = """

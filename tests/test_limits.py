@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-import sample_actions
 from aioserver import create_app, load_config
 from aioserver.limits import LimitedRunner
+
+import sample_actions
 from conftest import TOKEN, TOKEN_HASH, ClientFactory
 
 CONFIG = """
@@ -52,7 +53,11 @@ async def exchange(port: int, data: bytes, wait: float = 5) -> bytes:
         async with asyncio.timeout(wait):
             head = await reader.readuntil(b"\r\n\r\n")
             length = next(
-                (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
                 None,
             )
             return head + (await reader.readexactly(length) if length is not None else await reader.read())
@@ -93,7 +98,7 @@ async def test_streamed_oversize_body_is_413(make_client: ClientFactory) -> None
 
 async def test_slow_body_is_408(server: tuple[int, LimitedRunner]) -> None:
     port, _ = server
-    head = b"POST /workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 50\r\n\r\n{\"name\""
+    head = b'POST /workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 50\r\n\r\n{"name"'
     started = time.monotonic()
     answer = await exchange(port, head)
     assert answer.startswith(b"HTTP/1.1 408 ")
@@ -207,5 +212,3 @@ async def test_limits_hold_with_tokens(make_client: ClientFactory) -> None:
         "/workflow", json={"name": "long", "elements": []}, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert (response.status, await response.json()) == (200, [])  # no element, no call, no wait
-
-

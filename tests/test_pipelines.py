@@ -25,26 +25,65 @@ ARTICLE = (
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, "The city council met on Monday. It approved the new park budget after a long debate.\n\n"
-             "Residents had asked for the park for years. Some worried about the cost of the park.\n\nOk."),
-        ({"sentences": True}, ["The city council met on Monday.", "It approved the new park budget after a long debate.",
-                               "Residents had asked for the park for years.", "Some worried about the cost of the park.", "Ok."]),
-        ({"lines": True}, ["The city council met on Monday. It approved the new park budget after a long debate.",
-                           "Residents had asked for the park for years.", "Some worried about the cost of the park.", "Ok."]),
-        ({"paragraphs": True}, ["The city council met on Monday. It approved the new park budget after a long debate.",
-                                "Residents had asked for the park for years. Some worried about the cost of the park.", "Ok."]),
-        ({"sentences": True, "minlength": 35}, ["It approved the new park budget after a long debate.",
-                                                "Residents had asked for the park for years.",
-                                                "Some worried about the cost of the park."]),
-        ({"paragraphs": True, "minlength": 5, "join": True},
-         "The city council met on Monday. It approved the new park budget after a long debate.\n\n"
-         "Residents had asked for the park for years. Some worried about the cost of the park."),
-        ({"sentences": True, "minlength": 35, "join": True},
-         "It approved the new park budget after a long debate. Residents had asked for the park for years. "
-         "Some worried about the cost of the park."),
-        ({"lines": True, "cleantext": False}, ["The city council met on Monday.  It approved the new park budget after a long debate.",
-                                               "Residents had asked for the park for years.",
-                                               "Some worried about the cost of the park.", "Ok."]),
+        (
+            {},
+            "The city council met on Monday. It approved the new park budget after a long debate.\n\n"
+            "Residents had asked for the park for years. Some worried about the cost of the park.\n\nOk.",
+        ),
+        (
+            {"sentences": True},
+            [
+                "The city council met on Monday.",
+                "It approved the new park budget after a long debate.",
+                "Residents had asked for the park for years.",
+                "Some worried about the cost of the park.",
+                "Ok.",
+            ],
+        ),
+        (
+            {"lines": True},
+            [
+                "The city council met on Monday. It approved the new park budget after a long debate.",
+                "Residents had asked for the park for years.",
+                "Some worried about the cost of the park.",
+                "Ok.",
+            ],
+        ),
+        (
+            {"paragraphs": True},
+            [
+                "The city council met on Monday. It approved the new park budget after a long debate.",
+                "Residents had asked for the park for years. Some worried about the cost of the park.",
+                "Ok.",
+            ],
+        ),
+        (
+            {"sentences": True, "minlength": 35},
+            [
+                "It approved the new park budget after a long debate.",
+                "Residents had asked for the park for years.",
+                "Some worried about the cost of the park.",
+            ],
+        ),
+        (
+            {"paragraphs": True, "minlength": 5, "join": True},
+            "The city council met on Monday. It approved the new park budget after a long debate.\n\n"
+            "Residents had asked for the park for years. Some worried about the cost of the park.",
+        ),
+        (
+            {"sentences": True, "minlength": 35, "join": True},
+            "It approved the new park budget after a long debate. Residents had asked for the park for years. "
+            "Some worried about the cost of the park.",
+        ),
+        (
+            {"lines": True, "cleantext": False},
+            [
+                "The city council met on Monday.  It approved the new park budget after a long debate.",
+                "Residents had asked for the park for years.",
+                "Some worried about the cost of the park.",
+                "Ok.",
+            ],
+        ),
     ],
 )
 def test_segmentation(options: dict, expected: object) -> None:  # type: ignore[type-arg]
@@ -61,15 +100,34 @@ HTML = """<!doctype html><html><head><title>News</title><style>.a{}</style><scri
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, "News\n\nCouncil approves park\n\nThe city council met on Monday. It approved the new park budget.\n\n"
-             "Residents had asked for it for years.\n\nShort."),
-        ({"paragraphs": True, "minlength": 10}, ["Council approves park",
-                                                 "The city council met on Monday. It approved the new park budget.",
-                                                 "Residents had asked for it for years."]),
-        ({"sentences": True}, ["News", "Council approves park", "The city council met on Monday.",
-                               "It approved the new park budget.", "Residents had asked for it for years.", "Short."]),
-        ({"sentences": True, "minlength": 25, "join": True},
-         "The city council met on Monday. It approved the new park budget. Residents had asked for it for years."),
+        (
+            {},
+            "News\n\nCouncil approves park\n\nThe city council met on Monday. It approved the new park budget.\n\n"
+            "Residents had asked for it for years.\n\nShort.",
+        ),
+        (
+            {"paragraphs": True, "minlength": 10},
+            [
+                "Council approves park",
+                "The city council met on Monday. It approved the new park budget.",
+                "Residents had asked for it for years.",
+            ],
+        ),
+        (
+            {"sentences": True},
+            [
+                "News",
+                "Council approves park",
+                "The city council met on Monday.",
+                "It approved the new park budget.",
+                "Residents had asked for it for years.",
+                "Short.",
+            ],
+        ),
+        (
+            {"sentences": True, "minlength": 25, "join": True},
+            "The city council met on Monday. It approved the new park budget. Residents had asked for it for years.",
+        ),
     ],
 )
 async def test_textractor_on_html_strings(options: dict, expected: object) -> None:  # type: ignore[type-arg]
@@ -86,14 +144,30 @@ def test_boilerplate_is_dropped() -> None:
     ("options", "call", "expected"),
     [
         ({"sentences": 1}, {}, "Cheap solar panels have made solar power the cheapest electricity in many countries."),
-        ({"sentences": 2}, {}, "Cheap solar panels have made solar power the cheapest electricity in many countries. "
-                               "Analysts expect solar power and batteries to keep growing."),
-        ({}, {"sentences": 2}, "Cheap solar panels have made solar power the cheapest electricity in many countries. "
-                               "Analysts expect solar power and batteries to keep growing."),
+        (
+            {"sentences": 2},
+            {},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+            "Analysts expect solar power and batteries to keep growing.",
+        ),
+        (
+            {},
+            {"sentences": 2},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+            "Analysts expect solar power and batteries to keep growing.",
+        ),
         # The lower-ranked sentences go first; the best one is then cut to 12 words.
-        ({"sentences": 3, "maxlength": 12}, {}, "Cheap solar panels have made solar power the cheapest electricity in many"),
-        ({"sentences": 3, "maxlength": 30}, {}, "Cheap solar panels have made solar power the cheapest electricity in many countries. "
-                                                "Analysts expect solar power and batteries to keep growing."),
+        (
+            {"sentences": 3, "maxlength": 12},
+            {},
+            "Cheap solar panels have made solar power the cheapest electricity in many",
+        ),
+        (
+            {"sentences": 3, "maxlength": 30},
+            {},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+            "Analysts expect solar power and batteries to keep growing.",
+        ),
         ({"sentences": 1, "maxlength": 4}, {}, "Cheap solar panels have"),
         ({"sentences": 10}, {}, " ".join(ARTICLE.split())),
     ],
@@ -105,16 +179,23 @@ def test_summary(options: dict, call: dict, expected: str) -> None:  # type: ign
 
 
 async def test_sections_configure_builtins() -> None:
-    config = load_config("summary: {sentences: 1}\nsegmentation: {sentences: true}\n"
-                         "workflow:\n  w: {tasks: [summary]}\n  s: {tasks: [segmentation]}\n")
+    config = load_config(
+        "summary: {sentences: 1}\nsegmentation: {sentences: true}\n"
+        "workflow:\n  w: {tasks: [summary]}\n  s: {tasks: [segmentation]}\n"
+    )
     assert await config.workflows["w"]([ARTICLE]) == [Summary(sentences=1)([ARTICLE])[0]]
     assert await config.workflows["s"](["A b. C d."]) == [["A b.", "C d."]]
 
 
 @pytest.mark.parametrize(
     "section",
-    ["summary: {sentences: 0}", "summary: {words: 3}", "segmentation: {sentences: true, lines: true}",
-     "textractor: {minlength: -1}", "textractor: [1]"],
+    [
+        "summary: {sentences: 0}",
+        "summary: {words: 3}",
+        "segmentation: {sentences: true, lines: true}",
+        "textractor: {minlength: -1}",
+        "textractor: [1]",
+    ],
 )
 def test_bad_pipeline_sections(section: str) -> None:
     with pytest.raises(ConfigError):

@@ -6,9 +6,10 @@ import logging
 
 import pytest
 
-import sample_plugins
 from aioserver import load_config
 from aioserver.errors import ConfigError
+
+import sample_plugins
 from conftest import TOKEN, TOKEN_HASH, ClientFactory
 
 BASE = "workflow:\n  echo: {tasks: [echo]}\n"

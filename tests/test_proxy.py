@@ -17,6 +17,7 @@ import pytest
 
 from aioserver import load_config
 from aioserver.errors import ConfigError
+
 from conftest import TESTS, TOKEN, TOKEN_HASH, ClientFactory, PemFiles, Server, free_port
 
 CLIENT = "extensions: [sample_plugins.add_client]\nserver: {trusted_proxies: '%s'}\n"
@@ -31,7 +32,11 @@ CLIENT = "extensions: [sample_plugins.add_client]\nserver: {trusted_proxies: '%s
         # A chain: the rightmost address that is not a trusted proxy is the client.
         ("127.0.0.1,10.0.0.0/8", {"X-Forwarded-For": "198.51.100.1, 203.0.113.7, 10.1.2.3"}, ("203.0.113.7", "http")),
         ("127.0.0.1", {"Forwarded": "for=203.0.113.7;proto=https"}, ("203.0.113.7", "https")),
-        ("127.0.0.1,10.0.0.0/8", {"Forwarded": "for=198.51.100.1, for=203.0.113.7, for=10.1.2.3"}, ("203.0.113.7", "http")),
+        (
+            "127.0.0.1,10.0.0.0/8",
+            {"Forwarded": "for=198.51.100.1, for=203.0.113.7, for=10.1.2.3"},
+            ("203.0.113.7", "http"),
+        ),
         ("127.0.0.1", {}, ("127.0.0.1", "http")),
         # From anyone else, ignored.
         ("", {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}, ("127.0.0.1", "http")),
@@ -113,7 +118,9 @@ def nginx_config(prefix: Path, port: int, upstream: str, pem_files: PemFiles) ->
         "pid /run/nginx.pid;": f"pid {prefix}/nginx.pid;",
         "error_log /var/log/nginx/error.log;": "error_log stderr;",
         "access_log /var/log/nginx/access.log;": f"access_log {prefix}/access.log;\n"
-        + "".join(f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+        + "".join(
+            f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        ),
         "server unix:/run/aioserver/aioserver.sock;": f"server {upstream};",
         "listen 80;": f"listen 127.0.0.1:{free_port()};",
         "listen [::]:80;": "",
@@ -203,8 +210,10 @@ def test_through_nginx(upstream: str, nginx, tmp_path: Path, client_ssl_ctx: ssl
         assert (status, body) == (200, b'["hi"]')
         assert headers["strict-transport-security"] == "max-age=63072000"  # nginx's
         # aioserver's access log names the real client (not nginx's 127.0.0.1) and https.
-        assert wait_for_line(server, r'"POST /workflow HTTP/1.1" 200').split(" INFO aiohttp.access: ")[1].startswith(
-            '127.0.0.2 https "POST /workflow HTTP/1.1" 200'
+        assert (
+            wait_for_line(server, r'"POST /workflow HTTP/1.1" 200')
+            .split(" INFO aiohttp.access: ")[1]
+            .startswith('127.0.0.2 https "POST /workflow HTTP/1.1" 200')
         )
         # A client's own X-Forwarded-For through nginx changes nothing: nginx states what it saw.
         spoof = {**bearer, "X-Forwarded-For": "203.0.113.9", "Forwarded": "for=203.0.113.9"}
@@ -213,7 +222,9 @@ def test_through_nginx(upstream: str, nginx, tmp_path: Path, client_ssl_ctx: ssl
         wait_for_line(server, r'127\.0\.0\.3 https "GET /health')
         # The throttle counts failures per real client, not per proxy.
         wrong = {"Authorization": "Bearer wrong"}
-        statuses = [request(port, "/workflow", source="127.0.0.4", headers=wrong, context=client_ssl_ctx)[0] for _ in range(11)]
+        statuses = [
+            request(port, "/workflow", source="127.0.0.4", headers=wrong, context=client_ssl_ctx)[0] for _ in range(11)
+        ]
         assert statuses == [401] * 10 + [429]
         assert request(port, "/workflow", source="127.0.0.5", headers=bearer, context=client_ssl_ctx)[0] == 200
         if upstream == "loopback":

@@ -89,14 +89,25 @@ def post(make_client):  # type: ignore[no-untyped-def]
 async def test_allowed_host_is_fetched(upstream: Upstream, post: Post) -> None:
     status, body = await post(config([f"127.0.0.1:{upstream.port}"], "[textractor]"), [upstream.url()])
     assert status == 200, body
-    assert body == ["Owls\n\nOwls are birds of prey that hunt mostly at night.\n\nThey have large eyes and silent feathers."]
+    assert body == [
+        "Owls\n\nOwls are birds of prey that hunt mostly at night.\n\nThey have large eyes and silent feathers."
+    ]
     assert upstream.hits == ["/page.html"]
 
 
 @pytest.mark.parametrize(
     "host",
-    ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "127.1:{port}", "2130706433:{port}",
-     "0x7f000001:{port}", "0177.0.0.1:{port}", "[::ffff:127.0.0.1]:{port}", "127.0.0.2:{port}"],
+    [
+        "127.0.0.1:{port}",
+        "localhost:{port}",
+        "[::1]:{port}",
+        "127.1:{port}",
+        "2130706433:{port}",
+        "0x7f000001:{port}",
+        "0177.0.0.1:{port}",
+        "[::ffff:127.0.0.1]:{port}",
+        "127.0.0.2:{port}",
+    ],
 )
 async def test_loopback_spellings_are_refused_without_a_request(upstream: Upstream, post: Post, host: str) -> None:
     url = "http://" + host.format(port=upstream.port) + "/page.html"
@@ -107,7 +118,9 @@ async def test_loopback_spellings_are_refused_without_a_request(upstream: Upstre
 
 
 async def test_allow_by_port_only_admits_that_port(upstream: Upstream, post: Post) -> None:
-    status, body = await post(config([f"127.0.0.1:{upstream.port + 1 if upstream.port < 65535 else 1}"], "[textractor]"), [upstream.url()])
+    status, body = await post(
+        config([f"127.0.0.1:{upstream.port + 1 if upstream.port < 65535 else 1}"], "[textractor]"), [upstream.url()]
+    )
     assert status == 400 and upstream.hits == []
 
 
@@ -136,7 +149,9 @@ async def test_redirect_to_another_loopback_port_is_refused(upstream: Upstream, 
 @pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1:70/"])
 async def test_redirect_to_another_scheme_is_refused(upstream: Upstream, post: Post, target: str) -> None:
     upstream.redirect_to = target
-    status, body = await post(config([f"127.0.0.1:{upstream.port}"], "[{task: url, action: textractor}]"), [upstream.url("/redirect")])
+    status, body = await post(
+        config([f"127.0.0.1:{upstream.port}"], "[{task: url, action: textractor}]"), [upstream.url("/redirect")]
+    )
     assert status == 400 and "is not allowed" in body["error"]  # type: ignore[index]
 
 
@@ -161,8 +176,14 @@ async def test_files_under_the_directory_only(tmp_path: Path, post: Post) -> Non
     assert status == 200, body
     assert body[0] == body[1] and "Owls are birds" in body[0] and body[2] == "plain text"  # type: ignore[index]
 
-    for element in ["../secret.html", str(tmp_path / "secret.html"), "./link.html", "file://" + str(inside / "page.html"),
-                    "./missing.html", "/etc/passwd"]:
+    for element in [
+        "../secret.html",
+        str(tmp_path / "secret.html"),
+        "./link.html",
+        "file://" + str(inside / "page.html"),
+        "./missing.html",
+        "/etc/passwd",
+    ]:
         status, body = await post(yaml_text, [element])
         assert status == 400, (element, body)
         assert isinstance(body, dict) and "SECRET" not in body["error"] and body["error"].startswith("refused")
@@ -201,7 +222,9 @@ async def test_service_endpoint_not_allowed_is_refused(upstream: Upstream, post:
 @pytest.mark.parametrize(("flatten", "relative"), [(True, "page.html"), (False, "127.0.0.1_{port}/docs/page.html")])
 async def test_retrieve(upstream: Upstream, post: Post, tmp_path: Path, flatten: bool, relative: str) -> None:
     task = f"[{{task: retrieve, directory: '{tmp_path}', flatten: {str(flatten).lower()}}}]"
-    status, body = await post(config([f"127.0.0.1:{upstream.port}"], task), [upstream.url("/docs/page.html"), "not a url"])
+    status, body = await post(
+        config([f"127.0.0.1:{upstream.port}"], task), [upstream.url("/docs/page.html"), "not a url"]
+    )
     expected = tmp_path / relative.format(port=upstream.port)
     assert (status, body) == (200, [str(expected), "not a url"])
     assert expected.read_text() == PAGE

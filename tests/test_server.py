@@ -153,7 +153,9 @@ def test_redirect_http_answers_308(tmp_path: Path, pem_files: PemFiles) -> None:
         connection.close()
 
 
-def test_secrets_never_reach_logs_or_responses(tmp_path: Path, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> None:
+def test_secrets_never_reach_logs_or_responses(
+    tmp_path: Path, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
     config = tmp_path / "config.yml"
     config.write_text(CONFIG)
     args = (
@@ -165,7 +167,12 @@ def test_secrets_never_reach_logs_or_responses(tmp_path: Path, pem_files: PemFil
     with Server(*args, env=env) as server:
         requests = [
             ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN}"}, {"name": "sumfrench", "elements": [TOKEN]}),
-            ("POST", f"/workflow?token={TOKEN}", {"Authorization": f"Bearer {TOKEN}"}, {"name": "boom", "elements": [1]}),
+            (
+                "POST",
+                f"/workflow?token={TOKEN}",
+                {"Authorization": f"Bearer {TOKEN}"},
+                {"name": "boom", "elements": [1]},
+            ),
             ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN_HASH}"}, {"name": "upper", "elements": []}),
             ("POST", "/workflow", {"Authorization": f"Bearer {TOKEN}x"}, {"name": "upper", "elements": []}),
             ("POST", "/workflow", {"Authorization": f"Basic {TOKEN}"}, {}),

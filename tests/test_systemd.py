@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from aioserver import systemd
-from conftest import PYTHON, free_port, TESTS, TOKEN, TOKEN_HASH, PemFiles
+
+from conftest import PYTHON, TESTS, TOKEN, TOKEN_HASH, PemFiles, free_port
 
 CONF = TESTS.parent / "conf"
 # The systemd Debian package's tools; no running systemd is needed (.ci/run installs them).
@@ -59,7 +60,9 @@ def notify_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[No
 
 def health(port: int, context: ssl.SSLContext | None = None) -> int:
     if context:
-        connection: http.client.HTTPConnection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            "localhost", port, context=context, timeout=10
+        )
     else:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
@@ -168,7 +171,9 @@ def test_socket_activation(tls: bool, tmp_path: Path, pem_files: PemFiles, clien
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         if tls:
             connection = http.client.HTTPSConnection("localhost", port, context=client_ssl_ctx, timeout=10)
-        connection.request("POST", "/workflow", '{"name": "echo", "elements": [1]}', {"Authorization": f"Bearer {TOKEN}"})
+        connection.request(
+            "POST", "/workflow", '{"name": "echo", "elements": [1]}', {"Authorization": f"Bearer {TOKEN}"}
+        )
         assert connection.getresponse().read() == b"[1]"
         connection.close()
         process.send_signal(signal.SIGTERM)
@@ -209,8 +214,13 @@ def test_clear_text_guard_judges_activated_sockets(
         process.kill()
         process.wait()
     if status == 2:
-        assert (tmp_path / "log").read_text().splitlines()[-1].startswith(
-            f"aioserver: error: environment: LISTEN_FDS: tokens would travel in clear text on the activated socket 0.0.0.0:{port}"
+        assert (
+            (tmp_path / "log")
+            .read_text()
+            .splitlines()[-1]
+            .startswith(
+                f"aioserver: error: environment: LISTEN_FDS: tokens would travel in clear text on the activated socket 0.0.0.0:{port}"
+            )
         )
 
 
@@ -223,7 +233,9 @@ def test_listen_fds_ignores_sockets_for_another_process() -> None:
 # -- credentials
 
 
-def test_credentials_directory_supplies_token_and_key(tmp_path: Path, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> None:
+def test_credentials_directory_supplies_token_and_key(
+    tmp_path: Path, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "token").write_text(f"{TOKEN_HASH} systemd\n")
@@ -241,7 +253,9 @@ def test_credentials_directory_supplies_token_and_key(tmp_path: Path, pem_files:
         connection.request("POST", "/workflow", '{"name": "echo", "elements": []}')
         response = connection.getresponse()
         assert (response.status, response.read()) == (401, b'{"error": "authorization required"}')
-        connection.request("POST", "/workflow", '{"name": "echo", "elements": ["x"]}', {"Authorization": f"Bearer {TOKEN}"})
+        connection.request(
+            "POST", "/workflow", '{"name": "echo", "elements": ["x"]}', {"Authorization": f"Bearer {TOKEN}"}
+        )
         assert connection.getresponse().read() == b'["x"]'
         connection.close()
         process.send_signal(signal.SIGTERM)

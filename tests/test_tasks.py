@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-import sample_actions
 from aioserver import create_app, load_config
 from aioserver.errors import ConfigError
 from aioserver.workflow.runtime import run_schedule
+
+import sample_actions
 
 
 async def run(yaml_text: str, elements: list, name: str = "w") -> list:  # type: ignore[type-arg]
@@ -30,7 +31,11 @@ async def run(yaml_text: str, elements: list, name: str = "w") -> list:  # type:
         ("{action: [upper, lower], merge: vstack}", ["Ab", "Cd"], ["AB", "ab", "CD", "cd"]),
         ("{action: [upper, lower], merge: concat}", ["Ab", "Cd"], ["AB. ab", "CD. cd"]),
         ("{action: [upper, lower], merge: vstack, select: '^C'}", ["Ab", "Cd"], ["Ab", "CD", "cd"]),
-        ("{task: url, action: upper}", ["http://x.example/a", "text", "HTTPS://Y.example/"], ["HTTP://X.EXAMPLE/A", "text", "HTTPS://Y.EXAMPLE/"]),
+        (
+            "{task: url, action: upper}",
+            ["http://x.example/a", "text", "HTTPS://Y.example/"],
+            ["HTTP://X.EXAMPLE/A", "text", "HTTPS://Y.EXAMPLE/"],
+        ),
         ("{task: file, action: upper}", ["not/a/path", "words"], ["not/a/path", "words"]),
     ],
 )

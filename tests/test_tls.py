@@ -15,13 +15,22 @@ from aiohttp.test_utils import TestServer
 from aioserver import create_app, load_config
 from aioserver.errors import ConfigError
 from aioserver.tls import ReloadableContext, TLSError, TLSFiles, create_ssl_context
+
 from conftest import KEY_PASSWORD, TOKEN, TOKEN_HASH, PemFiles
 
 MOZILLA_INTERMEDIATE_TLS12 = {
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
-    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256",
+    "DHE-RSA-AES256-GCM-SHA384",
+    "DHE-RSA-CHACHA20-POLY1305",
 }
+
+
 async def https_client(aiohttp_client, app, context: ssl.SSLContext):  # type: ignore[no-untyped-def]
     """A test client of ``app`` served over real TLS with ``context``."""
     server = TestServer(app)
@@ -74,7 +83,12 @@ def _errors(pem: PemFiles, tmp: Path) -> list[tuple[dict[str, str], dict[str, st
         ({"ssl_certfile": str(empty), "ssl_keyfile": key}, {}, "--ssl-certfile", "holds no PEM certificate"),
         ({"ssl_certfile": cert, "ssl_keyfile": str(tmp / "nokey.pem")}, {}, "--ssl-keyfile", "cannot read"),
         ({"ssl_certfile": cert, "ssl_keyfile": str(pem.other_key)}, {}, "--ssl-keyfile", "does not match"),
-        ({"ssl_certfile": cert, "ssl_keyfile": str(pem.encrypted_key)}, {}, "--ssl-keyfile", "encrypted: give its password"),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": str(pem.encrypted_key)},
+            {},
+            "--ssl-keyfile",
+            "encrypted: give its password",
+        ),
         (
             {"ssl_certfile": cert, "ssl_keyfile": str(pem.encrypted_key)},
             {"SSL_KEYFILE_PASSWORD": "wrong-password-xyz"},
@@ -141,7 +155,9 @@ def test_https_with_tokens_on_any_address(pem_files: PemFiles) -> None:
 
 
 async def test_https_end_to_end_with_hsts(
-    aiohttp_client, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext  # type: ignore[no-untyped-def]
+    aiohttp_client,
+    pem_files: PemFiles,
+    client_ssl_ctx: ssl.SSLContext,  # type: ignore[no-untyped-def]
 ) -> None:
     config = load_config(
         CONFIG, cli={"ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key)}, env={"TOKEN": TOKEN_HASH}
@@ -171,10 +187,15 @@ async def test_plain_http_has_no_hsts(aiohttp_client) -> None:  # type: ignore[n
 
 @pytest.mark.parametrize("reqs", ["required", "optional"])
 async def test_mutual_tls(
-    aiohttp_client, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, reqs: str  # type: ignore[no-untyped-def]
+    aiohttp_client,
+    pem_files: PemFiles,
+    client_ssl_ctx: ssl.SSLContext,
+    reqs: str,  # type: ignore[no-untyped-def]
 ) -> None:
     cli = {
-        "ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key), "ssl_ca_certs": str(pem_files.ca),
+        "ssl_certfile": str(pem_files.cert),
+        "ssl_keyfile": str(pem_files.key),
+        "ssl_ca_certs": str(pem_files.ca),
     }
     if reqs == "optional":
         cli["ssl_cert_reqs"] = "optional"

@@ -10,8 +10,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import Server
 from test_systemd import NotifySocket
+
+from conftest import Server
 
 CONFIG = "workflow:\n  pid: {tasks: [sample_actions.hold_loop]}\n  fast: {tasks: [sample_actions.pid]}\n"
 

@@ -6,10 +6,11 @@ import threading
 
 import pytest
 
-import sample_actions
 from aioserver import load_config
 from aioserver.errors import InvalidElement
 from aioserver.workflow.builtins import BUILTINS
+
+import sample_actions
 
 
 async def run(yaml_text: str, elements: list, name: str = "w") -> list:  # type: ignore[type-arg]

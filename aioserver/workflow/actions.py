@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
 from .builtins import BUILTINS
@@ -69,7 +69,9 @@ class ActionResolver:
         else:
             known = ", ".join(sorted({*BUILTINS, *self._pipelines}))
             raise ConfigError(
-                self._source, key, f"unknown action {name!r}; expected one of {known} or a dotted path (module.function)"
+                self._source,
+                key,
+                f"unknown action {name!r}; expected one of {known} or a dotted path (module.function)",
             )
 
         arguments = self._pipelines.get(name)
@@ -79,7 +81,7 @@ class ActionResolver:
             raise ConfigError(self._source, name, "a pipeline section must be a mapping of keyword arguments")
         if inspect.isclass(target):
             try:
-                target = target(**arguments)
+                target = cast(Any, target)(**arguments)
             except Exception as exc:
                 raise ConfigError(self._source, key, f"cannot create {name!r}: {type(exc).__name__}: {exc}") from None
         elif arguments:

@@ -129,7 +129,9 @@ class Task:
     async def _run(self, batch: list[Any], runtime: Runtime | None) -> list[list[Any]]:
         """Per element, the list of what it becomes (several rows with ``vstack``)."""
         if len(self.actions) == 1:  # no gather: it would cost a task and a loop iteration
-            return [[result] for result in await self.actions[0](batch, self.args, self.kwargs, runtime, self.concurrency)]
+            return [
+                [result] for result in await self.actions[0](batch, self.args, self.kwargs, runtime, self.concurrency)
+            ]
         outputs = await asyncio.gather(
             *(action(batch, self.args, self.kwargs, runtime, self.concurrency) for action in self.actions)
         )

@@ -40,8 +40,31 @@ STOPWORDS = frozenset(
 )
 # Elements holding no text of the page: scripts, styles and navigation boilerplate.
 BOILERPLATE = ("script", "style", "noscript", "template", "svg", "nav", "header", "footer", "aside", "form", "iframe")
-BLOCKS = ("p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "td", "th", "dd", "dt",
-          "section", "article", "main", "br", "tr", "figcaption", "caption", "title")
+BLOCKS = (
+    "p",
+    "div",
+    "li",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "pre",
+    "blockquote",
+    "td",
+    "th",
+    "dd",
+    "dt",
+    "section",
+    "article",
+    "main",
+    "br",
+    "tr",
+    "figcaption",
+    "caption",
+    "title",
+)
 
 
 def _texts(name: str, batch: list[Any]) -> list[str]:
@@ -152,7 +175,10 @@ class Summary:
     """
 
     def __init__(self, sentences: int = 3, maxlength: int | None = None) -> None:
-        self.sentences, self.maxlength = _positive(sentences, "sentences"), maxlength and _positive(maxlength, "maxlength")
+        self.sentences, self.maxlength = (
+            _positive(sentences, "sentences"),
+            maxlength and _positive(maxlength, "maxlength"),
+        )
 
     def __call__(self, batch: list[Any], sentences: int | None = None, maxlength: int | None = None) -> list[str]:
         count = sentences or self.sentences

@@ -23,7 +23,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,9 @@ class SafeResolver(AbstractResolver):
         self._policy = policy
         self._resolver = aiohttp.ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         results = await self._resolver.resolve(host, port, family)
         for result in results:
             address = ipaddress.ip_address(result["host"].split("%")[0])
@@ -194,7 +196,9 @@ async def fetch(
                 try:
                     response = await session.request(method, target, allow_redirects=False, **kwargs)
                 except AddressRefused as exc:
-                    raise Refused(str(url) if target == URL(url) else f"{url} (redirected to {_safe(target)})", str(exc)) from None
+                    raise Refused(
+                        str(url) if target == URL(url) else f"{url} (redirected to {_safe(target)})", str(exc)
+                    ) from None
                 async with response:
                     if response.status in REDIRECTS and "Location" in response.headers:
                         target = policy.check_url(target.join(URL(response.headers["Location"])))
@@ -256,7 +260,9 @@ def parse_safeopen(section: Any, source: str) -> SafeOpen:
         directory=directory,
         max_bytes=_positive(section.get("max_bytes", defaults.max_bytes), int, source, "safeopen.max_bytes"),
         timeout=float(_positive(section.get("timeout", defaults.timeout), float, source, "safeopen.timeout")),
-        max_redirects=_positive(section.get("max_redirects", defaults.max_redirects), int, source, "safeopen.max_redirects", zero=True),
+        max_redirects=_positive(
+            section.get("max_redirects", defaults.max_redirects), int, source, "safeopen.max_redirects", zero=True
+        ),
     )
 
 

@@ -168,7 +168,9 @@ def _kind_action(kind: str, task: Mapping[str, Any], source: str, key: str) -> A
     method = _choice(str(task.get("method", "post")).lower(), ("get", "post"), source, f"{key}.method")
     params = task.get("params")
     if params is not None and not isinstance(params, Mapping):
-        raise ConfigError(source, f"{key}.params", "expected a mapping of parameter names to values (null: the element)")
+        raise ConfigError(
+            source, f"{key}.params", "expected a mapping of parameter names to values (null: the element)"
+        )
     extract = task.get("extract", [])
     if isinstance(extract, (str, int)):
         extract = [extract]

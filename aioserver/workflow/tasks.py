@@ -157,4 +157,3 @@ def _write(path: Path, body: bytes) -> None:
     temporary = path.with_name(path.name + ".part")
     temporary.write_bytes(body)
     os.replace(temporary, path)  # readers never see half a file
-
