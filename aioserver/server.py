@@ -76,6 +76,7 @@ async def serve(
             pinging = asyncio.create_task(systemd.run_watchdog(notifier, watchdog))
         await _handle_signals(app, config, notifier)
         notifier.stopping()
+        flush_access_log()  # the lines of the requests so far come before this one
         logger.info(
             "shutting down: no new connections, up to %gs for requests in flight",
             config.settings.timeout_graceful_shutdown,
