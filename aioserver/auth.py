@@ -166,7 +166,11 @@ class FailureThrottle:
         self._failures.pop(client, None)
 
     def __len__(self) -> int:
-        return len(self._failures)  # also: a throttle is false while nobody has failed
+        return len(self._failures)
+
+    def __bool__(self) -> bool:
+        """Whether anyone has failed lately (until then, no request needs its address keyed)."""
+        return bool(self._failures)
 
 
 def _challenge(cls: type[web.HTTPException], message: str, error: str | None) -> web.HTTPException:

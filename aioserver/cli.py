@@ -21,6 +21,7 @@ from .logs import configure_logging
 from .options import OPTIONS
 from .server import run as run_server
 from .server import serve
+from .workflow.runtime import ACTION_THREADS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,7 +111,7 @@ def run() -> NoReturn:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     status = main()
-    abandoned = [t for t in threading.enumerate() if t.name.startswith("aioserver-action") and t.is_alive()]
+    abandoned = [t for t in threading.enumerate() if t.name.startswith(ACTION_THREADS) and t.is_alive()]
     if abandoned:
         # A sync action still running after the grace period cannot be interrupted, and the
         # interpreter would wait for it at exit: leave now, as the grace period promised.

@@ -112,7 +112,8 @@ def build_config(
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
     tls = _tls(settings, origins, env)
-    _refuse_clear_text_tokens(settings, origins, tokens, tls, env)
+    activated = systemd.activated_addresses(env)
+    _refuse_clear_text_tokens(settings, origins, tokens, tls, activated)
     return Config(
         settings=settings,
         workflows=workflows,
@@ -124,8 +125,7 @@ def build_config(
         tls=tls,
         dependencies=plugins.load_plugins("dependencies", document, env, source),
         extensions=plugins.load_plugins("extensions", document, env, source),
-        proxied=bool(settings.trusted_proxies or settings.uds)
-        or any(family == socket.AF_UNIX for family, _ in systemd.activated_addresses(env)),
+        proxied=bool(settings.trusted_proxies or settings.uds) or any(f == socket.AF_UNIX for f, _ in activated),
     )
 
 
@@ -169,7 +169,7 @@ def _refuse_clear_text_tokens(
     origins: Mapping[str, Origin],
     tokens: tuple[Token, ...],
     tls: ReloadableContext | None,
-    env: Mapping[str, str],
+    activated: list[tuple[int, Any]],
 ) -> None:
     """Tokens must not cross a network in clear text (SPEC section 2).
 
@@ -179,7 +179,6 @@ def _refuse_clear_text_tokens(
     """
     if not tokens or tls is not None or settings.allow_insecure_http or settings.trusted_proxies or settings.uds:
         return
-    activated = systemd.activated_addresses(env)
     if activated:
         for family, address in activated:
             if family in (socket.AF_INET, socket.AF_INET6) and not ipaddress.ip_address(address[0]).is_loopback:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .engine import Workflow
 
 logger = logging.getLogger("aioserver.workflow")
+ACTION_THREADS = "aioserver-action"  # the name prefix of the threads sync actions run in
 
 
 @dataclass(slots=True)
@@ -37,7 +38,7 @@ class Runtime:
     # left without waiting, so a thread a timed-out workflow abandoned cannot hold the exit.
     threads: concurrent.futures.ThreadPoolExecutor = field(
         # 40 threads, as many as Starlette's thread pool gives txtai's sync endpoints.
-        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(40, thread_name_prefix="aioserver-action")
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(40, thread_name_prefix=ACTION_THREADS)
     )
     _processes: concurrent.futures.ProcessPoolExecutor | None = field(default=None, repr=False)
 
