@@ -121,8 +121,11 @@ IDENTITY = web.RequestKey("identity", Token)
 class FailureThrottle:
     """Counts authorization failures per client; past ``limit`` in ``window`` seconds, 429.
 
-    Memory is bounded: at most ``max_clients`` entries, the least recently failing evicted.
-    IPv6 clients are counted per /64, the block one subscriber usually holds.
+    A client's window opens at its first failure and its count is forgotten only when the
+    window ends: a success in between resets nothing, or nine guesses and one right token,
+    repeated, would never be throttled. Memory is bounded: at most ``max_clients`` entries,
+    the least recently failing evicted. IPv6 clients are counted per /64, the block one
+    subscriber usually holds.
     """
 
     def __init__(self, limit: int = 10, window: float = 60.0, max_clients: int = 10_000) -> None:
@@ -130,6 +133,7 @@ class FailureThrottle:
         self.window = window
         self.max_clients = max_clients
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._quiet_from = 0.0  # when the last window open ends: from then on nobody is counted
 
     @staticmethod
     def client_key(address: str | None) -> str:
@@ -155,22 +159,25 @@ class FailureThrottle:
 
     def failed(self, client: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        if now >= self._quiet_from:
+            self._failures.clear()  # every window has ended: drop them all at once
         count, started = self._failures.pop(client, (0, now))
-        if now - started > self.window:
+        if now - started >= self.window:
             count, started = 0, now
         self._failures[client] = (count + 1, started)
+        self._quiet_from = max(self._quiet_from, started + self.window)
         while len(self._failures) > self.max_clients:
             self._failures.popitem(last=False)
 
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+    def active(self, now: float | None = None) -> bool:
+        """Whether a window is open: until then, no request needs its address keyed."""
+        return bool(self._failures) and (time.monotonic() if now is None else now) < self._quiet_from
 
     def __len__(self) -> int:
         return len(self._failures)
 
     def __bool__(self) -> bool:
-        """Whether anyone has failed lately (until then, no request needs its address keyed)."""
-        return bool(self._failures)
+        return self.active()
 
 
 def _challenge(cls: type[web.HTTPException], message: str, error: str | None) -> web.HTTPException:
@@ -188,8 +195,8 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not store.tokens or (request.path in OPEN_PATHS and request.method == "GET"):
             return await handler(request)
-        # Keyed only while someone has failed: parsing the address costs on every request.
-        client = throttle.client_key(request.remote) if throttle else None
+        # Keyed only while someone's window is open: parsing the address costs on every request.
+        client = throttle.client_key(request.remote) if throttle.active() else None
         wait = throttle.retry_after(client) if client is not None else 0
         if wait:
             raise http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
@@ -209,8 +216,6 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
         if token is None:
             throttle.failed(client or throttle.client_key(request.remote))
             raise _challenge(web.HTTPUnauthorized, "invalid token", "invalid_token")
-        if client is not None:
-            throttle.succeeded(client)
         request[IDENTITY] = token
         return await handler(request)
 
