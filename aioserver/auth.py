@@ -4,6 +4,11 @@ Tokens come from ``TOKEN`` (one hash, as txtai), the config's ``auth.tokens``, a
 (``TOKEN_FILE`` or the systemd credential ``token``) with one ``HASH [NAME [WORKFLOW,...]]``
 per line. Only hashes are held; a presented token is hashed once and compared with every
 known hash in constant time. Repeated failures from one client are throttled.
+
+A token's list (``workflows``) scopes it: names of the workflows it may run through
+``POST /workflow``, and paths (beginning with ``/``) of the other routes it may call, as the
+routes are registered (``/stats``, ``/items/{id}``). A scoped token may call nothing else but
+the open routes; an unscoped one calls everything.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from .errors import ConfigError, http_error
 
 REALM = 'Bearer realm="aioserver"'
 OPEN_PATHS = frozenset({"/health"})
+# Routes (method, path as registered) whose handler checks a scoped token itself:
+# POST /workflow, against the workflow's name (check_scope).
+SCOPED_BY_HANDLER = frozenset({("POST", "/workflow")})
 HASH_HINT = (
     "expected the SHA-256 hex digest of the API token (64 hex characters), not the token itself;"
     " bin/aioserver-token makes a token and its hash"
@@ -42,10 +50,21 @@ class Token:
 
     name: str
     digest: bytes = field(repr=False)
-    workflows: frozenset[str] | None = None  # None: every workflow
+    # Workflow names and route paths ("/stats"); None: every workflow and route.
+    workflows: frozenset[str] | None = None
 
     def may_run(self, workflow: str) -> bool:
         return self.workflows is None or workflow in self.workflows
+
+    def may_call(self, request: web.Request) -> bool:
+        """Whether the request's route is in scope; unknown paths and methods never are."""
+        if self.workflows is None:
+            return True
+        route = request.match_info.route
+        if route.resource is None:  # aiohttp's 404/405: a scoped token learns no route exists
+            return False
+        path = route.resource.canonical
+        return (route.method, path) in SCOPED_BY_HANDLER or path in self.workflows
 
 
 def parse_hash(value: Any, source: str, key: str) -> bytes:
@@ -216,6 +235,10 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
         if token is None:
             throttle.failed(client or throttle.client_key(request.remote))
             raise _challenge(web.HTTPUnauthorized, "invalid token", "invalid_token")
+        # Routing is done when middlewares run: judged here, every route (an extension's,
+        # one added later) is in a scoped token's reach only if its list names it.
+        if not token.may_call(request):
+            raise _challenge(web.HTTPForbidden, "this token may not call this route", "insufficient_scope")
         request[IDENTITY] = token
         return await handler(request)
 

@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from aioserver import create_app, load_config
-from aioserver.auth import FailureThrottle, Token, TokenStore, parse_token_file
+from aioserver.auth import FailureThrottle, Token, TokenStore, auth_middleware, parse_token_file
 from aioserver.errors import ConfigError
 from aioserver.server import reload
 
@@ -21,7 +22,7 @@ workflow:
   upper: {tasks: [upper]}
 auth:
   tokens:
-    - {name: reader, sha256: %s, workflows: [echo]}
+    - {name: reader, sha256: %s, workflows: [echo, /whoami]}
 """ % hashlib.sha256(b"reader-token").hexdigest()
 
 REALM = 'Bearer realm="aioserver"'
@@ -178,6 +179,67 @@ async def test_scoped_token(make_client: ClientFactory, workflow: str, status: i
         "/workflow", json={"name": workflow, "elements": ["a"]}, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert response.status == (404 if workflow == "missing" else 200)
+
+
+def scope_app(scope: list[str] | None) -> web.Application:
+    """A tiny app behind the auth middleware, with one token of that scope."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response("ok")
+
+    store = TokenStore(
+        [Token("t", hashlib.sha256(TOKEN.encode()).digest(), None if scope is None else frozenset(scope))]
+    )
+    app = web.Application(middlewares=[auth_middleware(store, FailureThrottle())])
+    app.router.add_get("/health", handler)
+    app.router.add_post("/workflow", handler)
+    app.router.add_get("/stats", handler)
+    app.router.add_route("*", r"/items/{id:\d+}", handler)
+    return app
+
+
+# (the token's list or None, method, path, may call)
+SCOPE_CASES = [
+    (None, "POST", "/workflow", True),
+    (None, "GET", "/stats", True),
+    (None, "GET", "/nowhere", True),  # on to its 404
+    (["shout"], "GET", "/health", True),  # open to all
+    (["shout"], "POST", "/workflow", True),  # the handler checks the workflow's name
+    (["shout"], "GET", "/stats", False),
+    (["shout"], "GET", "/items/7", False),
+    (["shout"], "GET", "/workflow", False),  # no route (405): nothing revealed
+    (["shout"], "GET", "/nowhere", False),  # no route (404): nothing revealed
+    ([], "POST", "/workflow", True),  # and then may run no workflow
+    ([], "GET", "/stats", False),
+    (["shout", "/stats"], "GET", "/stats", True),
+    (["shout", "/stats"], "POST", "/stats", False),  # no POST route there (405)
+    (["shout", "/stats"], "GET", "/stats/", False),
+    (["shout", "/stats"], "GET", "/items/7", False),
+    (["/items/{id}"], "GET", "/items/7", True),  # the path as registered, without its regex
+    (["/items/{id}"], "DELETE", "/items/7", True),  # every method of the path
+    (["/items/{id}"], "GET", "/items/x", False),
+    (["/items/7"], "GET", "/items/7", False),  # a concrete path is not the route's
+    (["stats"], "GET", "/stats", False),  # a workflow name, not a path
+    (["/workflow"], "POST", "/workflow", True),
+]
+
+
+@pytest.mark.parametrize(("scope", "method", "path", "allowed"), SCOPE_CASES)
+async def test_scope_rule(aiohttp_client, scope: list[str] | None, method: str, path: str, allowed: bool) -> None:  # type: ignore[no-untyped-def]
+    client = await aiohttp_client(scope_app(scope))
+    response = await client.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+    if allowed:
+        assert response.status != 403
+    else:
+        assert response.status == 403
+        assert response.headers["WWW-Authenticate"] == f'{REALM}, error="insufficient_scope"'
+        assert await response.json() == {"error": "this token may not call this route"}
+
+
+def test_token_file_scopes_routes() -> None:
+    (token,) = parse_token_file(f"{sha('ci')} ci shout,/stats,/items/{{id}}\n", "tokens")
+    assert token.workflows == frozenset({"shout", "/stats", "/items/{id}"})
+    assert token.may_run("shout") and not token.may_run("echo")
 
 
 async def test_repeated_failures_are_throttled(make_client: ClientFactory) -> None:
