@@ -6,6 +6,7 @@ from aiohttp import web
 
 from . import views
 from .auth import FailureThrottle, TokenStore, auth_middleware
+from .browser import ANY_HOST, HostGuard, json_body_middleware
 from .config import Config
 from .errors import error_middleware
 from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
@@ -28,14 +29,24 @@ def create_app(config: Config) -> web.Application:
     #    every answer carries, so it wraps all else;
     # 2. the proxy middleware swaps in the client and scheme a trusted proxy reports, so that
     #    the auth throttle, the handlers and the access log see the real client;
-    # 3. auth_middleware decides before any routing outcome is revealed (an unknown path
-    #    without a token is 401, not 404);
-    # 4. the user's dependencies run only for authorized requests.
+    # 3. the Host check (DNS rebinding), only while the service is open on loopback with no
+    #    proxy in front (never together with 2), before anything else looks at the request;
+    # 4. auth_middleware decides before any routing outcome is revealed (an unknown path
+    #    without a token is 401, not 404), scopes included;
+    # 5. the JSON Content-Type check (415) after it, so that an unauthorized request is 401
+    #    whatever its body, and before the user's code;
+    # 6. the user's dependencies run only for authorized requests.
     headers = {**HEADERS, "Strict-Transport-Security": HSTS} if config.tls else HEADERS
     middlewares = [error_middleware(headers)]
     if config.proxied:
         middlewares.append(TrustedProxies(config.settings.trusted_proxies).middleware())
+    # Tokens cannot appear on reload when none was configured at start (a token file must
+    # hold one), so "open" is known here once.
+    allowed_hosts = config.settings.allowed_hosts
+    if not config.tokens and not config.proxied and config.loopback_only and ANY_HOST not in allowed_hosts:
+        middlewares.append(HostGuard(allowed_hosts).middleware())
     middlewares.append(auth_middleware(tokens, FailureThrottle()))
+    middlewares.append(json_body_middleware())
     if config.dependencies:
         middlewares.append(dependencies_middleware(config.dependencies))
     app = web.Application(middlewares=middlewares, client_max_size=config.settings.max_body_size)

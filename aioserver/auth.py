@@ -4,6 +4,11 @@ Tokens come from ``TOKEN`` (one hash, as txtai), the config's ``auth.tokens``, a
 (``TOKEN_FILE`` or the systemd credential ``token``) with one ``HASH [NAME [WORKFLOW,...]]``
 per line. Only hashes are held; a presented token is hashed once and compared with every
 known hash in constant time. Repeated failures from one client are throttled.
+
+A token's list (``workflows``) scopes it: names of the workflows it may run through
+``POST /workflow``, and paths (beginning with ``/``) of the other routes it may call, as the
+routes are registered (``/stats``, ``/items/{id}``). A scoped token may call nothing else but
+the open routes; an unscoped one calls everything.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from .errors import ConfigError, http_error
 
 REALM = 'Bearer realm="aioserver"'
 OPEN_PATHS = frozenset({"/health"})
+# Routes (method, path as registered) whose handler checks a scoped token itself:
+# POST /workflow, against the workflow's name (check_scope).
+SCOPED_BY_HANDLER = frozenset({("POST", "/workflow")})
 HASH_HINT = (
     "expected the SHA-256 hex digest of the API token (64 hex characters), not the token itself;"
     " bin/aioserver-token makes a token and its hash"
@@ -42,10 +50,21 @@ class Token:
 
     name: str
     digest: bytes = field(repr=False)
-    workflows: frozenset[str] | None = None  # None: every workflow
+    # Workflow names and route paths ("/stats"); None: every workflow and route.
+    workflows: frozenset[str] | None = None
 
     def may_run(self, workflow: str) -> bool:
         return self.workflows is None or workflow in self.workflows
+
+    def may_call(self, request: web.Request) -> bool:
+        """Whether the request's route is in scope; unknown paths and methods never are."""
+        if self.workflows is None:
+            return True
+        route = request.match_info.route
+        if route.resource is None:  # aiohttp's 404/405: a scoped token learns no route exists
+            return False
+        path = route.resource.canonical
+        return (route.method, path) in SCOPED_BY_HANDLER or path in self.workflows
 
 
 def parse_hash(value: Any, source: str, key: str) -> bytes:
@@ -121,8 +140,11 @@ IDENTITY = web.RequestKey("identity", Token)
 class FailureThrottle:
     """Counts authorization failures per client; past ``limit`` in ``window`` seconds, 429.
 
-    Memory is bounded: at most ``max_clients`` entries, the least recently failing evicted.
-    IPv6 clients are counted per /64, the block one subscriber usually holds.
+    A client's window opens at its first failure and its count is forgotten only when the
+    window ends: a success in between resets nothing, or nine guesses and one right token,
+    repeated, would never be throttled. Memory is bounded: at most ``max_clients`` entries,
+    the least recently failing evicted. IPv6 clients are counted per /64, the block one
+    subscriber usually holds.
     """
 
     def __init__(self, limit: int = 10, window: float = 60.0, max_clients: int = 10_000) -> None:
@@ -130,6 +152,7 @@ class FailureThrottle:
         self.window = window
         self.max_clients = max_clients
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._quiet_from = 0.0  # when the last window open ends: from then on nobody is counted
 
     @staticmethod
     def client_key(address: str | None) -> str:
@@ -155,22 +178,25 @@ class FailureThrottle:
 
     def failed(self, client: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        if now >= self._quiet_from:
+            self._failures.clear()  # every window has ended: drop them all at once
         count, started = self._failures.pop(client, (0, now))
-        if now - started > self.window:
+        if now - started >= self.window:
             count, started = 0, now
         self._failures[client] = (count + 1, started)
+        self._quiet_from = max(self._quiet_from, started + self.window)
         while len(self._failures) > self.max_clients:
             self._failures.popitem(last=False)
 
-    def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
+    def active(self, now: float | None = None) -> bool:
+        """Whether a window is open: until then, no request needs its address keyed."""
+        return bool(self._failures) and (time.monotonic() if now is None else now) < self._quiet_from
 
     def __len__(self) -> int:
         return len(self._failures)
 
     def __bool__(self) -> bool:
-        """Whether anyone has failed lately (until then, no request needs its address keyed)."""
-        return bool(self._failures)
+        return self.active()
 
 
 def _challenge(cls: type[web.HTTPException], message: str, error: str | None) -> web.HTTPException:
@@ -188,8 +214,8 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not store.tokens or (request.path in OPEN_PATHS and request.method == "GET"):
             return await handler(request)
-        # Keyed only while someone has failed: parsing the address costs on every request.
-        client = throttle.client_key(request.remote) if throttle else None
+        # Keyed only while someone's window is open: parsing the address costs on every request.
+        client = throttle.client_key(request.remote) if throttle.active() else None
         wait = throttle.retry_after(client) if client is not None else 0
         if wait:
             raise http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
@@ -209,8 +235,10 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
         if token is None:
             throttle.failed(client or throttle.client_key(request.remote))
             raise _challenge(web.HTTPUnauthorized, "invalid token", "invalid_token")
-        if client is not None:
-            throttle.succeeded(client)
+        # Routing is done when middlewares run: judged here, every route (an extension's,
+        # one added later) is in a scoped token's reach only if its list names it.
+        if not token.may_call(request):
+            raise _challenge(web.HTTPForbidden, "this token may not call this route", "insufficient_scope")
         request[IDENTITY] = token
         return await handler(request)
 

@@ -49,6 +49,9 @@ class Config:
     safeopen: SafeOpen = field(default_factory=SafeOpen)  # what workflows may open
     # Whether a TLS proxy may stand in front: trusted_proxies, --uds or an activated Unix socket.
     proxied: bool = False
+    # Whether every listener is on a loopback address, decided once: an open service listening
+    # only there answers loopback Host names only (browser.py, against DNS rebinding).
+    loopback_only: bool = True
 
 
 def read_document(location: str | None) -> tuple[dict[str, Any], str]:
@@ -126,7 +129,38 @@ def build_config(
         dependencies=plugins.load_plugins("dependencies", document, env, source),
         extensions=plugins.load_plugins("extensions", document, env, source),
         proxied=bool(settings.trusted_proxies or settings.uds) or any(f == socket.AF_UNIX for f, _ in activated),
+        loopback_only=_loopback_only(settings, activated),
     )
+
+
+def _loopback_only(settings: Settings, activated: list[tuple[int, Any]]) -> bool:
+    """Whether every socket served is on a loopback address: the activated ones, else host's.
+
+    A host name is resolved as the listeners will resolve it (``localhost``, or a name
+    /etc/hosts maps to 127.0.1.1, is loopback). A name that does not resolve counts as
+    loopback: the server will not start on it anyway, and the Host check stays on.
+    """
+    if activated:
+        addresses = [address[0] for family, address in activated if family in (socket.AF_INET, socket.AF_INET6)]
+        return len(addresses) == len(activated) and all(_is_loopback(a) for a in addresses)
+    if settings.uds:
+        return False
+    try:
+        addresses = [str(ipaddress.ip_address(settings.host))]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(settings.host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (socket.gaierror, UnicodeError):
+            return True
+        addresses = [str(info[4][0]) for info in infos]
+    return all(_is_loopback(a) for a in addresses)
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address.partition("%")[0])  # a scoped IPv6 address: fe80::1%eth0
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _tls(settings: Settings, origins: dict[str, Origin], env: Mapping[str, str]) -> ReloadableContext | None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .browser import parse_allowed_hosts
 from .errors import ConfigError
 from .proxy import parse_trusted
 
@@ -227,6 +228,14 @@ class Settings:
         metavar="SECONDS",
     )
     log_level: str = _option("info", log_level, "log level: " + ", ".join(LOG_LEVELS), env="LOG_LEVEL", metavar="LEVEL")
+    allowed_hosts: tuple[str, ...] = _option(
+        (),
+        parse_allowed_hosts,
+        "Host names answered besides loopback ones while open on loopback (comma-separated;"
+        " .example.org: it and its subdomains, *.example.org: its subdomains, *: any)",
+        env="ALLOWED_HOSTS",
+        metavar="LIST",
+    )
 
 
 def options() -> Iterator[Option]:

@@ -3,7 +3,10 @@
 Both are comma-separated dotted paths (environment) or lists (config keys ``dependencies:``
 and ``extensions:``). A class is instantiated once, without arguments; a function is used
 as it is. A dependency gets the request after the token check, may be sync or async, and
-denies by raising an ``aiohttp.web.HTTPException``. An extension gets the application.
+denies by raising an ``aiohttp.web.HTTPException``. An extension gets the application; the
+routes it adds are authorized like every other one, scopes included: a token with a
+``workflows`` list calls an extension's route only when the list names its path as
+registered (``/stats``, ``/items/{id}``), which the auth middleware checks after routing.
 """
 
 from __future__ import annotations

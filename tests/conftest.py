@@ -105,7 +105,12 @@ class Server:
         self.log.extend(self.process.stderr)
 
     def post(self, body: bytes) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/workflow", data=body, method="POST")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/workflow",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read()
 

@@ -60,3 +60,16 @@ def add_client(app: web.Application) -> None:
         return web.json_response({"remote": request.remote, "scheme": request.scheme, "host": request.host})
 
     app.router.add_get("/client", client)
+
+
+def add_items(app: web.Application) -> None:
+    """An extension: a resource with a variable part, for every method, and a fixed one."""
+
+    async def item(request: web.Request) -> web.Response:
+        return web.json_response({"id": request.match_info["id"], "method": request.method})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"requests": 1})
+
+    app.router.add_route("*", r"/items/{id:\d+}", item)
+    app.router.add_get("/stats", stats)

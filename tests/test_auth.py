@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from aioserver import create_app, load_config
-from aioserver.auth import FailureThrottle, Token, TokenStore, parse_token_file
+from aioserver.auth import FailureThrottle, Token, TokenStore, auth_middleware, parse_token_file
 from aioserver.errors import ConfigError
 from aioserver.server import reload
 
@@ -21,7 +22,7 @@ workflow:
   upper: {tasks: [upper]}
 auth:
   tokens:
-    - {name: reader, sha256: %s, workflows: [echo]}
+    - {name: reader, sha256: %s, workflows: [echo, /whoami]}
 """ % hashlib.sha256(b"reader-token").hexdigest()
 
 REALM = 'Bearer realm="aioserver"'
@@ -180,6 +181,67 @@ async def test_scoped_token(make_client: ClientFactory, workflow: str, status: i
     assert response.status == (404 if workflow == "missing" else 200)
 
 
+def scope_app(scope: list[str] | None) -> web.Application:
+    """A tiny app behind the auth middleware, with one token of that scope."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response("ok")
+
+    store = TokenStore(
+        [Token("t", hashlib.sha256(TOKEN.encode()).digest(), None if scope is None else frozenset(scope))]
+    )
+    app = web.Application(middlewares=[auth_middleware(store, FailureThrottle())])
+    app.router.add_get("/health", handler)
+    app.router.add_post("/workflow", handler)
+    app.router.add_get("/stats", handler)
+    app.router.add_route("*", r"/items/{id:\d+}", handler)
+    return app
+
+
+# (the token's list or None, method, path, may call)
+SCOPE_CASES = [
+    (None, "POST", "/workflow", True),
+    (None, "GET", "/stats", True),
+    (None, "GET", "/nowhere", True),  # on to its 404
+    (["shout"], "GET", "/health", True),  # open to all
+    (["shout"], "POST", "/workflow", True),  # the handler checks the workflow's name
+    (["shout"], "GET", "/stats", False),
+    (["shout"], "GET", "/items/7", False),
+    (["shout"], "GET", "/workflow", False),  # no route (405): nothing revealed
+    (["shout"], "GET", "/nowhere", False),  # no route (404): nothing revealed
+    ([], "POST", "/workflow", True),  # and then may run no workflow
+    ([], "GET", "/stats", False),
+    (["shout", "/stats"], "GET", "/stats", True),
+    (["shout", "/stats"], "POST", "/stats", False),  # no POST route there (405)
+    (["shout", "/stats"], "GET", "/stats/", False),
+    (["shout", "/stats"], "GET", "/items/7", False),
+    (["/items/{id}"], "GET", "/items/7", True),  # the path as registered, without its regex
+    (["/items/{id}"], "DELETE", "/items/7", True),  # every method of the path
+    (["/items/{id}"], "GET", "/items/x", False),
+    (["/items/7"], "GET", "/items/7", False),  # a concrete path is not the route's
+    (["stats"], "GET", "/stats", False),  # a workflow name, not a path
+    (["/workflow"], "POST", "/workflow", True),
+]
+
+
+@pytest.mark.parametrize(("scope", "method", "path", "allowed"), SCOPE_CASES)
+async def test_scope_rule(aiohttp_client, scope: list[str] | None, method: str, path: str, allowed: bool) -> None:  # type: ignore[no-untyped-def]
+    client = await aiohttp_client(scope_app(scope))
+    response = await client.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+    if allowed:
+        assert response.status != 403
+    else:
+        assert response.status == 403
+        assert response.headers["WWW-Authenticate"] == f'{REALM}, error="insufficient_scope"'
+        assert await response.json() == {"error": "this token may not call this route"}
+
+
+def test_token_file_scopes_routes() -> None:
+    (token,) = parse_token_file(f"{sha('ci')} ci shout,/stats,/items/{{id}}\n", "tokens")
+    assert token.workflows == frozenset({"shout", "/stats", "/items/{id}"})
+    assert token.may_run("shout") and not token.may_run("echo")
+
+
 async def test_repeated_failures_are_throttled(make_client: ClientFactory) -> None:
     client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
     body = {"name": "echo", "elements": []}
@@ -197,19 +259,70 @@ async def test_repeated_failures_are_throttled(make_client: ClientFactory) -> No
     assert (await client.get("/health")).status == 200
 
 
-def test_throttle_window_reset_and_bounded_memory() -> None:
-    throttle = FailureThrottle(limit=3, window=10, max_clients=100)
-    for _ in range(3):
+async def test_a_success_does_not_reset_the_failures(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
+    body = {"name": "echo", "elements": []}
+    tokens = (["bad"] * 9 + [TOKEN]) * 2  # nine guesses and the right token, twice
+    statuses = [
+        (await client.post("/workflow", json=body, headers={"Authorization": f"Bearer {token}"})).status
+        for token in tokens
+    ]
+    assert statuses == [401] * 9 + [200] + [401] + [429] * 9
+
+
+# (failures as (count, time), time asked, seconds to wait): limit 10 in a 60 s window.
+THROTTLE_CASES = [
+    ([(9, 0)], 1, 0),
+    ([(10, 0)], 0, 60),
+    ([(10, 0)], 1, 59),
+    ([(10, 0)], 59.5, 1),
+    ([(10, 0)], 60, 0),  # the window has passed
+    ([(10, 0)], 600, 0),
+    ([(9, 0), (1, 59)], 59.5, 1),  # ten within the window
+    ([(9, 0), (1, 60)], 60, 0),  # the tenth opened a new window
+    ([(5, 0), (10, 61)], 62, 59),  # a window opened at 61 by the sixth-ever failure
+    ([(10, 0), (10, 30)], 31, 29),  # failures while throttled do not extend the window
+]
+
+
+@pytest.mark.parametrize(("failures", "now", "wait"), THROTTLE_CASES)
+def test_throttle_window(failures: list[tuple[int, float]], now: float, wait: int) -> None:
+    throttle = FailureThrottle(limit=10, window=60)
+    for count, when in failures:
+        for _ in range(count):
+            throttle.failed("1.2.3.4", now=when)
+    assert throttle.retry_after("1.2.3.4", now=now) == wait
+    assert throttle.retry_after("5.6.7.8", now=now) == 0  # others are not concerned
+
+
+def test_a_window_ends_by_itself_while_another_is_open() -> None:
+    throttle = FailureThrottle(limit=10, window=60)
+    for _ in range(5):
         throttle.failed("1.2.3.4", now=0)
-    assert throttle.retry_after("1.2.3.4", now=1) == 9
-    assert throttle.retry_after("1.2.3.4", now=10.5) == 0  # the window has passed
-    for _ in range(3):
-        throttle.failed("5.6.7.8", now=20)
-    throttle.succeeded("5.6.7.8")
-    assert throttle.retry_after("5.6.7.8", now=21) == 0
+    throttle.failed("5.6.7.8", now=31)  # a window open until 91
+    for _ in range(10):
+        throttle.failed("1.2.3.4", now=61)  # ten in the window opened at 61, not fifteen in an old one
+    assert throttle.retry_after("1.2.3.4", now=62) == 59
+
+
+@pytest.mark.parametrize(
+    ("failures", "now", "active"),
+    [([], 0, False), ([0], 59.9, True), ([0], 60, False), ([0, 50], 109, True), ([0, 50], 110, False)],
+)
+def test_throttle_is_active_while_a_window_is_open(failures: list[float], now: float, active: bool) -> None:
+    throttle = FailureThrottle(limit=10, window=60)
+    for i, when in enumerate(failures):
+        throttle.failed(f"10.0.0.{i}", now=when)
+    assert throttle.active(now=now) is active
+
+
+def test_throttle_memory_is_bounded() -> None:
+    throttle = FailureThrottle(limit=3, window=10, max_clients=100)
     for i in range(10_000):  # an attacker cycling addresses
         throttle.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", now=30)
     assert len(throttle) == 100
+    throttle.failed("1.2.3.4", now=40)  # every window has ended: the old entries go
+    assert len(throttle) == 1
 
 
 @pytest.mark.parametrize(
@@ -231,6 +344,27 @@ def test_store_matches_in_constant_time_over_all_hashes() -> None:
     store = TokenStore(tokens)
     assert store.match("v3") is tokens[3]
     assert store.match("v9") is None
+
+
+@pytest.mark.parametrize("position", [0, 3, 4, 16, 31])
+def test_every_byte_of_the_hash_counts(position: int) -> None:
+    # A hash equal to the token's but for one byte: a comparison of part of the digest (its
+    # first bytes, say) would take it.
+    digest = bytearray(hashlib.sha256(TOKEN.encode()).digest())
+    digest[position] ^= 0x01
+    assert TokenStore([Token("near", bytes(digest))]).match(TOKEN) is None
+    assert TokenStore([Token("near", bytes(digest)), Token("real", bytes.fromhex(TOKEN_HASH))]).match(TOKEN) == Token(
+        "real", bytes.fromhex(TOKEN_HASH)
+    )
+
+
+async def test_a_near_hash_is_refused(make_client: ClientFactory) -> None:
+    near = TOKEN_HASH[:-2] + format(int(TOKEN_HASH[-2:], 16) ^ 0xFF, "02x")
+    client = await make_client(CONFIG, env={"TOKEN": near})
+    response = await client.post(
+        "/workflow", json={"name": "echo", "elements": []}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert response.status == 401
 
 
 async def test_identity_reaches_handlers(make_client: ClientFactory) -> None:

@@ -69,7 +69,7 @@ async def exchange(port: int, data: bytes, wait: float = 5) -> bytes:
 
 def post(body: bytes, extra: bytes = b"") -> bytes:
     return (
-        b"POST /workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        b"POST /workflow HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
         + extra
         + b"Content-Length: %d\r\n\r\n" % len(body)
         + body
@@ -78,7 +78,10 @@ def post(body: bytes, extra: bytes = b"") -> bytes:
 
 async def test_declared_oversize_body_is_413_before_it_is_sent(server: tuple[int, LimitedRunner]) -> None:
     port, _ = server
-    head = b"POST /workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 10000000\r\n\r\n"
+    head = (
+        b"POST /workflow HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 10000000\r\n\r\n"
+    )
     answer = await exchange(port, head, wait=3)  # no body sent: the answer does not wait for it
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b'"error": "Maximum request body size 1024 exceeded' in answer
@@ -91,14 +94,18 @@ async def test_streamed_oversize_body_is_413(make_client: ClientFactory) -> None
         for _ in range(100):
             yield b"x" * 100
 
-    response = await client.post("/workflow", data=chunks())  # chunked: no length declared
+    # chunked: no length declared
+    response = await client.post("/workflow", data=chunks(), headers={"Content-Type": "application/json"})
     assert response.status == 413
     assert "Maximum request body size 1024 exceeded" in (await response.json())["error"]
 
 
 async def test_slow_body_is_408(server: tuple[int, LimitedRunner]) -> None:
     port, _ = server
-    head = b'POST /workflow HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 50\r\n\r\n{"name"'
+    head = (
+        b"POST /workflow HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 50\r\n\r\n{"name"'
+    )
     started = time.monotonic()
     answer = await exchange(port, head)
     assert answer.startswith(b"HTTP/1.1 408 ")
@@ -143,12 +150,12 @@ async def test_slowloris_is_cut_off_while_others_are_served(server: tuple[int, L
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.monotonic()
     closed_after = None
-    for piece in [b"GET /health HTTP/1.1\r\n", b"Host: t\r\n"] + [b"X-Slow-%d: 1\r\n" % i for i in range(20)]:
+    for piece in [b"GET /health HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n"] + [b"X-Slow-%d: 1\r\n" % i for i in range(20)]:
         writer.write(piece)
         # Meanwhile a well-behaved client is served at once.
-        assert (await exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")).startswith(
-            b"HTTP/1.1 200 "
-        )
+        assert (
+            await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        ).startswith(b"HTTP/1.1 200 ")
         try:
             if await asyncio.wait_for(reader.read(1), 0.25) == b"":
                 closed_after = time.monotonic() - started
@@ -162,7 +169,7 @@ async def test_slowloris_is_cut_off_while_others_are_served(server: tuple[int, L
 async def test_idle_keep_alive_connection_is_closed(server: tuple[int, LimitedRunner]) -> None:
     port, _ = server
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+    writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     started = time.monotonic()
     answer = await asyncio.wait_for(reader.read(), 5)  # until the server closes
     writer.close()
@@ -174,15 +181,15 @@ async def test_connection_limit(server: tuple[int, LimitedRunner], caplog: pytes
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     await asyncio.sleep(0.05)
     with caplog.at_level(logging.WARNING, logger="aioserver.limits"):
-        first = await exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-        second = await exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        second = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     for answer in (first, second):
         assert answer.startswith(b"HTTP/1.1 503 ") and b'{"error": "too many connections"}' in answer
     assert caplog.text.count("connection limit reached: 4 open") == 1  # once per episode
     for _, writer in held:
         writer.close()
     await asyncio.sleep(0.1)
-    assert (await exchange(port, b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")).startswith(
+    assert (await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")).startswith(
         b"HTTP/1.1 200 "
     )
 
@@ -192,7 +199,7 @@ async def test_connection_limit(server: tuple[int, LimitedRunner], caplog: pytes
     [
         (post(b"{}", b"Authorization: Bearer " + TOKEN.encode() + b"\x01x\r\n"), b"BadHttpMessage"),
         (post(b"{}", b"Authorization: Bearer " + TOKEN.encode() + b"A" * 300 + b"\r\n"), b"LineTooLong"),
-        (b"GET /a b/" + TOKEN.encode() + b" HTTP/1.1\r\nHost: t\r\n\r\n", b"BadStatusLine"),
+        (b"GET /a b/" + TOKEN.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"BadStatusLine"),
     ],
 )
 async def test_malformed_http_is_json_and_never_echoed_or_logged(

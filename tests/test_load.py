@@ -67,7 +67,7 @@ async def _request(session: aiohttp.ClientSession, kind: str, url: str) -> int:
     if kind == "bad_token":
         kwargs = {"json": {"name": "echo", "elements": [1]}, "headers": {"Authorization": "Bearer nope"}}
     elif kind == "malformed":
-        kwargs = {"data": b'{"name": "echo", "elements": [', "headers": GOOD}
+        kwargs = {"data": b'{"name": "echo", "elements": [', "headers": {**GOOD, "Content-Type": "application/json"}}
     elif kind == "wrong_type":
         kwargs = {"json": {"name": "upper", "elements": [1, 2]}, "headers": GOOD}
     else:
@@ -83,7 +83,10 @@ async def _slow_body(url: str) -> int:
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        head = f"POST /workflow HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n"
+        head = (
+            f"POST /workflow HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
         writer.write(head.encode())
         for _ in range(30):
             if reader.at_eof() or len(reader._buffer):  # type: ignore[attr-defined]  # the answer came

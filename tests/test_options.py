@@ -32,6 +32,7 @@ SAMPLES = {
     "timeout_keep_alive": ("2.5", 2.5, "soon"),
     "timeout_graceful_shutdown": ("4", 4.0, "0"),
     "log_level": ("DEBUG", "debug", "loud"),
+    "allowed_hosts": ("Example.org, .corp.test", ("example.org", ".corp.test"), "example.org:80"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from hashlib import sha256
 
 import pytest
 
@@ -77,6 +78,53 @@ async def test_extensions_add_routes_behind_authorization(
     assert (response.status, await response.json()) == (200, "hello")
     response = await client.get("/whoami", headers=AUTH)
     assert await response.json() == {"name": "token", "client_subject": None}
+
+
+SCOPED = (
+    BASE
+    + f"""auth:
+  tokens:
+    - {{name: ci, sha256: {sha256(b"ci-token").hexdigest()}, workflows: [echo, "/items/{{id}}"]}}
+    - {{name: ops, sha256: {sha256(b"ops-token").hexdigest()}, workflows: [echo]}}
+extensions: [sample_plugins.add_whoami, sample_plugins.add_items]
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("token", "method", "path", "status"),
+    [
+        ("ci-token", "GET", "/items/7", 200),
+        ("ci-token", "PUT", "/items/7", 200),
+        ("ci-token", "POST", "/workflow", 200),
+        ("ci-token", "GET", "/whoami", 403),
+        ("ci-token", "GET", "/stats", 403),
+        ("ops-token", "GET", "/items/7", 403),
+        ("ops-token", "GET", "/whoami", 403),
+        ("ops-token", "POST", "/items/7", 403),
+        ("ops-token", "GET", "/nowhere", 403),  # an unknown path reveals nothing to a scoped token
+        ("ops-token", "GET", "/workflow", 403),
+        ("ops-token", "POST", "/workflow", 200),
+        ("ops-token", "GET", "/health", 200),
+        (TOKEN, "GET", "/items/7", 200),
+        (TOKEN, "GET", "/stats", 200),
+        (TOKEN, "GET", "/whoami", 200),
+        (TOKEN, "GET", "/nowhere", 404),
+        (TOKEN, "GET", "/workflow", 405),
+        (None, "GET", "/items/7", 401),
+    ],
+)
+async def test_scopes_cover_extension_routes(
+    make_client: ClientFactory, token: str | None, method: str, path: str, status: int
+) -> None:
+    client = await make_client(SCOPED, env={"TOKEN": TOKEN_HASH})
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {"name": "echo", "elements": [1]}
+    response = await client.request(method, path, json=body if method != "GET" else None, headers=headers)
+    assert response.status == status
+    if status == 403:
+        assert response.headers["WWW-Authenticate"].endswith('error="insufficient_scope"')
+        assert await response.json() == {"error": "this token may not call this route"}
 
 
 @pytest.mark.parametrize(

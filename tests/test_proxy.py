@@ -175,6 +175,8 @@ def request(
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
     try:
         body = json.dumps({"name": "echo", "elements": ["hi"]}) if path == "/workflow" else None
+        if body:
+            headers = {**headers, "Content-Type": "application/json"}
         connection.request("POST" if body else "GET", path, body, headers)
         response = connection.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()

@@ -182,6 +182,8 @@ def test_secrets_never_reach_logs_or_responses(
         ]
         for method, path, headers, body in requests:
             connection = http.client.HTTPSConnection("localhost", server.port, context=client_ssl_ctx, timeout=10)
+            if body is not None:
+                headers = {**headers, "Content-Type": "application/json"}
             connection.request(method, path, json.dumps(body) if body is not None else None, headers)
             response = connection.getresponse()
             answers.append(str(response.getheaders()).encode() + response.read())

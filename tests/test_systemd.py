@@ -171,9 +171,8 @@ def test_socket_activation(tls: bool, tmp_path: Path, pem_files: PemFiles, clien
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         if tls:
             connection = http.client.HTTPSConnection("localhost", port, context=client_ssl_ctx, timeout=10)
-        connection.request(
-            "POST", "/workflow", '{"name": "echo", "elements": [1]}', {"Authorization": f"Bearer {TOKEN}"}
-        )
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        connection.request("POST", "/workflow", '{"name": "echo", "elements": [1]}', headers)
         assert connection.getresponse().read() == b"[1]"
         connection.close()
         process.send_signal(signal.SIGTERM)
@@ -253,9 +252,8 @@ def test_credentials_directory_supplies_token_and_key(
         connection.request("POST", "/workflow", '{"name": "echo", "elements": []}')
         response = connection.getresponse()
         assert (response.status, response.read()) == (401, b'{"error": "authorization required"}')
-        connection.request(
-            "POST", "/workflow", '{"name": "echo", "elements": ["x"]}', {"Authorization": f"Bearer {TOKEN}"}
-        )
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        connection.request("POST", "/workflow", '{"name": "echo", "elements": ["x"]}', headers)
         assert connection.getresponse().read() == b'["x"]'
         connection.close()
         process.send_signal(signal.SIGTERM)

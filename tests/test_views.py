@@ -61,7 +61,7 @@ async def test_errors_are_json(
     make_client: ClientFactory, method: str, path: str, body: bytes | None, status: int, error: str | None
 ) -> None:
     client = await make_client(CONFIG)
-    response = await client.request(method, path, data=body)
+    response = await client.request(method, path, data=body, headers={"Content-Type": "application/json"})
     assert response.status == status
     assert response.content_type == "application/json"
     payload = await response.json()

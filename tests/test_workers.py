@@ -19,7 +19,9 @@ CONFIG = "workflow:\n  pid: {tasks: [sample_actions.hold_loop]}\n  fast: {tasks:
 
 def post(port: int, name: str) -> int:
     body = json.dumps({"name": name, "elements": [1]}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/workflow", data=body, method="POST")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workflow", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return int(json.loads(response.read())[0])
 
