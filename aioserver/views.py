@@ -10,7 +10,7 @@ from . import jsoncodec
 from .auth import check_scope
 from .errors import http_error
 from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
-from .limits import read_body
+from .limits import check_length, read_body
 
 REQUEST_KEYS = frozenset({"name", "elements"})
 
@@ -23,17 +23,19 @@ async def health(request: web.Request) -> web.Response:
 async def run_workflow(request: web.Request) -> web.Response:
     """Run the named workflow over the elements and answer with the list of results."""
     app = request.app
-    name, elements = _parse_body(await read_body(request, app[CONFIG].settings.timeout_request_body))
-    check_scope(request, name)
-    workflow = app[WORKFLOWS].get(name)
-    if workflow is None:
-        raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
-    results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
-    try:
-        body = jsoncodec.dumps(results)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"workflow {name!r} returned a result that is not JSON-serializable: {exc}") from None
-    return web.Response(body=body, content_type="application/json")
+    check_length(request)  # 413 before 503: waiting for a free slot would not help
+    with app[LIMITS]:  # a slot, or 503, before the body is read
+        name, elements = _parse_body(await read_body(request, app[CONFIG].settings.timeout_request_body))
+        check_scope(request, name)
+        workflow = app[WORKFLOWS].get(name)
+        if workflow is None:
+            raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
+        results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
+        try:
+            answer = jsoncodec.dumps(results)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"workflow {name!r} returned a result that is not JSON-serializable: {exc}") from None
+    return web.Response(body=answer, content_type="application/json")
 
 
 def _parse_body(raw: bytes) -> tuple[str, list[Any]]:

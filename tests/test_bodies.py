@@ -1,4 +1,4 @@
-"""Request bodies and log lines: what a client sent is logged encoded, on its own line.
+"""Request bodies and log lines: admission before reading, exact size limits, log lines encoded.
 
 In-process tests run the app behind the runner the CLI uses, on a real port, on asyncio's loop;
 black-box tests run ``python -m aioserver`` (on uvloop) and watch its log.
@@ -30,8 +30,11 @@ MAX = 2048  # the in-process server's --max-body-size
 CONFIG = f"""
 server:
   max_body_size: {MAX}
+  limit_concurrency: 1
+  timeout_request_body: 2
 workflow:
   echo: {{tasks: [echo]}}
+  nap: {{tasks: [{{action: sample_actions.async_sleepy, args: [1]}}]}}
 """
 
 
@@ -79,12 +82,86 @@ def head(length: int | None, path: bytes = b"/workflow") -> bytes:
     return b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + JSON + framing + b"\r\n"
 
 
+def chunked(body: bytes, size: int = 500) -> bytes:
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+ECHO_FRAME = (b'{"name": "echo", "elements": ["', b'", 1]}')
+
+
+def echo_body(length: int) -> bytes:
+    """A valid echo request of exactly ``length`` bytes: a string of x, and 1."""
+    start, end = ECHO_FRAME
+    return start + b"x" * (length - len(start) - len(end)) + end
+
+
 def status(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1])
 
 
 def payload(answer: bytes) -> Any:
     return json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+# -- exact size limits (a 413 off by one byte or by a factor of two must fail a test)
+
+
+@pytest.mark.parametrize("framing", ["declared", "chunked"])
+async def test_body_of_exactly_the_limit_is_accepted(serve: Serve, framing: str) -> None:
+    port = await serve(CONFIG)
+    body = echo_body(MAX)
+    assert len(body) == MAX
+    sent = head(len(body)) + body if framing == "declared" else head(None) + chunked(body)
+    answer = await exchange(port, sent)
+    assert status(answer) == 200
+    assert payload(answer) == ["x" * (MAX - len(b"".join(ECHO_FRAME))), 1]
+
+
+async def test_one_byte_over_declared_is_413_before_the_body_is_sent(serve: Serve) -> None:
+    port = await serve(CONFIG)
+    started = time.monotonic()
+    answer = await exchange(port, head(MAX + 1))  # no body: the answer does not wait for it
+    assert status(answer) == 413, answer
+    assert payload(answer) == {"error": f"Maximum request body size {MAX} exceeded."}
+    assert time.monotonic() - started < 1.5  # not the 408 that waiting for the body would give at 2 s
+
+
+async def test_one_byte_over_chunked_is_413(serve: Serve) -> None:
+    port = await serve(CONFIG)
+    answer = await exchange(port, head(None) + chunked(echo_body(MAX + 1)))
+    assert status(answer) == 413
+    assert f"Maximum request body size {MAX} exceeded" in payload(answer)["error"]
+
+
+# -- --limit-concurrency admits before reading the body
+
+
+async def test_over_the_concurrency_limit_is_503_before_the_body_is_read(serve: Serve) -> None:
+    port = await serve(CONFIG)  # limit_concurrency: 1
+    nap = b'{"name": "nap", "elements": ["z"]}'
+    running = asyncio.create_task(exchange(port, head(len(nap)) + nap))
+    await asyncio.sleep(0.3)  # the nap workflow (1 s) holds the only slot
+    started = time.monotonic()
+    answer = await exchange(port, head(MAX))  # a head, and no body
+    assert status(answer) == 503
+    assert b"\r\nRetry-After: 1\r\n" in answer
+    assert payload(answer) == {"error": "too many workflows running, retry later"}
+    assert time.monotonic() - started < 1.5  # not the 408 that waiting for the body would give at 2 s
+    assert status(await running) == 200
+
+
+async def test_a_slow_upload_holds_its_slot_and_no_more(serve: Serve) -> None:
+    port = await serve(CONFIG)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head(MAX) + b'{"name": "echo", ')  # the rest never comes
+    await asyncio.sleep(0.2)
+    body = b'{"name": "echo", "elements": [1]}'
+    assert status(await exchange(port, head(len(body)) + body)) == 503
+    writer.close()  # the slow upload gives up: its slot is free again
+    await reader.read()
+    await asyncio.sleep(0.1)
+    assert payload(await exchange(port, head(len(body)) + body)) == [1]
 
 
 # -- log lines: what a client sent stays encoded, on its own line
@@ -138,6 +215,7 @@ async def test_error_lines_log_the_path_encoded(
 SERVER_CONFIG = """
 workflow:
   echo: {tasks: [echo]}
+  nap: {tasks: [{action: sample_actions.async_sleepy, args: [2]}]}
 """
 
 
@@ -146,6 +224,16 @@ def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config.yml"
     path.write_text(SERVER_CONFIG)
     return path
+
+
+async def test_server_admits_before_reading_the_body(config_file: Path) -> None:
+    with Server("--config", str(config_file), "--limit-concurrency", "1") as server:
+        body = b'{"name": "nap", "elements": [1]}'
+        running = asyncio.create_task(exchange(server.port, head(len(body)) + body))
+        await asyncio.sleep(0.5)  # the nap (2 s) holds the only slot
+        answer = await exchange(server.port, head(10_000_000), wait=1.5)  # a big upload's head, no body
+        assert status(answer) == 503 and payload(answer) == {"error": "too many workflows running, retry later"}
+        assert status(await running) == 200
 
 
 async def test_server_logs_an_encoded_path_on_one_line(config_file: Path) -> None:
