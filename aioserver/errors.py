@@ -11,6 +11,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from .logtext import loggable
+
 logger = logging.getLogger("aioserver.error")
 
 
@@ -67,12 +69,13 @@ def error_middleware(headers: Mapping[str, str]) -> Middleware:
         except InvalidElement as exc:
             response = web.json_response({"error": str(exc)}, status=400)
         except UpstreamError as exc:
-            logger.warning("bad gateway while handling %s %s: %s", request.method, request.path, exc)
+            logger.warning(
+                "bad gateway while handling %s %s: %s", request.method, _logged_path(request), loggable(str(exc))
+            )
             response = web.json_response({"error": str(exc)}, status=502)
         except Exception:
             error_id = secrets.token_hex(6)
-            # The path only: a query string may carry something the client thinks private.
-            logger.exception("error %s while handling %s %s", error_id, request.method, request.path)
+            logger.exception("error %s while handling %s %s", error_id, request.method, _logged_path(request))
             body: dict[str, Any] = {"error": f"internal error, id {error_id}", "id": error_id}
             response = web.json_response(body, status=500)
         if not response.prepared:  # a streamed answer has sent its headers already
@@ -80,6 +83,12 @@ def error_middleware(headers: Mapping[str, str]) -> Middleware:
         return response
 
     return middleware
+
+
+def _logged_path(request: web.Request) -> str:
+    """The path as the client sent it, still percent-encoded (as the access log shows it): a
+    decoded ``%0A`` would forge a line. Without the query, which may carry something private."""
+    return loggable(request.rel_url.raw_path)
 
 
 def _render(exc: web.HTTPException) -> web.Response:

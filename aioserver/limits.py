@@ -3,9 +3,10 @@
 - Request bodies: over ``max_body_size`` is 413 before reading it when the length is declared,
   and as soon as the limit is passed otherwise (aiohttp's ``client_max_size``); a body that
   does not arrive within ``timeout_request_body`` is 408.
-- Workflows: beyond ``limit_concurrency`` running at once, 503 with ``Retry-After``; one
-  running longer than ``timeout_workflow`` is 504, its async work cancelled, its sync work
-  (a thread that cannot be interrupted) abandoned to finish on its own.
+- Workflows: beyond ``limit_concurrency`` requests at once, 503 with ``Retry-After``, before
+  the body is read (so slow uploads hold no more bodies than the limit); one running longer
+  than ``timeout_workflow`` is 504, its async work cancelled, its sync work (a thread that
+  cannot be interrupted) abandoned to finish on its own.
 - Connections: beyond ``limit_connections`` open in this process, a new one is answered 503
   and closed, and the log says so once per episode. A client that takes longer than
   ``timeout_keep_alive`` to send a request's headers is cut off by aiohttp's keep-alive
@@ -36,7 +37,11 @@ OVERLOADED = (
 
 
 class WorkflowLimits:
-    """Counts running workflows and bounds their time.
+    """Counts workflow requests in progress and bounds their workflows' time.
+
+    A request takes its slot with ``with limits:`` as soon as it is authorized, before its body
+    is read, and keeps it until its answer is made: the limit bounds the bodies held in memory
+    as well as the workflows running.
 
     One sweeper, run every quarter of the time limit (at most every second) while workflows
     run, cancels those past their deadline: cheaper per request than a timer each, and a
@@ -52,19 +57,25 @@ class WorkflowLimits:
         self._sweeper: asyncio.TimerHandle | None = None
         self._interval = min(1.0, timeout / 4)
 
-    async def run(self, work: Callable[[], Awaitable[T]]) -> T:
-        """Run ``work()`` within the limits; raise 503 or 504 as HTTP errors."""
+    def __enter__(self) -> None:
+        """Take a slot, or raise 503 when every one is taken."""
         if self.running >= self.concurrency:
             raise http_error(
                 web.HTTPServiceUnavailable, "too many workflows running, retry later", **{"Retry-After": "1"}
             )
+        self.running += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.running -= 1
+
+    async def run(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work()`` within the time limit; raise 504 as an HTTP error."""
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         self._deadlines[task] = loop.time() + self.timeout
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._interval, self._sweep)
-        self.running += 1
         try:
             return await work()
         except asyncio.CancelledError:
@@ -73,7 +84,6 @@ class WorkflowLimits:
             task.uncancel()
             raise http_error(web.HTTPGatewayTimeout, f"the workflow took longer than {self.timeout:g}s") from None
         finally:
-            self.running -= 1
             del self._deadlines[task]
             self._expired.discard(task)
 
@@ -87,11 +97,15 @@ class WorkflowLimits:
         self._sweeper = loop.call_later(self._interval, self._sweep) if self._deadlines else None
 
 
-async def read_body(request: web.Request, timeout: float) -> bytes:
-    """The request body, within the size limit and ``timeout`` seconds."""
+def check_length(request: web.Request) -> None:
+    """413 when the declared body length is over the size limit, without waiting for the body."""
     declared = request.content_length
     if declared is not None and declared > request.client_max_size:
         raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=declared)
+
+
+async def read_body(request: web.Request, timeout: float) -> bytes:
+    """The request body, within ``timeout`` seconds; after :func:`check_length`."""
     if request.content.is_eof():  # the whole body came with the head: nothing to wait for
         return await request.read()
     try:

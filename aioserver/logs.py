@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .auth import IDENTITY
+from .logtext import loggable
 from .proxy import REAL_CLIENT
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -29,8 +30,9 @@ class AccessLogger(AbstractAccessLogger):
     Behind a trusted proxy, client and scheme are those the proxy reported (see proxy.py).
 
     The path is logged still percent-encoded and without its query: a decoded path could
-    forge log lines, and a query is where a careless client puts a secret. The identity is
-    the matched token's name, ``-`` when none.
+    forge log lines, and a query is where a careless client puts a secret; what it could still
+    hold (aiohttp's pure-Python parser lets a raw U+2028 through) is escaped, as are the client
+    and scheme a proxy reported. The identity is the matched token's name, ``-`` when none.
 
     When :func:`configure_logging` has set the process up, lines are formatted here, as the
     logging module would, and written to stderr in batches (at most 0.1 s late): through
@@ -41,10 +43,15 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         token = request.get(IDENTITY)
-        client, scheme = request.get(REAL_CLIENT) or (request.remote, request.scheme)
+        forwarded = request.get(REAL_CLIENT)
+        if forwarded is None:
+            client, scheme = request.remote, request.scheme
+        else:  # as a proxy reported them: Forwarded's for= and proto= may be any token
+            client, scheme = (loggable(str(value)) for value in forwarded)
+        path = loggable(request.rel_url.raw_path)
         version = request.version
         message = (
-            f'{client} {scheme} "{request.method} {request.rel_url.raw_path} HTTP/{version.major}.{version.minor}"'
+            f'{client} {scheme} "{request.method} {path} HTTP/{version.major}.{version.minor}"'
             f" {response.status} {response.body_length} {time:.3f}s {token.name if token else '-'}"
         )
         if self.stream is None:

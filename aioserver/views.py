@@ -10,9 +10,16 @@ from . import jsoncodec
 from .auth import check_scope
 from .errors import http_error
 from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
-from .limits import read_body
+from .limits import check_length, read_body
 
 REQUEST_KEYS = frozenset({"name", "elements"})
+# Bodies up to this size are parsed on the event loop, where a parse of even the costliest
+# values takes a few milliseconds; bigger ones go to jsoncodec's parser thread.
+INLINE_BODY = 64 * 1024
+# A big body may hold one JSON value per this many bytes of --max-body-size, and never fewer
+# than an inline body can: at 16 MiB, 1 Mi values, at most about 90 MiB once parsed (plus
+# their strings' text) where 16 MiB of ``{},`` would make 400 MiB.
+BYTES_PER_VALUE = 16
 
 
 async def health(request: web.Request) -> web.Response:
@@ -23,24 +30,38 @@ async def health(request: web.Request) -> web.Response:
 async def run_workflow(request: web.Request) -> web.Response:
     """Run the named workflow over the elements and answer with the list of results."""
     app = request.app
-    name, elements = _parse_body(await read_body(request, app[CONFIG].settings.timeout_request_body))
-    check_scope(request, name)
-    workflow = app[WORKFLOWS].get(name)
-    if workflow is None:
-        raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
-    results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
-    try:
-        body = jsoncodec.dumps(results)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"workflow {name!r} returned a result that is not JSON-serializable: {exc}") from None
-    return web.Response(body=body, content_type="application/json")
+    check_length(request)  # 413 before 503: waiting for a free slot would not help
+    with app[LIMITS]:  # a slot, or 503, before the body is read
+        raw = await read_body(request, app[CONFIG].settings.timeout_request_body)
+        try:
+            if len(raw) <= INLINE_BODY:
+                body = jsoncodec.loads(raw)
+            else:
+                max_values = max(request.client_max_size // BYTES_PER_VALUE, INLINE_BODY)
+                body = await jsoncodec.loads_off_loop(raw, max_values)
+        except jsoncodec.TooManyValues as exc:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=request.client_max_size, actual_size=len(raw), text=f"body holds {exc}"
+            ) from None
+        except jsoncodec.TooDeep as exc:
+            raise http_error(web.HTTPBadRequest, f"body is {exc}") from None
+        except (ValueError, UnicodeDecodeError):
+            raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
+        name, elements = _fields(body)
+        check_scope(request, name)
+        workflow = app[WORKFLOWS].get(name)
+        if workflow is None:
+            raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
+        results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
+        try:
+            answer = jsoncodec.dumps(results)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"workflow {name!r} returned a result that is not JSON-serializable: {exc}") from None
+    return web.Response(body=answer, content_type="application/json")
 
 
-def _parse_body(raw: bytes) -> tuple[str, list[Any]]:
-    try:
-        body = jsoncodec.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
+def _fields(body: Any) -> tuple[str, list[Any]]:
+    """The name and elements of a parsed body, or 400 saying what is wrong with its shape."""
     if not isinstance(body, dict):
         raise http_error(web.HTTPBadRequest, 'body must be a JSON object {"name": ..., "elements": [...]}')
     unknown = body.keys() - REQUEST_KEYS

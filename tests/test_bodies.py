@@ -1,0 +1,458 @@
+"""Request bodies: admission before reading, exact size limits, bounded parsing, nesting, log lines.
+
+In-process tests run the app behind the runner the CLI uses, on a real port, on asyncio's loop;
+black-box tests run ``python -m aioserver`` (on uvloop) and watch its memory and its log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from aioserver import create_app, jsoncodec, load_config
+from aioserver.errors import UpstreamError
+from aioserver.limits import LimitedRunner
+from aioserver.logtext import loggable
+
+from conftest import Server
+
+JSON = b"Content-Type: application/json\r\n"
+MAX = 2048  # the in-process server's --max-body-size
+CONFIG = f"""
+server:
+  max_body_size: {MAX}
+  limit_concurrency: 1
+  timeout_request_body: 2
+workflow:
+  echo: {{tasks: [echo]}}
+  nap: {{tasks: [{{action: sample_actions.async_sleepy, args: [1]}}]}}
+  deep: {{tasks: [test_bodies.deep_results]}}
+"""
+BIG = 2 * 1024 * 1024  # a --max-body-size over views.INLINE_BODY: bodies parsed off the loop
+BIG_CONFIG = f"""
+server:
+  max_body_size: {BIG}
+workflow:
+  echo: {{tasks: [echo]}}
+"""
+MAX_VALUES = BIG // 16  # views.BYTES_PER_VALUE
+
+
+def deep_results(batch: list[Any]) -> list[Any]:
+    """An action answering each element with lists nested 2000 deep: more than json.dumps can."""
+    results = []
+    for _ in batch:
+        result: list[Any] = []
+        for _ in range(2000):
+            result = [result]
+        results.append(result)
+    return results
+
+
+Serve = Callable[..., Awaitable[int]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Start the app for a config behind LimitedRunner on a real port; give the port."""
+    runners: list[LimitedRunner] = []
+
+    async def start(yaml_text: str, setup: Callable[[web.Application], None] | None = None) -> int:
+        config = load_config(yaml_text)
+        app = create_app(config)
+        if setup is not None:
+            setup(app)
+        runner = LimitedRunner(app, config.settings, handle_signals=False)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+async def exchange(port: int, data: bytes, wait: float = 5) -> bytes:
+    """Send raw bytes; return the server's answer (head and body), up to when it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        async with asyncio.timeout(wait):
+            head = await reader.readuntil(b"\r\n\r\n")
+            found = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+            return head + (await reader.readexactly(int(found.group(1))) if found else await reader.read())
+    finally:
+        writer.close()
+
+
+def head(length: int | None, path: bytes = b"/workflow") -> bytes:
+    """A POST head: a declared length, or chunked when None."""
+    framing = b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length
+    return b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + JSON + framing + b"\r\n"
+
+
+def chunked(body: bytes, size: int = 500) -> bytes:
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
+ECHO_FRAME = (b'{"name": "echo", "elements": ["', b'", 1]}')
+
+
+def echo_body(length: int) -> bytes:
+    """A valid echo request of exactly ``length`` bytes: a string of x, and 1."""
+    start, end = ECHO_FRAME
+    return start + b"x" * (length - len(start) - len(end)) + end
+
+
+def status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def payload(answer: bytes) -> Any:
+    return json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+# -- exact size limits (a 413 off by one byte or by a factor of two must fail a test)
+
+
+@pytest.mark.parametrize("framing", ["declared", "chunked"])
+async def test_body_of_exactly_the_limit_is_accepted(serve: Serve, framing: str) -> None:
+    port = await serve(CONFIG)
+    body = echo_body(MAX)
+    assert len(body) == MAX
+    sent = head(len(body)) + body if framing == "declared" else head(None) + chunked(body)
+    answer = await exchange(port, sent)
+    assert status(answer) == 200
+    assert payload(answer) == ["x" * (MAX - len(b"".join(ECHO_FRAME))), 1]
+
+
+async def test_one_byte_over_declared_is_413_before_the_body_is_sent(serve: Serve) -> None:
+    port = await serve(CONFIG)
+    started = time.monotonic()
+    answer = await exchange(port, head(MAX + 1))  # no body: the answer does not wait for it
+    assert status(answer) == 413, answer
+    assert payload(answer) == {"error": f"Maximum request body size {MAX} exceeded."}
+    assert time.monotonic() - started < 1.5  # not the 408 that waiting for the body would give at 2 s
+
+
+async def test_one_byte_over_chunked_is_413(serve: Serve) -> None:
+    port = await serve(CONFIG)
+    answer = await exchange(port, head(None) + chunked(echo_body(MAX + 1)))
+    assert status(answer) == 413
+    assert f"Maximum request body size {MAX} exceeded" in payload(answer)["error"]
+
+
+# -- --limit-concurrency admits before reading the body
+
+
+async def test_over_the_concurrency_limit_is_503_before_the_body_is_read(serve: Serve) -> None:
+    port = await serve(CONFIG)  # limit_concurrency: 1
+    nap = b'{"name": "nap", "elements": ["z"]}'
+    running = asyncio.create_task(exchange(port, head(len(nap)) + nap))
+    await asyncio.sleep(0.3)  # the nap workflow (1 s) holds the only slot
+    started = time.monotonic()
+    answer = await exchange(port, head(MAX))  # a head, and no body
+    assert status(answer) == 503
+    assert b"\r\nRetry-After: 1\r\n" in answer
+    assert payload(answer) == {"error": "too many workflows running, retry later"}
+    assert time.monotonic() - started < 1.5  # not the 408 that waiting for the body would give at 2 s
+    assert status(await running) == 200
+
+
+async def test_a_slow_upload_holds_its_slot_and_no_more(serve: Serve) -> None:
+    port = await serve(CONFIG)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head(MAX) + b'{"name": "echo", ')  # the rest never comes
+    await asyncio.sleep(0.2)
+    body = b'{"name": "echo", "elements": [1]}'
+    assert status(await exchange(port, head(len(body)) + body)) == 503
+    writer.close()  # the slow upload gives up: its slot is free again
+    await reader.read()
+    await asyncio.sleep(0.1)
+    assert payload(await exchange(port, head(len(body)) + body)) == [1]
+
+
+# -- nesting: bounded on the way in, so that an echo always serializes; cleanly refused
+
+
+def nested(depth: int, pad: int = 0) -> bytes:
+    """A request body ``depth`` levels deep in all (its object counting as one), padded with spaces."""
+    return b'{"name": "echo", "elements": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b" " * pad + b"}"
+
+
+@pytest.mark.parametrize("pad", [0, 100_000], ids=["inline", "off-loop"])
+async def test_nesting_up_to_the_limit_is_accepted_one_more_is_400(
+    serve: Serve, caplog: pytest.LogCaptureFixture, pad: int
+) -> None:
+    port = await serve(BIG_CONFIG)
+    deepest = nested(jsoncodec.MAX_DEPTH, pad)
+    answer = await exchange(port, head(len(deepest)) + deepest)
+    assert status(answer) == 200
+    assert answer.endswith(b"[" * (jsoncodec.MAX_DEPTH - 1) + b"]" * (jsoncodec.MAX_DEPTH - 1))
+    with caplog.at_level(logging.DEBUG):
+        for body in (nested(jsoncodec.MAX_DEPTH + 1, pad), nested(1100, pad), b"[" * 5000 + b" " * pad):
+            answer = await exchange(port, head(len(body)) + body)
+            assert status(answer) == 400
+            assert payload(answer) == {"error": f"body is nested deeper than {jsoncodec.MAX_DEPTH} levels"}
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("use_orjson", [True, False], ids=["orjson", "json"])
+def test_codec_refuses_deep_documents_without_recursion_error(
+    monkeypatch: pytest.MonkeyPatch, use_orjson: bool
+) -> None:
+    if not use_orjson:
+        monkeypatch.setattr(jsoncodec, "orjson", None)
+    for depth in (jsoncodec.MAX_DEPTH + 1, 1000, 1100, 100_000):
+        with pytest.raises(jsoncodec.TooDeep):
+            jsoncodec.loads(b"[" * depth + b"]" * depth)
+    assert jsoncodec.loads(b"[" * jsoncodec.MAX_DEPTH + b"]" * jsoncodec.MAX_DEPTH) is not None
+    with pytest.raises(ValueError, match="nested too deeply"):
+        jsoncodec.dumps(deep_results([1]))
+
+
+async def test_a_result_too_deep_to_serialize_is_a_clean_500(serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    port = await serve(CONFIG)
+    body = b'{"name": "deep", "elements": [1]}'
+    with caplog.at_level(logging.ERROR):
+        answer = await exchange(port, head(len(body)) + body)
+    assert status(answer) == 500
+    error = payload(answer)
+    assert set(error) == {"error", "id"} and b"Traceback" not in answer
+    records = [r for r in caplog.records if error["id"] in r.getMessage()]
+    assert len(records) == 1
+    assert records[0].exc_info is not None and "nested too deeply to serialize" in str(records[0].exc_info[1])
+    assert "RecursionError" not in caplog.text
+
+
+# -- big bodies: a bounded number of values, parsed off the loop
+
+
+def zeros(count: int) -> bytes:
+    """An echo request with exactly ``count`` of the bytes , : [ { (JSON values, as counted)."""
+    return b'{"name": "echo", "elements": [' + b",".join([b"0"] * (count - 4)) + b"]}"
+
+
+def _empty_objects(size: int) -> bytes:
+    """``{"name": "echo", "elements": [{}, {}, ...]}`` of ``size`` bytes: 24 bytes of Python per byte."""
+    start, end = b'{"name": "echo", "elements": [', b"{}]}"
+    return start + b"{}," * ((size - len(start) - len(end)) // 3) + end
+
+
+def _strings(size: int) -> bytes:
+    """An echo request of ``size`` bytes, of short strings: nearly as many values as allowed at 16 MiB."""
+    start, end = b'{"name": "echo", "elements": [', b'""]}'
+    return start + b'"abcdefghijklmn",' * ((size - len(start) - len(end)) // 17) + end
+
+
+class HealthProbe(threading.Thread):
+    """Asks /health every 50 ms from a thread of its own, never from the server's event loop, and
+    keeps the longest wait for an answer."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.slowest = 0.0
+        self.answers: list[bytes] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                answer = b"".join(iter(lambda: sock.recv(65536), b""))
+            self.slowest = max(self.slowest, time.monotonic() - started)
+            self.answers.append(answer.split(b"\r\n", 1)[0])
+            self.stopping.wait(0.05)
+
+
+async def _health_while_posting(port: int, bodies: list[bytes]) -> list[int]:
+    """POST each body while /health is asked every 50 ms: each answer must come within 1 s."""
+    statuses = []
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+        for body in bodies:
+            probe = HealthProbe(port)
+            probe.start()
+            try:
+                data = io.BytesIO(body)  # as aiohttp wants a big body, not as one bytes object
+                async with session.post("/workflow", data=data, headers={"Content-Type": "application/json"}) as post:
+                    await post.read()
+                    statuses.append(post.status)
+                    answered_meanwhile = len(probe.answers)
+            finally:
+                probe.stopping.set()
+                await asyncio.to_thread(probe.join)
+            assert answered_meanwhile > 0  # /health was asked while the big body was being handled
+            assert set(probe.answers) == {b"HTTP/1.1 200 OK"}
+            assert probe.slowest < 1, f"/health took {probe.slowest:.2f}s while a big body was handled"
+    return statuses
+
+
+async def test_big_body_of_the_most_values_allowed_is_accepted_one_more_is_413(serve: Serve) -> None:
+    port = await serve(BIG_CONFIG)
+    allowed = zeros(MAX_VALUES)
+    assert len(allowed) > 64 * 1024  # parsed off the loop, with the count
+    answer = await exchange(port, head(len(allowed)) + allowed)
+    assert status(answer) == 200 and payload(answer) == [0] * (MAX_VALUES - 4)
+    over = zeros(MAX_VALUES + 1)
+    answer = await exchange(port, head(len(over)) + over)
+    assert status(answer) == 413
+    assert payload(answer) == {"error": f"body holds more than {MAX_VALUES} JSON values"}
+
+
+async def test_health_answers_while_big_bodies_are_parsed(serve: Serve) -> None:
+    port = await serve(BIG_CONFIG.replace(str(BIG), str(16 * 1024 * 1024)))
+    statuses = await _health_while_posting(port, [_empty_objects(16 * 1024 * 1024), _strings(16 * 1024 * 1024)])
+    assert statuses == [413, 200]
+
+
+# -- log lines: what a client sent stays encoded, on its own line
+
+
+@pytest.mark.parametrize(
+    ("text", "logged"),
+    [
+        ("/workflow", "/workflow"),
+        ("/a%0Ab", "/a%0Ab"),
+        ("/a\nb\r", "/a\\nb\\r"),
+        ("\x1b[31mred", "\\x1b[31mred"),
+        ("a\x85b\u2028c\u2029d", "a\\x85b\\u2028c\\u2029d"),
+        ("a\udcffb", "a\\udcffb"),
+        ("caf\u00e9 \u6587", "caf\u00e9 \u6587"),
+    ],
+)
+def test_loggable(text: str, logged: str) -> None:
+    assert loggable(text) == logged
+
+
+def _failing_routes(app: web.Application) -> None:
+    async def upstream(request: web.Request) -> web.Response:
+        raise UpstreamError("fetch: http://example.org/x answered HTTP 500\nforged line")
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("broken")
+
+    app.router.add_get("/upstream/{tail}", upstream)
+    app.router.add_get("/broken/{tail}", broken)
+
+
+@pytest.mark.parametrize(("path", "level"), [("/broken", logging.ERROR), ("/upstream", logging.WARNING)])
+async def test_error_lines_log_the_path_encoded(
+    serve: Serve, caplog: pytest.LogCaptureFixture, path: str, level: int
+) -> None:
+    port = await serve(CONFIG, _failing_routes)
+    request = f"GET {path}/a%0Aforged%20line HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+    with caplog.at_level(logging.WARNING, logger="aioserver.error"):
+        answer = await exchange(port, request)
+    assert status(answer) in (500, 502)
+    [record] = [r for r in caplog.records if r.name == "aioserver.error"]
+    assert record.levelno == level
+    message = record.getMessage()
+    assert f"GET {path}/a%0Aforged%20line" in message and "\n" not in message
+
+
+# -- the real thing: python -m aioserver on uvloop
+
+
+SERVER_CONFIG = """
+workflow:
+  echo: {tasks: [echo]}
+  nap: {tasks: [{action: sample_actions.async_sleepy, args: [2]}]}
+"""
+# The most VmHWM may reach after the two 16 MiB bodies below: the process at rest (~45 MB),
+# the body as aiohttp buffers it (its chunks, then one bytes object: ~3 x 16 MiB), what the
+# parse makes of it (at most ~90 MiB for 1 Mi values; ~70 here) and the 16 MiB answer.
+# Before values were bounded, the first body alone took it past 560 MB.
+MAX_RSS = 256 * 1024 * 1024
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(SERVER_CONFIG)
+    return path
+
+
+async def test_server_big_bodies_leave_health_answering_and_memory_bounded(config_file: Path) -> None:
+    with Server("--config", str(config_file)) as server:
+        size = 16 * 1024 * 1024  # the default --max-body-size
+        statuses = await _health_while_posting(server.port, [_empty_objects(size), _strings(size)])
+        assert statuses == [413, 200]
+        assert _peak_rss(server.process.pid) < MAX_RSS
+        assert "Traceback" not in "".join(server.log)
+
+
+async def test_server_admits_before_reading_the_body(config_file: Path) -> None:
+    with Server("--config", str(config_file), "--limit-concurrency", "1") as server:
+        body = b'{"name": "nap", "elements": [1]}'
+        running = asyncio.create_task(exchange(server.port, head(len(body)) + body))
+        await asyncio.sleep(0.5)  # the nap (2 s) holds the only slot
+        answer = await exchange(server.port, head(10_000_000), wait=1.5)  # a big upload's head, no body
+        assert status(answer) == 503 and payload(answer) == {"error": "too many workflows running, retry later"}
+        assert status(await running) == 200
+
+
+async def test_server_deep_json_is_400_without_a_traceback(config_file: Path) -> None:
+    with Server("--config", str(config_file)) as server:
+        body = b"[" * 5000
+        answer = await exchange(server.port, head(len(body)) + body)
+        assert status(answer) == 400
+        assert payload(answer) == {"error": f"body is nested deeper than {jsoncodec.MAX_DEPTH} levels"}
+        await asyncio.sleep(0.3)  # the access line is written within 0.1 s
+        assert "Traceback" not in "".join(server.log)
+
+
+async def test_server_logs_an_encoded_path_on_one_line(config_file: Path) -> None:
+    env = {"DEPENDENCIES": "sample_plugins.crash"}  # every request but /health fails: 500
+    with Server("--config", str(config_file), env=env) as server:
+        forged = "2026-01-01 00:00:00,000 ERROR aioserver.error: forged"
+        path = "/workflow%0A" + forged.replace(" ", "%20")
+        body = b'{"name": "echo", "elements": [1]}'
+        answer = await exchange(server.port, head(len(body), path.encode()) + body)
+        assert status(answer) == 500
+        error_id = payload(answer)["id"]
+        deadline = time.monotonic() + 5
+        while not any(path in line and " 500 " in line for line in server.log) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the access log is written in batches
+        log = list(server.log)
+        [error_line] = [line for line in log if error_id in line]
+        assert error_line.rstrip().endswith(f"error {error_id} while handling POST {path}")
+        assert sum(path in line and " 500 " in line for line in log) == 1  # and one access line
+        assert not any(line.startswith(forged) for line in log)
+        assert all(path in line for line in log if "forged" in line)  # only ever mentioned encoded
+
+
+async def test_server_access_line_escapes_what_the_pure_python_parser_lets_through(config_file: Path) -> None:
+    # aiohttp's C parser refuses bytes over 0x7f in a request target; its pure-Python one (where
+    # no wheel fits, or AIOHTTP_NO_EXTENSIONS is set) lets a raw U+2028 LINE SEPARATOR through.
+    with Server("--config", str(config_file), env={"AIOHTTP_NO_EXTENSIONS": "1"}) as server:
+        request = b"GET /a\xe2\x80\xa8b\xc2\x85c HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        assert status(await exchange(server.port, request)) == 404
+        deadline = time.monotonic() + 5
+        while not any(" 404 " in line for line in server.log) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # the access log is written in batches
+        [line] = [line for line in server.log if " 404 " in line]
+        assert '"GET /a\\u2028b\\x85c HTTP/1.1" 404 ' in line
+        assert not any("\u2028" in line or "\x85" in line for line in server.log)
