@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 
 from aioserver import load_config
 from aioserver.errors import ConfigError
+from aioserver.workflow.safeopen import AddressRefused, SafeResolver, parse_safeopen
 
 PAGE = """<html><head><title>Owls</title><style>p {color: red}</style><script>var x = "SCRIPT";</script></head>
 <body><nav><a href="/">Home</a> | <a href="/about">NAVIGATION</a></nav>
@@ -107,6 +111,10 @@ async def test_allowed_host_is_fetched(upstream: Upstream, post: Post) -> None:
         "0177.0.0.1:{port}",
         "[::ffff:127.0.0.1]:{port}",
         "127.0.0.2:{port}",
+        "[::7f00:1]:{port}",  # IPv4-compatible
+        "[64:ff9b::7f00:1]:{port}",  # NAT64
+        "[2002:7f00:1::1]:{port}",  # 6to4
+        "[::ffff:0:7f00:1]:{port}",  # IPv4-translated
     ],
 )
 async def test_loopback_spellings_are_refused_without_a_request(upstream: Upstream, post: Post, host: str) -> None:
@@ -253,3 +261,182 @@ def test_bad_safeopen_sections(section: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(section + "\n")
     assert info.value.key == key
+
+
+# -- which addresses are public: tables that pin the policy down, address by address
+
+POLICY = parse_safeopen({}, "test")
+
+REFUSED = [
+    # IPv4: private, loopback, link-local (cloud metadata), and the special ranges is_private misses
+    "127.0.0.1",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",  # shared address space (CGNAT): neither private nor global
+    "100.127.255.254",
+    "192.0.0.1",  # IETF protocol assignments: the whole /24, PCP and TURN anycast included
+    "192.0.0.9",
+    "192.0.0.10",
+    "192.0.0.170",
+    "198.18.0.1",  # benchmarking
+    "198.19.255.254",
+    "0.0.0.0",  # "this network": connecting to it reaches this host
+    "0.1.2.3",
+    "240.0.0.1",  # reserved
+    "255.255.255.255",
+    "224.0.0.1",  # multicast, which is_global calls global
+    "239.255.255.250",
+    "233.252.0.1",
+    "192.0.2.1",  # documentation
+    "198.51.100.1",
+    "203.0.113.1",
+    # IPv6
+    "::",
+    "::1",
+    "::7f00:1",  # IPv4-compatible (deprecated): the whole ::/96 is refused
+    "::808:808",
+    "::ffff:127.0.0.1",  # IPv4-mapped: judged as the IPv4 address it carries
+    "::ffff:10.0.0.1",
+    "::ffff:100.64.0.1",
+    "::ffff:0:7f00:1",  # IPv4-translated (SIIT): the whole ::ffff:0:0:0/96 is refused
+    "::ffff:0:808:808",
+    "64:ff9b::7f00:1",  # NAT64 well-known prefix: judged as the IPv4 address it carries
+    "64:ff9b::a00:1",
+    "64:ff9b::6440:1",
+    "64:ff9b::a9fe:a9fe",
+    "64:ff9b:1::a00:1",  # local-use NAT64: the whole /48 is refused
+    "64:ff9b:1::808:808",
+    "2002:7f00:1::1",  # 6to4: judged as the IPv4 address it carries
+    "2002:a00:1::1",
+    "2002:c0a8:101::1",
+    "2001::1",  # Teredo: the whole 2001::/32 is refused
+    "2001:0:808:808:8000:63bf:3fff:fdd2",
+    "fec0::1",  # site-local (deprecated)
+    "fc00::1",  # unique local
+    "fd12:3456::1",
+    "fe80::1",  # link-local
+    "fe80::1%1",
+    "100::1",  # discard
+    "ff02::1",  # multicast, which is_global calls global
+    "ff0e::1",
+    "2001:db8::1",  # documentation
+    "3fff::1",
+    "5f00::1",  # SRv6 SIDs
+]
+PUBLIC = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "93.184.215.14",
+    "2606:4700:4700::1111",
+    "2a00:1450:4001:80b::200e",
+    "::ffff:8.8.8.8",
+    "64:ff9b::808:808",  # what DNS64 makes of a public IPv4 address
+    "2002:808:808::1",
+]
+
+
+@pytest.mark.parametrize("address", REFUSED)
+def test_permits_refuses_what_is_not_public(address: str) -> None:
+    assert not POLICY.permits("host.example", ipaddress.ip_address(address), 80)
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_permits_public_addresses(address: str) -> None:
+    assert POLICY.permits("host.example", ipaddress.ip_address(address), 80)
+
+
+@pytest.mark.parametrize(
+    ("rule", "address"),
+    [
+        ("10.0.0.0/8", "10.0.0.1"),
+        ("100.64.0.0/10", "100.64.0.1"),
+        ("64:ff9b:1::/48", "64:ff9b:1::a00:1"),
+        ("fec0::/10", "fec0::1"),
+        ("2002::/16", "2002:7f00:1::1"),
+        ("64:ff9b::7f00:1", "64:ff9b::7f00:1"),
+    ],
+)
+def test_allow_admits_what_it_lists_and_nothing_next_to_it(rule: str, address: str) -> None:
+    listed = parse_safeopen({"allow": [rule]}, "test")
+    assert listed.permits("host.example", ipaddress.ip_address(address), 80)
+    assert not POLICY.permits("host.example", ipaddress.ip_address(address), 80)
+    assert not listed.permits("host.example", ipaddress.ip_address("127.0.0.3"), 80)
+
+
+def test_host_rule_admits_only_its_host_and_port() -> None:
+    policy = parse_safeopen({"allow": ["good.example", "api.example:8080"]}, "test")
+    inside = ipaddress.ip_address("10.0.0.1")
+    assert policy.permits("good.example", inside, 80)
+    assert policy.permits("GOOD.Example.", inside, 443)
+    assert not policy.permits("evil.example", inside, 80)
+    assert not policy.permits("good.example.evil.example", inside, 80)
+    assert policy.permits("api.example", inside, 8080)
+    assert not policy.permits("api.example", inside, 80)
+
+
+class StubResolver(AbstractResolver):
+    """What a DNS server says, table-driven: each name resolves to the addresses listed."""
+
+    def __init__(self, names: dict[str, list[str]]) -> None:
+        self.names = names
+        self.closed = False
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self.names[host]
+        ]
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ["93.184.215.14", "127.0.0.1"],
+        ["127.0.0.1", "93.184.215.14"],
+        ["93.184.215.14", "2606:4700::1", "fe80::1%2"],
+        ["2606:4700::1", "64:ff9b::a00:1"],
+    ],
+)
+async def test_resolver_refuses_a_name_if_any_address_is_refused(addresses: list[str]) -> None:
+    resolver = SafeResolver(POLICY, StubResolver({"mixed.example": addresses}))
+    with pytest.raises(AddressRefused) as info:
+        await resolver.resolve("mixed.example", 80)
+    assert "mixed.example" in str(info.value)
+
+
+async def test_resolver_gives_back_every_public_address() -> None:
+    addresses = ["93.184.215.14", "2606:4700::1", "1.1.1.1"]
+    resolver = SafeResolver(POLICY, StubResolver({"public.example": addresses}))
+    results = await resolver.resolve("public.example", 443)
+    assert [r["host"] for r in results] == addresses
+    await resolver.close()
+    assert resolver._resolver.closed  # type: ignore[attr-defined]
+
+
+async def test_resolver_host_rule_admits_only_its_host() -> None:
+    policy = parse_safeopen({"allow": ["good.example"]}, "test")
+    names = {"good.example": ["10.0.0.1", "127.0.0.1"], "evil.example": ["10.0.0.1"]}
+    resolver = SafeResolver(policy, StubResolver(names))
+    assert [r["host"] for r in await resolver.resolve("good.example", 80)] == ["10.0.0.1", "127.0.0.1"]
+    with pytest.raises(AddressRefused):
+        await resolver.resolve("evil.example", 80)
+
+
+async def test_resolver_defaults_to_the_threaded_resolver() -> None:
+    import aiohttp
+
+    assert isinstance(SafeResolver(POLICY)._resolver, aiohttp.ThreadedResolver)

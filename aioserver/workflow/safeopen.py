@@ -7,8 +7,8 @@
       timeout: 30                # seconds for one fetch, redirects included
       max_redirects: 5
 
-A URL must be http or https; every address its host resolves to must be public
-(``ipaddress.is_global``) unless ``allow`` lists it. The check happens in the resolver that
+A URL must be http or https; every address its host resolves to must be public (see
+:func:`is_public`) unless ``allow`` lists it. The check happens in the resolver that
 the shared client session connects through, so the connection goes to the very address
 that was checked (no DNS-rebinding window, see txtai issues #1074 and #1166); every
 redirect hop is checked again. Refusals raise :class:`Refused` (HTTP 400) before any
@@ -39,6 +39,28 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # 127.1, 2130706433, 0x7f000001, 0177.0.0.1: spellings getaddrinfo turns into an address.
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+))*\.?$", re.IGNORECASE)
+
+# What ipaddress.is_global lets through but no workflow should reach. Python's tables change
+# between patch releases (3.11.10 changed 192.0.0.0/24 and several IPv6 ranges): these hold on
+# every version. Each range is refused whole, as it has no host a workflow could mean to fetch.
+_NOT_PUBLIC_V4 = (
+    ipaddress.IPv4Network("192.0.0.0/24"),  # IETF protocol assignments; .9 and .10 are anycast services
+    ipaddress.IPv4Network("224.0.0.0/4"),  # multicast: no TCP peer, and is_global says True
+)
+_NOT_PUBLIC_V6 = (
+    ipaddress.IPv6Network("2001::/32"),  # Teredo: NATed clients; the IPv4 inside is obfuscated
+    ipaddress.IPv6Network("3fff::/20"),  # documentation (RFC 9637), newer than 3.11's tables
+)
+# The only IPv6 space allocated for global unicast (RFC 4291, IANA). Everything outside it is
+# refused whole: IPv4-compatible ::/96 (deprecated; Linux's sit tunnels it to the IPv4 address
+# inside), IPv4-translated ::ffff:0:0:0/96 (SIIT: meaningful only to a translator we cannot see),
+# local-use NAT64 64:ff9b:1::/48 (RFC 8215: it may embed private IPv4, at an offset its operator
+# chooses), discard 100::/64, site-local fec0::/10, unique-local, link-local and multicast.
+_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+# RFC 6052's well-known prefix: a NAT64 gateway connects to the IPv4 address in the last 32 bits,
+# so that address is judged. DNS64 makes these for public IPv4-only hosts; RFC 6052 forbids the
+# prefix for non-global IPv4, but a gateway need not enforce that.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
 class Refused(InvalidElement):
@@ -77,11 +99,9 @@ class SafeOpen:
 
     def permits(self, host: str, address: Address, port: int) -> bool:
         """Whether a connection to ``address`` (for ``host``) on ``port`` is allowed."""
-        if any(rule.allows(host, address, port) for rule in self.allow):
-            return True
-        # An IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
-        mapped = getattr(address, "ipv4_mapped", None)
-        return (mapped or address).is_global
+        # allow is the operator's word, matched against the address as resolved: it may list
+        # any range, the ones is_public refuses included.
+        return any(rule.allows(host, address, port) for rule in self.allow) or is_public(address)
 
     def check_url(self, url: str | URL) -> URL:
         """The parsed URL, or :class:`Refused` when it can never be opened (scheme, host spelling)."""
@@ -122,6 +142,25 @@ class SafeOpen:
         return path
 
 
+def is_public(address: Address) -> bool:
+    """Whether ``address`` is on the public Internet: ``is_global``, less the ranges above.
+
+    An IPv6 address that carries an IPv4 address the packet is delivered to (IPv4-mapped,
+    NAT64's well-known prefix, 6to4) is judged as that IPv4 address.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public(embedded)
+        if address not in _GLOBAL_UNICAST_V6 or any(address in network for network in _NOT_PUBLIC_V6):
+            return False
+    elif any(address in network for network in _NOT_PUBLIC_V4):
+        return False
+    return address.is_global
+
+
 def is_url(element: Any) -> bool:
     """Whether an element is an http(s) URL (the ``url`` task kind's selection)."""
     return isinstance(element, str) and re.match(r"^https?://", element, re.IGNORECASE) is not None
@@ -142,11 +181,15 @@ class AddressRefused(Exception):
 
 
 class SafeResolver(AbstractResolver):
-    """Resolves names like getaddrinfo, then refuses the lot if any address is not permitted."""
+    """Resolves names like getaddrinfo, then refuses the lot if any address is not permitted.
 
-    def __init__(self, policy: SafeOpen) -> None:
+    ``resolver`` does the resolving (tests give a stub); by default aiohttp's ThreadedResolver,
+    which is getaddrinfo, so that /etc/hosts and the system's resolver order are honoured.
+    """
+
+    def __init__(self, policy: SafeOpen, resolver: AbstractResolver | None = None) -> None:
         self._policy = policy
-        self._resolver = aiohttp.ThreadedResolver()
+        self._resolver = resolver or aiohttp.ThreadedResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
