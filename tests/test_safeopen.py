@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,8 @@ from aiohttp.test_utils import TestServer
 from aioserver import load_config
 from aioserver.errors import ConfigError
 from aioserver.workflow.safeopen import AddressRefused, SafeResolver, parse_safeopen
+
+from conftest import Server, free_port
 
 PAGE = """<html><head><title>Owls</title><style>p {color: red}</style><script>var x = "SCRIPT";</script></head>
 <body><nav><a href="/">Home</a> | <a href="/about">NAVIGATION</a></nav>
@@ -137,14 +145,21 @@ async def test_allow_by_cidr(upstream: Upstream, post: Post) -> None:
     assert status == 200 and upstream.hits == ["/page.html"]
 
 
-async def test_redirect_to_another_loopback_port_is_refused(upstream: Upstream, post: Post) -> None:
+async def test_redirect_to_another_loopback_port_is_refused(
+    upstream: Upstream, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
     other = await Upstream().start()
     try:
         upstream.redirect_to = other.url()
-        status, body = await post(config([f"127.0.0.1:{upstream.port}"], "[textractor]"), [upstream.url("/redirect")])
+        with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+            status, body = await post(
+                config([f"127.0.0.1:{upstream.port}"], "[textractor]"), [upstream.url("/redirect")]
+            )
         assert status == 400, body
-        assert isinstance(body, dict) and "127.0.0.1" in body["error"] and "not in safeopen.allow" in body["error"]
+        # The client learns that its URL was refused, not where it led: that may be inside.
+        assert body == {"error": f"refused {upstream.url('/redirect')!r}: not allowed by safeopen (after a redirect)"}
         assert upstream.hits == ["/redirect"] and other.hits == []
+        assert other.url() in caplog.text and "127.0.0.1 is not public and not in safeopen.allow" in caplog.text
         # Allowed once listed: redirects are followed, hop by hop.
         allow = [f"127.0.0.1:{upstream.port}", f"127.0.0.1:{other.port}"]
         status, body = await post(config(allow, "[textractor]"), [upstream.url("/redirect")])
@@ -160,7 +175,10 @@ async def test_redirect_to_another_scheme_is_refused(upstream: Upstream, post: P
     status, body = await post(
         config([f"127.0.0.1:{upstream.port}"], "[{task: url, action: textractor}]"), [upstream.url("/redirect")]
     )
-    assert status == 400 and "is not allowed" in body["error"]  # type: ignore[index]
+    assert (status, body) == (
+        400,
+        {"error": f"refused {upstream.url('/redirect')!r}: not allowed by safeopen (after a redirect)"},
+    )
 
 
 async def test_answer_over_max_bytes_is_a_bad_gateway(upstream: Upstream, post: Post) -> None:
@@ -219,7 +237,7 @@ async def test_service_non_2xx_is_502_naming_the_task(upstream: Upstream, post: 
     task = f"[echo, {{task: service, url: '{upstream.url('/fail')}'}}]"
     status, body = await post(config([f"127.0.0.1:{upstream.port}"], task), ["a"])
     assert status == 502
-    assert body == {"error": f"task workflow.w.tasks[1] (service): {upstream.url('/fail')} answered HTTP 503"}
+    assert body == {"error": "task workflow.w.tasks[1] (service) failed: the upstream answered HTTP 503"}
 
 
 async def test_service_endpoint_not_allowed_is_refused(upstream: Upstream, post: Post) -> None:
@@ -415,7 +433,8 @@ async def test_resolver_refuses_a_name_if_any_address_is_refused(addresses: list
     resolver = SafeResolver(POLICY, StubResolver({"mixed.example": addresses}))
     with pytest.raises(AddressRefused) as info:
         await resolver.resolve("mixed.example", 80)
-    assert "mixed.example" in str(info.value)
+    assert info.value.host == "mixed.example" and info.value.port == 80
+    assert not POLICY.permits("mixed.example", info.value.address, 80)
 
 
 async def test_resolver_gives_back_every_public_address() -> None:
@@ -440,3 +459,211 @@ async def test_resolver_defaults_to_the_threaded_resolver() -> None:
     import aiohttp
 
     assert isinstance(SafeResolver(POLICY)._resolver, aiohttp.ThreadedResolver)
+
+
+# -- what the client is told, and what the log keeps
+
+
+async def test_refusal_by_name_does_not_say_where_the_name_leads(
+    upstream: Upstream, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://localhost:{upstream.port}/page.html"
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        status, body = await post(config([], "[textractor]"), [url])
+    assert (status, body) == (400, {"error": f"refused {url!r}: not allowed by safeopen"})
+    assert upstream.hits == []
+    # The operator sees which address it was, and the name escaped.
+    assert "'localhost' resolves to 127.0.0.1" in caplog.text or "'localhost' resolves to ::1" in caplog.text
+    assert all(record.levelno == logging.WARNING for record in caplog.records if "safeopen" in record.name)
+
+
+async def test_refusal_of_a_literal_is_generic_too(upstream: Upstream, post: Post) -> None:
+    url = f"http://10.0.0.1:{upstream.port}/x"
+    status, body = await post(config([], "[textractor]"), [url])
+    assert (status, body) == (400, {"error": f"refused {url!r}: not allowed by safeopen"})
+
+
+async def test_client_elements_are_truncated_in_errors_and_escaped_in_the_log(
+    tmp_path: Path, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "http://10.0.0.1/" + "a" * 500
+    path = "./b\nWARNING forged line" + "b" * 500
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        status, body = await post(config([], "[{task: url, action: textractor}]"), [url])
+        assert status == 400 and isinstance(body, dict) and body["error"].startswith("refused 'http://10.0.0.1/aaa")
+        assert len(body["error"]) < 300
+        status, body = await post(file_config(tmp_path), [path])
+        assert status == 400 and isinstance(body, dict) and len(body["error"]) < 300
+    assert "10.0.0.1 is not public" in caplog.text
+    # One record per refusal, its client-supplied text escaped: no forged line in the log.
+    assert "\\nWARNING forged line" in caplog.text and "\nWARNING forged" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cret@10.0.0.1/?token=t0ken",
+        "http://user:s3cret@localhost:1/?token=t0ken",
+        "http://user:s3cret@127.1/?token=t0ken",
+    ],
+)
+async def test_credentials_and_queries_never_reach_the_log(
+    url: str, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        status, _ = await post(config([], "[{task: url, action: textractor}]"), [url])
+    assert status == 400 and "safeopen refused" in caplog.text
+    assert "s3cret" not in caplog.text and "t0ken" not in caplog.text
+
+
+async def test_service_errors_never_name_the_upstream(
+    upstream: Upstream, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = str(upstream.port)
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        # Not allowed: refused before any request, without naming the URL.
+        status, body = await post(config([], f"[{{task: service, url: '{upstream.url('/api')}'}}]"), ["a"])
+        assert status == 400 and port not in json.dumps(body) and "127.0.0.1" not in json.dumps(body)
+        assert body == {"error": "task workflow.w.tasks[0] (service) failed: its upstream is not allowed by safeopen"}
+        # A redirect to somewhere not allowed.
+        upstream.redirect_to = "http://10.0.0.1/inside"
+        task = f"[{{task: service, url: '{upstream.url('/redirect')}'}}]"
+        status, body = await post(config([f"127.0.0.1:{upstream.port}"], task), ["a"])
+        assert status == 400 and port not in json.dumps(body) and "10.0.0.1" not in json.dumps(body)
+        # A body over max_bytes, and a port where nothing listens.
+        task = f"[{{task: service, url: '{upstream.url('/big')}'}}]"
+        status, body = await post(config([f"127.0.0.1:{upstream.port}"], task), ["a"])
+        assert status == 502 and port not in json.dumps(body) and "max_bytes" in json.dumps(body)
+        closed = free_port()
+        task = f"[{{task: service, url: 'http://127.0.0.1:{closed}/api'}}]"
+        status, body = await post(config([f"127.0.0.1:{closed}"], task), ["a"])
+        assert status == 502 and str(closed) not in json.dumps(body)
+        assert body == {"error": "task workflow.w.tasks[0] (service) failed: the upstream could not be fetched"}
+    # The log has it all: which URL, which address.
+    assert upstream.url("/api") in caplog.text and "http://10.0.0.1/inside" in caplog.text
+    assert upstream.url("/big") in caplog.text and f"http://127.0.0.1:{closed}/api" in caplog.text
+
+
+async def test_retrieve_names_the_clients_url_not_where_it_led(upstream: Upstream, post: Post, tmp_path: Path) -> None:
+    other = await Upstream().start()
+    try:
+        upstream.redirect_to = other.url("/fail")
+        allow = [f"127.0.0.1:{upstream.port}", f"127.0.0.1:{other.port}"]
+        task = f"[{{task: retrieve, directory: '{tmp_path}'}}]"
+        status, body = await post(config(allow, task), [upstream.url("/redirect?k=secret")])
+        assert status == 502 and other.hits == ["/fail"]
+        assert body == {
+            "error": f"task workflow.w.tasks[0] (retrieve) failed: {upstream.url('/redirect')!r} answered HTTP 503"
+        }
+    finally:
+        assert other.server is not None
+        await other.server.close()
+
+
+# -- files: one answer for every path that cannot be read, so that no client maps the disk
+
+
+async def test_file_refusals_all_look_alike(tmp_path: Path, post: Post, caplog: pytest.LogCaptureFixture) -> None:
+    inside = tmp_path / "data"
+    (inside / "folder").mkdir(parents=True)
+    (tmp_path / "secret.html").write_text("<p>SECRET</p>")
+    os.symlink(tmp_path / "secret.html", inside / "link.html")
+    os.symlink("loop", inside / "loop")
+    yaml_text = file_config(inside)
+    elements = {
+        "~root/.profile": "no such file",  # with ~ expanded: "outside", so user root exists
+        "./" + "c" * 300: "not a path",  # ENAMETOOLONG
+        "~nosuchuser-3f9a/x": "no such file",
+        "~": "no such file",
+        "../secret.html": "outside",
+        "./link.html": "outside",
+        "/etc/passwd": "outside",
+        "./missing.html": "no such file",
+        "./folder": "not a file",
+        "./loop": "Symlink loop",
+        "./a\x00b": "not a path",
+    }
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        for element, reason in elements.items():
+            caplog.clear()
+            status, body = await post(yaml_text, [element])
+            assert (status, body) == (400, {"error": f"refused {element[:200]!r}: not a file under safeopen.directory"})
+            assert reason in caplog.text, (element, caplog.text)
+
+
+async def test_tilde_is_a_plain_name_under_the_directory(tmp_path: Path, post: Post) -> None:
+    (tmp_path / "~notes.html").write_text(PAGE)
+    (tmp_path / "~").mkdir()
+    (tmp_path / "~" / "page.html").write_text(PAGE)
+    status, body = await post(file_config(tmp_path), ["~notes.html", "~/page.html"])
+    assert status == 200, body
+    assert isinstance(body, list) and all("Owls are birds" in text for text in body)
+
+
+# -- the real thing: python -m aioserver, its answers and its log
+
+
+class FailingUpstream(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_upstream() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FailingUpstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def post_json(port: int, body: dict) -> tuple[int, dict]:  # type: ignore[type-arg]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workflow",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_for_log(server: Server, text: str) -> str:
+    deadline = time.monotonic() + 5
+    while text not in "".join(server.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "".join(server.log)
+
+
+def test_served_refusals_keep_internals_in_the_log(tmp_path: Path, failing_upstream: int) -> None:
+    upstream = f"http://127.0.0.1:{failing_upstream}/internal-api"
+    path = tmp_path / "config.yml"
+    path.write_text(
+        f"safeopen:\n  allow: ['127.0.0.1:{failing_upstream}']\n"
+        "workflow:\n"
+        "  fetch: {tasks: [textractor]}\n"
+        f"  service: {{tasks: [{{task: service, url: '{upstream}'}}]}}\n"
+    )
+    with Server("--config", str(path)) as server:
+        url = f"http://localhost:{free_port()}/"
+        assert post_json(server.port, {"name": "fetch", "elements": [url]}) == (
+            400,
+            {"error": f"refused {url!r}: not allowed by safeopen"},
+        )
+        assert post_json(server.port, {"name": "service", "elements": ["a"]}) == (
+            502,
+            {"error": "task workflow.service.tasks[0] (service) failed: the upstream answered HTTP 500"},
+        )
+        log = wait_for_log(server, "internal-api")
+    assert "WARNING aioserver.workflow.safeopen" in log
+    assert "'localhost' resolves to" in log and f"{upstream!r} answered HTTP 500" in log

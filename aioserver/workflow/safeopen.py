@@ -13,12 +13,18 @@ the shared client session connects through, so the connection goes to the very a
 that was checked (no DNS-rebinding window, see txtai issues #1074 and #1166); every
 redirect hop is checked again. Refusals raise :class:`Refused` (HTTP 400) before any
 request to the refused address is made.
+
+What the client is told names nothing inside: no address a name resolves to, no hop a
+redirect led to, no URL of the operator's (a ``service`` task's), no reason a path cannot be
+read (so that a client cannot map the disk). The log gets all of it, at warning level, with
+the client's text escaped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -32,6 +38,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from ..errors import ConfigError, InvalidElement, UpstreamError
+
+logger = logging.getLogger("aioserver.workflow.safeopen")
 
 KEYS = ("allow", "directory", "max_bytes", "timeout", "max_redirects")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -63,11 +71,31 @@ _GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
-class Refused(InvalidElement):
-    """An element safeopen will not open: the client gets 400 naming the element and why."""
+NOT_ALLOWED = "not allowed by safeopen"
+NOT_A_FILE = "not a file under safeopen.directory"
 
-    def __init__(self, element: str, reason: str) -> None:
-        super().__init__(f"refused {element[:200]!r}: {reason}")
+
+class Refused(InvalidElement):
+    """What safeopen will not open: the client gets 400 and a reason that reveals nothing inside.
+
+    ``element`` is the client's own text (echoed, truncated); for a URL of the operator's, a
+    service task's, it is None and ``who`` (the task) is named instead.
+    """
+
+    def __init__(self, element: str | None, reason: str, who: str = "fetch") -> None:
+        if element is None:
+            super().__init__(f"{who} failed: its upstream is {reason}")
+        else:
+            super().__init__(f"refused {_shown(element)}: {reason}")
+
+
+def _refused(element: str, reason: str, detail: str | None = None, *, url: bool = False) -> Refused:
+    """A :class:`Refused` telling the client ``reason``, and the log ``detail`` (the precise why).
+
+    A ``url`` is logged without credentials and query: secrets never reach the log.
+    """
+    logger.warning("safeopen refused %s: %s", _quoted(_safe(element) if url else element), detail or reason)
+    return Refused(element, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,37 +137,47 @@ class SafeOpen:
         try:
             parsed = URL(url) if isinstance(url, str) else url
         except ValueError:
-            raise Refused(text, "not a valid URL") from None
+            raise _refused(text, "not a valid URL", url=True) from None
         if parsed.scheme not in ("http", "https"):
-            raise Refused(text, f"scheme {parsed.scheme or 'none'!r} is not allowed; only http and https")
+            raise _refused(text, f"scheme {parsed.scheme or 'none'!r} is not allowed; only http and https", url=True)
         host = parsed.raw_host or ""
         if not host:
-            raise Refused(text, "no host")
+            raise _refused(text, "no host", url=True)
         port = parsed.port or 0
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
             if _NUMERIC_HOST.match(host):
-                raise Refused(text, f"{host!r} is not a canonical IP address") from None
+                raise _refused(text, f"{host!r} is not a canonical IP address", url=True) from None
             return parsed  # a name: the resolver checks each address it resolves to
         # The connector skips the resolver for IP literals, so they are checked here.
         if not self.permits(host, address, port):
-            raise Refused(text, f"address {address} is not public and not in safeopen.allow")
+            detail = f"address {address} is not public and not in safeopen.allow"
+            raise _refused(text, NOT_ALLOWED, detail, url=True)
         return parsed
 
     def check_file(self, element: str) -> Path:
         """The resolved path of a file under ``directory``, or :class:`Refused`."""
         if element.lower().startswith("file:"):
-            raise Refused(element, "file: URLs are not allowed; give a path under safeopen.directory")
+            raise _refused(element, "file: URLs are not allowed; give a path under safeopen.directory")
         if self.directory is None:
-            raise Refused(element, "no safeopen.directory is configured, so no file may be opened")
-        # resolve() follows symlinks and removes "..", so the test below sees the real target.
-        path = (self.directory / os.path.expanduser(element)).resolve()
-        if not path.is_relative_to(self.directory):
-            raise Refused(element, "outside safeopen.directory")
-        if not path.is_file():
-            raise Refused(element, "no such file")
-        return path
+            raise _refused(element, "no safeopen.directory is configured, so no file may be opened")
+        # "~" is a name like any other: expanding ~user would tell a client which users exist.
+        # resolve() follows symlinks and removes "..", so the tests below see the real target.
+        try:
+            path = (self.directory / element).resolve()
+            if not path.is_relative_to(self.directory):
+                problem = f"outside safeopen.directory (resolves to {_quoted(str(path))})"
+            elif not path.exists():
+                problem = "no such file"
+            elif not path.is_file():
+                problem = "not a file"
+            else:
+                return path
+        except (OSError, RuntimeError, ValueError) as exc:  # a name too long, a symlink loop, a NUL byte
+            problem = f"not a path ({exc})"
+        # One answer for the three, so that a client cannot probe the file system.
+        raise _refused(element, NOT_A_FILE, problem)
 
 
 def is_public(address: Address) -> bool:
@@ -177,7 +215,13 @@ def is_path(element: Any) -> bool:
 
 
 class AddressRefused(Exception):
-    """Raised by the resolver; :func:`fetch` turns it into :class:`Refused` naming the URL."""
+    """Raised by the resolver; :func:`fetch` logs it and raises a :class:`Refused` naming no address."""
+
+    def __init__(self, host: str, address: Address, port: int) -> None:
+        super().__init__(f"{host!r} resolves to {address}, not public and not in safeopen.allow (port {port})")
+        self.host = host
+        self.address = address
+        self.port = port
 
 
 class SafeResolver(AbstractResolver):
@@ -199,7 +243,7 @@ class SafeResolver(AbstractResolver):
             address = ipaddress.ip_address(result["host"].split("%")[0])
             if not self._policy.permits(host, address, port):
                 # Not an OSError, so that aiohttp does not wrap it and try another address.
-                raise AddressRefused(f"{host!r} resolves to {address}, not public and not in safeopen.allow")
+                raise AddressRefused(host, address, port)
         return results
 
     async def close(self) -> None:
@@ -225,23 +269,28 @@ async def fetch(
     *,
     method: str = "GET",
     who: str = "fetch",
+    internal: bool = False,
     **kwargs: Any,
 ) -> tuple[bytes, str]:
     """The body and content type at ``url``, following redirects one checked hop at a time.
 
     Raises :class:`Refused` (400) for what safeopen refuses, :class:`UpstreamError` (502)
     for a failure or a non-2xx answer of the remote side; ``who`` names the task in errors.
+    Errors name ``url`` only when the client sent it: ``internal`` (a service task's URL, the
+    operator's) names "the upstream" instead; they never name a hop a redirect led to.
     """
-    target = policy.check_url(url)
+    subject = "the upstream" if internal else _shown(_safe(url))
+    try:
+        target = policy.check_url(url)
+    except Refused:
+        if internal:  # check_url logged why
+            raise Refused(None, NOT_ALLOWED, who) from None
+        raise
+    start = target
     try:
         async with asyncio.timeout(policy.timeout):
             for _ in range(policy.max_redirects + 1):
-                try:
-                    response = await session.request(method, target, allow_redirects=False, **kwargs)
-                except AddressRefused as exc:
-                    raise Refused(
-                        str(url) if target == URL(url) else f"{url} (redirected to {_safe(target)})", str(exc)
-                    ) from None
+                response = await session.request(method, target, allow_redirects=False, **kwargs)
                 async with response:
                     if response.status in REDIRECTS and "Location" in response.headers:
                         target = policy.check_url(target.join(URL(response.headers["Location"])))
@@ -249,22 +298,48 @@ async def fetch(
                             method, kwargs = "GET", {k: v for k, v in kwargs.items() if k not in ("json", "data")}
                         continue
                     if not 200 <= response.status < 300:
-                        raise UpstreamError(f"{who}: {_safe(target)} answered HTTP {response.status}")
-                    return await _read_bounded(response, policy.max_bytes, who, target), response.content_type
-            raise UpstreamError(f"{who}: more than {policy.max_redirects} redirects from {_safe(url)}")
+                        raise _failed(who, subject, f"answered HTTP {response.status}", target)
+                    body = await _read_bounded(response, policy.max_bytes, who, subject, target)
+                    return body, response.content_type
+            raise _failed(who, subject, f"sent more than {policy.max_redirects} redirects", target)
+    except (AddressRefused, Refused) as exc:
+        # A Refused here is check_url's of a redirect's Location, which it has logged.
+        redirected = isinstance(exc, Refused) or target != start
+        if isinstance(exc, AddressRefused):
+            logger.warning("%s: safeopen refused %s: %s", who, _quoted(_safe(target)), exc)
+        if redirected:
+            logger.warning("%s: safeopen refused a redirect from %s", who, _quoted(_safe(url)))
+        reason = NOT_ALLOWED + " (after a redirect)" if redirected else NOT_ALLOWED
+        raise Refused(None if internal else str(url), reason, who) from None
     except TimeoutError:
-        raise UpstreamError(f"{who}: no complete answer from {_safe(target)} within {policy.timeout:g}s") from None
+        raise _failed(who, subject, f"sent no complete answer within {policy.timeout:g}s", target) from None
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"{who}: cannot fetch {_safe(target)}: {type(exc).__name__}") from None
+        raise _failed(who, subject, "could not be fetched", target, f" ({type(exc).__name__})") from None
 
 
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int, who: str, url: URL) -> bytes:
+def _failed(who: str, subject: str, problem: str, target: URL, detail: str = "") -> UpstreamError:
+    """An UpstreamError naming ``subject``; the log names the URL that really failed, and ``detail``."""
+    logger.warning("%s: %s %s%s", who, _quoted(_safe(target)), problem, detail)
+    return UpstreamError(f"{who} failed: {subject} {problem}")
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int, who: str, subject: str, url: URL) -> bytes:
     body = bytearray()
     async for chunk in response.content.iter_chunked(64 * 1024):
         body.extend(chunk)
         if len(body) > limit:
-            raise UpstreamError(f"{who}: the answer from {_safe(url)} is over safeopen.max_bytes ({limit})")
+            raise _failed(who, subject, f"sent an answer over safeopen.max_bytes ({limit})", url)
     return bytes(body)
+
+
+def _shown(text: str) -> str:
+    """Client text as an error message quotes it: truncated, control characters escaped."""
+    return repr(text[:200])
+
+
+def _quoted(text: str) -> str:
+    """Text as the log quotes it: bounded, and escaped so that it cannot forge a log line."""
+    return repr(text[:1000])
 
 
 def _safe(url: str | URL) -> str:
