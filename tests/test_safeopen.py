@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -15,14 +17,25 @@ from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from aioserver import load_config
-from aioserver.errors import ConfigError
-from aioserver.workflow.safeopen import AddressRefused, SafeResolver, parse_safeopen
+from aioserver.errors import ConfigError, UpstreamError
+from aioserver.workflow.safeopen import (
+    AddressRefused,
+    AllowRule,
+    Refused,
+    SafeOpen,
+    SafeResolver,
+    create_session,
+    fetch,
+    parse_safeopen,
+)
 
 from conftest import Server, free_port
 
@@ -70,6 +83,30 @@ class Upstream:
             return web.json_response({"data": {"results": [str(t).upper() for t in texts]}})
         if request.path == "/one":
             return web.json_response({"result": request.query["q"][::-1]})
+        return await self.more(request, *request.path.strip("/").split("/", 1))
+
+    async def more(self, request: web.Request, route: str, arg: str = "0") -> web.StreamResponse:
+        """Routes with an argument, for fetch's edges: /bytes/N, /status/N, /chain/N and so on."""
+        if route == "bytes":  # N bytes
+            return web.Response(body=b"x" * int(arg))
+        if route == "status":  # status N, no Location
+            return web.Response(status=int(arg), text="status")
+        if route == "chain":  # N redirects, then the page
+            return web.Response(status=302, headers={"Location": f"/chain/{int(arg) - 1}"}) if int(arg) else self.page()
+        if route == "slow":  # N redirects of 0.3 s each, then the page
+            await asyncio.sleep(0.3)
+            return web.Response(status=302, headers={"Location": f"/slow/{int(arg) - 1}"}) if int(arg) else self.page()
+        if route == "sleep":  # N seconds, then the page
+            await asyncio.sleep(float(arg))
+        if route == "located":  # a 200 with a Location: not a redirect
+            return web.Response(text="here", headers={"Location": "/page.html"})
+        if route == "moved":  # a redirect with status N to /echo
+            return web.Response(status=int(arg), headers={"Location": "/echo"})
+        if route == "echo":  # how it was asked
+            return web.json_response({"method": request.method, "body": await request.text()})
+        return self.page()
+
+    def page(self) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html")
 
 
@@ -399,11 +436,13 @@ class StubResolver(AbstractResolver):
 
     def __init__(self, names: dict[str, list[str]]) -> None:
         self.names = names
+        self.calls: list[tuple[str, int, socket.AddressFamily]] = []
         self.closed = False
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
+        self.calls.append((host, port, family))
         return [
             ResolveResult(
                 hostname=host,
@@ -667,3 +706,331 @@ def test_served_refusals_keep_internals_in_the_log(tmp_path: Path, failing_upstr
         log = wait_for_log(server, "internal-api")
     assert "WARNING aioserver.workflow.safeopen" in log
     assert "'localhost' resolves to" in log and f"{upstream!r} answered HTTP 500" in log
+
+
+# -- the edges, one test per behaviour a mutant of safeopen.py once got past (tests/MUTANTS.md)
+
+
+async def test_resolver_passes_host_port_and_family_on_and_checks_the_port() -> None:
+    stub = StubResolver({"svc.example": ["10.0.0.1"], "scoped.example": ["fe80::1%2"]})
+    policy = parse_safeopen({"allow": ["svc.example:8080", "fe80::/10"]}, "test")
+    resolver = SafeResolver(policy, stub)
+    assert [r["host"] for r in await resolver.resolve("svc.example", 8080, socket.AF_INET6)] == ["10.0.0.1"]
+    assert stub.calls == [("svc.example", 8080, socket.AF_INET6)]
+    with pytest.raises(AddressRefused) as info:
+        await resolver.resolve("svc.example", 80)
+    assert info.value.port == 80
+    with pytest.raises(AddressRefused) as info:
+        await resolver.resolve("svc.example")  # no port given: 0, which no port rule admits
+    assert info.value.port == 0 and stub.calls[-1] == ("svc.example", 0, socket.AF_INET)
+    assert [r["host"] for r in await resolver.resolve("scoped.example", 80)] == ["fe80::1%2"]
+
+
+def test_allow_rules_as_parsed(tmp_path: Path) -> None:
+    entries = ["[::1]:8080", "[::1]", "h:1", "h:65535", "Good.Example.", "10.0.0.1/8", "fd00::/8"]
+    assert parse_safeopen({"allow": entries}, "test").allow == (
+        AllowRule(network=ipaddress.ip_network("::1/128"), port=8080),
+        AllowRule(network=ipaddress.ip_network("::1/128")),
+        AllowRule(host="h", port=1),
+        AllowRule(host="h", port=65535),
+        AllowRule(host="good.example"),
+        AllowRule(network=ipaddress.ip_network("10.0.0.0/8")),
+        AllowRule(network=ipaddress.ip_network("fd00::/8")),
+    )
+    section = {"allow": "10.0.0.0/8", "directory": str(tmp_path), "max_bytes": 1, "timeout": 0.5, "max_redirects": 0}
+    assert parse_safeopen(section, "test") == SafeOpen(
+        allow=(AllowRule(network=ipaddress.ip_network("10.0.0.0/8")),),
+        directory=tmp_path.resolve(),
+        max_bytes=1,
+        timeout=0.5,
+        max_redirects=0,
+    )
+    assert parse_safeopen({"max_redirects": 2}, "test").max_redirects == 2
+    assert parse_safeopen(None, "test") == SafeOpen() == parse_safeopen({}, "test")
+
+
+KNOWN = "allow, directory, max_bytes, timeout, max_redirects"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "problem"),
+    [
+        (["x"], "safeopen", f"expected a mapping with keys {KNOWN}"),
+        ({"allowed": []}, "safeopen.allowed", f"unknown key; known: {KNOWN}"),
+        ({"allow": {"a": 1}}, "safeopen.allow", "expected a list of hosts, host:port or CIDRs"),
+        ({"allow": [1]}, "safeopen.allow[0]", "expected a host, host:port or CIDR, got 1"),
+        ({"allow": ["ok.example", " "]}, "safeopen.allow[1]", "expected a host, host:port or CIDR, got ' '"),
+        ({"allow": ["h:0"]}, "safeopen.allow[0]", "port out of range in 'h:0'"),
+        ({"allow": ["h:65536"]}, "safeopen.allow[0]", "port out of range in 'h:65536'"),
+        ({"allow": ["a b"]}, "safeopen.allow[0]", "not a host name, address or CIDR: 'a b'"),
+        ({"allow": ["host/8"]}, "safeopen.allow[0]", "not a host name, address or CIDR: 'host/8'"),
+        ({"allow": ["127.1"]}, "safeopen.allow[0]", "not a host name, address or CIDR: '127.1'"),
+        ({"directory": "/no/such/dir"}, "safeopen.directory", "not an existing directory: '/no/such/dir'"),
+        ({"max_bytes": 0}, "safeopen.max_bytes", "expected a positive number, got 0"),
+        ({"max_bytes": 1.5}, "safeopen.max_bytes", "expected a positive number, got 1.5"),
+        ({"max_bytes": True}, "safeopen.max_bytes", "expected a positive number, got True"),
+        ({"timeout": "x"}, "safeopen.timeout", "expected a positive number, got 'x'"),
+        ({"timeout": 0}, "safeopen.timeout", "expected a positive number, got 0"),
+        ({"max_redirects": -1}, "safeopen.max_redirects", "expected a non-negative number, got -1"),
+        ({"max_redirects": 1.5}, "safeopen.max_redirects", "expected a non-negative number, got 1.5"),
+    ],
+)
+def test_safeopen_section_errors_name_source_key_and_problem(section: object, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_safeopen(section, "test.yml")
+    assert str(info.value) == f"test.yml: {key}: {problem}"
+
+
+SECRETS = "user:s3cret@"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason", "logged"),
+    [
+        (f"http://{SECRETS}[::1/?token=t0ken", "not a valid URL", "'<invalid URL>': not a valid URL"),
+        (
+            f"ftp://{SECRETS}x.example/?token=t0ken",
+            "scheme 'ftp' is not allowed; only http and https",
+            "'ftp://x.example/': scheme 'ftp' is not allowed; only http and https",
+        ),
+        (
+            f"//{SECRETS}x.example/?token=t0ken",
+            "scheme 'none' is not allowed; only http and https",
+            "'//x.example/': scheme 'none' is not allowed; only http and https",
+        ),
+        ("http:///x?token=t0ken", "no host", "'<invalid URL>': no host"),
+        (
+            f"http://{SECRETS}127.1/?token=t0ken",
+            "'127.1' is not a canonical IP address",
+            "'http://127.1/': '127.1' is not a canonical IP address",
+        ),
+        (
+            f"http://{SECRETS}10.0.0.1/?token=t0ken",
+            "not allowed by safeopen",
+            "'http://10.0.0.1/': address 10.0.0.1 is not public and not in safeopen.allow",
+        ),
+    ],
+)
+def test_check_url_tells_the_client_and_the_log_apart(
+    url: str, reason: str, logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(Refused) as info:
+            POLICY.check_url(url)
+    assert str(info.value) == f"refused {url!r}: {reason}"
+    assert caplog.messages == [f"safeopen refused {logged}"]  # no credentials, no query
+
+
+def test_check_url_literals_meet_host_and_port_rules() -> None:
+    policy = parse_safeopen({"allow": ["good.example", "127.0.0.1:1"]}, "test")
+    assert policy.check_url("http://good.example/") == URL("http://good.example/")
+    assert policy.check_url("http://127.0.0.1:1/") == URL("http://127.0.0.1:1/")
+    for url in ["http://10.0.0.1/", "http://127.0.0.1:0/", "http://127.0.0.1/"]:
+        with pytest.raises(Refused):
+            policy.check_url(url)
+
+
+def test_check_file_tells_the_client_and_the_log_apart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path.resolve()
+    (root / "folder").mkdir()
+    policy = parse_safeopen({"directory": str(root)}, "test")
+    file_url = "file: URLs are not allowed; give a path under safeopen.directory"
+    long = "./" + "d" * 1500
+    cases = [
+        ("file:///etc/passwd", file_url, file_url),
+        ("FILE:///etc/passwd", file_url, file_url),
+        ("./missing?.html", NOT_A_FILE, "no such file"),
+        ("./folder", NOT_A_FILE, "not a file"),
+        ("../x", NOT_A_FILE, f"outside safeopen.directory (resolves to {str(root.parent / 'x')!r})"),
+        (long, NOT_A_FILE, "not a path ([Errno 36] File name too long: " + repr(str(root / long[2:])) + ")"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        for element, reason, logged in cases:
+            caplog.clear()
+            with pytest.raises(Refused) as info:
+                policy.check_file(element)
+            assert str(info.value) == f"refused {element[:200]!r}: {reason}"
+            assert caplog.messages == [f"safeopen refused {element[:1000]!r}: {logged}"]
+        caplog.clear()
+        with pytest.raises(Refused) as info:
+            SafeOpen().check_file("./x")
+    assert str(info.value) == "refused './x': no safeopen.directory is configured, so no file may be opened"
+    assert caplog.messages == ["safeopen refused './x': no safeopen.directory is configured, so no file may be opened"]
+
+
+NOT_A_FILE = "not a file under safeopen.directory"
+
+
+@pytest.fixture
+async def sessions() -> Iterator[Callable[[SafeOpen], aiohttp.ClientSession]]:  # type: ignore[misc]
+    opened: list[aiohttp.ClientSession] = []
+
+    def open_session(policy: SafeOpen) -> aiohttp.ClientSession:
+        opened.append(create_session(policy))
+        return opened[-1]
+
+    yield open_session
+    for session in opened:
+        await session.close()
+
+
+Sessions = Callable[[SafeOpen], aiohttp.ClientSession]
+
+
+def local(upstream: Upstream, **settings: object) -> SafeOpen:
+    return parse_safeopen({"allow": [f"127.0.0.1:{upstream.port}"], **settings}, "test")
+
+
+async def test_fetch_follows_max_redirects_and_no_more(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = local(upstream, max_redirects=2)
+    session = sessions(policy)
+    body, content_type = await fetch(session, policy, upstream.url("/chain/2"))
+    assert (body.decode(), content_type) == (PAGE, "text/html")
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(session, policy, upstream.url("/chain/3?k=v"))
+    assert str(info.value) == f"fetch failed: {upstream.url('/chain/3')!r} sent more than 2 redirects"
+    assert caplog.messages == [f"fetch: {upstream.url('/chain/0')!r} sent more than 2 redirects"]
+
+
+async def test_fetch_times_out_over_the_whole_chain(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = local(upstream, timeout=0.5)  # each hop takes 0.3 s, the three 0.9 s
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(sessions(policy), policy, upstream.url("/slow/2"), who="textractor")
+    assert str(info.value) == f"textractor failed: {upstream.url('/slow/2')!r} sent no complete answer within 0.5s"
+    [message] = caplog.messages
+    assert re.fullmatch(
+        rf"textractor: 'http://127\.0\.0\.1:{upstream.port}/slow/\d' sent no complete answer within 0\.5s", message
+    )
+
+
+async def test_the_session_alone_times_out_and_ignores_proxy_settings(
+    upstream: Upstream, sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plugin action may use runtime.session directly: the policy's timeout still holds, and
+    # a proxy from the environment (which would connect to addresses never checked) is not used.
+    proxy = await Upstream().start()
+    try:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url(""))
+        monkeypatch.setenv("http_proxy", proxy.url(""))
+        session = sessions(local(upstream, timeout=0.5))
+        async with session.get(upstream.url()) as response:
+            assert response.status == 200
+        with pytest.raises(TimeoutError):
+            async with session.get(upstream.url("/sleep/3")):
+                pass
+        assert proxy.hits == [] and upstream.hits == ["/page.html", "/sleep/3"]
+    finally:
+        assert proxy.server is not None
+        await proxy.server.close()
+
+
+@pytest.mark.parametrize(("path", "status"), [("/status/300", 300), ("/status/302", 302), ("/status/503", 503)])
+async def test_fetch_takes_2xx_only_and_redirects_only_with_location(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture, path: str, status: int
+) -> None:
+    policy = local(upstream)
+    session = sessions(policy)
+    assert await fetch(session, policy, upstream.url("/located")) == (b"here", "text/plain")
+    assert await fetch(session, policy, upstream.url("/status/299")) == (b"status", "text/plain")
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(session, policy, upstream.url(path), who="w")
+    assert str(info.value) == f"w failed: {upstream.url(path)!r} answered HTTP {status}"
+    assert caplog.messages == [f"w: {upstream.url(path)!r} answered HTTP {status}"]
+
+
+@pytest.mark.parametrize(
+    ("status", "method", "body"),
+    [(301, "GET", ""), (302, "GET", ""), (303, "GET", ""), (307, "POST", '{"a": 1}'), (308, "POST", '{"a": 1}')],
+)
+async def test_fetch_redirects_a_post_as_browsers_do(
+    upstream: Upstream, sessions: Sessions, status: int, method: str, body: str
+) -> None:
+    policy = local(upstream)
+    session = sessions(policy)
+    answer, _ = await fetch(session, policy, upstream.url(f"/moved/{status}"), method="POST", json={"a": 1})
+    assert json.loads(answer) == {"method": method, "body": body}
+    answer, _ = await fetch(session, policy, upstream.url(f"/moved/{status}"), method="POST", data=b"raw")
+    assert json.loads(answer) == {"method": method, "body": body and "raw"}
+    answer, _ = await fetch(session, policy, upstream.url(f"/moved/{status}"))
+    assert json.loads(answer) == {"method": "GET", "body": ""}
+
+
+async def test_fetch_reads_max_bytes_and_not_one_more(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = local(upstream, max_bytes=1000)
+    session = sessions(policy)
+    assert await fetch(session, policy, upstream.url("/bytes/1000")) == (b"x" * 1000, "application/octet-stream")
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(session, policy, upstream.url("/bytes/1001"), who="w", internal=True)
+    assert str(info.value) == "w failed: the upstream sent an answer over safeopen.max_bytes (1000)"
+    assert caplog.messages == [f"w: {upstream.url('/bytes/1001')!r} sent an answer over safeopen.max_bytes (1000)"]
+
+
+async def test_fetch_names_a_connection_failure_in_the_log_only(
+    sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    policy = parse_safeopen({"allow": [f"127.0.0.1:{port}"]}, "test")
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(sessions(policy), policy, f"http://127.0.0.1:{port}/x", who="w")
+    assert str(info.value) == f"w failed: 'http://127.0.0.1:{port}/x' could not be fetched"
+    assert caplog.messages == [f"w: 'http://127.0.0.1:{port}/x' could not be fetched (ClientConnectorError)"]
+
+
+def resolved(url: str, who: str = "fetch") -> str:
+    """The log line of the resolver refusing the name in ``url`` (localhost: 127.0.0.1 or ::1)."""
+    port = URL(url).port
+    return (
+        rf"{who}: safeopen refused {re.escape(repr(url))}: 'localhost' resolves to (127\.0\.0\.1|::1), "
+        rf"not public and not in safeopen.allow \(port {port}\)"
+    )
+
+
+@pytest.mark.parametrize("internal", [False, True])
+async def test_fetch_refusals_by_the_resolver_and_after_redirects(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture, internal: bool
+) -> None:
+    policy = local(upstream)
+    session = sessions(policy)
+    named = f"http://localhost:{free_port()}/page.html"  # not the allowed port
+    client = {
+        False: f"refused {named!r}: not allowed by safeopen",
+        True: "w failed: its upstream is not allowed by safeopen",
+    }
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(Refused) as info:
+            await fetch(session, policy, named, who="w", internal=internal)
+        assert str(info.value) == client[internal]
+        [message] = caplog.messages
+        assert re.fullmatch(resolved(named, "w"), message)
+
+        caplog.clear()
+        upstream.redirect_to = named
+        with pytest.raises(Refused) as info:
+            await fetch(session, policy, upstream.url("/redirect?k=v"), who="w", internal=internal)
+        first = {False: f"refused {upstream.url('/redirect?k=v')!r}", True: "w failed: its upstream is"}[internal]
+        assert str(info.value) == f"{first}{':' if not internal else ''} not allowed by safeopen (after a redirect)"
+        hop, redirect = caplog.messages
+        assert re.fullmatch(resolved(named, "w"), hop)
+        assert redirect == f"w: safeopen refused a redirect from {upstream.url('/redirect')!r}"
+
+        caplog.clear()
+        with pytest.raises(Refused) as info:
+            await fetch(session, policy, "http://10.0.0.1/", who="w", internal=internal)
+        assert (
+            str(info.value)
+            == {False: "refused 'http://10.0.0.1/': not allowed by safeopen", True: client[True]}[internal]
+        )
+    assert upstream.hits == ["/redirect?k=v"]

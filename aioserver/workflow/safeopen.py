@@ -78,15 +78,9 @@ NOT_A_FILE = "not a file under safeopen.directory"
 class Refused(InvalidElement):
     """What safeopen will not open: the client gets 400 and a reason that reveals nothing inside.
 
-    ``element`` is the client's own text (echoed, truncated); for a URL of the operator's, a
-    service task's, it is None and ``who`` (the task) is named instead.
+    The message names the client's own element (truncated) or, for a URL of the operator's (a
+    service task's), only the task; the log has the details.
     """
-
-    def __init__(self, element: str | None, reason: str, who: str = "fetch") -> None:
-        if element is None:
-            super().__init__(f"{who} failed: its upstream is {reason}")
-        else:
-            super().__init__(f"refused {_shown(element)}: {reason}")
 
 
 def _refused(element: str, reason: str, detail: str | None = None, *, url: bool = False) -> Refused:
@@ -95,7 +89,7 @@ def _refused(element: str, reason: str, detail: str | None = None, *, url: bool 
     A ``url`` is logged without credentials and query: secrets never reach the log.
     """
     logger.warning("safeopen refused %s: %s", _quoted(_safe(element) if url else element), detail or reason)
-    return Refused(element, reason)
+    return Refused(f"refused {_shown(element)}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +129,7 @@ class SafeOpen:
         """The parsed URL, or :class:`Refused` when it can never be opened (scheme, host spelling)."""
         text = str(url)
         try:
-            parsed = URL(url) if isinstance(url, str) else url
+            parsed = URL(url)  # a URL stays as it is
         except ValueError:
             raise _refused(text, "not a valid URL", url=True) from None
         if parsed.scheme not in ("http", "https"):
@@ -240,7 +234,7 @@ class SafeResolver(AbstractResolver):
     ) -> list[ResolveResult]:
         results = await self._resolver.resolve(host, port, family)
         for result in results:
-            address = ipaddress.ip_address(result["host"].split("%")[0])
+            address = ipaddress.ip_address(result["host"])  # a scope (fe80::1%eth0) is kept
             if not self._policy.permits(host, address, port):
                 # Not an OSError, so that aiohttp does not wrap it and try another address.
                 raise AddressRefused(host, address, port)
@@ -284,7 +278,7 @@ async def fetch(
         target = policy.check_url(url)
     except Refused:
         if internal:  # check_url logged why
-            raise Refused(None, NOT_ALLOWED, who) from None
+            raise Refused(f"{who} failed: its upstream is {NOT_ALLOWED}") from None
         raise
     start = target
     try:
@@ -310,7 +304,9 @@ async def fetch(
         if redirected:
             logger.warning("%s: safeopen refused a redirect from %s", who, _quoted(_safe(url)))
         reason = NOT_ALLOWED + " (after a redirect)" if redirected else NOT_ALLOWED
-        raise Refused(None if internal else str(url), reason, who) from None
+        raise Refused(
+            f"{who} failed: its upstream is {reason}" if internal else f"refused {_shown(url)}: {reason}"
+        ) from None
     except TimeoutError:
         raise _failed(who, subject, f"sent no complete answer within {policy.timeout:g}s", target) from None
     except aiohttp.ClientError as exc:
@@ -345,7 +341,7 @@ def _quoted(text: str) -> str:
 def _safe(url: str | URL) -> str:
     """A URL fit for an error message: without credentials or query (they may hold secrets)."""
     try:
-        parsed = URL(url) if isinstance(url, str) else url
+        parsed = URL(url)  # a URL stays as it is
         return str(parsed.with_user(None).with_query(None).with_fragment(None))
     except (ValueError, TypeError):
         return "<invalid URL>"
@@ -399,7 +395,7 @@ def _rule(entry: Any, source: str, key: str) -> AllowRule:
         return AllowRule(network=ipaddress.ip_network(text, strict=False), port=port)
     except ValueError:
         pass
-    if _NUMERIC_HOST.match(text) or "/" in text or not re.fullmatch(r"[a-z0-9._-]+", text):
+    if _NUMERIC_HOST.match(text) or not re.fullmatch(r"[a-z0-9._-]+", text):
         raise ConfigError(source, key, f"not a host name, address or CIDR: {entry!r}")
     return AllowRule(host=text.rstrip("."), port=port)
 
