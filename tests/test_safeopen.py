@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import logging
 import os
-from collections.abc import Awaitable, Callable
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from aioserver import load_config
-from aioserver.errors import ConfigError
+from aioserver.errors import ConfigError, UpstreamError
+from aioserver.workflow.safeopen import (
+    AddressRefused,
+    AllowRule,
+    Refused,
+    SafeOpen,
+    SafeResolver,
+    create_session,
+    fetch,
+    parse_safeopen,
+)
+
+from conftest import Server, free_port
 
 PAGE = """<html><head><title>Owls</title><style>p {color: red}</style><script>var x = "SCRIPT";</script></head>
 <body><nav><a href="/">Home</a> | <a href="/about">NAVIGATION</a></nav>
@@ -58,6 +83,30 @@ class Upstream:
             return web.json_response({"data": {"results": [str(t).upper() for t in texts]}})
         if request.path == "/one":
             return web.json_response({"result": request.query["q"][::-1]})
+        return await self.more(request, *request.path.strip("/").split("/", 1))
+
+    async def more(self, request: web.Request, route: str, arg: str = "0") -> web.StreamResponse:
+        """Routes with an argument, for fetch's edges: /bytes/N, /status/N, /chain/N and so on."""
+        if route == "bytes":  # N bytes
+            return web.Response(body=b"x" * int(arg))
+        if route == "status":  # status N, no Location
+            return web.Response(status=int(arg), text="status")
+        if route == "chain":  # N redirects, then the page
+            return web.Response(status=302, headers={"Location": f"/chain/{int(arg) - 1}"}) if int(arg) else self.page()
+        if route == "slow":  # N redirects of 0.3 s each, then the page
+            await asyncio.sleep(0.3)
+            return web.Response(status=302, headers={"Location": f"/slow/{int(arg) - 1}"}) if int(arg) else self.page()
+        if route == "sleep":  # N seconds, then the page
+            await asyncio.sleep(float(arg))
+        if route == "located":  # a 200 with a Location: not a redirect
+            return web.Response(text="here", headers={"Location": "/page.html"})
+        if route == "moved":  # a redirect with status N to /echo
+            return web.Response(status=int(arg), headers={"Location": "/echo"})
+        if route == "echo":  # how it was asked
+            return web.json_response({"method": request.method, "body": await request.text()})
+        return self.page()
+
+    def page(self) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html")
 
 
@@ -107,6 +156,10 @@ async def test_allowed_host_is_fetched(upstream: Upstream, post: Post) -> None:
         "0177.0.0.1:{port}",
         "[::ffff:127.0.0.1]:{port}",
         "127.0.0.2:{port}",
+        "[::7f00:1]:{port}",  # IPv4-compatible
+        "[64:ff9b::7f00:1]:{port}",  # NAT64
+        "[2002:7f00:1::1]:{port}",  # 6to4
+        "[::ffff:0:7f00:1]:{port}",  # IPv4-translated
     ],
 )
 async def test_loopback_spellings_are_refused_without_a_request(upstream: Upstream, post: Post, host: str) -> None:
@@ -129,14 +182,21 @@ async def test_allow_by_cidr(upstream: Upstream, post: Post) -> None:
     assert status == 200 and upstream.hits == ["/page.html"]
 
 
-async def test_redirect_to_another_loopback_port_is_refused(upstream: Upstream, post: Post) -> None:
+async def test_redirect_to_another_loopback_port_is_refused(
+    upstream: Upstream, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
     other = await Upstream().start()
     try:
         upstream.redirect_to = other.url()
-        status, body = await post(config([f"127.0.0.1:{upstream.port}"], "[textractor]"), [upstream.url("/redirect")])
+        with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+            status, body = await post(
+                config([f"127.0.0.1:{upstream.port}"], "[textractor]"), [upstream.url("/redirect")]
+            )
         assert status == 400, body
-        assert isinstance(body, dict) and "127.0.0.1" in body["error"] and "not in safeopen.allow" in body["error"]
+        # The client learns that its URL was refused, not where it led: that may be inside.
+        assert body == {"error": f"refused {upstream.url('/redirect')!r}: not allowed by safeopen (after a redirect)"}
         assert upstream.hits == ["/redirect"] and other.hits == []
+        assert other.url() in caplog.text and "127.0.0.1 is not public and not in safeopen.allow" in caplog.text
         # Allowed once listed: redirects are followed, hop by hop.
         allow = [f"127.0.0.1:{upstream.port}", f"127.0.0.1:{other.port}"]
         status, body = await post(config(allow, "[textractor]"), [upstream.url("/redirect")])
@@ -152,7 +212,10 @@ async def test_redirect_to_another_scheme_is_refused(upstream: Upstream, post: P
     status, body = await post(
         config([f"127.0.0.1:{upstream.port}"], "[{task: url, action: textractor}]"), [upstream.url("/redirect")]
     )
-    assert status == 400 and "is not allowed" in body["error"]  # type: ignore[index]
+    assert (status, body) == (
+        400,
+        {"error": f"refused {upstream.url('/redirect')!r}: not allowed by safeopen (after a redirect)"},
+    )
 
 
 async def test_answer_over_max_bytes_is_a_bad_gateway(upstream: Upstream, post: Post) -> None:
@@ -211,7 +274,7 @@ async def test_service_non_2xx_is_502_naming_the_task(upstream: Upstream, post: 
     task = f"[echo, {{task: service, url: '{upstream.url('/fail')}'}}]"
     status, body = await post(config([f"127.0.0.1:{upstream.port}"], task), ["a"])
     assert status == 502
-    assert body == {"error": f"task workflow.w.tasks[1] (service): {upstream.url('/fail')} answered HTTP 503"}
+    assert body == {"error": "task workflow.w.tasks[1] (service) failed: the upstream answered HTTP 503"}
 
 
 async def test_service_endpoint_not_allowed_is_refused(upstream: Upstream, post: Post) -> None:
@@ -253,3 +316,721 @@ def test_bad_safeopen_sections(section: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(section + "\n")
     assert info.value.key == key
+
+
+# -- which addresses are public: tables that pin the policy down, address by address
+
+POLICY = parse_safeopen({}, "test")
+
+REFUSED = [
+    # IPv4: private, loopback, link-local (cloud metadata), and the special ranges is_private misses
+    "127.0.0.1",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",  # shared address space (CGNAT): neither private nor global
+    "100.127.255.254",
+    "192.0.0.1",  # IETF protocol assignments: the whole /24, PCP and TURN anycast included
+    "192.0.0.9",
+    "192.0.0.10",
+    "192.0.0.170",
+    "198.18.0.1",  # benchmarking
+    "198.19.255.254",
+    "0.0.0.0",  # "this network": connecting to it reaches this host
+    "0.1.2.3",
+    "240.0.0.1",  # reserved
+    "255.255.255.255",
+    "224.0.0.1",  # multicast, which is_global calls global
+    "239.255.255.250",
+    "233.252.0.1",
+    "192.0.2.1",  # documentation
+    "198.51.100.1",
+    "203.0.113.1",
+    # IPv6
+    "::",
+    "::1",
+    "::7f00:1",  # IPv4-compatible (deprecated): the whole ::/96 is refused
+    "::808:808",
+    "::ffff:127.0.0.1",  # IPv4-mapped: judged as the IPv4 address it carries
+    "::ffff:10.0.0.1",
+    "::ffff:100.64.0.1",
+    "::ffff:0:7f00:1",  # IPv4-translated (SIIT): the whole ::ffff:0:0:0/96 is refused
+    "::ffff:0:808:808",
+    "64:ff9b::7f00:1",  # NAT64 well-known prefix: judged as the IPv4 address it carries
+    "64:ff9b::a00:1",
+    "64:ff9b::6440:1",
+    "64:ff9b::a9fe:a9fe",
+    "64:ff9b:1::a00:1",  # local-use NAT64: the whole /48 is refused
+    "64:ff9b:1::808:808",
+    "2002:7f00:1::1",  # 6to4: judged as the IPv4 address it carries
+    "2002:a00:1::1",
+    "2002:c0a8:101::1",
+    "2001::1",  # Teredo: the whole 2001::/32 is refused
+    "2001:0:808:808:8000:63bf:3fff:fdd2",
+    "fec0::1",  # site-local (deprecated)
+    "fc00::1",  # unique local
+    "fd12:3456::1",
+    "fe80::1",  # link-local
+    "fe80::1%1",
+    "100::1",  # discard
+    "ff02::1",  # multicast, which is_global calls global
+    "ff0e::1",
+    "2001:db8::1",  # documentation
+    "3fff::1",
+    "5f00::1",  # SRv6 SIDs
+]
+PUBLIC = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "93.184.215.14",
+    "2606:4700:4700::1111",
+    "2a00:1450:4001:80b::200e",
+    "::ffff:8.8.8.8",
+    "64:ff9b::808:808",  # what DNS64 makes of a public IPv4 address
+    "2002:808:808::1",
+]
+
+
+@pytest.mark.parametrize("address", REFUSED)
+def test_permits_refuses_what_is_not_public(address: str) -> None:
+    assert not POLICY.permits("host.example", ipaddress.ip_address(address), 80)
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_permits_public_addresses(address: str) -> None:
+    assert POLICY.permits("host.example", ipaddress.ip_address(address), 80)
+
+
+@pytest.mark.parametrize(
+    ("rule", "address"),
+    [
+        ("10.0.0.0/8", "10.0.0.1"),
+        ("100.64.0.0/10", "100.64.0.1"),
+        ("64:ff9b:1::/48", "64:ff9b:1::a00:1"),
+        ("fec0::/10", "fec0::1"),
+        ("2002::/16", "2002:7f00:1::1"),
+        ("64:ff9b::7f00:1", "64:ff9b::7f00:1"),
+    ],
+)
+def test_allow_admits_what_it_lists_and_nothing_next_to_it(rule: str, address: str) -> None:
+    listed = parse_safeopen({"allow": [rule]}, "test")
+    assert listed.permits("host.example", ipaddress.ip_address(address), 80)
+    assert not POLICY.permits("host.example", ipaddress.ip_address(address), 80)
+    assert not listed.permits("host.example", ipaddress.ip_address("127.0.0.3"), 80)
+
+
+def test_host_rule_admits_only_its_host_and_port() -> None:
+    policy = parse_safeopen({"allow": ["good.example", "api.example:8080"]}, "test")
+    inside = ipaddress.ip_address("10.0.0.1")
+    assert policy.permits("good.example", inside, 80)
+    assert policy.permits("GOOD.Example.", inside, 443)
+    assert not policy.permits("evil.example", inside, 80)
+    assert not policy.permits("good.example.evil.example", inside, 80)
+    assert policy.permits("api.example", inside, 8080)
+    assert not policy.permits("api.example", inside, 80)
+
+
+class StubResolver(AbstractResolver):
+    """What a DNS server says, table-driven: each name resolves to the addresses listed."""
+
+    def __init__(self, names: dict[str, list[str]]) -> None:
+        self.names = names
+        self.calls: list[tuple[str, int, socket.AddressFamily]] = []
+        self.closed = False
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.calls.append((host, port, family))
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in self.names[host]
+        ]
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        ["93.184.215.14", "127.0.0.1"],
+        ["127.0.0.1", "93.184.215.14"],
+        ["93.184.215.14", "2606:4700::1", "fe80::1%2"],
+        ["2606:4700::1", "64:ff9b::a00:1"],
+    ],
+)
+async def test_resolver_refuses_a_name_if_any_address_is_refused(addresses: list[str]) -> None:
+    resolver = SafeResolver(POLICY, StubResolver({"mixed.example": addresses}))
+    with pytest.raises(AddressRefused) as info:
+        await resolver.resolve("mixed.example", 80)
+    assert info.value.host == "mixed.example" and info.value.port == 80
+    assert not POLICY.permits("mixed.example", info.value.address, 80)
+
+
+async def test_resolver_gives_back_every_public_address() -> None:
+    addresses = ["93.184.215.14", "2606:4700::1", "1.1.1.1"]
+    resolver = SafeResolver(POLICY, StubResolver({"public.example": addresses}))
+    results = await resolver.resolve("public.example", 443)
+    assert [r["host"] for r in results] == addresses
+    await resolver.close()
+    assert resolver._resolver.closed  # type: ignore[attr-defined]
+
+
+async def test_resolver_host_rule_admits_only_its_host() -> None:
+    policy = parse_safeopen({"allow": ["good.example"]}, "test")
+    names = {"good.example": ["10.0.0.1", "127.0.0.1"], "evil.example": ["10.0.0.1"]}
+    resolver = SafeResolver(policy, StubResolver(names))
+    assert [r["host"] for r in await resolver.resolve("good.example", 80)] == ["10.0.0.1", "127.0.0.1"]
+    with pytest.raises(AddressRefused):
+        await resolver.resolve("evil.example", 80)
+
+
+async def test_resolver_defaults_to_the_threaded_resolver() -> None:
+    import aiohttp
+
+    assert isinstance(SafeResolver(POLICY)._resolver, aiohttp.ThreadedResolver)
+
+
+# -- what the client is told, and what the log keeps
+
+
+async def test_refusal_by_name_does_not_say_where_the_name_leads(
+    upstream: Upstream, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://localhost:{upstream.port}/page.html"
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        status, body = await post(config([], "[textractor]"), [url])
+    assert (status, body) == (400, {"error": f"refused {url!r}: not allowed by safeopen"})
+    assert upstream.hits == []
+    # The operator sees which address it was, and the name escaped.
+    assert "'localhost' resolves to 127.0.0.1" in caplog.text or "'localhost' resolves to ::1" in caplog.text
+    assert all(record.levelno == logging.WARNING for record in caplog.records if "safeopen" in record.name)
+
+
+async def test_refusal_of_a_literal_is_generic_too(upstream: Upstream, post: Post) -> None:
+    url = f"http://10.0.0.1:{upstream.port}/x"
+    status, body = await post(config([], "[textractor]"), [url])
+    assert (status, body) == (400, {"error": f"refused {url!r}: not allowed by safeopen"})
+
+
+async def test_client_elements_are_truncated_in_errors_and_escaped_in_the_log(
+    tmp_path: Path, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "http://10.0.0.1/" + "a" * 500
+    path = "./b\nWARNING forged line" + "b" * 500
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        status, body = await post(config([], "[{task: url, action: textractor}]"), [url])
+        assert status == 400 and isinstance(body, dict) and body["error"].startswith("refused 'http://10.0.0.1/aaa")
+        assert len(body["error"]) < 300
+        status, body = await post(file_config(tmp_path), [path])
+        assert status == 400 and isinstance(body, dict) and len(body["error"]) < 300
+    assert "10.0.0.1 is not public" in caplog.text
+    # One record per refusal, its client-supplied text escaped: no forged line in the log.
+    assert "\\nWARNING forged line" in caplog.text and "\nWARNING forged" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:s3cret@10.0.0.1/?token=t0ken",
+        "http://user:s3cret@localhost:1/?token=t0ken",
+        "http://user:s3cret@127.1/?token=t0ken",
+    ],
+)
+async def test_credentials_and_queries_never_reach_the_log(
+    url: str, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        status, _ = await post(config([], "[{task: url, action: textractor}]"), [url])
+    assert status == 400 and "safeopen refused" in caplog.text
+    assert "s3cret" not in caplog.text and "t0ken" not in caplog.text
+
+
+async def test_service_errors_never_name_the_upstream(
+    upstream: Upstream, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = str(upstream.port)
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        # Not allowed: refused before any request, without naming the URL.
+        status, body = await post(config([], f"[{{task: service, url: '{upstream.url('/api')}'}}]"), ["a"])
+        assert status == 400 and port not in json.dumps(body) and "127.0.0.1" not in json.dumps(body)
+        assert body == {"error": "task workflow.w.tasks[0] (service) failed: its upstream is not allowed by safeopen"}
+        # A redirect to somewhere not allowed.
+        upstream.redirect_to = "http://10.0.0.1/inside"
+        task = f"[{{task: service, url: '{upstream.url('/redirect')}'}}]"
+        status, body = await post(config([f"127.0.0.1:{upstream.port}"], task), ["a"])
+        assert status == 400 and port not in json.dumps(body) and "10.0.0.1" not in json.dumps(body)
+        # A body over max_bytes, and a port where nothing listens.
+        task = f"[{{task: service, url: '{upstream.url('/big')}'}}]"
+        status, body = await post(config([f"127.0.0.1:{upstream.port}"], task), ["a"])
+        assert status == 502 and port not in json.dumps(body) and "max_bytes" in json.dumps(body)
+        closed = free_port()
+        task = f"[{{task: service, url: 'http://127.0.0.1:{closed}/api'}}]"
+        status, body = await post(config([f"127.0.0.1:{closed}"], task), ["a"])
+        assert status == 502 and str(closed) not in json.dumps(body)
+        assert body == {"error": "task workflow.w.tasks[0] (service) failed: the upstream could not be fetched"}
+    # The log has it all: which URL, which address.
+    assert upstream.url("/api") in caplog.text and "http://10.0.0.1/inside" in caplog.text
+    assert upstream.url("/big") in caplog.text and f"http://127.0.0.1:{closed}/api" in caplog.text
+
+
+async def test_retrieve_names_the_clients_url_not_where_it_led(upstream: Upstream, post: Post, tmp_path: Path) -> None:
+    other = await Upstream().start()
+    try:
+        upstream.redirect_to = other.url("/fail")
+        allow = [f"127.0.0.1:{upstream.port}", f"127.0.0.1:{other.port}"]
+        task = f"[{{task: retrieve, directory: '{tmp_path}'}}]"
+        status, body = await post(config(allow, task), [upstream.url("/redirect?k=secret")])
+        assert status == 502 and other.hits == ["/fail"]
+        assert body == {
+            "error": f"task workflow.w.tasks[0] (retrieve) failed: {upstream.url('/redirect')!r} answered HTTP 503"
+        }
+    finally:
+        assert other.server is not None
+        await other.server.close()
+
+
+# -- files: one answer for every path that cannot be read, so that no client maps the disk
+
+
+async def test_file_refusals_all_look_alike(tmp_path: Path, post: Post, caplog: pytest.LogCaptureFixture) -> None:
+    inside = tmp_path / "data"
+    (inside / "folder").mkdir(parents=True)
+    (tmp_path / "secret.html").write_text("<p>SECRET</p>")
+    os.symlink(tmp_path / "secret.html", inside / "link.html")
+    os.symlink("loop", inside / "loop")
+    yaml_text = file_config(inside)
+    elements = {
+        "~root/.profile": "no such file",  # with ~ expanded: "outside", so user root exists
+        "./" + "c" * 300: "not a path",  # ENAMETOOLONG
+        "~nosuchuser-3f9a/x": "no such file",
+        "~": "no such file",
+        "../secret.html": "outside",
+        "./link.html": "outside",
+        "/etc/passwd": "outside",
+        "./missing.html": "no such file",
+        "./folder": "not a file",
+        "./loop": "Symlink loop",
+        "./a\x00b": "not a path",
+    }
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        for element, reason in elements.items():
+            caplog.clear()
+            status, body = await post(yaml_text, [element])
+            assert (status, body) == (400, {"error": f"refused {element[:200]!r}: not a file under safeopen.directory"})
+            assert reason in caplog.text, (element, caplog.text)
+
+
+async def test_tilde_is_a_plain_name_under_the_directory(tmp_path: Path, post: Post) -> None:
+    (tmp_path / "~notes.html").write_text(PAGE)
+    (tmp_path / "~").mkdir()
+    (tmp_path / "~" / "page.html").write_text(PAGE)
+    status, body = await post(file_config(tmp_path), ["~notes.html", "~/page.html"])
+    assert status == 200, body
+    assert isinstance(body, list) and all("Owls are birds" in text for text in body)
+
+
+# -- the real thing: python -m aioserver, its answers and its log
+
+
+class FailingUpstream(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_upstream() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FailingUpstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def post_json(port: int, body: dict) -> tuple[int, dict]:  # type: ignore[type-arg]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workflow",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def wait_for_log(server: Server, text: str) -> str:
+    deadline = time.monotonic() + 5
+    while text not in "".join(server.log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return "".join(server.log)
+
+
+def test_served_refusals_keep_internals_in_the_log(tmp_path: Path, failing_upstream: int) -> None:
+    upstream = f"http://127.0.0.1:{failing_upstream}/internal-api"
+    path = tmp_path / "config.yml"
+    path.write_text(
+        f"safeopen:\n  allow: ['127.0.0.1:{failing_upstream}']\n"
+        "workflow:\n"
+        "  fetch: {tasks: [textractor]}\n"
+        f"  service: {{tasks: [{{task: service, url: '{upstream}'}}]}}\n"
+    )
+    with Server("--config", str(path)) as server:
+        url = f"http://localhost:{free_port()}/"
+        assert post_json(server.port, {"name": "fetch", "elements": [url]}) == (
+            400,
+            {"error": f"refused {url!r}: not allowed by safeopen"},
+        )
+        assert post_json(server.port, {"name": "service", "elements": ["a"]}) == (
+            502,
+            {"error": "task workflow.service.tasks[0] (service) failed: the upstream answered HTTP 500"},
+        )
+        log = wait_for_log(server, "internal-api")
+    assert "WARNING aioserver.workflow.safeopen" in log
+    assert "'localhost' resolves to" in log and f"{upstream!r} answered HTTP 500" in log
+
+
+# -- the edges, one test per behaviour a mutant of safeopen.py once got past (tests/MUTANTS.md)
+
+
+async def test_resolver_passes_host_port_and_family_on_and_checks_the_port() -> None:
+    stub = StubResolver({"svc.example": ["10.0.0.1"], "scoped.example": ["fe80::1%2"]})
+    policy = parse_safeopen({"allow": ["svc.example:8080", "fe80::/10"]}, "test")
+    resolver = SafeResolver(policy, stub)
+    assert [r["host"] for r in await resolver.resolve("svc.example", 8080, socket.AF_INET6)] == ["10.0.0.1"]
+    assert stub.calls == [("svc.example", 8080, socket.AF_INET6)]
+    with pytest.raises(AddressRefused) as info:
+        await resolver.resolve("svc.example", 80)
+    assert info.value.port == 80
+    with pytest.raises(AddressRefused) as info:
+        await resolver.resolve("svc.example")  # no port given: 0, which no port rule admits
+    assert info.value.port == 0 and stub.calls[-1] == ("svc.example", 0, socket.AF_INET)
+    assert [r["host"] for r in await resolver.resolve("scoped.example", 80)] == ["fe80::1%2"]
+
+
+def test_allow_rules_as_parsed(tmp_path: Path) -> None:
+    entries = ["[::1]:8080", "[::1]", "h:1", "h:65535", "Good.Example.", "10.0.0.1/8", "fd00::/8"]
+    assert parse_safeopen({"allow": entries}, "test").allow == (
+        AllowRule(network=ipaddress.ip_network("::1/128"), port=8080),
+        AllowRule(network=ipaddress.ip_network("::1/128")),
+        AllowRule(host="h", port=1),
+        AllowRule(host="h", port=65535),
+        AllowRule(host="good.example"),
+        AllowRule(network=ipaddress.ip_network("10.0.0.0/8")),
+        AllowRule(network=ipaddress.ip_network("fd00::/8")),
+    )
+    section = {"allow": "10.0.0.0/8", "directory": str(tmp_path), "max_bytes": 1, "timeout": 0.5, "max_redirects": 0}
+    assert parse_safeopen(section, "test") == SafeOpen(
+        allow=(AllowRule(network=ipaddress.ip_network("10.0.0.0/8")),),
+        directory=tmp_path.resolve(),
+        max_bytes=1,
+        timeout=0.5,
+        max_redirects=0,
+    )
+    assert parse_safeopen({"max_redirects": 2}, "test").max_redirects == 2
+    assert parse_safeopen(None, "test") == SafeOpen() == parse_safeopen({}, "test")
+
+
+KNOWN = "allow, directory, max_bytes, timeout, max_redirects"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "problem"),
+    [
+        (["x"], "safeopen", f"expected a mapping with keys {KNOWN}"),
+        ({"allowed": []}, "safeopen.allowed", f"unknown key; known: {KNOWN}"),
+        ({"allow": {"a": 1}}, "safeopen.allow", "expected a list of hosts, host:port or CIDRs"),
+        ({"allow": [1]}, "safeopen.allow[0]", "expected a host, host:port or CIDR, got 1"),
+        ({"allow": ["ok.example", " "]}, "safeopen.allow[1]", "expected a host, host:port or CIDR, got ' '"),
+        ({"allow": ["h:0"]}, "safeopen.allow[0]", "port out of range in 'h:0'"),
+        ({"allow": ["h:65536"]}, "safeopen.allow[0]", "port out of range in 'h:65536'"),
+        ({"allow": ["a b"]}, "safeopen.allow[0]", "not a host name, address or CIDR: 'a b'"),
+        ({"allow": ["host/8"]}, "safeopen.allow[0]", "not a host name, address or CIDR: 'host/8'"),
+        ({"allow": ["127.1"]}, "safeopen.allow[0]", "not a host name, address or CIDR: '127.1'"),
+        ({"directory": "/no/such/dir"}, "safeopen.directory", "not an existing directory: '/no/such/dir'"),
+        ({"max_bytes": 0}, "safeopen.max_bytes", "expected a positive number, got 0"),
+        ({"max_bytes": 1.5}, "safeopen.max_bytes", "expected a positive number, got 1.5"),
+        ({"max_bytes": True}, "safeopen.max_bytes", "expected a positive number, got True"),
+        ({"timeout": "x"}, "safeopen.timeout", "expected a positive number, got 'x'"),
+        ({"timeout": 0}, "safeopen.timeout", "expected a positive number, got 0"),
+        ({"max_redirects": -1}, "safeopen.max_redirects", "expected a non-negative number, got -1"),
+        ({"max_redirects": 1.5}, "safeopen.max_redirects", "expected a non-negative number, got 1.5"),
+    ],
+)
+def test_safeopen_section_errors_name_source_key_and_problem(section: object, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_safeopen(section, "test.yml")
+    assert str(info.value) == f"test.yml: {key}: {problem}"
+
+
+SECRETS = "user:s3cret@"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason", "logged"),
+    [
+        (f"http://{SECRETS}[::1/?token=t0ken", "not a valid URL", "'<invalid URL>': not a valid URL"),
+        (
+            f"ftp://{SECRETS}x.example/?token=t0ken",
+            "scheme 'ftp' is not allowed; only http and https",
+            "'ftp://x.example/': scheme 'ftp' is not allowed; only http and https",
+        ),
+        (
+            f"//{SECRETS}x.example/?token=t0ken",
+            "scheme 'none' is not allowed; only http and https",
+            "'//x.example/': scheme 'none' is not allowed; only http and https",
+        ),
+        ("http:///x?token=t0ken", "no host", "'<invalid URL>': no host"),
+        (
+            f"http://{SECRETS}127.1/?token=t0ken",
+            "'127.1' is not a canonical IP address",
+            "'http://127.1/': '127.1' is not a canonical IP address",
+        ),
+        (
+            f"http://{SECRETS}10.0.0.1/?token=t0ken",
+            "not allowed by safeopen",
+            "'http://10.0.0.1/': address 10.0.0.1 is not public and not in safeopen.allow",
+        ),
+    ],
+)
+def test_check_url_tells_the_client_and_the_log_apart(
+    url: str, reason: str, logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(Refused) as info:
+            POLICY.check_url(url)
+    assert str(info.value) == f"refused {url!r}: {reason}"
+    assert caplog.messages == [f"safeopen refused {logged}"]  # no credentials, no query
+
+
+def test_check_url_literals_meet_host_and_port_rules() -> None:
+    policy = parse_safeopen({"allow": ["good.example", "127.0.0.1:1"]}, "test")
+    assert policy.check_url("http://good.example/") == URL("http://good.example/")
+    assert policy.check_url("http://127.0.0.1:1/") == URL("http://127.0.0.1:1/")
+    for url in ["http://10.0.0.1/", "http://127.0.0.1:0/", "http://127.0.0.1/"]:
+        with pytest.raises(Refused):
+            policy.check_url(url)
+
+
+def test_check_file_tells_the_client_and_the_log_apart(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path.resolve()
+    (root / "folder").mkdir()
+    policy = parse_safeopen({"directory": str(root)}, "test")
+    file_url = "file: URLs are not allowed; give a path under safeopen.directory"
+    long = "./" + "d" * 1500
+    cases = [
+        ("file:///etc/passwd", file_url, file_url),
+        ("FILE:///etc/passwd", file_url, file_url),
+        ("./missing?.html", NOT_A_FILE, "no such file"),
+        ("./folder", NOT_A_FILE, "not a file"),
+        ("../x", NOT_A_FILE, f"outside safeopen.directory (resolves to {str(root.parent / 'x')!r})"),
+        (long, NOT_A_FILE, "not a path ([Errno 36] File name too long: " + repr(str(root / long[2:])) + ")"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        for element, reason, logged in cases:
+            caplog.clear()
+            with pytest.raises(Refused) as info:
+                policy.check_file(element)
+            assert str(info.value) == f"refused {element[:200]!r}: {reason}"
+            assert caplog.messages == [f"safeopen refused {element[:1000]!r}: {logged}"]
+        caplog.clear()
+        with pytest.raises(Refused) as info:
+            SafeOpen().check_file("./x")
+    assert str(info.value) == "refused './x': no safeopen.directory is configured, so no file may be opened"
+    assert caplog.messages == ["safeopen refused './x': no safeopen.directory is configured, so no file may be opened"]
+
+
+NOT_A_FILE = "not a file under safeopen.directory"
+
+
+@pytest.fixture
+async def sessions() -> Iterator[Callable[[SafeOpen], aiohttp.ClientSession]]:  # type: ignore[misc]
+    opened: list[aiohttp.ClientSession] = []
+
+    def open_session(policy: SafeOpen) -> aiohttp.ClientSession:
+        opened.append(create_session(policy))
+        return opened[-1]
+
+    yield open_session
+    for session in opened:
+        await session.close()
+
+
+Sessions = Callable[[SafeOpen], aiohttp.ClientSession]
+
+
+def local(upstream: Upstream, **settings: object) -> SafeOpen:
+    return parse_safeopen({"allow": [f"127.0.0.1:{upstream.port}"], **settings}, "test")
+
+
+async def test_fetch_follows_max_redirects_and_no_more(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = local(upstream, max_redirects=2)
+    session = sessions(policy)
+    body, content_type = await fetch(session, policy, upstream.url("/chain/2"))
+    assert (body.decode(), content_type) == (PAGE, "text/html")
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(session, policy, upstream.url("/chain/3?k=v"))
+    assert str(info.value) == f"fetch failed: {upstream.url('/chain/3')!r} sent more than 2 redirects"
+    assert caplog.messages == [f"fetch: {upstream.url('/chain/0')!r} sent more than 2 redirects"]
+
+
+async def test_fetch_times_out_over_the_whole_chain(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = local(upstream, timeout=0.5)  # each hop takes 0.3 s, the three 0.9 s
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(sessions(policy), policy, upstream.url("/slow/2"), who="textractor")
+    assert str(info.value) == f"textractor failed: {upstream.url('/slow/2')!r} sent no complete answer within 0.5s"
+    [message] = caplog.messages
+    assert re.fullmatch(
+        rf"textractor: 'http://127\.0\.0\.1:{upstream.port}/slow/\d' sent no complete answer within 0\.5s", message
+    )
+
+
+async def test_the_session_alone_times_out_and_ignores_proxy_settings(
+    upstream: Upstream, sessions: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plugin action may use runtime.session directly: the policy's timeout still holds, and
+    # a proxy from the environment (which would connect to addresses never checked) is not used.
+    proxy = await Upstream().start()
+    try:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url(""))
+        monkeypatch.setenv("http_proxy", proxy.url(""))
+        session = sessions(local(upstream, timeout=0.5))
+        async with session.get(upstream.url()) as response:
+            assert response.status == 200
+        with pytest.raises(TimeoutError):
+            async with session.get(upstream.url("/sleep/3")):
+                pass
+        assert proxy.hits == [] and upstream.hits == ["/page.html", "/sleep/3"]
+    finally:
+        assert proxy.server is not None
+        await proxy.server.close()
+
+
+@pytest.mark.parametrize(("path", "status"), [("/status/300", 300), ("/status/302", 302), ("/status/503", 503)])
+async def test_fetch_takes_2xx_only_and_redirects_only_with_location(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture, path: str, status: int
+) -> None:
+    policy = local(upstream)
+    session = sessions(policy)
+    assert await fetch(session, policy, upstream.url("/located")) == (b"here", "text/plain")
+    assert await fetch(session, policy, upstream.url("/status/299")) == (b"status", "text/plain")
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(session, policy, upstream.url(path), who="w")
+    assert str(info.value) == f"w failed: {upstream.url(path)!r} answered HTTP {status}"
+    assert caplog.messages == [f"w: {upstream.url(path)!r} answered HTTP {status}"]
+
+
+@pytest.mark.parametrize(
+    ("status", "method", "body"),
+    [(301, "GET", ""), (302, "GET", ""), (303, "GET", ""), (307, "POST", '{"a": 1}'), (308, "POST", '{"a": 1}')],
+)
+async def test_fetch_redirects_a_post_as_browsers_do(
+    upstream: Upstream, sessions: Sessions, status: int, method: str, body: str
+) -> None:
+    policy = local(upstream)
+    session = sessions(policy)
+    answer, _ = await fetch(session, policy, upstream.url(f"/moved/{status}"), method="POST", json={"a": 1})
+    assert json.loads(answer) == {"method": method, "body": body}
+    answer, _ = await fetch(session, policy, upstream.url(f"/moved/{status}"), method="POST", data=b"raw")
+    assert json.loads(answer) == {"method": method, "body": body and "raw"}
+    answer, _ = await fetch(session, policy, upstream.url(f"/moved/{status}"))
+    assert json.loads(answer) == {"method": "GET", "body": ""}
+
+
+async def test_fetch_reads_max_bytes_and_not_one_more(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = local(upstream, max_bytes=1000)
+    session = sessions(policy)
+    assert await fetch(session, policy, upstream.url("/bytes/1000")) == (b"x" * 1000, "application/octet-stream")
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(session, policy, upstream.url("/bytes/1001"), who="w", internal=True)
+    assert str(info.value) == "w failed: the upstream sent an answer over safeopen.max_bytes (1000)"
+    assert caplog.messages == [f"w: {upstream.url('/bytes/1001')!r} sent an answer over safeopen.max_bytes (1000)"]
+
+
+async def test_fetch_names_a_connection_failure_in_the_log_only(
+    sessions: Sessions, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    policy = parse_safeopen({"allow": [f"127.0.0.1:{port}"]}, "test")
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(sessions(policy), policy, f"http://127.0.0.1:{port}/x", who="w")
+    assert str(info.value) == f"w failed: 'http://127.0.0.1:{port}/x' could not be fetched"
+    assert caplog.messages == [f"w: 'http://127.0.0.1:{port}/x' could not be fetched (ClientConnectorError)"]
+
+
+def resolved(url: str, who: str = "fetch") -> str:
+    """The log line of the resolver refusing the name in ``url`` (localhost: 127.0.0.1 or ::1)."""
+    port = URL(url).port
+    return (
+        rf"{who}: safeopen refused {re.escape(repr(url))}: 'localhost' resolves to (127\.0\.0\.1|::1), "
+        rf"not public and not in safeopen.allow \(port {port}\)"
+    )
+
+
+@pytest.mark.parametrize("internal", [False, True])
+async def test_fetch_refusals_by_the_resolver_and_after_redirects(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture, internal: bool
+) -> None:
+    policy = local(upstream)
+    session = sessions(policy)
+    named = f"http://localhost:{free_port()}/page.html"  # not the allowed port
+    client = {
+        False: f"refused {named!r}: not allowed by safeopen",
+        True: "w failed: its upstream is not allowed by safeopen",
+    }
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(Refused) as info:
+            await fetch(session, policy, named, who="w", internal=internal)
+        assert str(info.value) == client[internal]
+        [message] = caplog.messages
+        assert re.fullmatch(resolved(named, "w"), message)
+
+        caplog.clear()
+        upstream.redirect_to = named
+        with pytest.raises(Refused) as info:
+            await fetch(session, policy, upstream.url("/redirect?k=v"), who="w", internal=internal)
+        first = {False: f"refused {upstream.url('/redirect?k=v')!r}", True: "w failed: its upstream is"}[internal]
+        assert str(info.value) == f"{first}{':' if not internal else ''} not allowed by safeopen (after a redirect)"
+        hop, redirect = caplog.messages
+        assert re.fullmatch(resolved(named, "w"), hop)
+        assert redirect == f"w: safeopen refused a redirect from {upstream.url('/redirect')!r}"
+
+        caplog.clear()
+        with pytest.raises(Refused) as info:
+            await fetch(session, policy, "http://10.0.0.1/", who="w", internal=internal)
+        assert (
+            str(info.value)
+            == {False: "refused 'http://10.0.0.1/': not allowed by safeopen", True: client[True]}[internal]
+        )
+    assert upstream.hits == ["/redirect?k=v"]

@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+from aiohttp import web
 
 from aioserver import create_app, load_config
 from aioserver.errors import ConfigError
@@ -156,3 +157,30 @@ async def test_process_concurrency_runs_elsewhere_and_server_stays_responsive(ma
     assert not spinning.done()
     response = await spinning
     assert response.status == 200 and await response.json() == ["x"]
+
+
+async def test_service_answer_errors_name_the_task_never_the_upstream(make_client, aiohttp_server) -> None:  # type: ignore[no-untyped-def]
+    async def text(request: web.Request) -> web.Response:
+        return web.Response(text="not json")
+
+    async def short(request: web.Request) -> web.Response:
+        return web.json_response({"data": ["only one"]})
+
+    app = web.Application()
+    app.router.add_post("/text", text)
+    app.router.add_post("/short", short)
+    upstream = await aiohttp_server(app, host="127.0.0.1")
+    base = f"http://127.0.0.1:{upstream.port}"
+    who = "task workflow.w.tasks[0] (service) failed"
+    for task, problem in [
+        (f"{{task: service, url: '{base}/text'}}", "the upstream's answer is not JSON"),
+        (
+            f"{{task: service, url: '{base}/short', extract: [data, results]}}",
+            "the upstream's answer has no 'results' to extract",
+        ),
+        (f"{{task: service, url: '{base}/short', extract: data}}", "the upstream did not answer a list of 2 results"),
+    ]:
+        yaml_text = f"safeopen: {{allow: ['127.0.0.1:{upstream.port}']}}\nworkflow:\n  w: {{tasks: [{task}]}}\n"
+        client = await make_client(yaml_text)
+        response = await client.post("/workflow", json={"name": "w", "elements": ["a", "b"]})
+        assert (response.status, await response.json()) == (502, {"error": f"{who}: {problem}"})

@@ -7,18 +7,24 @@
       timeout: 30                # seconds for one fetch, redirects included
       max_redirects: 5
 
-A URL must be http or https; every address its host resolves to must be public
-(``ipaddress.is_global``) unless ``allow`` lists it. The check happens in the resolver that
+A URL must be http or https; every address its host resolves to must be public (see
+:func:`is_public`) unless ``allow`` lists it. The check happens in the resolver that
 the shared client session connects through, so the connection goes to the very address
 that was checked (no DNS-rebinding window, see txtai issues #1074 and #1166); every
 redirect hop is checked again. Refusals raise :class:`Refused` (HTTP 400) before any
 request to the refused address is made.
+
+What the client is told names nothing inside: no address a name resolves to, no hop a
+redirect led to, no URL of the operator's (a ``service`` task's), no reason a path cannot be
+read (so that a client cannot map the disk). The log gets all of it, at warning level, with
+the client's text escaped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -33,6 +39,8 @@ from yarl import URL
 
 from ..errors import ConfigError, InvalidElement, UpstreamError
 
+logger = logging.getLogger("aioserver.workflow.safeopen")
+
 KEYS = ("allow", "directory", "max_bytes", "timeout", "max_redirects")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -40,12 +48,48 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # 127.1, 2130706433, 0x7f000001, 0177.0.0.1: spellings getaddrinfo turns into an address.
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+))*\.?$", re.IGNORECASE)
 
+# What ipaddress.is_global lets through but no workflow should reach. Python's tables change
+# between patch releases (3.11.10 changed 192.0.0.0/24 and several IPv6 ranges): these hold on
+# every version. Each range is refused whole, as it has no host a workflow could mean to fetch.
+_NOT_PUBLIC_V4 = (
+    ipaddress.IPv4Network("192.0.0.0/24"),  # IETF protocol assignments; .9 and .10 are anycast services
+    ipaddress.IPv4Network("224.0.0.0/4"),  # multicast: no TCP peer, and is_global says True
+)
+_NOT_PUBLIC_V6 = (
+    ipaddress.IPv6Network("2001::/32"),  # Teredo: NATed clients; the IPv4 inside is obfuscated
+    ipaddress.IPv6Network("3fff::/20"),  # documentation (RFC 9637), newer than 3.11's tables
+)
+# The only IPv6 space allocated for global unicast (RFC 4291, IANA). Everything outside it is
+# refused whole: IPv4-compatible ::/96 (deprecated; Linux's sit tunnels it to the IPv4 address
+# inside), IPv4-translated ::ffff:0:0:0/96 (SIIT: meaningful only to a translator we cannot see),
+# local-use NAT64 64:ff9b:1::/48 (RFC 8215: it may embed private IPv4, at an offset its operator
+# chooses), discard 100::/64, site-local fec0::/10, unique-local, link-local and multicast.
+_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+# RFC 6052's well-known prefix: a NAT64 gateway connects to the IPv4 address in the last 32 bits,
+# so that address is judged. DNS64 makes these for public IPv4-only hosts; RFC 6052 forbids the
+# prefix for non-global IPv4, but a gateway need not enforce that.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+NOT_ALLOWED = "not allowed by safeopen"
+NOT_A_FILE = "not a file under safeopen.directory"
+
 
 class Refused(InvalidElement):
-    """An element safeopen will not open: the client gets 400 naming the element and why."""
+    """What safeopen will not open: the client gets 400 and a reason that reveals nothing inside.
 
-    def __init__(self, element: str, reason: str) -> None:
-        super().__init__(f"refused {element[:200]!r}: {reason}")
+    The message names the client's own element (truncated) or, for a URL of the operator's (a
+    service task's), only the task; the log has the details.
+    """
+
+
+def _refused(element: str, reason: str, detail: str | None = None, *, url: bool = False) -> Refused:
+    """A :class:`Refused` telling the client ``reason``, and the log ``detail`` (the precise why).
+
+    A ``url`` is logged without credentials and query: secrets never reach the log.
+    """
+    logger.warning("safeopen refused %s: %s", _quoted(_safe(element) if url else element), detail or reason)
+    return Refused(f"refused {_shown(element)}: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,49 +121,76 @@ class SafeOpen:
 
     def permits(self, host: str, address: Address, port: int) -> bool:
         """Whether a connection to ``address`` (for ``host``) on ``port`` is allowed."""
-        if any(rule.allows(host, address, port) for rule in self.allow):
-            return True
-        # An IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
-        mapped = getattr(address, "ipv4_mapped", None)
-        return (mapped or address).is_global
+        # allow is the operator's word, matched against the address as resolved: it may list
+        # any range, the ones is_public refuses included.
+        return any(rule.allows(host, address, port) for rule in self.allow) or is_public(address)
 
     def check_url(self, url: str | URL) -> URL:
         """The parsed URL, or :class:`Refused` when it can never be opened (scheme, host spelling)."""
         text = str(url)
         try:
-            parsed = URL(url) if isinstance(url, str) else url
+            parsed = URL(url)  # a URL stays as it is
         except ValueError:
-            raise Refused(text, "not a valid URL") from None
+            raise _refused(text, "not a valid URL", url=True) from None
         if parsed.scheme not in ("http", "https"):
-            raise Refused(text, f"scheme {parsed.scheme or 'none'!r} is not allowed; only http and https")
+            raise _refused(text, f"scheme {parsed.scheme or 'none'!r} is not allowed; only http and https", url=True)
         host = parsed.raw_host or ""
         if not host:
-            raise Refused(text, "no host")
+            raise _refused(text, "no host", url=True)
         port = parsed.port or 0
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
             if _NUMERIC_HOST.match(host):
-                raise Refused(text, f"{host!r} is not a canonical IP address") from None
+                raise _refused(text, f"{host!r} is not a canonical IP address", url=True) from None
             return parsed  # a name: the resolver checks each address it resolves to
         # The connector skips the resolver for IP literals, so they are checked here.
         if not self.permits(host, address, port):
-            raise Refused(text, f"address {address} is not public and not in safeopen.allow")
+            detail = f"address {address} is not public and not in safeopen.allow"
+            raise _refused(text, NOT_ALLOWED, detail, url=True)
         return parsed
 
     def check_file(self, element: str) -> Path:
         """The resolved path of a file under ``directory``, or :class:`Refused`."""
         if element.lower().startswith("file:"):
-            raise Refused(element, "file: URLs are not allowed; give a path under safeopen.directory")
+            raise _refused(element, "file: URLs are not allowed; give a path under safeopen.directory")
         if self.directory is None:
-            raise Refused(element, "no safeopen.directory is configured, so no file may be opened")
-        # resolve() follows symlinks and removes "..", so the test below sees the real target.
-        path = (self.directory / os.path.expanduser(element)).resolve()
-        if not path.is_relative_to(self.directory):
-            raise Refused(element, "outside safeopen.directory")
-        if not path.is_file():
-            raise Refused(element, "no such file")
-        return path
+            raise _refused(element, "no safeopen.directory is configured, so no file may be opened")
+        # "~" is a name like any other: expanding ~user would tell a client which users exist.
+        # resolve() follows symlinks and removes "..", so the tests below see the real target.
+        try:
+            path = (self.directory / element).resolve()
+            if not path.is_relative_to(self.directory):
+                problem = f"outside safeopen.directory (resolves to {_quoted(str(path))})"
+            elif not path.exists():
+                problem = "no such file"
+            elif not path.is_file():
+                problem = "not a file"
+            else:
+                return path
+        except (OSError, RuntimeError, ValueError) as exc:  # a name too long, a symlink loop, a NUL byte
+            problem = f"not a path ({exc})"
+        # One answer for the three, so that a client cannot probe the file system.
+        raise _refused(element, NOT_A_FILE, problem)
+
+
+def is_public(address: Address) -> bool:
+    """Whether ``address`` is on the public Internet: ``is_global``, less the ranges above.
+
+    An IPv6 address that carries an IPv4 address the packet is delivered to (IPv4-mapped,
+    NAT64's well-known prefix, 6to4) is judged as that IPv4 address.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            return is_public(embedded)
+        if address not in _GLOBAL_UNICAST_V6 or any(address in network for network in _NOT_PUBLIC_V6):
+            return False
+    elif any(address in network for network in _NOT_PUBLIC_V4):
+        return False
+    return address.is_global
 
 
 def is_url(element: Any) -> bool:
@@ -138,25 +209,35 @@ def is_path(element: Any) -> bool:
 
 
 class AddressRefused(Exception):
-    """Raised by the resolver; :func:`fetch` turns it into :class:`Refused` naming the URL."""
+    """Raised by the resolver; :func:`fetch` logs it and raises a :class:`Refused` naming no address."""
+
+    def __init__(self, host: str, address: Address, port: int) -> None:
+        super().__init__(f"{host!r} resolves to {address}, not public and not in safeopen.allow (port {port})")
+        self.host = host
+        self.address = address
+        self.port = port
 
 
 class SafeResolver(AbstractResolver):
-    """Resolves names like getaddrinfo, then refuses the lot if any address is not permitted."""
+    """Resolves names like getaddrinfo, then refuses the lot if any address is not permitted.
 
-    def __init__(self, policy: SafeOpen) -> None:
+    ``resolver`` does the resolving (tests give a stub); by default aiohttp's ThreadedResolver,
+    which is getaddrinfo, so that /etc/hosts and the system's resolver order are honoured.
+    """
+
+    def __init__(self, policy: SafeOpen, resolver: AbstractResolver | None = None) -> None:
         self._policy = policy
-        self._resolver = aiohttp.ThreadedResolver()
+        self._resolver = resolver or aiohttp.ThreadedResolver()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._resolver.resolve(host, port, family)
         for result in results:
-            address = ipaddress.ip_address(result["host"].split("%")[0])
+            address = ipaddress.ip_address(result["host"])  # a scope (fe80::1%eth0) is kept
             if not self._policy.permits(host, address, port):
                 # Not an OSError, so that aiohttp does not wrap it and try another address.
-                raise AddressRefused(f"{host!r} resolves to {address}, not public and not in safeopen.allow")
+                raise AddressRefused(host, address, port)
         return results
 
     async def close(self) -> None:
@@ -182,23 +263,28 @@ async def fetch(
     *,
     method: str = "GET",
     who: str = "fetch",
+    internal: bool = False,
     **kwargs: Any,
 ) -> tuple[bytes, str]:
     """The body and content type at ``url``, following redirects one checked hop at a time.
 
     Raises :class:`Refused` (400) for what safeopen refuses, :class:`UpstreamError` (502)
     for a failure or a non-2xx answer of the remote side; ``who`` names the task in errors.
+    Errors name ``url`` only when the client sent it: ``internal`` (a service task's URL, the
+    operator's) names "the upstream" instead; they never name a hop a redirect led to.
     """
-    target = policy.check_url(url)
+    subject = "the upstream" if internal else _shown(_safe(url))
+    try:
+        target = policy.check_url(url)
+    except Refused:
+        if internal:  # check_url logged why
+            raise Refused(f"{who} failed: its upstream is {NOT_ALLOWED}") from None
+        raise
+    start = target
     try:
         async with asyncio.timeout(policy.timeout):
             for _ in range(policy.max_redirects + 1):
-                try:
-                    response = await session.request(method, target, allow_redirects=False, **kwargs)
-                except AddressRefused as exc:
-                    raise Refused(
-                        str(url) if target == URL(url) else f"{url} (redirected to {_safe(target)})", str(exc)
-                    ) from None
+                response = await session.request(method, target, allow_redirects=False, **kwargs)
                 async with response:
                     if response.status in REDIRECTS and "Location" in response.headers:
                         target = policy.check_url(target.join(URL(response.headers["Location"])))
@@ -206,28 +292,56 @@ async def fetch(
                             method, kwargs = "GET", {k: v for k, v in kwargs.items() if k not in ("json", "data")}
                         continue
                     if not 200 <= response.status < 300:
-                        raise UpstreamError(f"{who}: {_safe(target)} answered HTTP {response.status}")
-                    return await _read_bounded(response, policy.max_bytes, who, target), response.content_type
-            raise UpstreamError(f"{who}: more than {policy.max_redirects} redirects from {_safe(url)}")
+                        raise _failed(who, subject, f"answered HTTP {response.status}", target)
+                    body = await _read_bounded(response, policy.max_bytes, who, subject, target)
+                    return body, response.content_type
+            raise _failed(who, subject, f"sent more than {policy.max_redirects} redirects", target)
+    except (AddressRefused, Refused) as exc:
+        # A Refused here is check_url's of a redirect's Location, which it has logged.
+        redirected = isinstance(exc, Refused) or target != start
+        if isinstance(exc, AddressRefused):
+            logger.warning("%s: safeopen refused %s: %s", who, _quoted(_safe(target)), exc)
+        if redirected:
+            logger.warning("%s: safeopen refused a redirect from %s", who, _quoted(_safe(url)))
+        reason = NOT_ALLOWED + " (after a redirect)" if redirected else NOT_ALLOWED
+        raise Refused(
+            f"{who} failed: its upstream is {reason}" if internal else f"refused {_shown(url)}: {reason}"
+        ) from None
     except TimeoutError:
-        raise UpstreamError(f"{who}: no complete answer from {_safe(target)} within {policy.timeout:g}s") from None
+        raise _failed(who, subject, f"sent no complete answer within {policy.timeout:g}s", target) from None
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"{who}: cannot fetch {_safe(target)}: {type(exc).__name__}") from None
+        raise _failed(who, subject, "could not be fetched", target, f" ({type(exc).__name__})") from None
 
 
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int, who: str, url: URL) -> bytes:
+def _failed(who: str, subject: str, problem: str, target: URL, detail: str = "") -> UpstreamError:
+    """An UpstreamError naming ``subject``; the log names the URL that really failed, and ``detail``."""
+    logger.warning("%s: %s %s%s", who, _quoted(_safe(target)), problem, detail)
+    return UpstreamError(f"{who} failed: {subject} {problem}")
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int, who: str, subject: str, url: URL) -> bytes:
     body = bytearray()
     async for chunk in response.content.iter_chunked(64 * 1024):
         body.extend(chunk)
         if len(body) > limit:
-            raise UpstreamError(f"{who}: the answer from {_safe(url)} is over safeopen.max_bytes ({limit})")
+            raise _failed(who, subject, f"sent an answer over safeopen.max_bytes ({limit})", url)
     return bytes(body)
+
+
+def _shown(text: str) -> str:
+    """Client text as an error message quotes it: truncated, control characters escaped."""
+    return repr(text[:200])
+
+
+def _quoted(text: str) -> str:
+    """Text as the log quotes it: bounded, and escaped so that it cannot forge a log line."""
+    return repr(text[:1000])
 
 
 def _safe(url: str | URL) -> str:
     """A URL fit for an error message: without credentials or query (they may hold secrets)."""
     try:
-        parsed = URL(url) if isinstance(url, str) else url
+        parsed = URL(url)  # a URL stays as it is
         return str(parsed.with_user(None).with_query(None).with_fragment(None))
     except (ValueError, TypeError):
         return "<invalid URL>"
@@ -281,7 +395,7 @@ def _rule(entry: Any, source: str, key: str) -> AllowRule:
         return AllowRule(network=ipaddress.ip_network(text, strict=False), port=port)
     except ValueError:
         pass
-    if _NUMERIC_HOST.match(text) or "/" in text or not re.fullmatch(r"[a-z0-9._-]+", text):
+    if _NUMERIC_HOST.match(text) or not re.fullmatch(r"[a-z0-9._-]+", text):
         raise ConfigError(source, key, f"not a host name, address or CIDR: {entry!r}")
     return AllowRule(host=text.rstrip("."), port=port)
 

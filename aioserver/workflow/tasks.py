@@ -80,29 +80,34 @@ class Service:
         if self.batch:
             results = await self._call(batch, runtime)
             if not isinstance(results, list) or len(results) != len(batch):
-                raise UpstreamError(f"{self.task}: the service did not answer a list of {len(batch)} results")
+                raise UpstreamError(
+                    f"task {self.task} (service) failed: the upstream did not answer a list of {len(batch)} results"
+                )
             return results
         return list(await asyncio.gather(*(self._call(element, runtime) for element in batch)))
 
     async def _call(self, data: Any, runtime: Runtime) -> Any:
+        # Errors name the task, never self.url: that is the operator's, and may be inside.
         who = f"task {self.task} (service)"
         if self.method == "get":
             values = data if self.batch else [data]
             params = [(k, str(v)) for k, v in (self.params or {}).items() if v is not None]
             params += [(k, _param(value)) for k, v in (self.params or {}).items() if v is None for value in values]
-            body, _ = await fetch(runtime.session, runtime.safeopen, self.url, who=who, params=params)
+            body, _ = await fetch(runtime.session, runtime.safeopen, self.url, who=who, internal=True, params=params)
         else:
             payload = {**self.params, **{k: data for k, v in self.params.items() if v is None}} if self.params else data
-            body, _ = await fetch(runtime.session, runtime.safeopen, self.url, method="POST", who=who, json=payload)
+            body, _ = await fetch(
+                runtime.session, runtime.safeopen, self.url, method="POST", who=who, internal=True, json=payload
+            )
         try:
             answer = json.loads(body)
         except ValueError:
-            raise UpstreamError(f"{who}: the answer is not JSON") from None
+            raise UpstreamError(f"{who} failed: the upstream's answer is not JSON") from None
         for key in self.extract:
             try:
                 answer = answer[key]
             except (KeyError, IndexError, TypeError):
-                raise UpstreamError(f"{who}: the answer has no {key!r} to extract") from None
+                raise UpstreamError(f"{who} failed: the upstream's answer has no {key!r} to extract") from None
         return answer
 
 
