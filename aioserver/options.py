@@ -11,6 +11,7 @@ Precedence: command line > environment > config file > default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -21,6 +22,7 @@ from .proxy import parse_trusted
 MiB = 1024 * 1024
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 CERT_REQS = ("none", "optional", "required")
+LOOPS = ("auto", "asyncio", "uvloop")
 
 
 # -- parsers: each takes a value from argv/env (str) or YAML (any) and returns it typed,
@@ -77,6 +79,14 @@ def file_path(value: Any) -> str:
 def cert_reqs(value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in CERT_REQS:
         raise ValueError(f"expected one of {', '.join(CERT_REQS)}, got {value!r}")
+    return value.lower()
+
+
+def event_loop(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOOPS:
+        raise ValueError(f"expected one of {', '.join(LOOPS)}, got {value!r}")
+    if value.lower() == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError("uvloop is not installed (pip install 'aioserver[speed]')")
     return value.lower()
 
 
@@ -189,6 +199,9 @@ class Settings:
         metavar="LIST",
     )
     workers: int = _option(1, positive_int, "worker processes serving the same sockets", env="WORKERS", metavar="N")
+    loop: str = _option(
+        "auto", event_loop, "event loop: auto (uvloop when installed), asyncio or uvloop", metavar="LOOP"
+    )
     max_body_size: int = _option(
         16 * MiB, positive_int, "largest request body accepted, in bytes (413 beyond)", metavar="BYTES"
     )

@@ -27,14 +27,18 @@ logger = logging.getLogger("aioserver")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` to completion on uvloop when installed (the ``speed`` extra), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        factory = None
-    else:
-        factory = uvloop.new_event_loop
+def run(main: Coroutine[Any, Any, None], loop: str = "auto") -> None:
+    """Run ``main`` to completion on ``loop``: uvloop, asyncio, or (auto) uvloop when installed."""
+    factory = None
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":  # the option's parser checked; only a broken install gets here
+                raise StartupError("--loop uvloop: uvloop is not installed") from None
+        else:
+            factory = uvloop.new_event_loop
+    logger.info("event loop: %s", "uvloop" if factory else "asyncio")
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main)
 

@@ -210,3 +210,13 @@ def test_tokens_over_clear_text_refused_at_start() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("aioserver: error: command line: --host: tokens would travel in clear text")
     assert TOKEN_HASH not in done.stderr
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_loop_option(loop: str) -> None:
+    with Server("--loop", loop) as server:
+        assert server.post(b'{"name": "shout", "elements": ["a"]}') == (200, b'["A!"]')
+    assert f"event loop: {loop}\n" in "".join(server.log)
