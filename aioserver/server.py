@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -23,6 +24,7 @@ from .systemd import Notifier
 from .tls import TLSError
 
 logger = logging.getLogger("aioserver")
+T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -145,17 +147,31 @@ async def reload(app: web.Application, config: Config) -> None:
     store = app[TOKENS]
     if config.token_sources.files:
         try:
-            tokens = await asyncio.to_thread(config.token_sources.load)
+            tokens = await _in_reload_thread(config.token_sources.load)
             store.replace(tokens)
             logger.info("reloaded tokens: %d in force", len(tokens))
         except ConfigError as exc:
             logger.error("token reload failed, keeping the %d tokens in force: %s", len(store.tokens), exc)
     if config.tls:
         try:
-            await asyncio.to_thread(config.tls.reload)
+            await _in_reload_thread(config.tls.reload)
             logger.info("reloaded TLS certificate, key and CA")
         except TLSError as exc:
             logger.error("TLS reload failed, keeping the current certificate: %s: %s", exc.option, exc)
+
+
+async def _in_reload_thread(function: Callable[[], T]) -> T:
+    """Run blocking reload work in a thread of its own.
+
+    Never in asyncio's default executor, which sync work of workflows (hooks, file writes)
+    can fill: a token revoked by SIGHUP must not wait behind a hostile client's requests.
+    Reloads are rare enough for a thread each.
+    """
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aioserver-reload")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, function)
+    finally:
+        executor.shutdown(wait=False)  # the thread ends with its work; never wait for it on the loop
 
 
 def create_redirect_app(https_port: int) -> web.Application:

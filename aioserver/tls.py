@@ -57,9 +57,10 @@ class TLSFiles:
 
     certfile: str
     keyfile: str | None = None
-    password: Password | None = field(default=None, repr=False)
+    password: Password | None = field(default=None, repr=False)  # given as such (the environment)
     ca_certs: str | None = None
     cert_reqs: str | None = None  # none | optional | required; None: required when ca_certs
+    password_file: str | None = None  # read at each load, so that a reload sees a new password
 
 
 def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
@@ -70,7 +71,8 @@ def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.keylog_filename = None  # type: ignore[assignment]  # never honour SSLKEYLOGFILE
     _restrict_groups(context, GROUPS)
-    _load_cert_chain(context, files)
+    password = _read_password(files.password_file) if files.password_file else files.password
+    _load_cert_chain(context, files, password)
     if files.ca_certs:
         _load_ca(context, files.ca_certs)
     reqs = files.cert_reqs or ("required" if files.ca_certs else "none")
@@ -80,18 +82,28 @@ def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
     return context
 
 
-def _load_cert_chain(context: ssl.SSLContext, files: TLSFiles) -> None:
+def _read_password(path: str) -> Password:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return Password(file.read().rstrip("\r\n"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TLSError(
+            "ssl_keyfile_password_file", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def _load_cert_chain(context: ssl.SSLContext, files: TLSFiles, password: Password | None) -> None:
     for option, path in (("ssl_certfile", files.certfile), ("ssl_keyfile", files.keyfile)):
         if path is not None:
             _check_readable(option, path)
     try:
         # A callable, so that OpenSSL never prompts on a terminal for a missing password.
-        context.load_cert_chain(files.certfile, files.keyfile, password=lambda: files.password or "")
+        context.load_cert_chain(files.certfile, files.keyfile, password=lambda: password or "")
     except ssl.SSLError as exc:
-        raise _diagnose(files, exc) from None
+        raise _diagnose(files, password, exc) from None
 
 
-def _diagnose(files: TLSFiles, exc: ssl.SSLError) -> TLSError:
+def _diagnose(files: TLSFiles, password: Password | None, exc: ssl.SSLError) -> TLSError:
     """Say which file is at fault and why: OpenSSL's own reason is often just "PEM lib"."""
     key_option = "ssl_keyfile" if files.keyfile else "ssl_certfile"
     if "KEY_VALUES_MISMATCH" in (exc.reason or ""):
@@ -102,7 +114,7 @@ def _diagnose(files: TLSFiles, exc: ssl.SSLError) -> TLSError:
         return TLSError("ssl_certfile", f"{files.certfile} holds no PEM certificate")
     with open(files.keyfile or files.certfile, "rb") as file:
         encrypted = b"ENCRYPTED" in file.read()
-    if encrypted and files.password:
+    if encrypted and password:
         return TLSError(key_option, "cannot decrypt the private key: wrong password")
     if encrypted:
         return TLSError(
