@@ -209,7 +209,11 @@ class Settings:
         100, positive_int, "workflows running at once; beyond, 503 with Retry-After", metavar="N"
     )
     limit_connections: int = _option(
-        1000, positive_int, "open connections per process; beyond, new ones get 503 and are closed", metavar="N"
+        1000,
+        positive_int,
+        "open connections per process, from accept; at the limit the oldest idle or handshaking one"
+        " is closed for a new one, and with none idle the new one gets 503",
+        metavar="N",
     )
     timeout_workflow: float = _option(
         300.0,
@@ -232,6 +236,9 @@ class Settings:
         positive_float,
         "close idle keep-alive connections, and clients that take longer to send a request's headers",
         metavar="SECONDS",
+    )
+    timeout_handshake: float = _option(
+        10.0, positive_float, "a TLS handshake not done within this time is cut off", metavar="SECONDS"
     )
     timeout_graceful_shutdown: float = _option(
         30.0,

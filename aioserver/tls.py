@@ -64,7 +64,11 @@ class TLSFiles:
 
 
 def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
-    """A new server context loaded from ``files``; raises TLSError naming the option at fault."""
+    """A new server context loaded from ``files``; raises TLSError naming the option at fault.
+
+    Each context has its own session cache and session-ticket keys: a session from another
+    context cannot resume in this one.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites are OpenSSL's defaults, all allowed
@@ -173,20 +177,17 @@ def _restrict_groups(context: ssl.SSLContext, groups: str) -> None:
 
 
 class ReloadableContext:
-    """The context given to listeners; :meth:`reload` swaps in a new one for later handshakes.
+    """The context for new connections; :meth:`reload` replaces it, open connections keep theirs.
 
-    New handshakes pick the current context in the SNI callback, which OpenSSL runs for every
-    ClientHello (with or without a server name), so connections already open keep theirs.
+    Listeners look ``current`` up for each connection they accept (see
+    :mod:`aioserver.connections`), so a reload also starts a new session cache and new ticket
+    keys: no session from before it resumes, and a client certificate it no longer trusts
+    needs a full handshake, which fails. Reloading the same files rotates the ticket keys.
     """
 
     def __init__(self, files: TLSFiles) -> None:
         self.files = files
         self.current = create_ssl_context(files)
-        self.listener = create_ssl_context(files)
-        self.listener.sni_callback = self._select
-
-    def _select(self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        connection.context = self.current
 
     def reload(self, files: TLSFiles | None = None) -> None:
         """Load the files again (or new ones); raises TLSError and keeps the old context if they fail."""

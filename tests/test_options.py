@@ -31,6 +31,7 @@ SAMPLES = {
     "max_field_size": ("4096", 4096, "1.5"),
     "max_headers": ("32", 32, "x"),
     "timeout_keep_alive": ("2.5", 2.5, "soon"),
+    "timeout_handshake": ("3", 3.0, "-1"),
     "timeout_graceful_shutdown": ("4", 4.0, "0"),
     "log_level": ("DEBUG", "debug", "loud"),
 }

@@ -218,6 +218,7 @@ def test_tokens_over_clear_text_refused_at_start() -> None:
 # -- reloads (SIGHUP): what they revoke takes effect at once, on both loops
 
 LOOPS = ["asyncio", "uvloop"]
+WHOAMI = "GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
 def sighup(server: Server, line: str) -> None:
@@ -228,6 +229,41 @@ def sighup(server: Server, line: str) -> None:
     while "".join(server.log).count(line) == before:
         assert time.monotonic() < deadline, "".join(server.log)
         time.sleep(0.02)
+
+
+def resume(port: int, ca: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``openssl s_client`` asking /whoami; stdout says New or Reused, and the answer."""
+    command = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca), "-ign_eof", *options]
+    return subprocess.run(command, input=WHOAMI, capture_output=True, text=True, timeout=20)
+
+
+@pytest.mark.parametrize(
+    "version",
+    [("-tls1_2",), ("-tls1_2", "-no_ticket"), ("-tls1_3",)],
+    ids=["tls1.2-ticket", "tls1.2-session-id", "tls1.3-ticket"],
+)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_reload_revokes_tls_sessions(tmp_path: Path, pem_files: PemFiles, loop: str, version: tuple[str, ...]) -> None:
+    ca = tmp_path / "clients-ca.pem"
+    shutil.copy(pem_files.ca, ca)
+    session = str(tmp_path / "session.pem")
+    args = (
+        "--loop", loop, "--config", "extensions: [sample_plugins.add_whoami]",
+        "--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key), "--ssl-ca-certs", str(ca),
+    )  # fmt: skip
+    with Server(*args) as server:
+        first = resume(server.port, pem_files.ca, *version, "-cert", str(pem_files.client), "-sess_out", session)
+        assert first.stdout.count("New, TLSv1.") == 1 and '"commonName": "alice"' in first.stdout
+        # Before a reload the session resumes, even without the certificate: what is revoked next.
+        again = resume(server.port, pem_files.ca, *version, "-sess_in", session)
+        assert "Reused, TLSv1." in again.stdout and '"commonName": "alice"' in again.stdout
+
+        trustme.CA().cert_pem.write_to_path(ca)  # alice's CA is no longer trusted
+        sighup(server, "reloaded TLS certificate, key and CA")
+        for certificate in ((), ("-cert", str(pem_files.client))):
+            after = resume(server.port, pem_files.ca, *version, "-sess_in", session, *certificate)
+            assert "Reused" not in after.stdout and "alice" not in after.stdout
+            assert '"client_subject"' not in after.stdout  # no answer at all: the handshake fails
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import ssl
@@ -14,6 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from aioserver import create_app, load_config
 from aioserver.errors import ConfigError
+from aioserver.server import renew_session_keys
 from aioserver.tls import ReloadableContext, TLSError, TLSFiles, create_ssl_context
 
 from conftest import KEY_PASSWORD, TOKEN, TOKEN_HASH, PemFiles
@@ -163,7 +165,7 @@ async def test_https_end_to_end_with_hsts(
         CONFIG, cli={"ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key)}, env={"TOKEN": TOKEN_HASH}
     )
     assert config.tls is not None
-    client = await https_client(aiohttp_client, create_app(config), config.tls.listener)
+    client = await https_client(aiohttp_client, create_app(config), config.tls.current)
     assert client.make_url("/").scheme == "https"
     response = await client.post(
         "/workflow",
@@ -201,7 +203,7 @@ async def test_mutual_tls(
         cli["ssl_cert_reqs"] = "optional"
     config = load_config(CONFIG, cli=cli)
     assert config.tls is not None
-    client = await https_client(aiohttp_client, create_app(config), config.tls.listener)
+    client = await https_client(aiohttp_client, create_app(config), config.tls.current)
 
     with_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pem_files.ca))
     with_cert.load_cert_chain(str(pem_files.client))
@@ -234,6 +236,53 @@ def _handshake(context: ssl.SSLContext, client: ssl.SSLContext) -> dict[str, str
             return {name: value for rdn in certificate["subject"] for name, value in rdn}
 
 
+def session_handshake(
+    context: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLSession, bool]:
+    """A TLS connection to a server with ``context`` offering ``session``: its session and whether it resumed.
+
+    A byte goes from server to client, so that the client reads TLS 1.3's tickets.
+    """
+    server_sock, client_sock = socket.socketpair()
+    with server_sock, client_sock:
+        client_sock.settimeout(5)
+        server_sock.settimeout(5)
+        server = context.wrap_socket(server_sock, server_side=True, do_handshake_on_connect=False)
+        tls_client = client.wrap_socket(
+            client_sock, server_hostname="localhost", do_handshake_on_connect=False, session=session
+        )
+        with server, tls_client:
+            worker = threading.Thread(target=lambda: (server.do_handshake(), server.sendall(b"x")))
+            worker.start()
+            tls_client.do_handshake()
+            assert tls_client.recv(1) == b"x"
+            worker.join()
+            assert tls_client.session is not None
+            return tls_client.session, tls_client.session_reused
+
+
+def test_reload_starts_new_sessions(pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> None:
+    tls = ReloadableContext(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    session, reused = session_handshake(tls.current, client_ssl_ctx)
+    assert not reused and session_handshake(tls.current, client_ssl_ctx, session)[1]
+    tls.reload()
+    assert not session_handshake(tls.current, client_ssl_ctx, session)[1]
+
+
+async def test_session_keys_are_renewed_without_a_reload(pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> None:
+    tls = ReloadableContext(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    session, _ = session_handshake(tls.current, client_ssl_ctx)
+    before = tls.current
+    renewing = asyncio.create_task(renew_session_keys(tls, 0.2))  # SESSION_KEYS_LIFETIME, shortened
+    try:
+        async with asyncio.timeout(10):
+            while tls.current is before:
+                await asyncio.sleep(0.05)
+    finally:
+        renewing.cancel()
+    assert not session_handshake(tls.current, client_ssl_ctx, session)[1]
+
+
 def test_reload_swaps_the_certificate_for_new_handshakes(
     pem_files: PemFiles, tmp_path: Path, client_ssl_ctx: ssl.SSLContext
 ) -> None:
@@ -241,17 +290,17 @@ def test_reload_swaps_the_certificate_for_new_handshakes(
     shutil.copy(pem_files.cert, cert)
     shutil.copy(pem_files.key, key)
     context = ReloadableContext(TLSFiles(str(cert), str(key)))
-    assert "commonName" not in _handshake(context.listener, client_ssl_ctx)
+    assert "commonName" not in _handshake(context.current, client_ssl_ctx)
 
     shutil.copy(pem_files.other_cert, cert)
     shutil.copy(pem_files.other_key, key)
     context.reload()
-    assert _handshake(context.listener, client_ssl_ctx)["commonName"] == "reloaded"
+    assert _handshake(context.current, client_ssl_ctx)["commonName"] == "reloaded"
 
     cert.write_text("not a certificate")  # a broken reload keeps the current context
     with pytest.raises(TLSError):
         context.reload()
-    assert _handshake(context.listener, client_ssl_ctx)["commonName"] == "reloaded"
+    assert _handshake(context.current, client_ssl_ctx)["commonName"] == "reloaded"
 
 
 def test_sslkeylogfile_is_ignored(
