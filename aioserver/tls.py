@@ -70,10 +70,14 @@ def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
     context cannot resume in this one.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # CPython 3.10+ already defaults to TLS 1.2, unless built with --with-ssl-default-suites=openssl
+    # (as some distributions do, to follow a system policy that may allow less): say it here.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites are OpenSSL's defaults, all allowed
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    context.keylog_filename = None  # type: ignore[assignment]  # never honour SSLKEYLOGFILE
+    # SSLContext() ignores SSLKEYLOGFILE today (create_default_context honours it): never
+    # write session secrets to a file, whatever creates the context or reads the environment.
+    context.keylog_filename = None  # type: ignore[assignment]
     _restrict_groups(context, GROUPS)
     password = _read_password(files.password_file) if files.password_file else files.password
     _load_cert_chain(context, files, password)
