@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         if config.settings.workers > 1:
             return workers.run(config)
-        run_server(serve(config))
+        run_server(serve(config), config.settings.loop)
     except StartupError as exc:
         print(f"aioserver: error: {exc}", file=sys.stderr)
         return 1

@@ -174,28 +174,22 @@ def _tls(settings: Settings, origins: dict[str, Origin], env: Mapping[str, str])
                 raise ConfigError(*origins[name], "needs ssl_certfile: it only applies to HTTPS")
         return None
 
-    password = None
+    password, password_file = None, None
     # The file named on the command line wins over the environment's password, which wins
-    # over the file named in the config.
+    # over the file named in the config. A file is read again at each reload (tls.py).
     if settings.ssl_keyfile_password_file and origins["ssl_keyfile_password_file"].source == "command line":
-        password = _read_password(settings.ssl_keyfile_password_file, origins["ssl_keyfile_password_file"])
+        password_file = settings.ssl_keyfile_password_file
     elif env.get("SSL_KEYFILE_PASSWORD"):
         password = Password(env["SSL_KEYFILE_PASSWORD"])
     elif settings.ssl_keyfile_password_file:
-        password = _read_password(settings.ssl_keyfile_password_file, origins["ssl_keyfile_password_file"])
-    files = TLSFiles(settings.ssl_certfile, keyfile, password, settings.ssl_ca_certs, settings.ssl_cert_reqs)
+        password_file = settings.ssl_keyfile_password_file
+    files = TLSFiles(
+        settings.ssl_certfile, keyfile, password, settings.ssl_ca_certs, settings.ssl_cert_reqs, password_file
+    )
     try:
         return ReloadableContext(files)
     except TLSError as exc:
         raise ConfigError(*origins[exc.option], exc.problem) from None
-
-
-def _read_password(path: str, origin: Origin) -> Password:
-    try:
-        with open(path, encoding="utf-8") as file:
-            return Password(file.read().rstrip("\r\n"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(*origin, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _refuse_clear_text_tokens(

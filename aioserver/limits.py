@@ -7,10 +7,11 @@
   the body is read (so slow uploads hold no more bodies than the limit); one running longer
   than ``timeout_workflow`` is 504, its async work cancelled, its sync work (a thread that
   cannot be interrupted) abandoned to finish on its own.
-- Connections: beyond ``limit_connections`` open in this process, a new one is answered 503
-  and closed, and the log says so once per episode. A client that takes longer than
-  ``timeout_keep_alive`` to send a request's headers is cut off by aiohttp's keep-alive
-  timer, which runs from the connection's start and after each response (slowloris).
+- Connections: at most ``limit_connections`` open in this process, counted from accept; at
+  the limit an idle or handshaking one makes room, else the new one gets 503 (see
+  :mod:`aioserver.connections`). A TLS handshake has ``timeout_handshake``; a client that
+  takes longer than ``timeout_keep_alive`` to send a request's headers is cut off by aiohttp's
+  keep-alive timer, which runs from the connection's start and after each response (slowloris).
 """
 
 from __future__ import annotations
@@ -24,16 +25,12 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from .connections import Connections
 from .errors import http_error
 from .options import Settings
 
 logger = logging.getLogger("aioserver.limits")
 T = TypeVar("T")
-
-OVERLOADED = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b'Connection: close\r\nContent-Length: 35\r\n\r\n{"error": "too many connections"}\r\n'
-)
 
 
 class WorkflowLimits:
@@ -115,15 +112,6 @@ async def read_body(request: web.Request, timeout: float) -> bytes:
         raise http_error(web.HTTPRequestTimeout, f"body not received within {timeout:g}s") from None
 
 
-class _Refuse(asyncio.Protocol):
-    """A protocol for a connection over the limit: answer 503, close."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(OVERLOADED)
-        transport.close()
-
-
 class _RequestHandler(RequestHandler):
     """aiohttp's protocol, answering a request that is not valid HTTP with a JSON 400.
 
@@ -132,7 +120,15 @@ class _RequestHandler(RequestHandler):
     Here neither the answer nor the log holds any of the client's bytes.
     """
 
-    __slots__ = ()
+    __slots__ = ("_connections",)
+
+    def __init__(self, connections: Connections, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._connections = connections
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._connections.discard(self)
+        super().connection_lost(exc)
 
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -150,35 +146,36 @@ class _RequestHandler(RequestHandler):
 
 
 class _ConnectionLimit:
-    """aiohttp's Server, as the listeners' protocol factory, refusing connections beyond a limit.
+    """aiohttp's Server, as the listeners' protocol factory, admitting connections (see connections.py).
 
     Everything but the factory call is the wrapped Server's, so the runner's shutdown and the
     sites work on it unchanged.
     """
 
-    def __init__(self, server: web.Server, max_connections: int) -> None:
+    def __init__(self, server: web.Server, connections: Connections) -> None:
         self._server = server
-        self._max_connections = max_connections
-        self._at_limit = False
+        self._connections = connections
 
-    def __call__(self) -> asyncio.Protocol:
-        if len(self._server.connections) < self._max_connections:
-            self._at_limit = False
-            # As Server.__call__ does, with our protocol class (its loop and kwargs are aiohttp's).
-            return _RequestHandler(self._server, loop=self._server._loop, **self._server._kwargs)
-        if not self._at_limit:  # once per episode, not once per refused connection
-            self._at_limit = True
-            logger.warning("connection limit reached: %d open, refusing new ones", self._max_connections)
-        return _Refuse()
+    def __call__(self) -> asyncio.BaseProtocol:
+        return self._connections.accept(self.make_handler)
+
+    def make_handler(self) -> RequestHandler:
+        """A new request handler; as Server.__call__ does, with our class (its loop and kwargs are aiohttp's)."""
+        return _RequestHandler(self._connections, self._server, loop=self._server._loop, **self._server._kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._server, name)
 
 
 class LimitedRunner(web.AppRunner):
-    """An AppRunner applying the connection limit and aiohttp's request-head limits."""
+    """An AppRunner applying the connection limit and aiohttp's request-head limits.
 
-    def __init__(self, app: web.Application, settings: Settings, **kwargs: Any) -> None:
+    ``connections`` is shared by every runner of a process (one limit for all its listeners).
+    """
+
+    def __init__(
+        self, app: web.Application, settings: Settings, connections: Connections | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(
             app,
             max_line_size=settings.max_line_size,
@@ -186,8 +183,13 @@ class LimitedRunner(web.AppRunner):
             max_headers=settings.max_headers,
             **kwargs,
         )
-        self._max_connections = settings.limit_connections
+        self.connections = connections or Connections(settings.limit_connections)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return cast(web.Server, _ConnectionLimit(server, self._max_connections))
+        return cast(web.Server, _ConnectionLimit(server, self.connections))
+
+    def make_handler(self) -> RequestHandler:
+        """A request handler for a connection accepted outside aiohttp's server (TLS listeners)."""
+        assert isinstance(self.server, _ConnectionLimit)
+        return self.server.make_handler()

@@ -11,6 +11,7 @@ Precedence: command line > environment > config file > default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -22,6 +23,7 @@ from .proxy import parse_trusted
 MiB = 1024 * 1024
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 CERT_REQS = ("none", "optional", "required")
+LOOPS = ("auto", "asyncio", "uvloop")
 
 
 # -- parsers: each takes a value from argv/env (str) or YAML (any) and returns it typed,
@@ -78,6 +80,14 @@ def file_path(value: Any) -> str:
 def cert_reqs(value: Any) -> str:
     if not isinstance(value, str) or value.lower() not in CERT_REQS:
         raise ValueError(f"expected one of {', '.join(CERT_REQS)}, got {value!r}")
+    return value.lower()
+
+
+def event_loop(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOOPS:
+        raise ValueError(f"expected one of {', '.join(LOOPS)}, got {value!r}")
+    if value.lower() == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError("uvloop is not installed (pip install 'aioserver[speed]')")
     return value.lower()
 
 
@@ -190,6 +200,9 @@ class Settings:
         metavar="LIST",
     )
     workers: int = _option(1, positive_int, "worker processes serving the same sockets", env="WORKERS", metavar="N")
+    loop: str = _option(
+        "auto", event_loop, "event loop: auto (uvloop when installed), asyncio or uvloop", metavar="LOOP"
+    )
     max_body_size: int = _option(
         16 * MiB, positive_int, "largest request body accepted, in bytes (413 beyond)", metavar="BYTES"
     )
@@ -197,7 +210,11 @@ class Settings:
         100, positive_int, "workflows running at once; beyond, 503 with Retry-After", metavar="N"
     )
     limit_connections: int = _option(
-        1000, positive_int, "open connections per process; beyond, new ones get 503 and are closed", metavar="N"
+        1000,
+        positive_int,
+        "open connections per process, from accept; at the limit the oldest idle or handshaking one"
+        " is closed for a new one, and with none idle the new one gets 503",
+        metavar="N",
     )
     timeout_workflow: float = _option(
         300.0,
@@ -220,6 +237,9 @@ class Settings:
         positive_float,
         "close idle keep-alive connections, and clients that take longer to send a request's headers",
         metavar="SECONDS",
+    )
+    timeout_handshake: float = _option(
+        10.0, positive_float, "a TLS handshake not done within this time is cut off", metavar="SECONDS"
     )
     timeout_graceful_shutdown: float = _option(
         30.0,

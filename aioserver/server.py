@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from . import systemd
 from .app import create_app
 from .config import Config
+from .connections import Connections, TLSSite, ensure_file_limit
 from .errors import ConfigError, StartupError
 from .keys import TOKENS
 from .limits import LimitedRunner
@@ -20,21 +22,30 @@ from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners
 from .listeners import close as close_listeners
 from .logs import AccessLogger, flush_access_log
 from .systemd import Notifier
-from .tls import TLSError
+from .tls import ReloadableContext, TLSError
 
 logger = logging.getLogger("aioserver")
+T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# How long TLS sessions can resume at most: the context (its session cache and ticket keys) is
+# made anew this often, as on SIGHUP. Resuming issues a new ticket, so without this a chain of
+# resumptions would outlive any ticket lifetime.
+SESSION_KEYS_LIFETIME = 3600.0
 
 
-def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` to completion on uvloop when installed (the ``speed`` extra), else asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        factory = None
-    else:
-        factory = uvloop.new_event_loop
+def run(main: Coroutine[Any, Any, None], loop: str = "auto") -> None:
+    """Run ``main`` to completion on ``loop``: uvloop, asyncio, or (auto) uvloop when installed."""
+    factory = None
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":  # the option's parser checked; only a broken install gets here
+                raise StartupError("--loop uvloop: uvloop is not installed") from None
+        else:
+            factory = uvloop.new_event_loop
+    logger.info("event loop: %s", "uvloop" if factory else "asyncio")
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main)
 
@@ -58,8 +69,11 @@ async def serve(
         notifier, watchdog = Notifier.from_env(), systemd.watchdog_interval()
     sockets = list(listeners) if listeners is not None else open_listeners(config)
     app = create_app(config)
-    runners = [_runner(app, config)]
-    pinging = None
+    # One count of connections for all the listeners of this process.
+    connections = Connections(config.settings.limit_connections)
+    ensure_file_limit(config.settings.limit_connections)
+    runners = [_runner(app, config, connections)]
+    background: list[asyncio.Task[None]] = []
     try:
         await runners[0].setup()
         main = [listener for listener in sockets if listener.role == MAIN]
@@ -68,12 +82,14 @@ async def serve(
         redirects = [listener for listener in sockets if listener.role == REDIRECT]
         if redirects:
             https_port = next((listener.port for listener in main if listener.port), 443)
-            runners.append(_runner(create_redirect_app(https_port), config))
+            runners.append(_runner(create_redirect_app(https_port), config, connections))
             await runners[1].setup()
             for listener in redirects:
                 await _listen(runners[1], listener, "http", None)
         if watchdog:
-            pinging = asyncio.create_task(systemd.run_watchdog(notifier, watchdog))
+            background.append(asyncio.create_task(systemd.run_watchdog(notifier, watchdog)))
+        if config.tls:
+            background.append(asyncio.create_task(renew_session_keys(config.tls, SESSION_KEYS_LIFETIME)))
         await _handle_signals(app, config, notifier)
         notifier.stopping()
         flush_access_log()  # the lines of the requests so far come before this one
@@ -82,8 +98,8 @@ async def serve(
             config.settings.timeout_graceful_shutdown,
         )
     finally:
-        if pinging:
-            pinging.cancel()
+        for task in background:
+            task.cancel()
         for runner in reversed(runners):
             await runner.cleanup()
         flush_access_log()
@@ -92,11 +108,12 @@ async def serve(
     logger.info("stopped")
 
 
-def _runner(app: web.Application, config: Config) -> LimitedRunner:
+def _runner(app: web.Application, config: Config, connections: Connections) -> LimitedRunner:
     settings = config.settings
     return LimitedRunner(
         app,
         settings,
+        connections,
         handle_signals=False,  # ours only queue the signal; see _handle_signals
         access_log_class=AccessLogger,
         # aiohttp's default keeps idle connections for an hour; uvicorn's for 5 s.
@@ -105,9 +122,13 @@ def _runner(app: web.Application, config: Config) -> LimitedRunner:
     )
 
 
-async def _listen(runner: web.BaseRunner, listener: Listener, scheme: str, config: Config | None) -> None:
-    context = config.tls.listener if config and config.tls else None
-    site = web.SockSite(runner, listener.sock, ssl_context=context)
+async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config: Config | None) -> None:
+    site: web.BaseSite
+    if config and config.tls:
+        timeout = config.settings.timeout_handshake
+        site = TLSSite(runner, listener.sock, config.tls, runner.connections, runner.make_handler, timeout)
+    else:
+        site = web.SockSite(runner, listener.sock)
     try:
         await site.start()
     except OSError as exc:
@@ -141,17 +162,46 @@ async def reload(app: web.Application, config: Config) -> None:
     store = app[TOKENS]
     if config.token_sources.files:
         try:
-            tokens = await asyncio.to_thread(config.token_sources.load)
+            tokens = await _in_reload_thread(config.token_sources.load)
             store.replace(tokens)
             logger.info("reloaded tokens: %d in force", len(tokens))
         except ConfigError as exc:
             logger.error("token reload failed, keeping the %d tokens in force: %s", len(store.tokens), exc)
     if config.tls:
         try:
-            await asyncio.to_thread(config.tls.reload)
+            await _in_reload_thread(config.tls.reload)
             logger.info("reloaded TLS certificate, key and CA")
         except TLSError as exc:
             logger.error("TLS reload failed, keeping the current certificate: %s: %s", exc.option, exc)
+
+
+async def renew_session_keys(tls: ReloadableContext, every: float) -> None:
+    """Make the TLS context anew ``every`` seconds: new ticket keys, an empty session cache.
+
+    The files are read again (a context cannot be copied), so a change on disk takes effect
+    here too, exactly as on SIGHUP.
+    """
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await _in_reload_thread(tls.reload)
+            logger.debug("new TLS session keys")
+        except TLSError as exc:
+            logger.error("TLS session keys not renewed, keeping the current context: %s: %s", exc.option, exc)
+
+
+async def _in_reload_thread(function: Callable[[], T]) -> T:
+    """Run blocking reload work in a thread of its own.
+
+    Never in asyncio's default executor, which sync work of workflows (hooks, file writes)
+    can fill: a token revoked by SIGHUP must not wait behind a hostile client's requests.
+    Reloads are rare enough for a thread each.
+    """
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aioserver-reload")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, function)
+    finally:
+        executor.shutdown(wait=False)  # the thread ends with its work; never wait for it on the loop
 
 
 def create_redirect_app(https_port: int) -> web.Application:

@@ -57,20 +57,30 @@ class TLSFiles:
 
     certfile: str
     keyfile: str | None = None
-    password: Password | None = field(default=None, repr=False)
+    password: Password | None = field(default=None, repr=False)  # given as such (the environment)
     ca_certs: str | None = None
     cert_reqs: str | None = None  # none | optional | required; None: required when ca_certs
+    password_file: str | None = None  # read at each load, so that a reload sees a new password
 
 
 def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
-    """A new server context loaded from ``files``; raises TLSError naming the option at fault."""
+    """A new server context loaded from ``files``; raises TLSError naming the option at fault.
+
+    Each context has its own session cache and session-ticket keys: a session from another
+    context cannot resume in this one.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # CPython 3.10+ already defaults to TLS 1.2, unless built with --with-ssl-default-suites=openssl
+    # (as some distributions do, to follow a system policy that may allow less): say it here.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites are OpenSSL's defaults, all allowed
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    context.keylog_filename = None  # type: ignore[assignment]  # never honour SSLKEYLOGFILE
+    # SSLContext() ignores SSLKEYLOGFILE today (create_default_context honours it): never
+    # write session secrets to a file, whatever creates the context or reads the environment.
+    context.keylog_filename = None  # type: ignore[assignment]
     _restrict_groups(context, GROUPS)
-    _load_cert_chain(context, files)
+    password = _read_password(files.password_file) if files.password_file else files.password
+    _load_cert_chain(context, files, password)
     if files.ca_certs:
         _load_ca(context, files.ca_certs)
     reqs = files.cert_reqs or ("required" if files.ca_certs else "none")
@@ -80,18 +90,28 @@ def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
     return context
 
 
-def _load_cert_chain(context: ssl.SSLContext, files: TLSFiles) -> None:
+def _read_password(path: str) -> Password:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return Password(file.read().rstrip("\r\n"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TLSError(
+            "ssl_keyfile_password_file", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def _load_cert_chain(context: ssl.SSLContext, files: TLSFiles, password: Password | None) -> None:
     for option, path in (("ssl_certfile", files.certfile), ("ssl_keyfile", files.keyfile)):
         if path is not None:
             _check_readable(option, path)
     try:
         # A callable, so that OpenSSL never prompts on a terminal for a missing password.
-        context.load_cert_chain(files.certfile, files.keyfile, password=lambda: files.password or "")
+        context.load_cert_chain(files.certfile, files.keyfile, password=lambda: password or "")
     except ssl.SSLError as exc:
-        raise _diagnose(files, exc) from None
+        raise _diagnose(files, password, exc) from None
 
 
-def _diagnose(files: TLSFiles, exc: ssl.SSLError) -> TLSError:
+def _diagnose(files: TLSFiles, password: Password | None, exc: ssl.SSLError) -> TLSError:
     """Say which file is at fault and why: OpenSSL's own reason is often just "PEM lib"."""
     key_option = "ssl_keyfile" if files.keyfile else "ssl_certfile"
     if "KEY_VALUES_MISMATCH" in (exc.reason or ""):
@@ -102,7 +122,7 @@ def _diagnose(files: TLSFiles, exc: ssl.SSLError) -> TLSError:
         return TLSError("ssl_certfile", f"{files.certfile} holds no PEM certificate")
     with open(files.keyfile or files.certfile, "rb") as file:
         encrypted = b"ENCRYPTED" in file.read()
-    if encrypted and files.password:
+    if encrypted and password:
         return TLSError(key_option, "cannot decrypt the private key: wrong password")
     if encrypted:
         return TLSError(
@@ -161,20 +181,17 @@ def _restrict_groups(context: ssl.SSLContext, groups: str) -> None:
 
 
 class ReloadableContext:
-    """The context given to listeners; :meth:`reload` swaps in a new one for later handshakes.
+    """The context for new connections; :meth:`reload` replaces it, open connections keep theirs.
 
-    New handshakes pick the current context in the SNI callback, which OpenSSL runs for every
-    ClientHello (with or without a server name), so connections already open keep theirs.
+    Listeners look ``current`` up for each connection they accept (see
+    :mod:`aioserver.connections`), so a reload also starts a new session cache and new ticket
+    keys: no session from before it resumes, and a client certificate it no longer trusts
+    needs a full handshake, which fails. Reloading the same files rotates the ticket keys.
     """
 
     def __init__(self, files: TLSFiles) -> None:
         self.files = files
         self.current = create_ssl_context(files)
-        self.listener = create_ssl_context(files)
-        self.listener.sni_callback = self._select
-
-    def _select(self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        connection.context = self.current
 
     def reload(self, files: TLSFiles | None = None) -> None:
         """Load the files again (or new ones); raises TLSError and keeps the old context if they fail."""

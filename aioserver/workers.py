@@ -184,7 +184,7 @@ def _work(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     status = 0
     try:
-        run_server(serve(config, listeners, Notifier(sock=channel), watchdog))
+        run_server(serve(config, listeners, Notifier(sock=channel), watchdog), config.settings.loop)
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
         status = 1

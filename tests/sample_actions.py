@@ -41,6 +41,11 @@ def sleepy(batch: list[Any], seconds: float = 1.0) -> list[Any]:
     return batch
 
 
+def nap() -> None:
+    """A slow sync hook (a task's ``initialize``): blocks a worker thread for a while."""
+    time.sleep(8)
+
+
 def boom(batch: list[Any]) -> list[Any]:
     raise RuntimeError("the action broke: secret-detail-42")
 

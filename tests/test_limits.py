@@ -176,22 +176,25 @@ async def test_idle_keep_alive_connection_is_closed(server: tuple[int, LimitedRu
     assert answer.startswith(b"HTTP/1.1 200 ") and 0.5 < time.monotonic() - started < 4
 
 
-async def test_connection_limit(server: tuple[int, LimitedRunner], caplog: pytest.LogCaptureFixture) -> None:
-    port, _ = server
+async def test_connection_limit_reclaims_the_oldest_idle_connection(
+    server: tuple[int, LimitedRunner], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, runner = server
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     await asyncio.sleep(0.05)
-    with caplog.at_level(logging.WARNING, logger="aioserver.limits"):
-        first = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        second = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    for answer in (first, second):
-        assert answer.startswith(b"HTTP/1.1 503 ") and b'{"error": "too many connections"}' in answer
+    assert len(runner.connections) == 4  # counted from accept, before any request
+    with caplog.at_level(logging.INFO, logger="aioserver.connections"):
+        first = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(held[0][0].read(), 5) == b""  # the oldest made room
+        second = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert second.startswith(b"HTTP/1.1 200 ")
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.1)
     assert caplog.text.count("connection limit reached: 4 open") == 1  # once per episode
-    for _, writer in held:
-        writer.close()
-    await asyncio.sleep(0.1)
-    assert (await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")).startswith(
-        b"HTTP/1.1 200 "
-    )
+    assert "connections back under the limit" in caplog.text
+    assert len(runner.connections) == 0
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,14 @@ import shutil
 import signal
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
 
 from conftest import KEY_PASSWORD, PYTHON, TOKEN, TOKEN_HASH, PemFiles, Server
 
@@ -212,3 +215,130 @@ def test_tokens_over_clear_text_refused_at_start() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("aioserver: error: command line: --host: tokens would travel in clear text")
     assert TOKEN_HASH not in done.stderr
+
+
+# -- reloads (SIGHUP): what they revoke takes effect at once, on both loops
+
+LOOPS = ["asyncio", "uvloop"]
+WHOAMI = "GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+
+def sighup(server: Server, line: str) -> None:
+    """Send SIGHUP and wait until the log says ``line`` once more."""
+    before = "".join(server.log).count(line)
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "".join(server.log).count(line) == before:
+        assert time.monotonic() < deadline, "".join(server.log)
+        time.sleep(0.02)
+
+
+def resume(port: int, ca: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``openssl s_client`` asking /whoami; stdout says New or Reused, and the answer."""
+    command = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca), "-ign_eof", *options]
+    return subprocess.run(command, input=WHOAMI, capture_output=True, text=True, timeout=20)
+
+
+@pytest.mark.parametrize(
+    "version",
+    [("-tls1_2",), ("-tls1_2", "-no_ticket"), ("-tls1_3",)],
+    ids=["tls1.2-ticket", "tls1.2-session-id", "tls1.3-ticket"],
+)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_reload_revokes_tls_sessions(tmp_path: Path, pem_files: PemFiles, loop: str, version: tuple[str, ...]) -> None:
+    ca = tmp_path / "clients-ca.pem"
+    shutil.copy(pem_files.ca, ca)
+    session = str(tmp_path / "session.pem")
+    args = (
+        "--loop", loop, "--config", "extensions: [sample_plugins.add_whoami]",
+        "--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key), "--ssl-ca-certs", str(ca),
+    )  # fmt: skip
+    with Server(*args) as server:
+        first = resume(server.port, pem_files.ca, *version, "-cert", str(pem_files.client), "-sess_out", session)
+        assert first.stdout.count("New, TLSv1.") == 1 and '"commonName": "alice"' in first.stdout
+        # Before a reload the session resumes, even without the certificate: what is revoked next.
+        again = resume(server.port, pem_files.ca, *version, "-sess_in", session)
+        assert "Reused, TLSv1." in again.stdout and '"commonName": "alice"' in again.stdout
+
+        trustme.CA().cert_pem.write_to_path(ca)  # alice's CA is no longer trusted
+        sighup(server, "reloaded TLS certificate, key and CA")
+        for certificate in ((), ("-cert", str(pem_files.client))):
+            after = resume(server.port, pem_files.ca, *version, "-sess_in", session, *certificate)
+            assert "Reused" not in after.stdout and "alice" not in after.stdout
+            assert '"client_subject"' not in after.stdout  # no answer at all: the handshake fails
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_token_revocation_does_not_wait_for_workflow_threads(tmp_path: Path, loop: str) -> None:
+    tokens = tmp_path / "tokens"
+    keep = "other-token-6b1f"
+    tokens.write_text(f"{TOKEN_HASH} ops\n{hashlib.sha256(keep.encode()).hexdigest()} keeper\n")
+    config = tmp_path / "config.yml"
+    config.write_text(
+        "workflow:\n  echo: {tasks: [echo]}\n"
+        "  slow: {tasks: [{action: sample_actions.sleepy, args: [8], initialize: sample_actions.nap}]}\n"
+    )
+    echo = json.dumps({"name": "echo", "elements": [1]})
+
+    def status(token: str, body: str = echo, timeout: float = 5) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        try:
+            connection.request("POST", "/workflow", body, headers)
+            return connection.getresponse().status
+        except OSError:  # timed out, or cut off when the server stops
+            return 0
+        finally:
+            connection.close()
+
+    with Server("--config", str(config), "--loop", loop, env={"TOKEN_FILE": str(tokens)}) as server:
+        assert status(TOKEN) == 200
+        # Slow sync work fills every thread workflows use: asyncio's default executor (hooks)
+        # and the action threads (40), as a hostile token holder could.
+        slow = json.dumps({"name": "slow", "elements": [1]})
+        hostile = [threading.Thread(target=status, args=(keep, slow, 3), daemon=True) for _ in range(45)]
+        for thread in hostile:
+            thread.start()
+        time.sleep(1.5)
+
+        tokens.write_text(f"{hashlib.sha256(keep.encode()).hexdigest()} keeper\n")  # ops revoked
+        server.process.send_signal(signal.SIGHUP)
+        revoked_at = time.monotonic()
+        while status(TOKEN) != 401:
+            assert time.monotonic() - revoked_at < 1, "the revoked token still works"
+            time.sleep(0.05)
+        assert "reloaded tokens: 1 in force" in "".join(server.log)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sighup_reads_a_new_key_password(tmp_path: Path, tls_certificate_authority: trustme.CA, loop: str) -> None:
+    cert, key, password = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "password"
+
+    def issue(name: str, secret: str) -> None:
+        leaf = tls_certificate_authority.issue_cert("localhost", "127.0.0.1", common_name=name)
+        leaf.cert_chain_pems[0].write_to_path(cert)
+        private = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), password=None)
+        encryption = serialization.BestAvailableEncryption(secret.encode())
+        key.write_bytes(
+            private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+        )
+        password.write_text(secret + "\n")
+
+    issue("first", "first-password-1c9e")
+    args = ("--loop", loop, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    ca = tmp_path / "ca.pem"
+    tls_certificate_authority.cert_pem.write_to_path(ca)
+    with Server(*args, "--ssl-keyfile-password-file", str(password)) as server:
+        assert "CN = first" in s_client(server.port, ca=ca).stderr
+        issue("rotated", "rotated-password-77d0")  # a new key, encrypted with a new password
+        sighup(server, "reloaded TLS certificate, key and CA")
+        assert "CN = rotated" in s_client(server.port, ca=ca).stderr
+    assert "TLS reload failed" not in "".join(server.log)
+    assert "rotated-password-77d0" not in "".join(server.log)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_loop_option(loop: str) -> None:
+    with Server("--loop", loop) as server:
+        assert server.post(b'{"name": "shout", "elements": ["a"]}') == (200, b'["A!"]')
+    assert f"event loop: {loop}\n" in "".join(server.log)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import os
 import shutil
 import socket
 import ssl
+import subprocess
 import threading
+import warnings
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from aioserver import create_app, load_config
+from aioserver import create_app, load_config, tls
 from aioserver.errors import ConfigError
+from aioserver.server import renew_session_keys
 from aioserver.tls import ReloadableContext, TLSError, TLSFiles, create_ssl_context
 
-from conftest import KEY_PASSWORD, TOKEN, TOKEN_HASH, PemFiles
+from conftest import KEY_PASSWORD, TOKEN, TOKEN_HASH, PemFiles, Server
 
 MOZILLA_INTERMEDIATE_TLS12 = {
     "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -163,7 +169,7 @@ async def test_https_end_to_end_with_hsts(
         CONFIG, cli={"ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key)}, env={"TOKEN": TOKEN_HASH}
     )
     assert config.tls is not None
-    client = await https_client(aiohttp_client, create_app(config), config.tls.listener)
+    client = await https_client(aiohttp_client, create_app(config), config.tls.current)
     assert client.make_url("/").scheme == "https"
     response = await client.post(
         "/workflow",
@@ -201,7 +207,7 @@ async def test_mutual_tls(
         cli["ssl_cert_reqs"] = "optional"
     config = load_config(CONFIG, cli=cli)
     assert config.tls is not None
-    client = await https_client(aiohttp_client, create_app(config), config.tls.listener)
+    client = await https_client(aiohttp_client, create_app(config), config.tls.current)
 
     with_cert = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pem_files.ca))
     with_cert.load_cert_chain(str(pem_files.client))
@@ -234,6 +240,53 @@ def _handshake(context: ssl.SSLContext, client: ssl.SSLContext) -> dict[str, str
             return {name: value for rdn in certificate["subject"] for name, value in rdn}
 
 
+def session_handshake(
+    context: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[ssl.SSLSession, bool]:
+    """A TLS connection to a server with ``context`` offering ``session``: its session and whether it resumed.
+
+    A byte goes from server to client, so that the client reads TLS 1.3's tickets.
+    """
+    server_sock, client_sock = socket.socketpair()
+    with server_sock, client_sock:
+        client_sock.settimeout(5)
+        server_sock.settimeout(5)
+        server = context.wrap_socket(server_sock, server_side=True, do_handshake_on_connect=False)
+        tls_client = client.wrap_socket(
+            client_sock, server_hostname="localhost", do_handshake_on_connect=False, session=session
+        )
+        with server, tls_client:
+            worker = threading.Thread(target=lambda: (server.do_handshake(), server.sendall(b"x")))
+            worker.start()
+            tls_client.do_handshake()
+            assert tls_client.recv(1) == b"x"
+            worker.join()
+            assert tls_client.session is not None
+            return tls_client.session, tls_client.session_reused
+
+
+def test_reload_starts_new_sessions(pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> None:
+    tls = ReloadableContext(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    session, reused = session_handshake(tls.current, client_ssl_ctx)
+    assert not reused and session_handshake(tls.current, client_ssl_ctx, session)[1]
+    tls.reload()
+    assert not session_handshake(tls.current, client_ssl_ctx, session)[1]
+
+
+async def test_session_keys_are_renewed_without_a_reload(pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> None:
+    tls = ReloadableContext(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    session, _ = session_handshake(tls.current, client_ssl_ctx)
+    before = tls.current
+    renewing = asyncio.create_task(renew_session_keys(tls, 0.2))  # SESSION_KEYS_LIFETIME, shortened
+    try:
+        async with asyncio.timeout(10):
+            while tls.current is before:
+                await asyncio.sleep(0.05)
+    finally:
+        renewing.cancel()
+    assert not session_handshake(tls.current, client_ssl_ctx, session)[1]
+
+
 def test_reload_swaps_the_certificate_for_new_handshakes(
     pem_files: PemFiles, tmp_path: Path, client_ssl_ctx: ssl.SSLContext
 ) -> None:
@@ -241,17 +294,17 @@ def test_reload_swaps_the_certificate_for_new_handshakes(
     shutil.copy(pem_files.cert, cert)
     shutil.copy(pem_files.key, key)
     context = ReloadableContext(TLSFiles(str(cert), str(key)))
-    assert "commonName" not in _handshake(context.listener, client_ssl_ctx)
+    assert "commonName" not in _handshake(context.current, client_ssl_ctx)
 
     shutil.copy(pem_files.other_cert, cert)
     shutil.copy(pem_files.other_key, key)
     context.reload()
-    assert _handshake(context.listener, client_ssl_ctx)["commonName"] == "reloaded"
+    assert _handshake(context.current, client_ssl_ctx)["commonName"] == "reloaded"
 
     cert.write_text("not a certificate")  # a broken reload keeps the current context
     with pytest.raises(TLSError):
         context.reload()
-    assert _handshake(context.listener, client_ssl_ctx)["commonName"] == "reloaded"
+    assert _handshake(context.current, client_ssl_ctx)["commonName"] == "reloaded"
 
 
 def test_sslkeylogfile_is_ignored(
@@ -262,3 +315,90 @@ def test_sslkeylogfile_is_ignored(
     context = create_ssl_context(TLSFiles(str(pem_files.cert), str(pem_files.key)))
     _handshake(context, client_ssl_ctx)
     assert not keylog.exists()
+
+
+# -- what the context must hold whatever the interpreter's and OpenSSL's defaults
+
+PERMISSIVE_OPENSSL_CONF = """\
+openssl_conf = default_conf
+[default_conf]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MinProtocol = TLSv1
+CipherString = DEFAULT@SECLEVEL=0
+"""
+
+
+def test_tls11_refused_under_a_permissive_openssl_policy(pem_files: PemFiles, tmp_path: Path) -> None:
+    """Debian's openssl.cnf forbids TLS 1.1 already: a system policy that allows it changes nothing."""
+    conf = tmp_path / "openssl.cnf"
+    conf.write_text(PERMISSIVE_OPENSSL_CONF)
+    env = {"OPENSSL_CONF": str(conf)}
+    args = ("--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key))
+    with Server(*args, env=env) as server:
+        ca = str(pem_files.ca)
+        command = ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-brief", "-CAfile", ca]
+        run = {"input": "", "capture_output": True, "text": True, "timeout": 20, "env": {**os.environ, **env}}
+        old = subprocess.run([*command, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"], **run)  # type: ignore[call-overload]
+        assert old.returncode != 0 and "CONNECTION ESTABLISHED" not in old.stderr
+        assert "Protocol version: TLSv1.2" in subprocess.run([*command, "-tls1_2"], **run).stderr  # type: ignore[call-overload]
+
+
+class _LaxSSL:
+    """The ssl module as tls.py sees it, but making contexts as some interpreters and systems do.
+
+    CPython 3.10+ starts every context at TLS 1.2 (overriding OPENSSL_CONF) and only
+    ``create_default_context`` reads SSLKEYLOGFILE, so here neither line of create_ssl_context
+    shows. Elsewhere they do: CPython built with --with-ssl-default-suites=openssl follows the
+    system's policy, which may allow TLS 1.0; a context made by create_default_context (or by an
+    OpenSSL 3.5 built with keylog support) writes secrets to the SSLKEYLOGFILE.
+    """
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(ssl, name)
+
+    @staticmethod
+    def SSLContext(protocol: int) -> ssl.SSLContext:  # noqa: N802 (the name it stands in for)
+        context = ssl.SSLContext(protocol)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        if os.environ.get("SSLKEYLOGFILE"):
+            context.keylog_filename = os.environ["SSLKEYLOGFILE"]
+        return context
+
+
+def test_context_sets_its_floor_and_no_key_log_whatever_the_defaults(
+    pem_files: PemFiles, tmp_path: Path, client_ssl_ctx: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keylog = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(keylog))
+    monkeypatch.setattr(tls, "ssl", _LaxSSL())
+    assert _LaxSSL.SSLContext(ssl.PROTOCOL_TLS_SERVER).minimum_version != ssl.TLSVersion.TLSv1_2  # lax indeed
+    context = create_ssl_context(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.keylog_filename is None
+    keylog.unlink()  # made by the lax context above
+    _handshake(context, client_ssl_ctx)
+    assert not keylog.exists()
+
+
+def test_server_handshakes_never_reach_sslkeylogfile(
+    pem_files: PemFiles, tmp_path: Path, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    # aiohttp's own client contexts, made when it is imported, open the file (empty); the
+    # server's handshakes must add nothing to it.
+    keylog = tmp_path / "keys.log"
+    args = ("--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key))
+    with Server(*args, env={"SSLKEYLOGFILE": str(keylog)}) as server:
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            client = ssl.create_default_context(cafile=str(pem_files.ca))
+            client.maximum_version = version
+            connection = http.client.HTTPSConnection("localhost", server.port, context=client, timeout=10)
+            connection.request("GET", "/health")
+            assert connection.getresponse().status == 200
+            connection.close()
+    secrets = [line for line in keylog.read_text().splitlines() if not line.startswith("#")] if keylog.exists() else []
+    assert secrets == []

@@ -1,0 +1,390 @@
+"""Connections from accept to close: counted, bounded, and reclaimed when clients hold too many.
+
+Every connection counts from the moment it is accepted, its TLS handshake included (aiohttp's
+own count starts after the handshake). At ``limit_connections``, a new connection takes the
+place of the oldest one that is still handshaking or idle (a keep-alive connection between
+requests, or one that has not sent a request yet), as nginx reclaims idle keep-alive
+connections; only when every connection has a request in progress is the new one answered 503
+and closed. So no client can lock others out by holding sockets open, and the process stays
+within its file descriptors. The log says so once per episode at the limit.
+
+TLS listeners accept connections themselves (:class:`TLSSite`) and hand each one to the loop's
+``connect_accepted_socket`` with the context in force and a bound on the handshake's time. So
+the socket is ours, and can be cut off, from accept; a reload takes effect for the next
+connection, with a new session cache and new ticket keys (no earlier session resumes); and the
+loop's own TLS code (C, under uvloop) carries the bytes afterwards, as with ``create_server``.
+Two simpler ways do not work: ``create_server(ssl=...)`` keeps its context for good, runs the
+handshake out of our reach (aiohttp passes no handshake timeout: asyncio's is 60 s); and
+``start_tls`` from a plain protocol comes too late under uvloop, which starts reading once
+``connection_made`` returns, so the ClientHello would reach the plain protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import resource
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from .tls import ReloadableContext
+
+logger = logging.getLogger("aioserver.connections")
+
+OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b'Connection: close\r\nContent-Length: 35\r\n\r\n{"error": "too many connections"}\r\n'
+)
+ANSWERING = 64  # refused connections being answered 503 at once; beyond, closed unanswered
+ANSWER_WAIT = 2.0  # seconds a refused client has to send its request head, then to close
+HEAD_LIMIT = 16 * 1024  # bytes of a refused request's head read at most before answering
+FILE_RESERVE = 256  # descriptors for all but connections: listeners, logs, files, outgoing HTTP
+ACCEPT_RETRY_DELAY = 1.0  # asyncio's pause after running out of descriptors
+
+
+@dataclass(slots=True)
+class _Episode:
+    reclaimed: int = 0
+    refused: int = 0
+
+
+class Connections:
+    """The open connections of one process, oldest first, and what happens at the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # Handler -> its socket while we own it (TLS: handshaking), in the order of accept.
+        self._open: dict[RequestHandler, socket.socket | None] = {}
+        self._answering = 0
+        self._episode: _Episode | None = None
+        # An episode ends once a tenth of the room is free again, not at each close and reopen.
+        self._calm = limit - max(1, limit // 10)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def accept(
+        self, make_handler: Callable[[], RequestHandler], sock: socket.socket | None = None
+    ) -> asyncio.BaseProtocol:
+        """The protocol for a new connection: a handler, counted, or a refusal.
+
+        ``sock`` is the connection's socket when it is still ours to cut off (TLS, until the
+        handshake is done); a plain connection is cut off through its handler's transport.
+        """
+        if len(self._open) < self.limit or self._reclaim():
+            handler = make_handler()
+            self._open[handler] = sock
+            return handler
+        assert self._episode is not None
+        self._episode.refused += 1
+        if self._answering >= ANSWERING:
+            return Refusal(None)
+        self._answering += 1
+        return Refusal(self._answered)
+
+    def forget(self, protocol: asyncio.BaseProtocol) -> None:
+        """A connection ended before its protocol heard of it (a TLS handshake that failed)."""
+        if isinstance(protocol, Refusal):
+            protocol.connection_lost(None)
+        else:
+            self.discard(cast(RequestHandler, protocol))
+
+    def discard(self, handler: RequestHandler) -> None:
+        """The connection of ``handler`` is closed (or being closed)."""
+        if self._open.pop(handler, False) is not False and self._episode and len(self._open) <= self._calm:
+            episode, self._episode = self._episode, None
+            logger.info(
+                "connections back under the limit (%d open): %d idle or handshaking ones closed"
+                " to make room, %d refused meanwhile",
+                len(self._open),
+                episode.reclaimed,
+                episode.refused,
+            )
+
+    def _answered(self) -> None:
+        self._answering -= 1
+
+    def _reclaim(self) -> bool:
+        """Close the oldest connection that is handshaking or idle; False if every one is busy."""
+        if self._episode is None:
+            self._episode = _Episode()
+            logger.warning(
+                "connection limit reached: %d open; closing the oldest idle or handshaking connection"
+                " for each new one, answering 503 while none is idle",
+                self.limit,
+            )
+        for handler, sock in self._open.items():
+            transport = handler.transport
+            if transport is None:  # still in its TLS handshake (a plain one: about to start)
+                if sock is not None:
+                    break
+            # aiohttp's mark for "a request is being handled" (False before the first one too),
+            # and no answer still being written out.
+            elif not handler._request_in_progress and not transport.get_write_buffer_size():
+                break
+        else:
+            return False
+        del self._open[handler]
+        self._episode.reclaimed += 1
+        if transport is not None:
+            transport.abort()  # idle: nothing to flush; a TLS close would wait for the peer
+        else:
+            assert sock is not None
+            _cut_off(sock)
+        return True
+
+
+def _cut_off(sock: socket.socket) -> None:
+    """End a connection whose socket the loop may be using: never close its descriptor under it.
+
+    The loop sees the end of the stream, fails the handshake and closes the socket itself.
+    """
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed, by the client or by the loop
+        pass
+
+
+class Refusal(asyncio.Protocol):
+    """A connection over the limit: read the request head, answer 503, close.
+
+    Reading first matters: closing a socket with unread data makes the kernel send a reset,
+    and the client would lose the answer. ``done`` is None to close at once, unanswered.
+    """
+
+    def __init__(self, done: Callable[[], None] | None) -> None:
+        self.answers = done is not None
+        self._done = done
+        self._transport: asyncio.Transport | None = None
+        self._head = b""
+        self._answered = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Any transport: asyncio's and uvloop's (which is no asyncio.WriteTransport subclass).
+        self._transport = cast(asyncio.Transport, transport)
+        if not self.answers:
+            self._transport.abort()
+            return
+        self._timer = asyncio.get_running_loop().call_later(ANSWER_WAIT, self._answer)
+
+    def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return  # the rest of a request we answered already: read, so that no reset is sent
+        self._head += data
+        if b"\r\n\r\n" in self._head or b"\n\n" in self._head or len(self._head) > HEAD_LIMIT:
+            self._answer()
+
+    def eof_received(self) -> bool:
+        if not self._answered:
+            self._answer()
+        return False  # the transport closes once the answer is written
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        done, self._done = self._done, None
+        if done is not None:
+            done()
+
+    def _answer(self) -> None:
+        if self._answered or self._transport is None or self._transport.is_closing():
+            return
+        self._answered = True
+        self._head = b""
+        if self._timer is not None:
+            self._timer.cancel()
+        transport = self._transport
+        transport.write(OVERLOADED)
+        if transport.can_write_eof():
+            transport.write_eof()  # our end after the answer; the client's end follows
+        else:
+            transport.close()  # TLS: close_notify after the answer
+        self._timer = asyncio.get_running_loop().call_later(ANSWER_WAIT, transport.abort)
+
+
+class TLSSite(web.BaseSite):
+    """A listening socket served over TLS, each connection counted from its accept.
+
+    See the module's docstring for why it accepts connections itself.
+    """
+
+    __slots__ = ("_sock", "_tls", "_connections", "_make_handler", "_handshake_timeout", "_name")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        tls: ReloadableContext,
+        connections: Connections,
+        make_handler: Callable[[], RequestHandler],
+        handshake_timeout: float,
+        backlog: int = 128,
+    ) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._sock = sock
+        self._tls = tls
+        self._connections = connections
+        self._make_handler = make_handler
+        self._handshake_timeout = handshake_timeout
+        address = sock.getsockname()
+        if isinstance(address, tuple):
+            host = f"[{address[0]}]" if ":" in address[0] else address[0]
+            self._name = f"https://{host}:{address[1]}"
+        else:
+            self._name = f"https+unix://{address}"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        await super().start()
+        acceptor = _Acceptor(
+            asyncio.get_running_loop(),
+            self._sock,
+            self._tls,
+            self._connections,
+            self._make_handler,
+            self._handshake_timeout,
+        )
+        acceptor.start()
+        self._server = acceptor
+
+    async def stop(self) -> None:
+        acceptor = self._server
+        await super().stop()
+        if acceptor is not None:
+            await acceptor.wait_closed()
+
+
+class _Acceptor(asyncio.AbstractServer):
+    """Accepts on one listening socket and starts each connection's TLS handshake."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        tls: ReloadableContext,
+        connections: Connections,
+        make_handler: Callable[[], RequestHandler],
+        handshake_timeout: float,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._tls = tls
+        self._connections = connections
+        self._make_handler = make_handler
+        self._handshake_timeout = handshake_timeout
+        self._handshakes: dict[asyncio.Task[None], socket.socket] = {}
+        self._serving = False
+        self._retry: asyncio.TimerHandle | None = None
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        if not self._serving:
+            self.start()
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError("served by its site: see TLSSite")
+
+    def start(self) -> None:
+        self._sock.setblocking(False)
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+        self._serving = True
+
+    def close(self) -> None:
+        """Stop accepting and cut off the handshakes in flight; open connections go on."""
+        if self._retry is not None:
+            self._retry.cancel()
+        if self._serving:
+            self._loop.remove_reader(self._sock.fileno())
+            self._serving = False
+        for sock in self._handshakes.values():
+            _cut_off(sock)
+
+    async def wait_closed(self) -> None:
+        if self._handshakes:
+            await asyncio.wait(list(self._handshakes))
+
+    def _resume(self) -> None:
+        self._retry = None
+        self.start()
+
+    def _accept(self) -> None:
+        # One connection per turn of the loop, as nginx does by default (multi_accept off):
+        # the socket stays readable while others wait, and a burst of new connections, each
+        # with a handshake to compute, does not delay the requests of those already open
+        # (accepting all at once made the median answer 4x slower under a handshake load).
+        try:
+            sock, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # As asyncio does: pause a little, the clients wait in the kernel's queue.
+                logger.error("cannot accept connections: %s; trying again in %gs", exc.strerror, ACCEPT_RETRY_DELAY)
+                self._loop.remove_reader(self._sock.fileno())
+                self._serving = False
+                self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+            return  # ECONNABORTED and the like: that client is gone already
+        sock.setblocking(False)
+        protocol = self._connections.accept(self._make_handler, sock)
+        if isinstance(protocol, Refusal) and not protocol.answers:
+            sock.close()  # too many being answered already
+            return
+        task = self._loop.create_task(self._handshake(sock, protocol, self._tls.current))
+        self._handshakes[task] = sock
+        task.add_done_callback(self._handshakes.pop)
+
+    async def _handshake(self, sock: socket.socket, protocol: asyncio.BaseProtocol, context: ssl.SSLContext) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=context, ssl_handshake_timeout=self._handshake_timeout
+            )
+        except Exception as exc:  # failed, timed out or cut off: the loop has closed the socket
+            logger.debug("TLS handshake failed: %s", type(exc).__name__)
+            self._connections.forget(protocol)
+
+
+def ensure_file_limit(connections: int) -> None:
+    """Make room for ``connections`` in RLIMIT_NOFILE, or warn that the limit cannot be honoured.
+
+    The soft limit is raised as far as needed, up to the hard one (as nginx's
+    worker_rlimit_nofile, and Go at start-up): epoll has no use for the 1024 of select().
+    """
+    needed = connections + ANSWERING + FILE_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # e.g. a seccomp filter forbidding setrlimit
+            pass
+    if soft < needed:
+        logger.warning(
+            "--limit-connections %d needs about %d file descriptors, but RLIMIT_NOFILE allows %d:"
+            " raise it (LimitNOFILE=, ulimit -n) or lower --limit-connections",
+            connections,
+            needed,
+            soft,
+        )
