@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -37,7 +38,7 @@ from aioserver.workflow.safeopen import (
     parse_safeopen,
 )
 
-from conftest import Server, free_port
+from conftest import PemFiles, Server, free_port
 
 PAGE = """<html><head><title>Owls</title><style>p {color: red}</style><script>var x = "SCRIPT";</script></head>
 <body><nav><a href="/">Home</a> | <a href="/about">NAVIGATION</a></nav>
@@ -1034,3 +1035,34 @@ async def test_fetch_refusals_by_the_resolver_and_after_redirects(
             == {False: "refused 'http://10.0.0.1/': not allowed by safeopen", True: client[True]}[internal]
         )
     assert upstream.hits == ["/redirect?k=v"]
+
+
+async def test_outgoing_https_never_writes_sslkeylogfile(pem_files: PemFiles, tmp_path: Path) -> None:
+    # aiohttp's default client context honours SSLKEYLOGFILE (it is made with
+    # ssl.create_default_context when aiohttp is imported): a workflow's HTTPS fetches would
+    # write their session secrets there. The server's own client context must not.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pem_files.cert, pem_files.key)
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/page.html", page)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server(ssl=context)
+    keylog = tmp_path / "keys.log"
+    config_file = tmp_path / "config.yml"
+    config_file.write_text(
+        f"safeopen: {{allow: ['127.0.0.1:{upstream.port}']}}\nworkflow:\n  fetch: {{tasks: [textractor]}}\n"
+    )
+    env = {"SSLKEYLOGFILE": str(keylog), "SSL_CERT_FILE": str(pem_files.ca)}
+    try:
+        with Server("--config", str(config_file), env=env) as server:
+            body = json.dumps({"name": "fetch", "elements": [f"https://127.0.0.1:{upstream.port}/page.html"]})
+            status, answer = await asyncio.to_thread(server.post, body.encode())
+            assert status == 200 and b"Owls are birds of prey" in answer  # the fetch went over TLS
+    finally:
+        await upstream.close()
+    secrets = [line for line in keylog.read_text().splitlines() if not line.startswith("#")] if keylog.exists() else []
+    assert secrets == []

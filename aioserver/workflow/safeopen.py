@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,9 +245,20 @@ class SafeResolver(AbstractResolver):
         await self._resolver.close()
 
 
+def client_ssl_context() -> ssl.SSLContext:
+    """Verifies servers against the system's CAs (or ``SSL_CERT_FILE``), and never logs secrets.
+
+    aiohttp's default context comes from ``ssl.create_default_context``, which writes every
+    session's secrets to the file ``SSLKEYLOGFILE`` names, when the environment has it.
+    """
+    context = ssl.create_default_context()
+    context.keylog_filename = None  # type: ignore[assignment]
+    return context
+
+
 def create_session(policy: SafeOpen) -> aiohttp.ClientSession:
     """The shared client session: every connection goes through the checking resolver."""
-    connector = aiohttp.TCPConnector(resolver=SafeResolver(policy), use_dns_cache=False)
+    connector = aiohttp.TCPConnector(resolver=SafeResolver(policy), use_dns_cache=False, ssl=client_ssl_context())
     # trust_env=False: a proxy from the environment would connect to addresses we never checked.
     return aiohttp.ClientSession(
         connector=connector,
