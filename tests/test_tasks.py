@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+from test_processes import cpu_seconds, descendants
 
 from aioserver import create_app, load_config
 from aioserver.errors import ConfigError
@@ -156,3 +157,17 @@ async def test_process_concurrency_runs_elsewhere_and_server_stays_responsive(ma
     assert not spinning.done()
     response = await spinning
     assert response.status == 200 and await response.json() == ["x"]
+
+
+async def test_a_process_job_past_the_time_limit_is_killed_with_the_504(make_client) -> None:  # type: ignore[no-untyped-def]
+    client = await make_client("server: {timeout_workflow: 1}\n" + PROCESS.replace("seconds: 1.5", "seconds: 60"))
+    response = await client.post("/workflow", json={"name": "spin", "elements": ["x"]})
+    assert response.status == 504
+    # The spinning process did not outlive its request (a process pool executor's would spin on).
+    await asyncio.sleep(0.3)
+    children = descendants(os.getpid())
+    before = cpu_seconds(children)
+    await asyncio.sleep(1.0)
+    assert cpu_seconds(children) - before < 0.3
+    response = await client.post("/workflow", json={"name": "pid", "elements": [1]})
+    assert response.status == 200
