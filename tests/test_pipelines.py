@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
 import pytest
 
 from aioserver import load_config
 from aioserver.errors import ConfigError
-from aioserver.workflow.pipelines import Segmentation, Summary, Textractor, html_to_text
+from aioserver.workflow.pipelines import Segmentation, Summary, Textractor, html_to_text, summarize, summarize_all
+from aioserver.workflow.processes import ProcessPool
+
+T = TypeVar("T")
 
 TEXT = """The city council met on Monday.  It approved the new park budget after a long debate.
 
@@ -86,8 +93,8 @@ ARTICLE = (
         ),
     ],
 )
-def test_segmentation(options: dict, expected: object) -> None:  # type: ignore[type-arg]
-    assert Segmentation(**options)([TEXT]) == [expected]
+async def test_segmentation(options: dict, expected: object) -> None:  # type: ignore[type-arg]
+    assert await Segmentation(**options)([TEXT]) == [expected]
 
 
 HTML = """<!doctype html><html><head><title>News</title><style>.a{}</style><script>track()</script></head><body>
@@ -172,8 +179,8 @@ def test_boilerplate_is_dropped() -> None:
         ({"sentences": 10}, {}, " ".join(ARTICLE.split())),
     ],
 )
-def test_summary(options: dict, call: dict, expected: str) -> None:  # type: ignore[type-arg]
-    summary = Summary(**options)([ARTICLE], **call)[0]
+async def test_summary(options: dict, call: dict, expected: str) -> None:  # type: ignore[type-arg]
+    summary = (await Summary(**options)([ARTICLE], **call))[0]
     assert summary == expected
     assert "fence" not in summary or options.get("sentences") == 10
 
@@ -183,7 +190,7 @@ async def test_sections_configure_builtins() -> None:
         "summary: {sentences: 1}\nsegmentation: {sentences: true}\n"
         "workflow:\n  w: {tasks: [summary]}\n  s: {tasks: [segmentation]}\n"
     )
-    assert await config.workflows["w"]([ARTICLE]) == [Summary(sentences=1)([ARTICLE])[0]]
+    assert await config.workflows["w"]([ARTICLE]) == [summarize(ARTICLE, 1)]
     assert await config.workflows["s"](["A b. C d."]) == [["A b.", "C d."]]
 
 
@@ -216,8 +223,96 @@ async def test_default_config_demo_workflows() -> None:
     assert await workflows["sentences"](["One. Two.\n\nThree."]) == [["One.", "Two.", "Three."]]
 
 
-def test_summary_ends_sentences_at_paragraph_breaks() -> None:
+async def test_summary_ends_sentences_at_paragraph_breaks() -> None:
     text = "Solar power keeps growing\n\nSolar power is growing fast. The fence is blue."
     # Three sentences, of which the two about solar power are kept; glued, the heading would
     # have made one sentence with the next, and two sentences would have been the whole text.
-    assert Summary(sentences=2)([text]) == ["Solar power keeps growing Solar power is growing fast."]
+    assert await Summary(sentences=2)([text]) == ["Solar power keeps growing Solar power is growing fast."]
+
+
+# -- hostile input: every pipeline is linear in its input. Each case runs in a worker process
+# with a deadline far above its time (milliseconds), so that a quadratic regression fails the
+# test instead of hanging it. The old code took seconds to minutes on the findings' sizes and
+# past the deadline at 1 MB; the cases it passed guard against other parsers' weak spots.
+
+DEADLINE = 20.0
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ProcessPool]:
+    workers = ProcessPool(1)
+    yield workers
+    await workers.close()
+
+
+async def within(pool: ProcessPool, function: Callable[..., T], *args: Any) -> T:
+    try:
+        return await asyncio.wait_for(pool.run(function, *args), DEADLINE)
+    except TimeoutError:
+        raise AssertionError(f"{getattr(function, '__name__', function)} took over {DEADLINE:g}s") from None
+
+
+HOSTILE_HTML = {
+    # The review's findings, at the sizes it measured them.
+    "spaces 150 KB": "<p>a" + " " * 150_000 + "b</p>",
+    "spaces 1 MB": "<p>a" + " " * 1_000_000 + "b</p>",
+    "br 80 KB": "<br>" * 20_000,
+    "comments 200 KB": "<!--" * 50_000,
+    "unclosed tags 100 KB": "<a" * 50_000,
+    "processing instructions 200 KB": "<?" * 100_000,
+    "end tags 200 KB": "</" * 100_000,
+    # What lxml (libxml2) and selectolax (lexbor) are quadratic on, and more of the same, 1 MB each.
+    "attributes of one tag": "<a " + "".join(f"x{i}=1 " for i in range(110_000)) + ">t",
+    "nesting": "<div>" * 200_000 + "t",
+    "br 1 MB": "<br>" * 250_000,
+    "comments 1 MB": "<!--" * 250_000,
+    "unclosed tags 1 MB": "<a" * 500_000,
+    "processing instructions 1 MB": "<?" * 500_000,
+    "end tags 1 MB": "</" * 500_000,
+    "unclosed quotes": '<a x="' * 170_000,
+    "quoted >": "<a x='>" * 150_000,
+    "text '<'": "<" * 1_000_000,
+    "script ends": "<script>" + "</scrip" * 140_000,
+    "entities": "&#" * 500_000,
+    "a decimal reference too long for int()": "&#" + "9" * 1_000_000 + ";",
+}
+
+
+@pytest.mark.parametrize("html", HOSTILE_HTML.values(), ids=HOSTILE_HTML.keys())
+async def test_html_to_text_is_linear_on_hostile_input(pool: ProcessPool, html: str) -> None:
+    text = await within(pool, html_to_text, html)
+    assert isinstance(text, str) and len(text) <= len(html)
+
+
+async def test_hostile_html_still_gives_its_text(pool: ProcessPool) -> None:
+    text = await within(pool, Textractor().extract_all, list(HOSTILE_HTML.values()))
+    assert text[0] == text[1] == "a b"
+    assert text[list(HOSTILE_HTML).index("a decimal reference too long for int()")] == "\ufffd"
+
+
+HOSTILE_TEXT = [
+    "a." + " " * 1_000_000 + "b",  # where a sentence could end, a long run that does not end one
+    "a." + ")" * 1_000_000 + " b",
+    ". " * 500_000,
+    "A b. " * 200_000,  # 200,000 sentences to rank
+    "\n" + " " * 1_000_000 + "x",
+    " \n" * 500_000,
+    "\n\n" * 500_000,
+    "a'" * 500_000,
+    "a" * 1_000_000,
+]
+
+
+@pytest.mark.parametrize(
+    "segmentation",
+    [{"sentences": True}, {"paragraphs": True}, {"lines": True}, {}],
+    ids=["sentences", "paragraphs", "lines", "clean"],
+)
+async def test_segmentation_is_linear_on_hostile_input(pool: ProcessPool, segmentation: dict) -> None:  # type: ignore[type-arg]
+    results = await within(pool, Segmentation(**segmentation).segment_all, HOSTILE_TEXT)
+    assert len(results) == len(HOSTILE_TEXT)
+
+
+async def test_summary_is_linear_on_hostile_input(pool: ProcessPool) -> None:
+    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 3)) == len(HOSTILE_TEXT)
+    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 50, 20)) == len(HOSTILE_TEXT)

@@ -14,6 +14,7 @@ from aioserver.errors import ConfigError
 from aioserver.workflow.runtime import run_schedule
 
 import sample_actions
+from test_processes import cpu_seconds, descendants
 
 
 async def run(yaml_text: str, elements: list, name: str = "w") -> list:  # type: ignore[type-arg]
@@ -184,3 +185,17 @@ async def test_service_answer_errors_name_the_task_never_the_upstream(make_clien
         client = await make_client(yaml_text)
         response = await client.post("/workflow", json={"name": "w", "elements": ["a", "b"]})
         assert (response.status, await response.json()) == (502, {"error": f"{who}: {problem}"})
+
+
+async def test_a_process_job_past_the_time_limit_is_killed_with_the_504(make_client) -> None:  # type: ignore[no-untyped-def]
+    client = await make_client("server: {timeout_workflow: 1}\n" + PROCESS.replace("seconds: 1.5", "seconds: 60"))
+    response = await client.post("/workflow", json={"name": "spin", "elements": ["x"]})
+    assert response.status == 504
+    # The spinning process did not outlive its request (a process pool executor's would spin on).
+    await asyncio.sleep(0.3)
+    children = descendants(os.getpid())
+    before = cpu_seconds(children)
+    await asyncio.sleep(1.0)
+    assert cpu_seconds(children) - before < 0.3
+    response = await client.post("/workflow", json={"name": "pid", "elements": [1]})
+    assert response.status == 200

@@ -12,7 +12,6 @@ length.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -55,10 +54,12 @@ class Action:
             result = await self.function(batch, *args, **kwargs)
         else:
             call = functools.partial(self.function, batch, *args, **kwargs)
-            pool: concurrent.futures.Executor | None = None
-            if runtime is not None:
-                pool = runtime.processes() if concurrency == "process" else runtime.threads
-            result = await asyncio.get_running_loop().run_in_executor(pool, call)
+            if runtime is None:  # a workflow called outside a server
+                result = await asyncio.get_running_loop().run_in_executor(None, call)
+            elif concurrency == "process":  # its process is killed if the request is cancelled
+                result = await runtime.processes.run(call)
+            else:
+                result = await runtime.to_thread(call)
         return self._checked(result, len(batch))
 
     def _checked(self, result: Any, expected: int) -> list[Any]:
@@ -168,7 +169,7 @@ class Workflow:
     async def __call__(self, elements: list[Any], runtime: Runtime | None = None) -> list[Any]:
         for task in self.tasks:
             if task.initialize is not None:
-                await _call(task.initialize)
+                await _call(task.initialize, runtime)
         try:
             results: list[Any] = []
             for start in range(0, len(elements), self.batch):
@@ -180,11 +181,13 @@ class Workflow:
         finally:
             for task in self.tasks:
                 if task.finalize is not None:
-                    await _call(task.finalize)
+                    await _call(task.finalize, runtime)
 
 
-async def _call(function: Callable[[], Any]) -> Any:
-    """Call a no-argument hook: await it when async, in a thread when sync."""
+async def _call(function: Callable[[], Any], runtime: Runtime | None) -> Any:
+    """Call a no-argument hook: await it when async, in a thread when sync (the runtime's, if any)."""
     if asyncio.iscoroutinefunction(function):
         return await function()
-    return await asyncio.to_thread(function)
+    if runtime is None:
+        return await asyncio.to_thread(function)
+    return await runtime.to_thread(function)

@@ -7,17 +7,23 @@ Configured like txtai's, by a top-level section named after them::
 
 Abstractive models (txtai's ``Summary`` or ``Translation`` pipelines) plug in the same way,
 as dotted-path sections (``txtai.pipeline.Translation: {}``) when txtai is installed.
+
+Their input is untrusted, so every step is linear in it: no regular expression here can
+backtrack over a run it has already scanned (possessive quantifiers, or patterns checked
+against megabytes of their worst case in the tests), and HTML is read by a single pass of
+our own tokenizer, not a tree. With a server, the CPU work runs in the runtime's worker
+processes, which are killed when the request is cancelled (a 504, a client gone, shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import html as htmllib
 import math
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any
-
-from bs4 import BeautifulSoup
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import InvalidElement
 from .safeopen import fetch, is_path, is_url
@@ -25,10 +31,16 @@ from .safeopen import fetch, is_path, is_url
 if TYPE_CHECKING:
     from .runtime import Runtime
 
+T = TypeVar("T")
+
 # A sentence ends at . ! or ? (and closing quotes/brackets) followed by space and a capital,
-# a digit or an opening quote: good enough for prose without a language model.
+# a digit or an opening quote: good enough for prose without a language model. Linear: only a
+# position right after . ! or ? can start a match, and the run it scans ends at the next one.
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]’”]*\s+(?=[\"'(\[‘“]?[A-Z0-9À-Ý])")
 _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)?")
+# A blank line: \s* may run to the next newline and back, but no further, so this is linear.
+_BLANK_LINE = re.compile(r"\n\s*\n")
+_SPACES = re.compile(r"\s+")
 # Words too common to say what a sentence is about (English; others still rank by frequency).
 STOPWORDS = frozenset(
     "a about above after again against all am an and any are as at be because been before being below between "
@@ -39,31 +51,35 @@ STOPWORDS = frozenset(
     "were what when where which while who whom why will with would you your yours yourself yourselves".split()
 )
 # Elements holding no text of the page: scripts, styles and navigation boilerplate.
-BOILERPLATE = ("script", "style", "noscript", "template", "svg", "nav", "header", "footer", "aside", "form", "iframe")
-BLOCKS = (
-    "p",
-    "div",
-    "li",
-    "h1",
-    "h2",
-    "h3",
-    "h4",
-    "h5",
-    "h6",
-    "pre",
-    "blockquote",
-    "td",
-    "th",
-    "dd",
-    "dt",
-    "section",
-    "article",
-    "main",
-    "br",
-    "tr",
-    "figcaption",
-    "caption",
-    "title",
+BOILERPLATE = frozenset(
+    {"script", "style", "noscript", "template", "svg", "nav", "header", "footer", "aside", "form", "iframe"}
+)
+BLOCKS = frozenset(
+    {
+        "p",
+        "div",
+        "li",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "blockquote",
+        "td",
+        "th",
+        "dd",
+        "dt",
+        "section",
+        "article",
+        "main",
+        "br",
+        "tr",
+        "figcaption",
+        "caption",
+        "title",
+    }
 )
 
 
@@ -74,6 +90,13 @@ def _texts(name: str, batch: list[Any]) -> list[str]:
     return batch
 
 
+async def _compute(runtime: Runtime | None, function: Callable[..., T], *args: Any) -> T:
+    """CPU work: in the runtime's worker processes, or here when there is no server (library use)."""
+    if runtime is None:
+        return function(*args)
+    return await runtime.processes.run(function, *args)
+
+
 class Segmentation:
     """Splits text into sentences, lines or paragraphs; cleans white space; drops short pieces.
 
@@ -82,6 +105,8 @@ class Segmentation:
     puts the pieces back into one string (paragraphs by a blank line, lines by a newline,
     sentences by a space).
     """
+
+    wants_runtime = True
 
     def __init__(
         self,
@@ -99,19 +124,23 @@ class Segmentation:
         self.sentences, self.lines, self.paragraphs = sentences, lines, paragraphs
         self.minlength, self.join, self.cleantext = minlength, join, cleantext
 
-    def __call__(self, batch: list[Any]) -> list[Any]:
-        return [self.segment(text) for text in _texts(type(self).__name__.lower(), batch)]
+    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[Any]:
+        return await _compute(runtime, self.segment_all, _texts(type(self).__name__.lower(), batch))
+
+    def segment_all(self, texts: list[str]) -> list[str | list[str]]:
+        """Each text segmented (the part of a call that runs in a worker process)."""
+        return [self.segment(text) for text in texts]
 
     def segment(self, text: str) -> str | list[str]:
         """The text cleaned and split as configured."""
         text = text.replace("\r\n", "\n").replace("\r", "\n")
         if self.sentences:
-            pieces = [s for p in re.split(r"\n\s*\n", text) for s in _SENTENCE_END.split(self.clean(p))]
+            pieces = [s for p in _BLANK_LINE.split(text) for s in _SENTENCE_END.split(self.clean(p))]
             glue = " "
         elif self.lines:
             pieces, glue = text.split("\n"), "\n"
         else:  # paragraphs; or, with no split asked for, paragraphs cleaned one by one and joined
-            pieces, glue = re.split(r"\n\s*\n", text), "\n\n"
+            pieces, glue = _BLANK_LINE.split(text), "\n\n"
         pieces = [self.clean(piece) for piece in pieces]
         pieces = [piece for piece in pieces if piece and len(piece) >= (self.minlength or 0)]
         if self.join or not (self.sentences or self.lines or self.paragraphs):
@@ -120,7 +149,7 @@ class Segmentation:
 
     def clean(self, text: str) -> str:
         """Runs of white space made one space, ends stripped (when ``cleantext``)."""
-        return re.sub(r"\s+", " ", text).strip() if self.cleantext else text
+        return _SPACES.sub(" ", text).strip() if self.cleantext else text
 
 
 class Textractor(Segmentation):
@@ -131,12 +160,13 @@ class Textractor(Segmentation):
     as in :class:`Segmentation`.
     """
 
-    wants_runtime = True
-
-    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[Any]:  # type: ignore[override]
+    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[Any]:
         documents = await asyncio.gather(*(self._read(element, runtime) for element in _texts("textractor", batch)))
-        # Parsing is CPU work: off the event loop.
-        return await asyncio.to_thread(lambda: [self.segment(html_to_text(html)) for html in documents])
+        return await _compute(runtime, self.extract_all, documents)
+
+    def extract_all(self, documents: list[str]) -> list[str | list[str]]:
+        """Each document's text, segmented (the part of a call that runs in a worker process)."""
+        return [self.segment(html_to_text(document)) for document in documents]
 
     async def _read(self, element: str, runtime: Runtime | None) -> str:
         if not (is_url(element) or is_path(element)):
@@ -147,24 +177,159 @@ class Textractor(Segmentation):
             body, _ = await fetch(runtime.session, runtime.safeopen, element, who="textractor")
         else:
             path = runtime.safeopen.check_file(element)
-            body = await asyncio.to_thread(path.read_bytes)
+            # The runtime's threads, not asyncio's default executor, which the server keeps free.
+            body = await runtime.to_thread(path.read_bytes)
         return body.decode("utf-8", errors="replace")
+
+
+# -- HTML to text, in one pass.
+#
+# A tokenizer after HTML's (https://html.spec.whatwg.org/multipage/parsing.html#tokenization),
+# as far as text needs it: text, tags, comments, raw text (scripts, styles) and entities. The
+# tree is reduced to a stack of open elements, to know when a boilerplate element ends. The
+# standard library's html.parser rescans an unclosed construct from every '<' that follows
+# it (quadratic), and libxml2 or lexbor compare each attribute of a tag with all the others
+# before it (quadratic too); here each pattern is possessive, an unclosed construct runs to
+# the end of the input as the standard says, and attributes are skipped, never stored.
+
+_TAG_OPEN = re.compile(r"<(/?)([A-Za-z][^\t\n\f\r />]*+)")
+# The rest of a tag after its name: attributes (a quoted value may hold '>'), then '>' or
+# '/>'; or the end of the input, where the standard drops the unfinished tag.
+_TAG_REST = re.compile(
+    r"(?:[\t\n\f\r ]++|/(?!>)|[^\t\n\f\r />][^\t\n\f\r />=]*+"
+    r"(?:[\t\n\f\r ]*+=[\t\n\f\r ]*+(?:\"[^\"]*+(?:\"|\Z)|'[^']*+(?:'|\Z)|[^\t\n\f\r >]*+))?+)*+(/?>|\Z)"
+)
+# '<' that opens nothing (not followed by a letter, '!', '?' or '/') is text, as is what follows.
+_LITERAL = re.compile(r"(?:<(?![A-Za-z!?/])[^<]*+)++")
+_COMMENT_END = re.compile(r"--!?>")
+_DECIMAL_REFERENCE = re.compile(r"&#([0-9]{8,}+)")
+VOID = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track", "wbr"}
+)
+# Elements whose content is text up to their end tag, not markup; the first three are shown.
+_RAW_SHOWN = {"title": True, "textarea": True, "xmp": False}  # name: whether entities count
+_RAW = {**_RAW_SHOWN, **dict.fromkeys(("script", "style", "noscript", "iframe", "noembed", "noframes"), False)}
+_RAW_END = {name: re.compile(rf"</{name}[\t\n\f\r />]", re.IGNORECASE | re.ASCII) for name in _RAW}
+_FOREIGN = frozenset({"svg", "math"})  # SVG and MathML: no raw text inside, CDATA sections
+_BREAK = "\n\n"
 
 
 def html_to_text(html: str) -> str:
     """The readable text of an HTML document: one paragraph per block, boilerplate dropped."""
-    # html.parser: pure Python, no build step; BeautifulSoup adds the tree and the repair of
-    # unclosed tags that the standard library's tokenizer alone does not do.
-    soup = BeautifulSoup(html, "html.parser")
-    for tag in soup.find_all(BOILERPLATE):
-        tag.decompose()
-    for tag in soup.find_all(BLOCKS):
-        # Blank lines around blocks, so that segmentation sees one paragraph per block.
-        tag.insert_before("\n\n")
-        tag.insert_after("\n\n")
-    text = soup.get_text()
-    paragraphs = (re.sub(r"[ \t\f\v]*\n[ \t\f\v]*", " ", p).strip() for p in re.split(r"\n\s*\n", text))
+    return _paragraphs("".join(_text_pieces(html.replace("\r\n", "\n").replace("\r", "\n"))))
+
+
+def _paragraphs(text: str) -> str:
+    """Blank lines separate paragraphs; inside one, line breaks and the spaces around them are a space."""
+    paragraphs = (" ".join(line.strip(" \t\f\v") for line in p.split("\n")).strip() for p in _BLANK_LINE.split(text))
     return "\n\n".join(p for p in paragraphs if p)
+
+
+def _text_pieces(html: str) -> list[str]:  # noqa: C901 - one state machine reads best in one place
+    """The text of ``html`` and paragraph breaks, in order, without boilerplate."""
+    pieces: list[str] = []
+    stack: list[str] = []  # open elements (not void, not self-closed)
+    open_counts: dict[str, int] = {}
+    hidden = 0  # boilerplate elements open: their text is dropped
+    foreign = 0  # svg or math elements open
+    end = len(html)
+    i = 0
+    while i < end:
+        lt = html.find("<", i)
+        if lt < 0:
+            lt = end
+        if lt > i:
+            if not hidden:
+                pieces.append(_unescape(html[i:lt]))
+            i = lt
+            continue
+        # html[i] == "<"
+        tag = _TAG_OPEN.match(html, i)
+        if tag is None:
+            literal = _LITERAL.match(html, i)
+            if literal is not None:
+                if not hidden:
+                    pieces.append(_unescape(literal[0]))
+                i = literal.end()
+                continue
+            i = _skip_markup(html, i, foreign > 0, pieces, hidden > 0)
+            continue
+        closing, name = tag[1], tag[2].lower()
+        rest = _TAG_REST.match(html, tag.end())
+        assert rest is not None  # the pattern matches the empty string at the end
+        i = rest.end()
+        if not rest[1]:  # the input ended inside the tag
+            break
+        if closing:
+            if open_counts.get(name):
+                while True:  # pop up to the element this closes, as parsers do for misnested tags
+                    top = stack.pop()
+                    open_counts[top] -= 1
+                    hidden -= top in BOILERPLATE
+                    foreign -= top in _FOREIGN
+                    if top == name:
+                        break
+            if name in BLOCKS and not hidden:
+                pieces.append(_BREAK)
+            continue
+        if name in BLOCKS and not hidden:
+            pieces.append(_BREAK)
+        if name in _RAW and not foreign:
+            # Its content is text up to its end tag (or the end), which the loop then reads.
+            found = _RAW_END[name].search(html, i)
+            stop = found.start() if found else end
+            if name in _RAW_SHOWN and not hidden:
+                content = html[i:stop]
+                pieces.append(_unescape(content) if _RAW_SHOWN[name] else content)
+            i = stop
+        elif name == "plaintext" and not foreign:
+            if not hidden:
+                pieces.append(html[i:])
+            break
+        elif name not in VOID and not rest[1].startswith("/"):
+            stack.append(name)
+            open_counts[name] = open_counts.get(name, 0) + 1
+            hidden += name in BOILERPLATE
+            foreign += name in _FOREIGN
+    return pieces
+
+
+def _skip_markup(html: str, i: int, foreign: bool, pieces: list[str], hidden: bool) -> int:
+    """Past a comment, a doctype, a CDATA section or a bogus comment (``<?...>``, ``</3>``)."""
+    if html.startswith("<!--", i):
+        if html.startswith(">", i + 4):  # <!--> and <!---> are whole (empty) comments
+            return i + 5
+        if html.startswith("->", i + 4):
+            return i + 6
+        found = _COMMENT_END.search(html, i + 4)
+        return found.end() if found else len(html)
+    if foreign and html.startswith("<![CDATA[", i):  # in SVG or MathML: text
+        stop = html.find("]]>", i + 9)
+        stop = len(html) if stop < 0 else stop
+        if not hidden:
+            pieces.append(html[i + 9 : stop])
+        return stop + 3
+    if html.startswith("</>", i):
+        return i + 3
+    if html.startswith(("<!", "<?"), i) or html.startswith("</", i) and len(html) > i + 2:
+        stop = html.find(">", i + 2)  # a bogus comment, up to '>'
+        return len(html) if stop < 0 else stop + 1
+    if not hidden:  # '</' at the very end is text
+        pieces.append("</")
+    return i + 2
+
+
+def _unescape(text: str) -> str:
+    """Character references decoded; a decimal one too long for int() is U+FFFD, as the standard says."""
+    if "&" not in text:
+        return text
+    return htmllib.unescape(_DECIMAL_REFERENCE.sub(_short_decimal, text))
+
+
+def _short_decimal(reference: re.Match[str]) -> str:
+    # Python refuses to convert more than 4300 digits; any number of 8 digits is past U+10FFFF.
+    digits = reference[1].lstrip("0") or "0"
+    return "&#" + (digits if len(digits) < 8 else "1114112")
 
 
 class Summary:
@@ -174,38 +339,47 @@ class Summary:
     Either may also be given per task in ``args``.
     """
 
+    wants_runtime = True
+
     def __init__(self, sentences: int = 3, maxlength: int | None = None) -> None:
         self.sentences, self.maxlength = (
             _positive(sentences, "sentences"),
             maxlength and _positive(maxlength, "maxlength"),
         )
 
-    def __call__(self, batch: list[Any], sentences: int | None = None, maxlength: int | None = None) -> list[str]:
-        count = sentences or self.sentences
-        limit = maxlength or self.maxlength
-        return [summarize(text, count, limit) for text in _texts("summary", batch)]
+    async def __call__(
+        self,
+        batch: list[Any],
+        sentences: int | None = None,
+        maxlength: int | None = None,
+        runtime: Runtime | None = None,
+    ) -> list[str]:
+        texts = _texts("summary", batch)
+        return await _compute(runtime, summarize_all, texts, sentences or self.sentences, maxlength or self.maxlength)
+
+
+def summarize_all(texts: list[str], count: int, maxlength: int | None = None) -> list[str]:
+    """:func:`summarize` for each text (the part of a call that runs in a worker process)."""
+    return [summarize(text, count, maxlength) for text in texts]
 
 
 def summarize(text: str, count: int, maxlength: int | None = None) -> str:
     """The ``count`` best sentences of ``text``, in their original order, within ``maxlength`` words."""
     # A paragraph break ends a sentence too (a heading has no full stop).
-    paragraphs = (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text))
+    paragraphs = (_SPACES.sub(" ", p).strip() for p in _BLANK_LINE.split(text))
     sentences = [s for p in paragraphs for s in _SENTENCE_END.split(p) if s]
     words = [[w.lower() for w in _WORD.findall(s)] for s in sentences]
     frequency = Counter(w for ws in words for w in ws if w not in STOPWORDS)
     top = max(frequency.values(), default=1)
-
-    def score(i: int) -> float:
-        content = [w for w in words[i] if w not in STOPWORDS]
-        # Mean weight, damped by length so that long sentences do not win by size alone.
-        return sum(frequency[w] / top for w in content) / math.sqrt(len(words[i]) or 1)
-
-    ranked = sorted(range(len(sentences)), key=lambda i: (-score(i), i))[:count]
+    # Mean weight, damped by length so that long sentences do not win by size alone.
+    scores = [sum(frequency[w] / top for w in ws if w not in STOPWORDS) / math.sqrt(len(ws) or 1) for ws in words]
+    ranked = sorted(range(len(sentences)), key=lambda i: (-scores[i], i))[:count]
     chosen = sorted(ranked)
     if maxlength is not None:
         # Drop the lowest ranked sentences until the summary fits; cut the last one if need be.
-        while len(chosen) > 1 and sum(len(sentences[i].split()) for i in chosen) > maxlength:
-            chosen.remove(max(chosen, key=lambda i: (-score(i), i)))
+        lengths = {i: len(sentences[i].split()) for i in chosen}
+        while len(chosen) > 1 and sum(lengths[i] for i in chosen) > maxlength:
+            chosen.remove(max(chosen, key=lambda i: (-scores[i], i)))
         summary = " ".join(sentences[i] for i in chosen).split()
         return " ".join(summary[:maxlength])
     return " ".join(sentences[i] for i in chosen)

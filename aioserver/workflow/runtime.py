@@ -1,5 +1,5 @@
 """What running workflows share, owned by the app's lifecycle: the client session, the
-safeopen policy, the process pool, and the scheduled runs.
+safeopen policy, the threads and worker processes, and the scheduled runs.
 
 :func:`setup_workflow_runtime` registers all of it on an app (one ``cleanup_ctx``), so that it
 starts with the server and stops cleanly with it.
@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import multiprocessing
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
+from .processes import ProcessPool
 from .safeopen import SafeOpen, create_session
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aioserver.workflow")
 ACTION_THREADS = "aioserver-action"  # the name prefix of the threads sync actions run in
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -40,22 +41,19 @@ class Runtime:
         # 40 threads, as many as Starlette's thread pool gives txtai's sync endpoints.
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(40, thread_name_prefix=ACTION_THREADS)
     )
-    _processes: concurrent.futures.ProcessPoolExecutor | None = field(default=None, repr=False)
+    # CPU work (the built-in pipelines, ``concurrency: process`` tasks) runs in worker
+    # processes, started on first use; a job whose request is cancelled has its process killed.
+    processes: ProcessPool = field(default_factory=ProcessPool)
 
-    def processes(self) -> concurrent.futures.ProcessPoolExecutor:
-        """The process pool for ``concurrency: process`` tasks, created on first use."""
-        if self._processes is None:
-            # spawn, not fork: forking a process that runs threads and an event loop can
-            # copy a lock in a held state into the child.
-            self._processes = concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn"))
-        return self._processes
+    async def to_thread(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in one of the runtime's threads (asyncio's default executor is the server's)."""
+        return await asyncio.get_running_loop().run_in_executor(self.threads, function, *args)
 
     async def close(self) -> None:
-        """Close the session and shut the process pool down, without blocking the loop."""
+        """Close the session, leave the threads, kill the worker processes."""
         await self.session.close()
         self.threads.shutdown(wait=False, cancel_futures=True)
-        if self._processes is not None:
-            await asyncio.to_thread(self._processes.shutdown, wait=True, cancel_futures=True)
+        await self.processes.close()
 
 
 def setup_workflow_runtime(app: web.Application) -> None:
