@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -118,3 +119,31 @@ async def test_builtins(name: str, elements: list, kwargs: dict, expected: list)
 async def test_builtins_reject_unfit_elements(name: str, elements: list, kwargs: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(InvalidElement):
         await BUILTINS[name](elements, **kwargs)
+
+
+async def test_the_loop_runs_between_batches() -> None:
+    # An async action that never suspends (echo) must not hold the loop for a whole request:
+    # one echo of a million elements once kept every other request waiting 0.2 s.
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    seen: list[int] = []
+
+    async def note_turns(batch: list[int]) -> list[int]:
+        seen.append(turns)
+        return batch
+
+    sample_actions.NOTE_TURNS = note_turns  # type: ignore[attr-defined]
+    worker = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    try:
+        assert await run("workflow:\n  w: {batch: 1, tasks: [sample_actions.NOTE_TURNS]}\n", [1, 2, 3]) == [1, 2, 3]
+    finally:
+        worker.cancel()
+        del sample_actions.NOTE_TURNS  # type: ignore[attr-defined]
+    assert seen[0] < seen[1] < seen[2]

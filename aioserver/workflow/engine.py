@@ -173,6 +173,8 @@ class Workflow:
         try:
             results: list[Any] = []
             for start in range(0, len(elements), self.batch):
+                if start:  # let the loop in between batches: async actions may never suspend
+                    await asyncio.sleep(0)
                 batch = elements[start : start + self.batch]
                 for task in self.tasks:
                     batch = await task(batch, runtime)

@@ -135,7 +135,7 @@ class Retrieve:
     async def _retrieve(self, url: str, runtime: Runtime) -> str:
         body, _ = await fetch(runtime.session, runtime.safeopen, url, who=f"task {self.task} (retrieve)")
         path = self.directory / self.relative_path(URL(url))
-        await asyncio.to_thread(_write, path, body)
+        await runtime.to_thread(_write, path, body)  # never asyncio's default executor (reloads use it)
         return str(path)
 
     def relative_path(self, url: URL) -> Path:
