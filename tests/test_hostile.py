@@ -35,7 +35,9 @@ LONG = ["<p>Solar power is growing fast.<br>" * 600_000]
 def post(port: int, name: str, elements: list[str], timeout: float = 120) -> tuple[int, object, float]:
     """POST /workflow: the status, the JSON answer and the seconds it took."""
     body = json.dumps({"name": name, "elements": elements}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/workflow", data=body, method="POST")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workflow", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     started = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
