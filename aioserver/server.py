@@ -28,6 +28,7 @@ logger = logging.getLogger("aioserver")
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
 # How long TLS sessions can resume at most: the context (its session cache and ticket keys) is
 # made anew this often, as on SIGHUP. Resuming issues a new ticket, so without this a chain of
 # resumptions would outlive any ticket lifetime.
@@ -74,6 +75,9 @@ async def serve(
     ensure_file_limit(config.settings.limit_connections)
     runners = [_runner(app, config, connections)]
     background: list[asyncio.Task[None]] = []
+    # The handlers go in before anything serves: a signal during start-up waits in the queue
+    # (and is acted upon once serving) instead of killing the process without a drain.
+    received = _queue_signals()
     try:
         await runners[0].setup()
         main = [listener for listener in sockets if listener.role == MAIN]
@@ -90,7 +94,7 @@ async def serve(
             background.append(asyncio.create_task(systemd.run_watchdog(notifier, watchdog)))
         if config.tls:
             background.append(asyncio.create_task(renew_session_keys(config.tls, SESSION_KEYS_LIFETIME)))
-        await _handle_signals(app, config, notifier)
+        await _handle_signals(received, app, config, notifier)
         notifier.stopping()
         flush_access_log()  # the lines of the requests so far come before this one
         logger.info(
@@ -98,6 +102,7 @@ async def serve(
             config.settings.timeout_graceful_shutdown,
         )
     finally:
+        _unqueue_signals()
         for task in background:
             task.cancel()
         for runner in reversed(runners):
@@ -136,25 +141,33 @@ async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config
     logger.info("serving on %s", describe(listener.sock, scheme))
 
 
-async def _handle_signals(app: web.Application, config: Config, notifier: Notifier) -> None:
-    """Until SIGTERM or SIGINT, reload on SIGHUP. The handlers only queue the signal.
-
-    READY=1 goes out once the handlers are in place: a manager may signal us right after it.
-    """
+def _queue_signals() -> asyncio.Queue[signal.Signals]:
+    """Queue SIGTERM, SIGINT and SIGHUP from now on; the handlers do nothing else."""
     loop = asyncio.get_running_loop()
     received: asyncio.Queue[signal.Signals] = asyncio.Queue()
-    handled = (*STOP_SIGNALS, signal.SIGHUP)
-    for sig in handled:
+    for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, received.put_nowait, sig)
+    return received
+
+
+def _unqueue_signals() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in HANDLED_SIGNALS:
+        loop.remove_signal_handler(sig)
+
+
+async def _handle_signals(
+    received: asyncio.Queue[signal.Signals], app: web.Application, config: Config, notifier: Notifier
+) -> None:
+    """Until SIGTERM or SIGINT, reload on SIGHUP.
+
+    READY=1 goes out once serving, the handlers long in place: a manager may signal us right after it.
+    """
     notifier.ready()
-    try:
-        while await received.get() == signal.SIGHUP:
-            notifier.reloading()
-            await reload(app, config)
-            notifier.ready("serving, reloaded")
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
+    while await received.get() == signal.SIGHUP:
+        notifier.reloading()
+        await reload(app, config)
+        notifier.ready("serving, reloaded")
 
 
 async def reload(app: web.Application, config: Config) -> None:

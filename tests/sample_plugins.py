@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+
 from aiohttp import web
 
 from aioserver.auth import IDENTITY
@@ -73,3 +76,13 @@ def add_items(app: web.Application) -> None:
 
     app.router.add_route("*", r"/items/{id:\d+}", item)
     app.router.add_get("/stats", stats)
+
+
+def slow_start(app: web.Application) -> None:
+    """An extension whose start-up takes a second, announced on stderr: a window for signals."""
+
+    async def starting(app: web.Application) -> None:
+        print("slow start begins", file=sys.stderr, flush=True)
+        await asyncio.sleep(1)
+
+    app.on_startup.append(starting)

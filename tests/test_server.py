@@ -342,3 +342,17 @@ def test_loop_option(loop: str) -> None:
     with Server("--loop", loop) as server:
         assert server.post(b'{"name": "shout", "elements": ["a"]}') == (200, b'["A!"]')
     assert f"event loop: {loop}\n" in "".join(server.log)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_during_start_up_is_handled_once_serving(loop: str, sig: signal.Signals) -> None:
+    # Once the server set itself up, the handlers are in place before anything serves: a stop
+    # signal then drains and exits 0, a SIGHUP reloads, instead of the default action killing it.
+    with Server("--loop", loop, env={"EXTENSIONS": "sample_plugins.slow_start"}, pattern="slow start begins") as server:
+        server.process.send_signal(sig)
+        if sig == signal.SIGHUP:
+            time.sleep(1.5)
+            assert server.process.poll() is None  # alive and serving
+            server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=10) == 0
