@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, workers
 from .config import Config, load_config
@@ -23,14 +24,60 @@ from .server import run as run_server
 from .server import serve
 from .workflow.runtime import ACTION_THREADS
 
+# What an unknown option may be shown as: a flag of ours would look like this. Anything else,
+# and whatever follows an unknown flag, may be a value, which may be a secret typed in the wrong
+# place (a token, a password meant for --ssl-keyfile-password-file): never echoed.
+_FLAG = re.compile(r"--[a-z][a-z0-9-]{0,39}")
+_NOT_SHOWN = "not shown: values may be secrets"
+
 
 class _Parser(argparse.ArgumentParser):
+    """argparse, without abbreviations and without echoing values in its errors."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        # No prefix matching: "--ssl-keyfile-password SECRET" must not pass for
+        # --ssl-keyfile-password-file and have the secret read as a file name.
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse(self, argv: Sequence[str] | None) -> argparse.Namespace:
+        """The parsed command line; unknown arguments are a usage error naming flags only."""
+        args, unknown = self.parse_known_args(argv)
+        if unknown:
+            raise ConfigError("command line", None, _unrecognized(unknown))
+        return args
+
     def error(self, message: str) -> NoReturn:
-        # A usage error is a configuration error like any other: one line, status 2.
+        # A usage error is a configuration error like any other: one line, status 2. argparse
+        # quotes the values it complains about ("ignored explicit argument 'x'"): cut there.
+        if message.startswith("unrecognized arguments:"):  # from parse_args, which main avoids
+            message = f"unrecognized arguments ({_NOT_SHOWN})"
+        cut = min((i for i in (message.find("'"), message.find('"')) if i >= 0), default=-1)
+        if cut >= 0:
+            message = f"{message[:cut].rstrip()} ({_NOT_SHOWN})"
         raise ConfigError("command line", None, message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _unrecognized(unknown: Sequence[str]) -> str:
+    """``unrecognized arguments: --token (and 1 more, not shown...)``: flags named, values counted."""
+    named: list[str] = []
+    hidden = 0
+    after_flag = False  # the previous argument was an unknown flag: this one may be its value
+    for argument in unknown:
+        flag, has_value, _ = argument.partition("=")
+        if _FLAG.fullmatch(flag) and not after_flag:
+            named.append(flag)
+            hidden += bool(has_value)
+            after_flag = not has_value
+        else:
+            hidden += 1
+            after_flag = False
+    if not named:
+        return f"unrecognized arguments: {hidden} ({_NOT_SHOWN})"
+    more = f" (and {hidden} more, {_NOT_SHOWN})" if hidden else ""
+    return f"unrecognized arguments: {', '.join(named)}{more}"
+
+
+def build_parser() -> _Parser:
     """The argument parser, generated from the option table."""
     parser = _Parser(prog="aioserver", description="Serve YAML-defined workflows over HTTP(S).")
     parser.add_argument(
@@ -81,7 +128,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     """Run the server as the command line says; return the exit status."""
     env = os.environ if env is None else env
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse(argv)
         cli = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
         config = load_config(args.config or env.get("CONFIG") or None, cli, env)
     except ConfigError as exc:

@@ -16,7 +16,7 @@ import pytest
 
 from aioserver.cli import main
 
-from conftest import PYTHON, Server
+from conftest import PYTHON, PemFiles, Server
 
 GOOD = "server:\n  port: 9100\nworkflow:\n  twice: {tasks: [sample_actions.double]}\n"
 
@@ -174,3 +174,64 @@ def _ignore_errors(server: Server) -> None:
         server.post(b'{"name": "stuck", "elements": [1]}')
     except OSError:
         pass  # the server went away mid-request, as intended
+
+
+# -- secrets typed in the wrong place never reach an error message
+
+SECRET = "s3cret-Pa55word-7f3a"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # Once a prefix of --ssl-keyfile-password-file (argparse's abbreviations): the secret
+        # was taken for a file name and printed in "cannot read".
+        ["--ssl-keyfile-password", SECRET],
+        [f"--ssl-keyfile-password={SECRET}"],
+        [f"--ssl={SECRET}"],  # a prefix of several options: "ambiguous option: --ssl=..."
+        ["--token", SECRET],
+        [f"--token={SECRET}"],
+        ["--token", f"--{SECRET}"],
+        [SECRET],
+        ["--", SECRET],
+        [f"-{SECRET}"],
+        [f"--allow-insecure-http={SECRET}"],
+        [f"--version={SECRET}"],
+        [f"-h{SECRET}"],
+        ["--port", "8000", SECRET],
+    ],
+)
+def test_usage_errors_never_show_a_value(
+    argv: list[str], pem_files: PemFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tls = ["--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.encrypted_key)]
+    assert main([*tls, *argv, "--check"], env={}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aioserver: error: command line: ") and err.count("\n") == 1
+    assert SECRET not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ssl-keyfile-password", SECRET], "unrecognized arguments: --ssl-keyfile-password (and 1 more, not shown"),
+        ([f"--token={SECRET}"], "unrecognized arguments: --token (and 1 more, not shown"),
+        ([SECRET, "--bogus"], "unrecognized arguments: --bogus (and 1 more, not shown"),
+        ([f"--check={SECRET}"], "argument --check: ignored explicit argument (not shown"),
+    ],
+)
+def test_usage_errors_name_the_unknown_option(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--check"], env={}) == 2
+    assert capsys.readouterr().err.startswith(f"aioserver: error: command line: {message}")
+
+
+def test_mistyped_password_option_subprocess(pem_files: PemFiles) -> None:
+    argv = ["--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.encrypted_key)]
+    done = subprocess.run(
+        [PYTHON, "-m", "aioserver", *argv, "--ssl-keyfile-password", SECRET], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("aioserver: error: command line: unrecognized arguments: --ssl-keyfile-password")
+    assert SECRET not in done.stderr + done.stdout
