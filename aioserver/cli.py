@@ -7,16 +7,17 @@ valid ``--check``), 2 for a usage or configuration error, 1 for a runtime failur
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import re
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from . import __version__, workers
-from .config import Config, load_config
+from .config import SECRET_VARIABLES, Config, load_config
 from .errors import ConfigError, StartupError
 from .logs import configure_logging
 from .options import OPTIONS
@@ -124,6 +125,32 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
+def forget_secrets(variables: Iterable[str]) -> None:
+    """Remove ``variables`` from the process environment, their bytes included.
+
+    ``os.environ.pop`` unsets a variable for ``getenv`` and for every process started later, but
+    its bytes stay where the kernel put them at exec, and ``/proc/self/environ`` shows them to
+    any code of this process or of a worker forked from it (proc(5)): overwritten here first.
+    """
+    libc = _libc()
+    for variable in variables:
+        if variable not in os.environ:
+            continue
+        if libc is not None and (address := libc.getenv(variable.encode())):
+            ctypes.memset(address, 0, libc.strlen(address))
+        del os.environ[variable]
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.getenv.argtypes, libc.getenv.restype = [ctypes.c_char_p], ctypes.c_void_p
+        libc.strlen.argtypes, libc.strlen.restype = [ctypes.c_void_p], ctypes.c_size_t
+    except (OSError, AttributeError):  # no C library to speak to: unsetting is all we can do
+        return None
+    return libc
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Run the server as the command line says; return the exit status."""
     env = os.environ if env is None else env
@@ -136,6 +163,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 2
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+    # Read into the config (the TLS context holds the key itself): out of the environment
+    # before any action, worker or process pool could inherit them.
+    forget_secrets(SECRET_VARIABLES)
 
     if args.check:
         print(summary(config))
