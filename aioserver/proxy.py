@@ -151,11 +151,14 @@ class TrustedProxies:
                 # A scheme is http or https, else the connection's own. aiohttp-remotes checks
                 # X-Forwarded-For's addresses but keeps an IPv6 zone's text ("fe80::1%anything"):
                 # then the peer's address (Forwarded's arrive checked, without zones).
-                remote = clone.remote or ""
-                if clone.scheme not in SCHEMES or "%" in remote:
-                    remote = (request.remote or "") if "%" in remote else remote
-                    scheme = clone.scheme if clone.scheme in SCHEMES else request.scheme
-                    clone = clone.clone(remote=remote, scheme=scheme)
+                remote, scheme = clone.remote or "", clone.scheme
+                if scheme not in SCHEMES or "%" in remote:
+                    # Every value again: a clone of a clone keeps none of the first one's.
+                    clone = clone.clone(
+                        remote=(request.remote or "") if "%" in remote else remote,  # "": a Unix socket peer
+                        scheme=scheme if scheme in SCHEMES else request.scheme,
+                        host=clone.host,
+                    )
                 seen.append(clone)
                 return await handler(clone)
 

@@ -109,6 +109,13 @@ async def test_forwarded_values_are_addresses_or_nothing(
     assert (body["remote"], body["scheme"]) == seen
 
 
+async def test_a_scheme_put_right_keeps_the_rest(make_client: ClientFactory) -> None:
+    client = await make_client(CLIENT % "127.0.0.1")
+    headers = {"Forwarded": 'for="[2001:db8::7]:1";proto=gopher;host=api.example'}
+    body = await (await client.get("/client", headers=headers)).json()
+    assert body == {"remote": "2001:db8::7", "scheme": "http", "host": "api.example"}
+
+
 async def test_auth_throttle_counts_no_address_as_the_peer(make_client: ClientFactory) -> None:
     """An obfuscated identifier per request cannot give each failure a throttle of its own."""
     client = await make_client(CLIENT % "127.0.0.1", env={"TOKEN": TOKEN_HASH})
