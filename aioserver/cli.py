@@ -7,15 +7,17 @@ valid ``--check``), 2 for a usage or configuration error, 1 for a runtime failur
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import re
 import sys
 import threading
-from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NoReturn
 
 from . import __version__, workers
-from .config import Config, load_config
+from .config import SECRET_VARIABLES, Config, load_config
 from .errors import ConfigError, StartupError
 from .logs import configure_logging
 from .options import OPTIONS
@@ -23,14 +25,60 @@ from .server import run as run_server
 from .server import serve
 from .workflow.runtime import ACTION_THREADS
 
+# What an unknown option may be shown as: a flag of ours would look like this. Anything else,
+# and whatever follows an unknown flag, may be a value, which may be a secret typed in the wrong
+# place (a token, a password meant for --ssl-keyfile-password-file): never echoed.
+_FLAG = re.compile(r"--[a-z][a-z0-9-]{0,39}")
+_NOT_SHOWN = "not shown: values may be secrets"
+
 
 class _Parser(argparse.ArgumentParser):
+    """argparse, without abbreviations and without echoing values in its errors."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        # No prefix matching: "--ssl-keyfile-password SECRET" must not pass for
+        # --ssl-keyfile-password-file and have the secret read as a file name.
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse(self, argv: Sequence[str] | None) -> argparse.Namespace:
+        """The parsed command line; unknown arguments are a usage error naming flags only."""
+        args, unknown = self.parse_known_args(argv)
+        if unknown:
+            raise ConfigError("command line", None, _unrecognized(unknown))
+        return args
+
     def error(self, message: str) -> NoReturn:
-        # A usage error is a configuration error like any other: one line, status 2.
+        # A usage error is a configuration error like any other: one line, status 2. argparse
+        # quotes the values it complains about ("ignored explicit argument 'x'"): cut there.
+        if message.startswith("unrecognized arguments:"):  # from parse_args, which main avoids
+            message = f"unrecognized arguments ({_NOT_SHOWN})"
+        cut = min((i for i in (message.find("'"), message.find('"')) if i >= 0), default=-1)
+        if cut >= 0:
+            message = f"{message[:cut].rstrip()} ({_NOT_SHOWN})"
         raise ConfigError("command line", None, message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _unrecognized(unknown: Sequence[str]) -> str:
+    """``unrecognized arguments: --token (and 1 more, not shown...)``: flags named, values counted."""
+    named: list[str] = []
+    hidden = 0
+    after_flag = False  # the previous argument was an unknown flag: this one may be its value
+    for argument in unknown:
+        flag, has_value, _ = argument.partition("=")
+        if _FLAG.fullmatch(flag) and not after_flag:
+            named.append(flag)
+            hidden += bool(has_value)
+            after_flag = not has_value
+        else:
+            hidden += 1
+            after_flag = False
+    if not named:
+        return f"unrecognized arguments: {hidden} ({_NOT_SHOWN})"
+    more = f" (and {hidden} more, {_NOT_SHOWN})" if hidden else ""
+    return f"unrecognized arguments: {', '.join(named)}{more}"
+
+
+def build_parser() -> _Parser:
     """The argument parser, generated from the option table."""
     parser = _Parser(prog="aioserver", description="Serve YAML-defined workflows over HTTP(S).")
     parser.add_argument(
@@ -77,11 +125,37 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
+def forget_secrets(variables: Iterable[str]) -> None:
+    """Remove ``variables`` from the process environment, their bytes included.
+
+    ``os.environ.pop`` unsets a variable for ``getenv`` and for every process started later, but
+    its bytes stay where the kernel put them at exec, and ``/proc/self/environ`` shows them to
+    any code of this process or of a worker forked from it (proc(5)): overwritten here first.
+    """
+    libc = _libc()
+    for variable in variables:
+        if variable not in os.environ:
+            continue
+        if libc is not None and (address := libc.getenv(variable.encode())):
+            ctypes.memset(address, 0, libc.strlen(address))
+        del os.environ[variable]
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.getenv.argtypes, libc.getenv.restype = [ctypes.c_char_p], ctypes.c_void_p
+        libc.strlen.argtypes, libc.strlen.restype = [ctypes.c_void_p], ctypes.c_size_t
+    except (OSError, AttributeError):  # no C library to speak to: unsetting is all we can do
+        return None
+    return libc
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Run the server as the command line says; return the exit status."""
     env = os.environ if env is None else env
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse(argv)
         cli = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
         config = load_config(args.config or env.get("CONFIG") or None, cli, env)
     except ConfigError as exc:
@@ -89,6 +163,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 2
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
+    # Read into the config (the TLS context holds the key itself): out of the environment
+    # before any action, worker or process pool could inherit them.
+    forget_secrets(SECRET_VARIABLES)
 
     if args.check:
         print(summary(config))

@@ -31,6 +31,9 @@ DEFAULT_SOURCE = "<embedded default config>"
 INLINE_SOURCE = "<inline config>"
 SECTIONS = ("server", "workflow", "safeopen", "auth", "dependencies", "extensions")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+# Environment variables that hold secrets: read once, while the config is built; the command
+# line then takes them out of the process environment (cli.forget_secrets).
+SECRET_VARIABLES = ("SSL_KEYFILE_PASSWORD",)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from aiohttp.web_request import BaseRequest
 
 from .connections import Connections
 from .errors import http_error
+from .expectations import ignoring_unknown_expectations
 from .options import Settings
 
 logger = logging.getLogger("aioserver.limits")
@@ -140,7 +141,8 @@ class _RequestHandler(RequestHandler):
         if status >= 500:
             logger.error("error %s while handling a request from %s", problem, request.remote)
         text = "malformed HTTP request" if status < 500 else "internal error"
-        response = web.json_response({"error": f"{text} ({problem})"}, status=status, headers={"Server": "aioserver"})
+        headers = {"Server": "aioserver", "X-Content-Type-Options": "nosniff"}  # as app.HEADERS, on any listener
+        response = web.json_response({"error": f"{text} ({problem})"}, status=status, headers=headers)
         response.force_close()
         return response
 
@@ -187,6 +189,7 @@ class LimitedRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        server.request_factory = ignoring_unknown_expectations(server.request_factory)
         return cast(web.Server, _ConnectionLimit(server, self.connections))
 
     def make_handler(self) -> RequestHandler:

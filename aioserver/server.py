@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import signal
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
@@ -12,10 +13,10 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from . import systemd
-from .app import create_app
+from .app import HEADERS, create_app
 from .config import Config
 from .connections import Connections, TLSSite, ensure_file_limit
-from .errors import ConfigError, StartupError
+from .errors import ConfigError, StartupError, error_middleware, http_error
 from .keys import TOKENS
 from .limits import LimitedRunner
 from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners
@@ -219,11 +220,21 @@ async def _in_reload_thread(function: Callable[[], T]) -> T:
 
 def create_redirect_app(https_port: int) -> web.Application:
     """A plain-HTTP app answering every request with 308 to the same URL over HTTPS."""
+    # The Host header names the target: a name or an IP literal, and a port. yarl lets more
+    # through ("[x" is the host "x"), or refuses it with a ValueError ("x:abc", "x:99999").
+    host_header = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?", re.ASCII)
 
     async def redirect(request: web.Request) -> web.StreamResponse:
-        target = request.url.with_scheme("https").with_port(None if https_port == 443 else https_port)
+        if not host_header.fullmatch(request.host):
+            raise http_error(web.HTTPBadRequest, "invalid Host header")
+        try:
+            target = request.url.with_scheme("https").with_port(None if https_port == 443 else https_port)
+        except ValueError:
+            raise http_error(web.HTTPBadRequest, "invalid Host header") from None
         raise web.HTTPPermanentRedirect(target)
 
-    app = web.Application()
+    # The main app's outermost middleware: JSON errors, anything unexpected a 500 with an id,
+    # and the headers every answer carries; no HSTS on plain HTTP (RFC 6797 section 7.2).
+    app = web.Application(middlewares=[error_middleware(HEADERS)])
     app.router.add_route("*", "/{path:.*}", redirect)
     return app

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -16,7 +19,7 @@ import pytest
 
 from aioserver.cli import main
 
-from conftest import PYTHON, Server
+from conftest import KEY_PASSWORD, PYTHON, PemFiles, Server
 
 GOOD = "server:\n  port: 9100\nworkflow:\n  twice: {tasks: [sample_actions.double]}\n"
 
@@ -174,3 +177,105 @@ def _ignore_errors(server: Server) -> None:
         server.post(b'{"name": "stuck", "elements": [1]}')
     except OSError:
         pass  # the server went away mid-request, as intended
+
+
+# -- secrets that must not outlive start-up or reach an error message
+
+SECRET = "s3cret-Pa55word-7f3a"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # Once a prefix of --ssl-keyfile-password-file (argparse's abbreviations): the secret
+        # was taken for a file name and printed in "cannot read".
+        ["--ssl-keyfile-password", SECRET],
+        [f"--ssl-keyfile-password={SECRET}"],
+        [f"--ssl={SECRET}"],  # a prefix of several options: "ambiguous option: --ssl=..."
+        ["--token", SECRET],
+        [f"--token={SECRET}"],
+        ["--token", f"--{SECRET}"],
+        [SECRET],
+        ["--", SECRET],
+        [f"-{SECRET}"],
+        [f"--allow-insecure-http={SECRET}"],
+        [f"--version={SECRET}"],
+        [f"-h{SECRET}"],
+        ["--port", "8000", SECRET],
+    ],
+)
+def test_usage_errors_never_show_a_value(
+    argv: list[str], pem_files: PemFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tls = ["--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.encrypted_key)]
+    assert main([*tls, *argv, "--check"], env={}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aioserver: error: command line: ") and err.count("\n") == 1
+    assert SECRET not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ssl-keyfile-password", SECRET], "unrecognized arguments: --ssl-keyfile-password (and 1 more, not shown"),
+        ([f"--token={SECRET}"], "unrecognized arguments: --token (and 1 more, not shown"),
+        ([SECRET, "--bogus"], "unrecognized arguments: --bogus (and 1 more, not shown"),
+        ([f"--check={SECRET}"], "argument --check: ignored explicit argument (not shown"),
+    ],
+)
+def test_usage_errors_name_the_unknown_option(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--check"], env={}) == 2
+    assert capsys.readouterr().err.startswith(f"aioserver: error: command line: {message}")
+
+
+def test_mistyped_password_option_subprocess(pem_files: PemFiles) -> None:
+    argv = ["--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.encrypted_key)]
+    done = subprocess.run(
+        [PYTHON, "-m", "aioserver", *argv, "--ssl-keyfile-password", SECRET], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("aioserver: error: command line: unrecognized arguments: --ssl-keyfile-password")
+    assert SECRET not in done.stderr + done.stdout
+
+
+def https_post(port: int, context: ssl.SSLContext, body: dict[str, object]) -> tuple[int, object]:
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+    try:
+        connection.request("POST", "/workflow", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(("concurrency", "workers"), [("thread", 1), ("process", 1), ("thread", 2), ("process", 2)])
+def test_keyfile_password_leaves_the_environment(
+    tmp_path: Path, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, concurrency: str, workers: int
+) -> None:
+    """Read once at start-up, SSL_KEYFILE_PASSWORD is gone before any action, worker or pool runs."""
+    config = tmp_path / "config.yml"
+    task = "{action: sample_environment.%s, concurrency: " + concurrency + "}"
+    config.write_text(
+        f"workflow:\n  env: {{tasks: [{task % 'keyfile_password'}]}}\n  proc: {{tasks: [{task % 'environ_holds'}]}}\n"
+    )
+    args = (
+        "--config", str(config), "--workers", str(workers),
+        "--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.encrypted_key),
+    )  # fmt: skip
+    elements = [KEY_PASSWORD, "SSL_KEYFILE_PASSWORD="]
+    with Server(*args, env={"SSL_KEYFILE_PASSWORD": KEY_PASSWORD}, listeners=workers) as server:
+        try:
+            # It serves HTTPS with the encrypted key, so the password was read.
+            seen = https_post(server.port, client_ssl_ctx, {"name": "env", "elements": [1, 2]})
+            in_proc = https_post(server.port, client_ssl_ctx, {"name": "proc", "elements": elements})
+        finally:
+            # A clean stop (not the fixture's kill) also stops the process pool, whose children
+            # would otherwise keep the log pipe open.
+            server.process.terminate()
+            assert server.process.wait(timeout=20) == 0
+    assert seen == (200, [None, None])
+    # Nor do its bytes linger where /proc/self/environ would show them (the name does, emptied,
+    # in this process and the forked workers; a spawned process never had it).
+    assert in_proc == (200, [False, concurrency == "thread"])

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from aioserver import load_config
+from aioserver.cli import main
 from aioserver.errors import ConfigError
 
 from conftest import TESTS, TOKEN, TOKEN_HASH, ClientFactory, PemFiles, Server, free_port
@@ -71,6 +72,60 @@ async def test_malformed_forwarded_headers_from_a_trusted_peer_are_400(
     assert response.content_type == "application/json"
 
 
+@pytest.mark.parametrize(
+    ("trusted", "headers", "seen"),
+    [
+        # RFC 7239 nodes: an IPv4 address or a bracketed IPv6 one, either with a port.
+        ("127.0.0.1", {"Forwarded": 'for="203.0.113.7:4711"'}, ("203.0.113.7", "http")),
+        ("127.0.0.1", {"Forwarded": 'for="[2001:db8::7]"'}, ("2001:db8::7", "http")),
+        ("127.0.0.1", {"Forwarded": 'for="[2001:db8::7]:4711";proto=https'}, ("2001:db8::7", "https")),
+        ("127.0.0.1", {"Forwarded": 'for="[::ffff:203.0.113.7]"'}, ("203.0.113.7", "http")),
+        ("127.0.0.1", {"Forwarded": "for=203.0.113.7;proto=HTTPS"}, ("203.0.113.7", "https")),
+        # A trusted proxy in the chain, written as a node with a port, is skipped like any other.
+        ("127.0.0.1,::1", {"Forwarded": 'for=203.0.113.7, for="[::1]:1234"'}, ("203.0.113.7", "http")),
+        # No address: unknown, obfuscated, or no node at all. The peer's address stays.
+        ("127.0.0.1", {"Forwarded": "for=unknown"}, ("127.0.0.1", "http")),
+        ("127.0.0.1", {"Forwarded": "for=_hidden;proto=https"}, ("127.0.0.1", "https")),
+        ("127.0.0.1", {"Forwarded": 'for="_gazonk:_4711"'}, ("127.0.0.1", "http")),
+        ("127.0.0.1", {"Forwarded": 'for="2001:db8::7"'}, ("127.0.0.1", "http")),  # IPv6 needs brackets
+        ("127.0.0.1", {"Forwarded": 'for="[fe80::1%eth0]"'}, ("127.0.0.1", "http")),  # no zones
+        ("127.0.0.1", {"Forwarded": 'for="203.0.113.7:http"'}, ("127.0.0.1", "http")),
+        ("127.0.0.1", {"Forwarded": 'for="[2001:db8::7]x"'}, ("127.0.0.1", "http")),
+        ("127.0.0.1", {"Forwarded": 'for="203.0.113.7 forged=1\tline"'}, ("127.0.0.1", "http")),
+        ("127.0.0.1", {"Forwarded": 'for="<script>"'}, ("127.0.0.1", "http")),
+        # A scheme is http or https, else the connection's own.
+        ("127.0.0.1", {"Forwarded": "for=203.0.113.7;proto=javascript"}, ("203.0.113.7", "http")),
+        ("127.0.0.1", {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "evil scheme"}, ("203.0.113.7", "http")),
+        # aiohttp-remotes takes an IPv6 zone for part of an address: no zone's text is believed.
+        ("127.0.0.1", {"X-Forwarded-For": "fe80::1%forged line"}, ("127.0.0.1", "http")),
+    ],
+)
+async def test_forwarded_values_are_addresses_or_nothing(
+    make_client: ClientFactory, trusted: str, headers: dict[str, str], seen: tuple[str, str]
+) -> None:
+    client = await make_client(CLIENT % trusted)
+    response = await client.get("/client", headers=headers)
+    body = await response.json()
+    assert (body["remote"], body["scheme"]) == seen
+
+
+async def test_a_scheme_put_right_keeps_the_rest(make_client: ClientFactory) -> None:
+    client = await make_client(CLIENT % "127.0.0.1")
+    headers = {"Forwarded": 'for="[2001:db8::7]:1";proto=gopher;host=api.example'}
+    body = await (await client.get("/client", headers=headers)).json()
+    assert body == {"remote": "2001:db8::7", "scheme": "http", "host": "api.example"}
+
+
+async def test_auth_throttle_counts_no_address_as_the_peer(make_client: ClientFactory) -> None:
+    """An obfuscated identifier per request cannot give each failure a throttle of its own."""
+    client = await make_client(CLIENT % "127.0.0.1", env={"TOKEN": TOKEN_HASH})
+    statuses = [
+        (await client.get("/client", headers={"Authorization": "Bearer wrong", "Forwarded": f"for=_{n}"})).status
+        for n in range(11)
+    ]
+    assert statuses == [401] * 10 + [429]
+
+
 async def test_auth_throttle_keys_on_the_real_client(make_client: ClientFactory) -> None:
     client = await make_client(CLIENT % "127.0.0.1", env={"TOKEN": TOKEN_HASH})
     wrong = {"Authorization": "Bearer wrong", "X-Forwarded-For": "203.0.113.7"}
@@ -105,6 +160,54 @@ def test_trusted_proxies_errors_name_the_key() -> None:
     assert str(error.value) == (
         "<inline config>: server.trusted_proxies: expected an IP address or CIDR network, got '10.0.0.1/8'"
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("0.0.0.0/0", "0.0.0.0/0 is too wide to trust"),
+        ("::/0", "::/0 is too wide to trust"),
+        ("127.0.0.1, 0.0.0.0/1", "0.0.0.0/1 is too wide to trust"),
+        ("64.0.0.0/7", "64.0.0.0/7 is too wide to trust"),
+        ("2000::/3", "2000::/3 is too wide to trust"),
+        ("::ffff:0.0.0.0/96", "0.0.0.0/0 is too wide to trust"),  # every IPv4 address, mapped
+    ],
+)
+@pytest.mark.parametrize("channel", ["argv", "env", "file"])
+def test_networks_too_wide_to_trust_are_refused(
+    value: str, problem: str, channel: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trusting them would let any peer choose its logged address, and pass for a TLS proxy."""
+    argv, env = ["--host", "0.0.0.0", "--check"], {"TOKEN": TOKEN_HASH}
+    where = {"argv": "command line: --trusted-proxies", "env": "environment: TRUSTED_PROXIES"}
+    if channel == "argv":
+        argv += ["--trusted-proxies", value]
+    elif channel == "env":
+        env["TRUSTED_PROXIES"] = value
+    else:
+        path = tmp_path / "config.yml"
+        path.write_text(f"server: {{trusted_proxies: {json.dumps(value)}}}\n")
+        argv += ["--config", str(path)]
+        where["file"] = f"{path}: server.trusted_proxies"
+    assert main(argv, env=env) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"aioserver: error: {where[channel]}: {problem}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "networks"),
+    [
+        ("10.0.0.0/8, 192.168.0.0/16", ("10.0.0.0/8", "192.168.0.0/16")),  # private, at most /8
+        ("104.16.0.0/13, 2400:cb00::/32", ("104.16.0.0/13", "2400:cb00::/32")),  # a CDN's proxies
+        ("fc00::/7, fe80::/10", ("fc00::/7", "fe80::/10")),  # private IPv6 holds no internet peer
+        ("::ffff:10.0.0.0/104, ::ffff:127.0.0.1", ("10.0.0.0/8", "127.0.0.1/32")),  # mapped: as IPv4
+    ],
+)
+def test_networks_trusted(value: str, networks: tuple[str, ...]) -> None:
+    config = load_config(
+        f"server: {{host: 0.0.0.0, trusted_proxies: {json.dumps(value)}}}\n", env={"TOKEN": TOKEN_HASH}
+    )
+    assert config.settings.trusted_proxies == networks
 
 
 # -- a real nginx in front of a real aioserver

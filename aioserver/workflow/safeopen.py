@@ -299,7 +299,11 @@ async def fetch(
                 response = await session.request(method, target, allow_redirects=False, **kwargs)
                 async with response:
                     if response.status in REDIRECTS and "Location" in response.headers:
-                        target = policy.check_url(target.join(URL(response.headers["Location"])))
+                        try:
+                            location = target.join(URL(response.headers["Location"]))
+                        except ValueError:  # "http://x:abc/": the upstream's fault, not repeated
+                            raise _failed(who, subject, "redirected to an invalid URL", target) from None
+                        target = policy.check_url(location)
                         if response.status == 303 or method == "POST" and response.status in (301, 302):
                             method, kwargs = "GET", {k: v for k, v in kwargs.items() if k not in ("json", "data")}
                         continue
