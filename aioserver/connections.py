@@ -39,7 +39,8 @@ from .tls import ReloadableContext
 logger = logging.getLogger("aioserver.connections")
 
 OVERLOADED = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"HTTP/1.1 503 Service Unavailable\r\nServer: aioserver\r\nX-Content-Type-Options: nosniff\r\n"
+    b"Content-Type: application/json\r\nRetry-After: 1\r\n"
     b'Connection: close\r\nContent-Length: 35\r\n\r\n{"error": "too many connections"}\r\n'
 )
 ANSWERING = 64  # refused connections being answered 503 at once; beyond, closed unanswered

@@ -147,6 +147,8 @@ def test_busy_connections_mean_503_in_full(
                 answer = read_answer(sock)
             assert answer.startswith(b"HTTP/1.1 503 "), answer
             assert b"Retry-After: 1\r\n" in answer and answer.endswith(b'{"error": "too many connections"}\r\n')
+            # Ours like every answer: our name, no sniffing.
+            assert b"Server: aioserver\r\n" in answer and b"X-Content-Type-Options: nosniff\r\n" in answer
         for sock in busy:  # the busy ones were not disturbed
             assert read_answer(sock).startswith(b"HTTP/1.1 200 ")
             sock.close()
