@@ -48,6 +48,11 @@ ANSWER_WAIT = 2.0  # seconds a refused client has to send its request head, then
 HEAD_LIMIT = 16 * 1024  # bytes of a refused request's head read at most before answering
 FILE_RESERVE = 256  # descriptors for all but connections: listeners, logs, files, outgoing HTTP
 ACCEPT_RETRY_DELAY = 1.0  # asyncio's pause after running out of descriptors
+# A keep-alive connection is idle enough to close once it answered this long ago: by then its
+# client has read the answer. Closed sooner, a client whose next request is on its way gets a
+# reset, which makes its kernel drop the answer it has not read yet: a request served, its
+# answer lost (and a POST is not safe to repeat).
+RECLAIM_IDLE = 1.0
 
 
 @dataclass(slots=True)
@@ -121,14 +126,19 @@ class Connections:
                 " for each new one, answering 503 while none is idle",
                 self.limit,
             )
+        idle_before = asyncio.get_running_loop().time() - RECLAIM_IDLE
         for handler, sock in self._open.items():
             transport = handler.transport
             if transport is None:  # still in its TLS handshake (a plain one: about to start)
                 if sock is not None:
                     break
             # aiohttp's mark for "a request is being handled" (False before the first one too),
-            # and no answer still being written out.
-            elif not handler._request_in_progress and not transport.get_write_buffer_size():
+            # no answer still being written out, and nothing sent or asked for a while.
+            elif (
+                not handler._request_in_progress
+                and not transport.get_write_buffer_size()
+                and _idle_since(handler) <= idle_before
+            ):
                 break
         else:
             return False
@@ -140,6 +150,11 @@ class Connections:
             assert sock is not None
             _cut_off(sock)
         return True
+
+
+def _idle_since(handler: RequestHandler) -> float:
+    """When the connection last answered (or was accepted): aiohttp's keep-alive timer starts then."""
+    return handler._next_keepalive_close_time - handler.keepalive_timeout
 
 
 def _cut_off(sock: socket.socket) -> None:

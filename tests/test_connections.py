@@ -107,7 +107,7 @@ def test_idle_connections_make_room(
         held = [connect(server.port, context) for _ in range(4)]
         held[2].sendall(HEALTH)  # a keep-alive connection, idle once answered
         assert read_answer(held[2]).startswith(b"HTTP/1.1 200 ")
-        time.sleep(0.2)
+        time.sleep(1.2)  # idle long enough to be closed (connections.RECLAIM_IDLE)
         newcomers = []
         for _ in range(3):  # each new one (kept open) takes the place of the oldest idle one
             sock = connect(server.port, context)
@@ -217,3 +217,49 @@ def test_file_limit_is_raised_or_warned_about(
         connections.ensure_file_limit(1000)
     assert raised == ([(raised_to, limits[1])] if raised_to else [])
     assert ("needs about 1320 file descriptors" in caplog.text) is warned
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_busy_keep_alive_clients_never_lose_an_answer(config: str, loop: str) -> None:
+    # More keep-alive clients than the limit, each sending its next request as soon as it has
+    # the answer: a connection is "idle" for an instant between two requests, and cutting it
+    # then made the client lose an answer the server had sent (and logged 200): reclaiming
+    # must leave such connections alone.
+    import threading
+
+    received = [0]
+    failures = [0]
+    lock = threading.Lock()
+
+    def client(port: int, until: float) -> None:
+        sock = None
+        while time.monotonic() < until:
+            try:
+                sock = sock or connect(port, None)
+                sock.sendall(HEALTH)
+                answer = read_answer(sock)
+            except OSError:
+                answer = b""
+            with lock:
+                if answer.startswith(b"HTTP/1.1 200 "):
+                    received[0] += 1
+                    continue
+                failures[0] += 1
+            if sock is not None:
+                sock.close()
+                sock = None
+        if sock is not None:
+            sock.close()
+
+    with Server("--config", config, "--loop", loop, "--limit-connections", "4") as server:
+        until = time.monotonic() + 3
+        threads = [threading.Thread(target=client, args=(server.port, until)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        server.process.terminate()
+        assert server.process.wait(timeout=10) == 0
+    served = sum('"GET /health HTTP/1.1" 200' in line for line in server.log)
+    assert received[0] > 100
+    assert served == received[0], f"{served - received[0]} answers sent and lost, {failures[0]} failures"

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from aioserver import create_app, load_config
+from aioserver import connections, create_app, load_config
 from aioserver.limits import LimitedRunner
 
 import sample_actions
@@ -177,12 +177,17 @@ async def test_idle_keep_alive_connection_is_closed(server: tuple[int, LimitedRu
 
 
 async def test_connection_limit_reclaims_the_oldest_idle_connection(
-    server: tuple[int, LimitedRunner], caplog: pytest.LogCaptureFixture
+    server: tuple[int, LimitedRunner], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Idle for 0.2 s is idle enough here: the keep-alive timer (1 s) must not close them first.
+    monkeypatch.setattr(connections, "RECLAIM_IDLE", 0.2)
     port, runner = server
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
     await asyncio.sleep(0.05)
     assert len(runner.connections) == 4  # counted from accept, before any request
+    busy = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", wait=0.5)
+    assert busy.startswith(b"HTTP/1.1 503 ")  # the held ones sent nothing yet, but only just now
+    await asyncio.sleep(0.3)  # now they have been idle long enough
     with caplog.at_level(logging.INFO, logger="aioserver.connections"):
         first = await exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert first.startswith(b"HTTP/1.1 200 ")
