@@ -121,6 +121,9 @@ def _runner(app: web.Application, config: Config, connections: Connections) -> L
         settings,
         connections,
         handle_signals=False,  # ours only queue the signal; see _handle_signals
+        # A client that goes away cancels its request, and so its workflow: its worker-process
+        # job is killed, its --limit-concurrency slot freed (aiohttp lets it run on by default).
+        handler_cancellation=True,
         access_log_class=AccessLogger,
         # aiohttp's default keeps idle connections for an hour; uvicorn's for 5 s.
         keepalive_timeout=settings.timeout_keep_alive,

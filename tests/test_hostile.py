@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -155,3 +156,30 @@ def test_a_hostile_page_neither_stalls_the_server_nor_outlives_the_time_limit(tm
         # milliseconds of work now.
         assert (status, answer) == (200, ["Solar power is growing fast. a b"]) and seconds < 5, (status, seconds)
         assert max(probes, default=0) < 1.0
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize(("name", "elements"), [("sumtext", LONG), ("spin", ["x"])], ids=["pipelines", "process"])
+def test_a_client_gone_stops_its_work(tmp_path: Path, loop: str, name: str, elements: list[str]) -> None:
+    # Without this, the work of a client that went away ran on to the time limit (300 s by
+    # default), holding a worker process and a --limit-concurrency slot.
+    config = tmp_path / "config.yml"
+    config.write_text(CONFIG)
+    with Server("--config", str(config), "--loop", loop, "--max-body-size", "100000000") as server:
+        pid = server.process.pid
+        body = json.dumps({"name": name, "elements": elements}).encode()
+        head = f"POST /workflow HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
+            client.sendall(head.encode() + body)
+            deadline = time.monotonic() + 10
+            while not descendants(pid) and time.monotonic() < deadline:  # the work has started
+                time.sleep(0.05)
+            time.sleep(0.5)
+        time.sleep(1.0)  # the client is gone; the server notices and stops the work
+        tree = {pid} | descendants(pid)
+        before = cpu_seconds(tree)
+        time.sleep(1.0)
+        assert cpu_seconds(tree) - before < 0.3
+        server.process.terminate()
+        assert server.process.wait(timeout=30) == 0
+    assert "Traceback" not in "".join(server.log)
