@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_processes import alive, cpu_seconds, descendants
 
 from conftest import Server
+from test_processes import alive, cpu_seconds, descendants
 
 # Each took the old server 12-40 s of GIL-holding work (the white space one too, at 150 KB).
 HOSTILE = [
