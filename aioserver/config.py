@@ -33,7 +33,7 @@ SECTIONS = ("server", "workflow", "safeopen", "auth", "dependencies", "extension
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 # Environment variables that hold secrets: read once, while the config is built; the command
 # line then takes them out of the process environment (cli.forget_secrets).
-SECRET_VARIABLES = ("SSL_KEYFILE_PASSWORD",)
+SECRET_VARIABLES = ("SSL_KEYFILE_PASSWORD", "TOKEN")  # a key password; a token's hash
 
 
 @dataclass(frozen=True, slots=True)

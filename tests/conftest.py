@@ -104,12 +104,12 @@ class Server:
         assert self.process.stderr is not None
         self.log.extend(self.process.stderr)
 
-    def post(self, body: bytes) -> tuple[int, bytes]:
+    def post(self, body: bytes, token: str | None = None) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/workflow",
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json"},
+            f"http://127.0.0.1:{self.port}/workflow", data=body, method="POST", headers=headers
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read()

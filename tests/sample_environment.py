@@ -16,3 +16,8 @@ def environ_holds(batch: list[str]) -> list[bool]:
     with open("/proc/self/environ", "rb") as file:
         environ = file.read()
     return [element.encode() in environ for element in batch]
+
+
+def variables(batch: list[str]) -> list[str | None]:
+    """Each named variable as the action's process environment holds it."""
+    return [os.environ.get(name) for name in batch]

@@ -19,7 +19,7 @@ import pytest
 
 from aioserver.cli import main
 
-from conftest import KEY_PASSWORD, PYTHON, PemFiles, Server
+from conftest import KEY_PASSWORD, PYTHON, TOKEN, TOKEN_HASH, PemFiles, Server
 
 GOOD = "server:\n  port: 9100\nworkflow:\n  twice: {tasks: [sample_actions.double]}\n"
 
@@ -279,3 +279,22 @@ def test_keyfile_password_leaves_the_environment(
     # Nor do its bytes linger where /proc/self/environ would show them (the name does, emptied,
     # in this process and the forked workers; a spawned process never had it).
     assert in_proc == (200, [False, concurrency == "thread"])
+
+
+@pytest.mark.parametrize("concurrency", ["thread", "process"])
+def test_token_hash_leaves_the_environment(tmp_path: Path, concurrency: str) -> None:
+    """TOKEN (a token's hash) is read once: no action or process of the server sees it."""
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"workflow:\n  env: {{tasks: [{{action: sample_environment.variables, concurrency: {concurrency}}}]}}\n"
+        f"  proc: {{tasks: [{{action: sample_environment.environ_holds, concurrency: {concurrency}}}]}}\n"
+    )
+    with Server("--config", str(config), env={"TOKEN": TOKEN_HASH}) as server:
+        try:
+            seen = server.post(b'{"name": "env", "elements": ["TOKEN"]}', token=TOKEN)
+            in_proc = server.post(json.dumps({"name": "proc", "elements": [TOKEN_HASH]}).encode(), token=TOKEN)
+        finally:
+            server.process.terminate()
+            assert server.process.wait(timeout=20) == 0
+    assert seen == (200, b"[null]")
+    assert in_proc == (200, b"[false]")
