@@ -66,6 +66,23 @@ async def serve(
     SIGHUP reloads token files and the TLS files. Raises StartupError when a listener
     cannot be opened.
     """
+    # The handlers go in before anything else: a signal while the app is made or the sockets
+    # start serving waits in the queue, and is acted upon once serving, instead of killing the
+    # process without a drain.
+    received = _queue_signals()
+    try:
+        await _serve(config, received, listeners, notifier, watchdog)
+    finally:
+        _unqueue_signals()
+
+
+async def _serve(
+    config: Config,
+    received: asyncio.Queue[signal.Signals],
+    listeners: Sequence[Listener] | None,
+    notifier: Notifier | None,
+    watchdog: float | None,
+) -> None:
     owned = listeners is None
     if notifier is None:
         notifier, watchdog = Notifier.from_env(), systemd.watchdog_interval()
@@ -76,9 +93,6 @@ async def serve(
     ensure_file_limit(config.settings.limit_connections)
     runners = [_runner(app, config, connections)]
     background: list[asyncio.Task[None]] = []
-    # The handlers go in before anything serves: a signal during start-up waits in the queue
-    # (and is acted upon once serving) instead of killing the process without a drain.
-    received = _queue_signals()
     try:
         await runners[0].setup()
         main = [listener for listener in sockets if listener.role == MAIN]
@@ -103,7 +117,6 @@ async def serve(
             config.settings.timeout_graceful_shutdown,
         )
     finally:
-        _unqueue_signals()
         for task in background:
             task.cancel()
         for runner in reversed(runners):
@@ -151,6 +164,8 @@ def _queue_signals() -> asyncio.Queue[signal.Signals]:
     received: asyncio.Queue[signal.Signals] = asyncio.Queue()
     for sig in HANDLED_SIGNALS:
         loop.add_signal_handler(sig, received.put_nowait, sig)
+    # A worker starts with them blocked (workers.py), so that none comes before this: now they may.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     return received
 
 
@@ -168,7 +183,15 @@ async def _handle_signals(
     READY=1 goes out once serving, the handlers long in place: a manager may signal us right after it.
     """
     notifier.ready()
-    while await received.get() == signal.SIGHUP:
+    while True:
+        sig = await received.get()
+        # A burst of signals is one reload (a stop among them wins): a storm of SIGHUPs must
+        # not queue thousands of reloads that a real one, revoking a token, would wait behind.
+        while not received.empty():
+            queued = received.get_nowait()
+            sig = queued if queued != signal.SIGHUP else sig
+        if sig != signal.SIGHUP:
+            return
         notifier.reloading()
         await reload(app, config)
         notifier.ready("serving, reloaded")

@@ -181,7 +181,9 @@ def _work(
     # forwards one SIGTERM (a second one would kill a worker that is finishing its requests).
     os.setpgid(0, 0)
     _die_with_parent(parent)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    # SIGTERM, SIGINT and SIGHUP stay blocked until serve() has its handlers in place: one that
+    # came sooner would kill the worker (a pending one is delivered then).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     status = 0
     try:
         run_server(serve(config, listeners, Notifier(sock=channel), watchdog), config.settings.loop)

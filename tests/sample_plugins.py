@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 from aiohttp import web
 
@@ -86,3 +87,9 @@ def slow_start(app: web.Application) -> None:
         await asyncio.sleep(1)
 
     app.on_startup.append(starting)
+
+
+def slow_extension(app: web.Application) -> None:
+    """An extension that takes a second to add its routes, announced on stderr."""
+    print("extending slowly", file=sys.stderr, flush=True)
+    time.sleep(1)

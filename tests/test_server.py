@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -18,6 +19,9 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
+
+from aioserver import server as server_module
+from aioserver.systemd import Notifier
 
 from conftest import KEY_PASSWORD, PYTHON, TOKEN, TOKEN_HASH, PemFiles, Server
 
@@ -356,3 +360,39 @@ def test_a_signal_during_start_up_is_handled_once_serving(loop: str, sig: signal
             assert server.process.poll() is None  # alive and serving
             server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_while_the_app_is_made_is_handled_once_serving(workers: int, sig: signal.Signals) -> None:
+    # The app is made (extensions run) in each worker: a signal then, forwarded by the parent,
+    # once killed the worker (the parent exited 1) or the single process.
+    with Server(
+        "--workers", str(workers), env={"EXTENSIONS": "sample_plugins.slow_extension"}, pattern="extending slowly"
+    ) as server:
+        server.process.send_signal(sig)
+        if sig == signal.SIGHUP:
+            time.sleep(2)
+            assert server.process.poll() is None
+            server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+    assert "was killed by" not in "".join(server.log)
+
+
+async def test_a_burst_of_sighups_is_one_reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    reloads: list[None] = []
+
+    async def counted(app: object, config: object) -> None:
+        reloads.append(None)
+
+    monkeypatch.setattr(server_module, "reload", counted)
+    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
+    for _ in range(1000):  # a storm, queued before the loop could act on the first
+        received.put_nowait(signal.SIGHUP)
+    handling = asyncio.create_task(server_module._handle_signals(received, None, None, Notifier()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert len(reloads) == 1 and not handling.done()
+    received.put_nowait(signal.SIGHUP)
+    received.put_nowait(signal.SIGTERM)  # a stop in a burst wins: no reload first
+    await asyncio.wait_for(handling, 1)
+    assert len(reloads) == 1
