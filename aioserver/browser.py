@@ -163,7 +163,11 @@ class HostGuard:
                     verdicts[value] = allowed
             if not allowed:
                 # The value is not echoed: it is the attacker's, and nothing the client needs.
-                raise http_error(web.HTTPBadRequest, "Host not allowed: use a loopback name or one of --allowed-hosts")
+                raise http_error(
+                    web.HTTPBadRequest,
+                    "Host not allowed: use a loopback name or one of --allowed-hosts"
+                    " (behind a proxy: --trusted-proxies)",
+                )
             return await handler(request)
 
         return middleware

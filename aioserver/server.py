@@ -225,9 +225,13 @@ async def renew_session_keys(tls: ReloadableContext, every: float) -> None:
         await asyncio.sleep(every)
         try:
             await _in_reload_thread(tls.reload)
-            logger.debug("new TLS session keys")
+            logger.info("new TLS session keys (certificate, key and CA read again)")
         except TLSError as exc:
-            logger.error("TLS session keys not renewed, keeping the current context: %s: %s", exc.option, exc)
+            logger.error(
+                "hourly TLS renewal (new session keys) failed, keeping the current certificate and keys: %s: %s",
+                exc.option,
+                exc,
+            )
 
 
 async def _in_reload_thread(function: Callable[[], T]) -> T:
