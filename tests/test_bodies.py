@@ -11,8 +11,8 @@ import io
 import json
 import logging
 import re
-import socket
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -261,48 +261,50 @@ def _strings(size: int) -> bytes:
     return start + b'"abcdefghijklmn",' * ((size - len(start) - len(end)) // 17) + end
 
 
-class HealthProbe(threading.Thread):
-    """Asks /health every 50 ms from a thread of its own, never from the server's event loop, and
-    keeps the longest wait for an answer."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.slowest = 0.0
-        self.answers: list[bytes] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            started = time.monotonic()
-            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                answer = b"".join(iter(lambda: sock.recv(65536), b""))
-            self.slowest = max(self.slowest, time.monotonic() - started)
-            self.answers.append(answer.split(b"\r\n", 1)[0])
-            self.stopping.wait(0.05)
+# A probe of its own process: a thread of the test's, in-process, would wait for the GIL while a
+# server's thread held it, and start its clock only once it had it back: it never saw the stall.
+# Each line it prints is when a /health request started and ended (CLOCK_MONOTONIC, which every
+# process shares) and the answer's status line.
+_PROBE = """
+import socket, sys, time
+while True:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    print(started, time.monotonic(), answer.split(b"\\r\\n", 1)[0].decode(), flush=True)
+    time.sleep(0.05)
+"""
 
 
-async def _health_while_posting(port: int, bodies: list[bytes]) -> list[int]:
-    """POST each body while /health is asked every 50 ms: each answer must come within 1 s."""
-    statuses = []
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
-        for body in bodies:
-            probe = HealthProbe(port)
-            probe.start()
-            try:
+async def _health_while_posting(port: int, body: bytes, count: int = 1, within: float = 1) -> list[tuple[int, bytes]]:
+    """POST ``body`` ``count`` times at once while another process asks /health every 50 ms:
+    each answer must come within ``within`` seconds. Gives each POST's status and answer."""
+    probe = subprocess.Popen([sys.executable, "-c", _PROBE, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert probe.stdout is not None
+        await asyncio.to_thread(probe.stdout.readline)  # it answers: the server is idle, the probe running
+        started = time.monotonic()
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def post() -> tuple[int, bytes]:
                 data = io.BytesIO(body)  # as aiohttp wants a big body, not as one bytes object
                 async with session.post("/workflow", data=data, headers={"Content-Type": "application/json"}) as post:
-                    await post.read()
-                    statuses.append(post.status)
-                    answered_meanwhile = len(probe.answers)
-            finally:
-                probe.stopping.set()
-                await asyncio.to_thread(probe.join)
-            assert answered_meanwhile > 0  # /health was asked while the big body was being handled
-            assert set(probe.answers) == {b"HTTP/1.1 200 OK"}
-            assert probe.slowest < 1, f"/health took {probe.slowest:.2f}s while a big body was handled"
-    return statuses
+                    return post.status, await post.read()
+
+            answers = await asyncio.gather(*(post() for _ in range(count)))
+        ended = time.monotonic()
+    finally:
+        probe.terminate()
+        output, _ = await asyncio.to_thread(probe.communicate)
+    probes = [
+        (float(begin), float(end), line) for begin, end, line in (row.split(" ", 2) for row in output.splitlines())
+    ]
+    assert any(begin < ended and end > started for begin, end, _ in probes)  # asked while the bodies were handled
+    assert {line for _, _, line in probes} == {"HTTP/1.1 200 OK"}
+    slowest = max(end - begin for begin, end, _ in probes)
+    assert slowest < within, f"/health took {slowest:.2f}s while big bodies were handled ({count} at once)"
+    return answers
 
 
 async def test_big_body_of_the_most_values_allowed_is_accepted_one_more_is_413(serve: Serve) -> None:
@@ -319,8 +321,9 @@ async def test_big_body_of_the_most_values_allowed_is_accepted_one_more_is_413(s
 
 async def test_health_answers_while_big_bodies_are_parsed(serve: Serve) -> None:
     port = await serve(BIG_CONFIG.replace(str(BIG), str(16 * 1024 * 1024)))
-    statuses = await _health_while_posting(port, [_empty_objects(16 * 1024 * 1024), _strings(16 * 1024 * 1024)])
-    assert statuses == [413, 200]
+    [(refused, _)] = await _health_while_posting(port, _empty_objects(16 * 1024 * 1024))
+    [(accepted, _)] = await _health_while_posting(port, _strings(16 * 1024 * 1024))
+    assert (refused, accepted) == (413, 200)
 
 
 # -- log lines: what a client sent stays encoded, on its own line
@@ -398,8 +401,9 @@ def config_file(tmp_path: Path) -> Path:
 async def test_server_big_bodies_leave_health_answering_and_memory_bounded(config_file: Path) -> None:
     with Server("--config", str(config_file)) as server:
         size = 16 * 1024 * 1024  # the default --max-body-size
-        statuses = await _health_while_posting(server.port, [_empty_objects(size), _strings(size)])
-        assert statuses == [413, 200]
+        [(refused, _)] = await _health_while_posting(server.port, _empty_objects(size))
+        [(accepted, _)] = await _health_while_posting(server.port, _strings(size))
+        assert (refused, accepted) == (413, 200)
         assert _peak_rss(server.process.pid) < MAX_RSS
         assert "Traceback" not in "".join(server.log)
 
