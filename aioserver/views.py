@@ -45,6 +45,8 @@ async def run_workflow(request: web.Request) -> web.Response:
             ) from None
         except jsoncodec.TooDeep as exc:
             raise http_error(web.HTTPBadRequest, f"body is {exc}") from None
+        except (jsoncodec.TooLongInteger, jsoncodec.NotFinite) as exc:
+            raise http_error(web.HTTPBadRequest, f"body holds {exc}") from None
         except (ValueError, UnicodeDecodeError):
             raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
         name, elements = _fields(body)

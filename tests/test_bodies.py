@@ -326,6 +326,96 @@ async def test_health_answers_while_big_bodies_are_parsed(serve: Serve) -> None:
     assert (refused, accepted) == (413, 200)
 
 
+# -- numbers: integers of at most MAX_INT_DIGITS digits, finite floats, exact echoes
+
+DIGITS = 100  # jsoncodec.MAX_INT_DIGITS, as the README says
+# The attacker's body: integers just under Python's 4,300-digit limit, whose conversions to and
+# from text are quadratic (0.5 s to parse, 1.2 s to echo with json.dumps, all holding the GIL).
+HUGE_INTEGERS = b'{"name":"echo","elements":[' + b",".join([b"9" * 4299] * 3800) + b"]}"
+# Integers orjson cannot hold exactly (past 64 bits, or a 19-digit negative past -2**63), and
+# the most digits allowed: echoed as sent, through whichever parser and serializer.
+EXACT = [10 ** (DIGITS - 1), -(10**DIGITS - 1), 2**64, -(2**63) - 1, -(10**18) * 9, 10**19, 123456789 * 10**40, 0]
+
+
+def _body(elements: bytes, pad: int) -> bytes:
+    return b'{"name": "echo", "elements": [' + elements + b"]" + b" " * pad + b"}"
+
+
+@pytest.mark.parametrize("use_orjson", [True, False], ids=["orjson", "json"])
+@pytest.mark.parametrize("pad", [0, 100_000], ids=["inline", "off-loop"])
+async def test_integers_of_up_to_max_digits_are_echoed_exactly(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, use_orjson: bool, pad: int
+) -> None:
+    if not use_orjson:
+        monkeypatch.setattr(jsoncodec, "orjson", None)
+    port = await serve(BIG_CONFIG)
+    body = _body(json.dumps(EXACT)[1:-1].encode(), pad)
+    answer = await exchange(port, head(len(body)) + body)
+    assert status(answer) == 200
+    echoed = payload(answer)
+    assert echoed == EXACT and all(type(value) is int for value in echoed)  # not 1e+99, nor 1.8446744073709552e+19
+    for number in (b"1" + b"0" * DIGITS, b"-" + b"9" * (DIGITS + 1), b"9" * 4299, b"9" * 5000):
+        body = _body(b'"x", ' + number, pad)
+        answer = await exchange(port, head(len(body)) + body)
+        assert status(answer) == 400
+        assert payload(answer) == {"error": f"body holds an integer of more than {DIGITS} digits"}
+
+
+@pytest.mark.parametrize("use_orjson", [True, False], ids=["orjson", "json"])
+@pytest.mark.parametrize("pad", [0, 100_000], ids=["inline", "off-loop"])
+@pytest.mark.parametrize(
+    "number",
+    [b"1e999999", b"-1E400", b"NaN", b"Infinity", b"-Infinity", b"1" * 400 + b".5"],
+    ids=["1e999999", "-1E400", "NaN", "Infinity", "-Infinity", "400-digit-float"],
+)
+async def test_numbers_past_a_double_are_400(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, use_orjson: bool, pad: int, number: bytes
+) -> None:
+    # NaN and Infinity are not JSON (RFC 8259, 6), and past 1.8e308 a double holds neither: orjson
+    # answered null for them, json.dumps NaN or Infinity, which no JSON parser takes.
+    if not use_orjson:
+        monkeypatch.setattr(jsoncodec, "orjson", None)
+    port = await serve(BIG_CONFIG)
+    body = _body(b"1, " + number, pad)
+    answer = await exchange(port, head(len(body)) + body)
+    assert status(answer) == 400
+    assert payload(answer) == {"error": "body holds a number that is not finite (NaN, Infinity, or past 1.8e308)"}
+
+
+@pytest.mark.parametrize("use_orjson", [True, False], ids=["orjson", "json"])
+def test_codec_numbers_and_surrogates(monkeypatch: pytest.MonkeyPatch, use_orjson: bool) -> None:
+    if not use_orjson:
+        monkeypatch.setattr(jsoncodec, "orjson", None)
+    assert jsoncodec.MAX_INT_DIGITS == DIGITS
+    value = jsoncodec.loads(json.dumps(EXACT).encode())
+    assert value == EXACT and all(type(number) is int for number in value)
+    assert json.loads(jsoncodec.dumps(value)) == EXACT
+    for number in (b"1" + b"0" * DIGITS, b"-" + b"9" * (DIGITS + 1), b"9" * 4299):
+        with pytest.raises(jsoncodec.TooLongInteger, match=f"an integer of more than {DIGITS} digits"):
+            jsoncodec.loads(b"[1, " + number + b"]")
+    for number in (b"1e999999", b"-1e999999", b"NaN", b"Infinity", b"-Infinity"):
+        with pytest.raises(jsoncodec.NotFinite):
+            jsoncodec.loads(b"[1, " + number + b"]")
+    # Long decimals and exponents cost a float() in linear time: accepted, as a double.
+    decimals = "0." + "3" * 10_000
+    assert jsoncodec.loads(f"[{decimals}, 1e-999999, 1.5{'0' * 10_000}e-{'0' * 10_000}1]".encode()) == [
+        float(decimals),
+        0.0,
+        0.15,
+    ]
+    # Lone surrogates are JSON's grammar, if not Unicode: kept, and escaped again on the way out.
+    text = jsoncodec.loads(b'["\\ud800", "a\\udc00b", "\\ud83d\\ude00"]')
+    assert text == ["\ud800", "a\udc00b", "\U0001f600"]
+    assert json.loads(jsoncodec.dumps(text)) == text
+
+
+async def test_health_answers_while_huge_integers_are_refused(serve: Serve) -> None:
+    port = await serve(BIG_CONFIG.replace(str(BIG), str(16 * 1024 * 1024)))
+    answers = await _health_while_posting(port, HUGE_INTEGERS, 4, within=0.5)
+    refused = {"error": f"body holds an integer of more than {DIGITS} digits"}
+    assert [(code, json.loads(text)) for code, text in answers] == [(400, refused)] * 4
+
+
 # -- log lines: what a client sent stays encoded, on its own line
 
 
@@ -405,6 +495,18 @@ async def test_server_big_bodies_leave_health_answering_and_memory_bounded(confi
         [(accepted, _)] = await _health_while_posting(server.port, _strings(size))
         assert (refused, accepted) == (413, 200)
         assert _peak_rss(server.process.pid) < MAX_RSS
+        assert "Traceback" not in "".join(server.log)
+
+
+async def test_server_numbers_leave_health_answering(config_file: Path) -> None:
+    with Server("--config", str(config_file)) as server:
+        answers = await _health_while_posting(server.port, HUGE_INTEGERS, 4, within=0.5)
+        refused = {"error": f"body holds an integer of more than {DIGITS} digits"}
+        assert [(code, json.loads(text)) for code, text in answers] == [(400, refused)] * 4
+        body = _body(json.dumps(EXACT)[1:-1].encode(), 100_000)
+        answer = await exchange(server.port, head(len(body)) + body)
+        assert status(answer) == 200
+        assert payload(answer) == EXACT and all(type(value) is int for value in payload(answer))
         assert "Traceback" not in "".join(server.log)
 
 
