@@ -326,7 +326,8 @@ async def test_health_answers_while_big_bodies_are_parsed(serve: Serve) -> None:
     assert (refused, accepted) == (413, 200)
 
 
-# -- numbers: integers of at most MAX_INT_DIGITS digits, finite floats, exact echoes
+# -- numbers: integers of at most MAX_INT_DIGITS digits, finite floats, exact echoes; and the
+# standard library's slow work (parsing, serializing what orjson cannot) letting the loop in
 
 DIGITS = 100  # jsoncodec.MAX_INT_DIGITS, as the README says
 # The attacker's body: integers just under Python's 4,300-digit limit, whose conversions to and
@@ -335,6 +336,13 @@ HUGE_INTEGERS = b'{"name":"echo","elements":[' + b",".join([b"9" * 4299] * 3800)
 # Integers orjson cannot hold exactly (past 64 bits, or a 19-digit negative past -2**63), and
 # the most digits allowed: echoed as sent, through whichever parser and serializer.
 EXACT = [10 ** (DIGITS - 1), -(10**DIGITS - 1), 2**64, -(2**63) - 1, -(10**18) * 9, 10**19, 123456789 * 10**40, 0]
+
+
+def _slow_floats(size: int) -> bytes:
+    """An echo request of about ``size`` bytes of the floats slowest to format (2.4 us each in
+    repr), after a lone surrogate, which orjson refuses: the standard library parses and answers."""
+    start, end = b'{"name": "echo", "elements": ["\\ud800"', b"]}"
+    return start + b", 2.2250738585072014e-308" * ((size - len(start) - len(end)) // 25) + end
 
 
 def _body(elements: bytes, pad: int) -> bytes:
@@ -409,11 +417,59 @@ def test_codec_numbers_and_surrogates(monkeypatch: pytest.MonkeyPatch, use_orjso
     assert json.loads(jsoncodec.dumps(text)) == text
 
 
+PIECE, FLAT = jsoncodec._PIECE, jsoncodec._FLAT
+# Where dumps_off_loop cuts its pieces: around PIECE values, FLAT-sized containers, containers
+# between values, at the start and end, keys of every kind json.dumps takes, tuples, emptiness.
+PIECES_CASES: list[Any] = [
+    [],
+    {},
+    [[]],
+    {"a": {}},
+    list(range(PIECE - 1)),
+    list(range(PIECE)),
+    list(range(PIECE + 1)),
+    [[1] * FLAT] * (PIECE // FLAT + 3),
+    [[1] * (FLAT + 1), [[1]], (1, 2), {"k": [1]}, "\ud800"],
+    [[[1] * 3] * 2] * 3,
+    ["x", [list(range(PIECE * 2))], 2.5, None, True, {"a": list(range(FLAT + 1)), "b": 1}],
+    {str(i): (i if i % 7 else [i, [i]]) for i in range(PIECE * 2 + 5)},
+    {2: [1, [2]], 2.5: {"x": [3]}, True: [4] * 20, False: 0, None: "n", "s": [5], -(10**30): (6, [7])},
+    ([1, 2], (3, [4, (5,)])),
+    [10**99, -(2**70), 1e-300, 2.2250738585072014e-308, "\u00e9\U0001f600\udc00"] * 500,
+]
+
+
+@pytest.mark.parametrize("value", PIECES_CASES, ids=range(len(PIECES_CASES)))
+async def test_dumps_off_loop_in_pieces_answers_as_json_dumps(monkeypatch: pytest.MonkeyPatch, value: Any) -> None:
+    monkeypatch.setattr(jsoncodec, "orjson", None)
+    assert await jsoncodec.dumps_off_loop(value) == json.dumps(value).encode()
+
+
+async def test_dumps_off_loop_refuses_what_json_dumps_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jsoncodec, "orjson", None)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        await jsoncodec.dumps_off_loop(deep_results([1]))
+    for value in ([1] * 3000 + [object()], {"a": [[1] * 20, {1j: 1}]}, [[1] * 20, {(1, 2): [1]}]):
+        with pytest.raises(TypeError):
+            await jsoncodec.dumps_off_loop(value)
+    circular: list[Any] = [1] * 20
+    circular.append(circular)
+    with pytest.raises(ValueError):
+        await jsoncodec.dumps_off_loop(circular)
+
+
 async def test_health_answers_while_huge_integers_are_refused(serve: Serve) -> None:
     port = await serve(BIG_CONFIG.replace(str(BIG), str(16 * 1024 * 1024)))
     answers = await _health_while_posting(port, HUGE_INTEGERS, 4, within=0.5)
     refused = {"error": f"body holds an integer of more than {DIGITS} digits"}
     assert [(code, json.loads(text)) for code, text in answers] == [(400, refused)] * 4
+
+
+async def test_health_answers_while_the_standard_library_parses_and_answers(serve: Serve) -> None:
+    port = await serve(BIG_CONFIG.replace(str(BIG), str(16 * 1024 * 1024)))
+    body = _slow_floats(16 * 1024 * 1024)
+    [(code, text)] = await _health_while_posting(port, body, within=0.5)
+    assert code == 200 and json.loads(text) == json.loads(body)["elements"]
 
 
 # -- log lines: what a client sent stays encoded, on its own line
@@ -503,6 +559,9 @@ async def test_server_numbers_leave_health_answering(config_file: Path) -> None:
         answers = await _health_while_posting(server.port, HUGE_INTEGERS, 4, within=0.5)
         refused = {"error": f"body holds an integer of more than {DIGITS} digits"}
         assert [(code, json.loads(text)) for code, text in answers] == [(400, refused)] * 4
+        body = _slow_floats(16 * 1024 * 1024)
+        [(code, text)] = await _health_while_posting(server.port, body, within=0.5)
+        assert code == 200 and json.loads(text) == json.loads(body)["elements"]
         body = _body(json.dumps(EXACT)[1:-1].encode(), 100_000)
         answer = await exchange(server.port, head(len(body)) + body)
         assert status(answer) == 200
