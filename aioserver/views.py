@@ -13,8 +13,8 @@ from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
 from .limits import check_length, read_body
 
 REQUEST_KEYS = frozenset({"name", "elements"})
-# Bodies up to this size are parsed on the event loop, where a parse of even the costliest
-# values takes a few milliseconds; bigger ones go to jsoncodec's parser thread.
+# Bodies up to this size are parsed, and answered, on the event loop, where even the costliest
+# values take a few milliseconds; bigger ones go to jsoncodec's parser thread.
 INLINE_BODY = 64 * 1024
 # A big body may hold one JSON value per this many bytes of --max-body-size, and never fewer
 # than an inline body can: at 16 MiB, 1 Mi values, at most about 90 MiB once parsed (plus
@@ -33,8 +33,9 @@ async def run_workflow(request: web.Request) -> web.Response:
     check_length(request)  # 413 before 503: waiting for a free slot would not help
     with app[LIMITS]:  # a slot, or 503, before the body is read
         raw = await read_body(request, app[CONFIG].settings.timeout_request_body)
+        inline = len(raw) <= INLINE_BODY
         try:
-            if len(raw) <= INLINE_BODY:
+            if inline:
                 body = jsoncodec.loads(raw)
             else:
                 max_values = max(request.client_max_size // BYTES_PER_VALUE, INLINE_BODY)
@@ -45,6 +46,8 @@ async def run_workflow(request: web.Request) -> web.Response:
             ) from None
         except jsoncodec.TooDeep as exc:
             raise http_error(web.HTTPBadRequest, f"body is {exc}") from None
+        except (jsoncodec.TooLongInteger, jsoncodec.NotFinite) as exc:
+            raise http_error(web.HTTPBadRequest, f"body holds {exc}") from None
         except (ValueError, UnicodeDecodeError):
             raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
         name, elements = _fields(body)
@@ -54,7 +57,8 @@ async def run_workflow(request: web.Request) -> web.Response:
             raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
         results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
         try:
-            answer = jsoncodec.dumps(results)
+            # An answer to a big body may be big too: what orjson cannot serialize leaves the loop.
+            answer = jsoncodec.dumps(results) if inline else await jsoncodec.dumps_off_loop(results)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"workflow {name!r} returned a result that is not JSON-serializable: {exc}") from None
     return web.Response(body=answer, content_type="application/json")

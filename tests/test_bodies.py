@@ -11,8 +11,8 @@ import io
 import json
 import logging
 import re
-import socket
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -261,48 +261,50 @@ def _strings(size: int) -> bytes:
     return start + b'"abcdefghijklmn",' * ((size - len(start) - len(end)) // 17) + end
 
 
-class HealthProbe(threading.Thread):
-    """Asks /health every 50 ms from a thread of its own, never from the server's event loop, and
-    keeps the longest wait for an answer."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.slowest = 0.0
-        self.answers: list[bytes] = []
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            started = time.monotonic()
-            with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                answer = b"".join(iter(lambda: sock.recv(65536), b""))
-            self.slowest = max(self.slowest, time.monotonic() - started)
-            self.answers.append(answer.split(b"\r\n", 1)[0])
-            self.stopping.wait(0.05)
+# A probe of its own process: a thread of the test's, in-process, would wait for the GIL while a
+# server's thread held it, and start its clock only once it had it back: it never saw the stall.
+# Each line it prints is when a /health request started and ended (CLOCK_MONOTONIC, which every
+# process shares) and the answer's status line.
+_PROBE = """
+import socket, sys, time
+while True:
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    print(started, time.monotonic(), answer.split(b"\\r\\n", 1)[0].decode(), flush=True)
+    time.sleep(0.05)
+"""
 
 
-async def _health_while_posting(port: int, bodies: list[bytes]) -> list[int]:
-    """POST each body while /health is asked every 50 ms: each answer must come within 1 s."""
-    statuses = []
-    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
-        for body in bodies:
-            probe = HealthProbe(port)
-            probe.start()
-            try:
+async def _health_while_posting(port: int, body: bytes, count: int = 1, within: float = 1) -> list[tuple[int, bytes]]:
+    """POST ``body`` ``count`` times at once while another process asks /health every 50 ms:
+    each answer must come within ``within`` seconds. Gives each POST's status and answer."""
+    probe = subprocess.Popen([sys.executable, "-c", _PROBE, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert probe.stdout is not None
+        await asyncio.to_thread(probe.stdout.readline)  # it answers: the server is idle, the probe running
+        started = time.monotonic()
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def post() -> tuple[int, bytes]:
                 data = io.BytesIO(body)  # as aiohttp wants a big body, not as one bytes object
                 async with session.post("/workflow", data=data, headers={"Content-Type": "application/json"}) as post:
-                    await post.read()
-                    statuses.append(post.status)
-                    answered_meanwhile = len(probe.answers)
-            finally:
-                probe.stopping.set()
-                await asyncio.to_thread(probe.join)
-            assert answered_meanwhile > 0  # /health was asked while the big body was being handled
-            assert set(probe.answers) == {b"HTTP/1.1 200 OK"}
-            assert probe.slowest < 1, f"/health took {probe.slowest:.2f}s while a big body was handled"
-    return statuses
+                    return post.status, await post.read()
+
+            answers = await asyncio.gather(*(post() for _ in range(count)))
+        ended = time.monotonic()
+    finally:
+        probe.terminate()
+        output, _ = await asyncio.to_thread(probe.communicate)
+    probes = [
+        (float(begin), float(end), line) for begin, end, line in (row.split(" ", 2) for row in output.splitlines())
+    ]
+    assert any(begin < ended and end > started for begin, end, _ in probes)  # asked while the bodies were handled
+    assert {line for _, _, line in probes} == {"HTTP/1.1 200 OK"}
+    slowest = max(end - begin for begin, end, _ in probes)
+    assert slowest < within, f"/health took {slowest:.2f}s while big bodies were handled ({count} at once)"
+    return answers
 
 
 async def test_big_body_of_the_most_values_allowed_is_accepted_one_more_is_413(serve: Serve) -> None:
@@ -319,8 +321,155 @@ async def test_big_body_of_the_most_values_allowed_is_accepted_one_more_is_413(s
 
 async def test_health_answers_while_big_bodies_are_parsed(serve: Serve) -> None:
     port = await serve(BIG_CONFIG.replace(str(BIG), str(16 * 1024 * 1024)))
-    statuses = await _health_while_posting(port, [_empty_objects(16 * 1024 * 1024), _strings(16 * 1024 * 1024)])
-    assert statuses == [413, 200]
+    [(refused, _)] = await _health_while_posting(port, _empty_objects(16 * 1024 * 1024))
+    [(accepted, _)] = await _health_while_posting(port, _strings(16 * 1024 * 1024))
+    assert (refused, accepted) == (413, 200)
+
+
+# -- numbers: integers of at most MAX_INT_DIGITS digits, finite floats, exact echoes; and the
+# standard library's slow work (parsing, serializing what orjson cannot) letting the loop in
+
+DIGITS = 100  # jsoncodec.MAX_INT_DIGITS, as the README says
+# The attacker's body: integers just under Python's 4,300-digit limit, whose conversions to and
+# from text are quadratic (0.5 s to parse, 1.2 s to echo with json.dumps, all holding the GIL).
+HUGE_INTEGERS = b'{"name":"echo","elements":[' + b",".join([b"9" * 4299] * 3800) + b"]}"
+# Integers orjson cannot hold exactly (past 64 bits, or a 19-digit negative past -2**63), and
+# the most digits allowed: echoed as sent, through whichever parser and serializer.
+EXACT = [10 ** (DIGITS - 1), -(10**DIGITS - 1), 2**64, -(2**63) - 1, -(10**18) * 9, 10**19, 123456789 * 10**40, 0]
+
+
+def _slow_floats(size: int) -> bytes:
+    """An echo request of about ``size`` bytes of the floats slowest to format (2.4 us each in
+    repr), after a lone surrogate, which orjson refuses: the standard library parses and answers."""
+    start, end = b'{"name": "echo", "elements": ["\\ud800"', b"]}"
+    return start + b", 2.2250738585072014e-308" * ((size - len(start) - len(end)) // 25) + end
+
+
+def _body(elements: bytes, pad: int) -> bytes:
+    return b'{"name": "echo", "elements": [' + elements + b"]" + b" " * pad + b"}"
+
+
+@pytest.mark.parametrize("use_orjson", [True, False], ids=["orjson", "json"])
+@pytest.mark.parametrize("pad", [0, 100_000], ids=["inline", "off-loop"])
+async def test_integers_of_up_to_max_digits_are_echoed_exactly(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, use_orjson: bool, pad: int
+) -> None:
+    if not use_orjson:
+        monkeypatch.setattr(jsoncodec, "orjson", None)
+    port = await serve(BIG_CONFIG)
+    body = _body(json.dumps(EXACT)[1:-1].encode(), pad)
+    answer = await exchange(port, head(len(body)) + body)
+    assert status(answer) == 200
+    echoed = payload(answer)
+    assert echoed == EXACT and all(type(value) is int for value in echoed)  # not 1e+99, nor 1.8446744073709552e+19
+    for number in (b"1" + b"0" * DIGITS, b"-" + b"9" * (DIGITS + 1), b"9" * 4299, b"9" * 5000):
+        body = _body(b'"x", ' + number, pad)
+        answer = await exchange(port, head(len(body)) + body)
+        assert status(answer) == 400
+        assert payload(answer) == {"error": f"body holds an integer of more than {DIGITS} digits"}
+
+
+@pytest.mark.parametrize("use_orjson", [True, False], ids=["orjson", "json"])
+@pytest.mark.parametrize("pad", [0, 100_000], ids=["inline", "off-loop"])
+@pytest.mark.parametrize(
+    "number",
+    [b"1e999999", b"-1E400", b"NaN", b"Infinity", b"-Infinity", b"1" * 400 + b".5"],
+    ids=["1e999999", "-1E400", "NaN", "Infinity", "-Infinity", "400-digit-float"],
+)
+async def test_numbers_past_a_double_are_400(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, use_orjson: bool, pad: int, number: bytes
+) -> None:
+    # NaN and Infinity are not JSON (RFC 8259, 6), and past 1.8e308 a double holds neither: orjson
+    # answered null for them, json.dumps NaN or Infinity, which no JSON parser takes.
+    if not use_orjson:
+        monkeypatch.setattr(jsoncodec, "orjson", None)
+    port = await serve(BIG_CONFIG)
+    body = _body(b"1, " + number, pad)
+    answer = await exchange(port, head(len(body)) + body)
+    assert status(answer) == 400
+    assert payload(answer) == {"error": "body holds a number that is not finite (NaN, Infinity, or past 1.8e308)"}
+
+
+@pytest.mark.parametrize("use_orjson", [True, False], ids=["orjson", "json"])
+def test_codec_numbers_and_surrogates(monkeypatch: pytest.MonkeyPatch, use_orjson: bool) -> None:
+    if not use_orjson:
+        monkeypatch.setattr(jsoncodec, "orjson", None)
+    assert jsoncodec.MAX_INT_DIGITS == DIGITS
+    value = jsoncodec.loads(json.dumps(EXACT).encode())
+    assert value == EXACT and all(type(number) is int for number in value)
+    assert json.loads(jsoncodec.dumps(value)) == EXACT
+    for number in (b"1" + b"0" * DIGITS, b"-" + b"9" * (DIGITS + 1), b"9" * 4299):
+        with pytest.raises(jsoncodec.TooLongInteger, match=f"an integer of more than {DIGITS} digits"):
+            jsoncodec.loads(b"[1, " + number + b"]")
+    for number in (b"1e999999", b"-1e999999", b"NaN", b"Infinity", b"-Infinity"):
+        with pytest.raises(jsoncodec.NotFinite):
+            jsoncodec.loads(b"[1, " + number + b"]")
+    # Long decimals and exponents cost a float() in linear time: accepted, as a double.
+    decimals = "0." + "3" * 10_000
+    assert jsoncodec.loads(f"[{decimals}, 1e-999999, 1.5{'0' * 10_000}e-{'0' * 10_000}1]".encode()) == [
+        float(decimals),
+        0.0,
+        0.15,
+    ]
+    # Lone surrogates are JSON's grammar, if not Unicode: kept, and escaped again on the way out.
+    text = jsoncodec.loads(b'["\\ud800", "a\\udc00b", "\\ud83d\\ude00"]')
+    assert text == ["\ud800", "a\udc00b", "\U0001f600"]
+    assert json.loads(jsoncodec.dumps(text)) == text
+
+
+PIECE, FLAT = jsoncodec._PIECE, jsoncodec._FLAT
+# Where dumps_off_loop cuts its pieces: around PIECE values, FLAT-sized containers, containers
+# between values, at the start and end, keys of every kind json.dumps takes, tuples, emptiness.
+PIECES_CASES: list[Any] = [
+    [],
+    {},
+    [[]],
+    {"a": {}},
+    list(range(PIECE - 1)),
+    list(range(PIECE)),
+    list(range(PIECE + 1)),
+    [[1] * FLAT] * (PIECE // FLAT + 3),
+    [[1] * (FLAT + 1), [[1]], (1, 2), {"k": [1]}, "\ud800"],
+    [[[1] * 3] * 2] * 3,
+    ["x", [list(range(PIECE * 2))], 2.5, None, True, {"a": list(range(FLAT + 1)), "b": 1}],
+    {str(i): (i if i % 7 else [i, [i]]) for i in range(PIECE * 2 + 5)},
+    {2: [1, [2]], 2.5: {"x": [3]}, True: [4] * 20, False: 0, None: "n", "s": [5], -(10**30): (6, [7])},
+    ([1, 2], (3, [4, (5,)])),
+    [10**99, -(2**70), 1e-300, 2.2250738585072014e-308, "\u00e9\U0001f600\udc00"] * 500,
+]
+
+
+@pytest.mark.parametrize("value", PIECES_CASES, ids=range(len(PIECES_CASES)))
+async def test_dumps_off_loop_in_pieces_answers_as_json_dumps(monkeypatch: pytest.MonkeyPatch, value: Any) -> None:
+    monkeypatch.setattr(jsoncodec, "orjson", None)
+    assert await jsoncodec.dumps_off_loop(value) == json.dumps(value).encode()
+
+
+async def test_dumps_off_loop_refuses_what_json_dumps_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jsoncodec, "orjson", None)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        await jsoncodec.dumps_off_loop(deep_results([1]))
+    for value in ([1] * 3000 + [object()], {"a": [[1] * 20, {1j: 1}]}, [[1] * 20, {(1, 2): [1]}]):
+        with pytest.raises(TypeError):
+            await jsoncodec.dumps_off_loop(value)
+    circular: list[Any] = [1] * 20
+    circular.append(circular)
+    with pytest.raises(ValueError):
+        await jsoncodec.dumps_off_loop(circular)
+
+
+async def test_health_answers_while_huge_integers_are_refused(serve: Serve) -> None:
+    port = await serve(BIG_CONFIG.replace(str(BIG), str(16 * 1024 * 1024)))
+    answers = await _health_while_posting(port, HUGE_INTEGERS, 4, within=0.5)
+    refused = {"error": f"body holds an integer of more than {DIGITS} digits"}
+    assert [(code, json.loads(text)) for code, text in answers] == [(400, refused)] * 4
+
+
+async def test_health_answers_while_the_standard_library_parses_and_answers(serve: Serve) -> None:
+    port = await serve(BIG_CONFIG.replace(str(BIG), str(16 * 1024 * 1024)))
+    body = _slow_floats(16 * 1024 * 1024)
+    [(code, text)] = await _health_while_posting(port, body, within=0.5)
+    assert code == 200 and json.loads(text) == json.loads(body)["elements"]
 
 
 # -- log lines: what a client sent stays encoded, on its own line
@@ -398,9 +547,25 @@ def config_file(tmp_path: Path) -> Path:
 async def test_server_big_bodies_leave_health_answering_and_memory_bounded(config_file: Path) -> None:
     with Server("--config", str(config_file)) as server:
         size = 16 * 1024 * 1024  # the default --max-body-size
-        statuses = await _health_while_posting(server.port, [_empty_objects(size), _strings(size)])
-        assert statuses == [413, 200]
+        [(refused, _)] = await _health_while_posting(server.port, _empty_objects(size))
+        [(accepted, _)] = await _health_while_posting(server.port, _strings(size))
+        assert (refused, accepted) == (413, 200)
         assert _peak_rss(server.process.pid) < MAX_RSS
+        assert "Traceback" not in "".join(server.log)
+
+
+async def test_server_numbers_leave_health_answering(config_file: Path) -> None:
+    with Server("--config", str(config_file)) as server:
+        answers = await _health_while_posting(server.port, HUGE_INTEGERS, 4, within=0.5)
+        refused = {"error": f"body holds an integer of more than {DIGITS} digits"}
+        assert [(code, json.loads(text)) for code, text in answers] == [(400, refused)] * 4
+        body = _slow_floats(16 * 1024 * 1024)
+        [(code, text)] = await _health_while_posting(server.port, body, within=0.5)
+        assert code == 200 and json.loads(text) == json.loads(body)["elements"]
+        body = _body(json.dumps(EXACT)[1:-1].encode(), 100_000)
+        answer = await exchange(server.port, head(len(body)) + body)
+        assert status(answer) == 200
+        assert payload(answer) == EXACT and all(type(value) is int for value in payload(answer))
         assert "Traceback" not in "".join(server.log)
 
 
