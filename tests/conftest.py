@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import locale
 import os
 import re
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,21 @@ class Server:
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read()
+
+
+@pytest.fixture
+def ascii_locale() -> Iterator[None]:
+    """LC_CTYPE=C for the test: open() without an encoding then reads ASCII only.
+
+    As a service started under a non-UTF-8 locale would; a file read as UTF-8 must not care.
+    """
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getpreferredencoding(False) != "UTF-8"
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
 
 
 def free_port() -> int:

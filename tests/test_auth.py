@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from aioserver import create_app, load_config
-from aioserver.auth import FailureThrottle, Token, TokenStore, auth_middleware, parse_token_file
+from aioserver.auth import HASH_HINT, FailureThrottle, Token, TokenStore, auth_middleware, parse_token_file
 from aioserver.errors import ConfigError
 from aioserver.server import reload
 
@@ -69,33 +69,65 @@ def test_token_file_format() -> None:
     assert "digest" not in repr(tokens[0]) and sha("a") not in repr(tokens)
 
 
+def test_a_comment_may_hold_a_hash_sign() -> None:
+    (token,) = parse_token_file(f"{sha('a')} alice  # key #2, see issue #7\n", "tokens.txt")
+    assert (token.name, token.workflows) == ("alice", None)
+
+
 @pytest.mark.parametrize(
-    ("text", "key"),
-    [("nothash bob\n", "line 1"), (f"\n{sha('a')} a b c\n", "line 2")],
+    ("text", "key", "problem"),
+    [
+        ("nothash bob\n", "line 1", "expected the SHA-256 hex digest"),
+        (f"\n{sha('a')} a b c\n", "line 2", "expected HASH [NAME [WORKFLOW,...]]"),
+    ],
 )
-def test_bad_token_file_lines(text: str, key: str) -> None:
+def test_bad_token_file_lines(text: str, key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as error:
         parse_token_file(text, "tokens.txt")
     assert (error.value.source, error.value.key) == ("tokens.txt", key)
+    assert error.value.problem.startswith(problem)
 
 
 @pytest.mark.parametrize(
-    ("auth", "key"),
+    ("auth", "key", "problem"),
     [
-        ("[]", "auth"),
-        ("{tokens: {}}", "auth.tokens"),
-        ("{tokens: [x]}", "auth.tokens[0]"),
-        ("{tokens: [{name: a}]}", "auth.tokens[0].sha256"),
-        (f"{{tokens: [{{name: '', sha256: {TOKEN_HASH}}}]}}", "auth.tokens[0].name"),
-        (f"{{tokens: [{{name: a, sha256: {TOKEN_HASH}, workflows: echo}}]}}", "auth.tokens[0].workflows"),
-        (f"{{tokens: [{{name: a, sha256: {TOKEN_HASH}, scope: x}}]}}", "auth.tokens[0].scope"),
-        ("{token: x}", "auth.token"),
+        ("[]", "auth", "expected a mapping with 'tokens'"),
+        ("{tokens: {}}", "auth.tokens", "expected a list of {name, sha256, workflows}"),
+        ("{tokens: [x]}", "auth.tokens[0]", "expected a mapping {name, sha256, workflows}"),
+        ("{tokens: [{name: a}]}", "auth.tokens[0].sha256", HASH_HINT),
+        (f"{{tokens: [{{name: '', sha256: {TOKEN_HASH}}}]}}", "auth.tokens[0].name", "expected a non-empty string"),
+        (
+            f"{{tokens: [{{name: a, sha256: {TOKEN_HASH}, workflows: echo}}]}}",
+            "auth.tokens[0].workflows",
+            "expected a list of workflow names",
+        ),
+        (
+            f"{{tokens: [{{name: a, sha256: {TOKEN_HASH}, scope: x}}]}}",
+            "auth.tokens[0].scope",
+            "unknown key; known: name, sha256, workflows",
+        ),
+        ("{token: x}", "auth.token", "unknown key; known: tokens"),
     ],
 )
-def test_bad_auth_section(auth: str, key: str) -> None:
+def test_bad_auth_section(auth: str, key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(f"auth: {auth}\n")
-    assert error.value.key == key
+    # The one line the user reads: where, which key, what is wrong.
+    assert str(error.value) == f"<inline config>: {key}: {problem}"
+
+
+def test_config_token_without_workflows_is_unscoped() -> None:
+    (token,) = load_config(f"auth: {{tokens: [{{name: ops, sha256: {TOKEN_HASH}}}]}}\n").tokens
+    assert (token.name, token.workflows) == ("ops", None)
+
+
+def test_token_sources_in_order(tmp_path: Path) -> None:
+    (tmp_path / "tokens").write_text(f"{sha('c')} c\n")
+    config = load_config(
+        f"auth: {{tokens: [{{name: a, sha256: {sha('a')}}}, {{name: b, sha256: {sha('b')}}}]}}\n",
+        env={"TOKEN": TOKEN_HASH, "TOKEN_FILE": str(tmp_path / "tokens")},
+    )
+    assert [t.name for t in config.tokens] == ["token", "a", "b", "c"]
 
 
 def test_token_file_and_credential(tmp_path: Path) -> None:
@@ -105,11 +137,53 @@ def test_token_file_and_credential(tmp_path: Path) -> None:
     assert [t.name for t in config.tokens] == ["one", "two"]
 
 
+def test_no_stray_token_file_without_a_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "token").write_text(f"{sha('stray')} stray\n")  # as systemd's credential is named
+    monkeypatch.chdir(tmp_path)
+    assert load_config("{}").tokens == ()
+
+
+def test_unnamed_tokens_are_named_after_their_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"# ops\n{sha('a')}\n")
+    (token,) = load_config("{}", env={"TOKEN_FILE": str(path)}).tokens
+    assert token.name == f"{path}:2"
+    path.write_text("nothash\n")
+    with pytest.raises(ConfigError) as error:
+        load_config("{}", env={"TOKEN_FILE": str(path)})
+    assert (error.value.source, error.value.key) == (str(path), "line 1")
+
+
+def test_token_files_are_utf8_whatever_the_locale(tmp_path: Path, ascii_locale: None) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{sha('a')} josé\n", encoding="utf-8")
+    (token,) = load_config("{}", env={"TOKEN_FILE": str(path)}).tokens
+    assert token.name == "josé"
+
+
 @pytest.mark.parametrize("content", ["# only a comment\n", ""])
 def test_token_file_without_tokens_is_an_error(tmp_path: Path, content: str) -> None:
-    (tmp_path / "tokens").write_text(content)
-    with pytest.raises(ConfigError, match="holds no token"):
-        load_config("{}", env={"TOKEN_FILE": str(tmp_path / "tokens")})
+    path = tmp_path / "tokens"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load_config("{}", env={"TOKEN_FILE": str(path)})
+    assert str(error.value) == f"{path}: the token file holds no token"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "No such file or directory"),
+        (b"\xff\xfe not text\n", "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+    ],
+)
+def test_unreadable_token_file(tmp_path: Path, content: bytes | None, problem: str) -> None:
+    path = tmp_path / "tokens"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as error:
+        load_config("{}", env={"TOKEN_FILE": str(path)})
+    assert str(error.value) == f"{path}: cannot read token file: {problem}"
 
 
 def test_no_token_means_open(make_client: ClientFactory) -> None:
@@ -173,12 +247,20 @@ async def test_scoped_token(make_client: ClientFactory, workflow: str, status: i
     assert response.status == status
     if status == 403:
         assert response.headers["WWW-Authenticate"] == f'{REALM}, error="insufficient_scope"'
-        assert "may not run" in (await response.json())["error"]
+        assert (await response.json())["error"] == f"this token may not run {workflow!r}"
     # The unscoped TOKEN runs everything that exists.
     response = await client.post(
         "/workflow", json={"name": workflow, "elements": ["a"]}, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert response.status == (404 if workflow == "missing" else 200)
+
+
+async def test_a_refused_workflow_name_is_cut_short(make_client: ClientFactory) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
+    headers = {"Authorization": "Bearer reader-token"}
+    response = await client.post("/workflow", json={"name": "x" * 5000, "elements": []}, headers=headers)
+    assert response.status == 403
+    assert (await response.json())["error"] == "this token may not run '" + "x" * 100 + "'"
 
 
 def scope_app(scope: list[str] | None) -> web.Application:
@@ -295,22 +377,48 @@ def test_throttle_window(failures: list[tuple[int, float]], now: float, wait: in
     assert throttle.retry_after("5.6.7.8", now=now) == 0  # others are not concerned
 
 
-def test_a_window_ends_by_itself_while_another_is_open() -> None:
+@pytest.mark.parametrize(
+    ("when", "count", "wait"),
+    [
+        (61, 10, 59),  # ten in the window opened at 61, not fifteen in an old one
+        (61, 9, 0),  # nine in the new window: not throttled yet
+        (60, 10, 59),  # the old window ends at 60 exactly: the failure at 60 opens a new one
+    ],
+)
+def test_a_window_ends_by_itself_while_another_is_open(when: float, count: int, wait: int) -> None:
     throttle = FailureThrottle(limit=10, window=60)
     for _ in range(5):
         throttle.failed("1.2.3.4", now=0)
     throttle.failed("5.6.7.8", now=31)  # a window open until 91
+    for _ in range(count):
+        throttle.failed("1.2.3.4", now=when)
+    assert throttle.retry_after("1.2.3.4", now=when + 1) == wait
+
+
+def test_an_ended_window_is_forgotten_when_asked_about() -> None:
+    throttle = FailureThrottle(limit=10, window=60)
     for _ in range(10):
-        throttle.failed("1.2.3.4", now=61)  # ten in the window opened at 61, not fifteen in an old one
-    assert throttle.retry_after("1.2.3.4", now=62) == 59
+        throttle.failed("1.2.3.4", now=0)
+    assert throttle.retry_after("1.2.3.4", now=60) == 0
+    assert len(throttle) == 0
 
 
 @pytest.mark.parametrize(
-    ("failures", "now", "active"),
-    [([], 0, False), ([0], 59.9, True), ([0], 60, False), ([0, 50], 109, True), ([0, 50], 110, False)],
+    ("window", "failures", "now", "active"),
+    [
+        (60, [], 0, False),
+        (60, [0], 59.9, True),
+        (60, [0], 60, False),
+        (60, [0, 50], 109, True),
+        (60, [0, 50], 110, False),
+        (0.5, [0], 0.4, True),
+        (0.5, [0], 0.5, False),  # a short window ends as soon
+    ],
 )
-def test_throttle_is_active_while_a_window_is_open(failures: list[float], now: float, active: bool) -> None:
-    throttle = FailureThrottle(limit=10, window=60)
+def test_throttle_is_active_while_a_window_is_open(
+    window: float, failures: list[float], now: float, active: bool
+) -> None:
+    throttle = FailureThrottle(limit=10, window=window)
     for i, when in enumerate(failures):
         throttle.failed(f"10.0.0.{i}", now=when)
     assert throttle.active(now=now) is active
@@ -323,6 +431,22 @@ def test_throttle_memory_is_bounded() -> None:
     assert len(throttle) == 100
     throttle.failed("1.2.3.4", now=40)  # every window has ended: the old entries go
     assert len(throttle) == 1
+
+
+def test_throttle_forgets_the_least_recently_failing_first() -> None:
+    throttle = FailureThrottle(limit=3, window=60, max_clients=2)
+    for client in ("10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.3"):  # .2 is now the least recent
+        for _ in range(3):
+            throttle.failed(client, now=0)
+    assert [throttle.retry_after(c, now=1) for c in ("10.0.0.1", "10.0.0.2", "10.0.0.3")] == [59, 0, 59]
+
+
+def test_throttle_holds_ten_thousand_clients_by_default() -> None:
+    throttle = FailureThrottle()
+    for i in range(10_001):
+        throttle.failed(f"10.0.{i // 256}.{i % 256}", now=0)
+    assert len(throttle) == 10_000
+    assert throttle.retry_after("10.0.0.0", now=1) == 0 and throttle.retry_after("10.0.0.1", now=1) == 0
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,8 @@ def test_host_guard(host: str, loopback: bool, allowed: bool) -> None:
         ("Example.org, .Corp.test,*.dev.test", ("example.org", ".corp.test", "*.dev.test")),
         (["a.test", "b.test."], ("a.test", "b.test")),
         ("[2001:0db8::1], 192.0.2.7", ("2001:db8::1", "192.0.2.7")),
+        ("2001:0db8::1", ("2001:db8::1",)),  # brackets or none: any port is allowed anyway
+        ("a.test, , b.test,", ("a.test", "b.test")),  # empty items are skipped, not the end
         ("*", ("*",)),
         (" , ", ()),
     ],
@@ -124,10 +126,23 @@ def test_parse_allowed_hosts(value: Any, parsed: tuple[str, ...]) -> None:
     assert parse_allowed_hosts(value) == parsed
 
 
-@pytest.mark.parametrize("value", ["example.org:8000", "bad host", "*.", "a..b", "http://x", "-a.test", "*x.test", 3])
+@pytest.mark.parametrize(
+    "value",
+    ["example.org:8000", "bad host", "*.", "a..b", "http://x", "-a.test", "*x.test", "[2001:db8::1", "2001:db8::1]"],
+)
 def test_bad_allowed_hosts(value: Any) -> None:
-    with pytest.raises(ValueError, match="expected"):
+    with pytest.raises(ValueError) as error:
         parse_allowed_hosts(value)
+    assert str(error.value) == (
+        f"expected a host name without a port (any port is allowed), got {value.strip().lower()!r}"
+    )
+
+
+@pytest.mark.parametrize("value", [3, None, {"a.test": True}])
+def test_allowed_hosts_must_be_names(value: Any) -> None:
+    with pytest.raises(ValueError) as error:
+        parse_allowed_hosts(value)
+    assert str(error.value) == "expected host names, comma-separated"
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
 
 from aioserver import connections, create_app, load_config
-from aioserver.limits import LimitedRunner
+from aioserver.limits import LimitedRunner, WorkflowLimits
 
 import sample_actions
 from conftest import TOKEN, TOKEN_HASH, ClientFactory
@@ -65,6 +66,15 @@ async def exchange(port: int, data: bytes, wait: float = 5) -> bytes:
         return closed.partial
     finally:
         writer.close()
+
+
+def header(answer: bytes, name: bytes) -> bytes | None:
+    """The value of a header of an answer; names are case-insensitive (RFC 9110 section 5.1)."""
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.lower() == name.lower():
+            return value.strip()
+    return None
 
 
 def post(body: bytes, extra: bytes = b"") -> bytes:
@@ -218,7 +228,77 @@ async def test_malformed_http_is_json_and_never_echoed_or_logged(
         answer = await exchange(port, request_bytes)
     assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
     assert b'{"error": "malformed HTTP request (' + kind + b')"}' in answer
+    assert header(answer, b"Server") == b"aioserver"  # not aiohttp's, with its version
     assert TOKEN.encode() not in answer and TOKEN not in caplog.text and "Traceback" not in caplog.text
+    assert f"malformed request from 127.0.0.1: {kind.decode()}" in caplog.text  # who, and what, for the operator
+
+
+async def inline_server(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[int, LimitedRunner]:
+    """A tiny app of one handler, without the service's error middleware, behind LimitedRunner."""
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = LimitedRunner(app, load_config(CONFIG).settings, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner.addresses[0][1], runner
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "problem"),
+    [
+        (RuntimeError(f"secret {TOKEN}"), 500, "RuntimeError"),
+        (TimeoutError(), 504, "error"),  # aiohttp's handler timeout: it gives no exception
+    ],
+)
+async def test_errors_past_the_middlewares_are_json_naming_no_detail(
+    caplog: pytest.LogCaptureFixture, error: Exception, status: int, problem: str
+) -> None:
+    async def failing(request: web.Request) -> web.StreamResponse:
+        raise error
+
+    port, runner = await inline_server(failing)
+    try:
+        with caplog.at_level(logging.DEBUG):
+            answer = await exchange(port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    finally:
+        await runner.cleanup()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status) and header(answer, b"Server") == b"aioserver"
+    assert json.loads(body) == {"error": f"internal error ({problem})"}
+    assert f"error {problem} while handling a request from 127.0.0.1" in caplog.text
+    assert TOKEN not in caplog.text and TOKEN.encode() not in answer
+
+
+async def test_a_workflow_is_cut_off_at_its_deadline_and_an_idle_process_sweeps_no_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    clock = [loop.time()]
+    monkeypatch.setattr(loop, "time", lambda: clock[0])  # asyncio's loop: time moves when we say
+    limits = WorkflowLimits(concurrency=1, timeout=4)  # a sweep every second
+    sweeps: list[float] = []
+    sweep = limits._sweep
+    monkeypatch.setattr(limits, "_sweep", lambda: (sweeps.append(clock[0]), sweep()))
+
+    async def settle() -> None:
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    running = asyncio.create_task(limits.run(lambda: asyncio.sleep(3600)))
+    await settle()
+    clock[0] += 4  # the deadline, to the last bit
+    await settle()
+    try:
+        assert running.done()
+        with pytest.raises(web.HTTPGatewayTimeout):
+            running.result()
+    finally:
+        running.cancel()
+    idle_from = len(sweeps)
+    for _ in range(10):
+        clock[0] += 1
+        await settle()
+    assert len(sweeps) <= idle_from + 1  # the one that finds nothing left to watch
 
 
 async def test_limits_hold_with_tokens(make_client: ClientFactory) -> None:

@@ -12,15 +12,18 @@ import subprocess
 import threading
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+import trustme
+from aiohttp.test_utils import TestServer, make_mocked_request
+from cryptography.hazmat.primitives import serialization
 
 from aioserver import create_app, load_config, tls
 from aioserver.errors import ConfigError
 from aioserver.server import renew_session_keys
-from aioserver.tls import ReloadableContext, TLSError, TLSFiles, create_ssl_context
+from aioserver.tls import Password, ReloadableContext, TLSError, TLSFiles, client_subject, create_ssl_context
 
 from conftest import KEY_PASSWORD, TOKEN, TOKEN_HASH, PemFiles, Server
 
@@ -60,6 +63,14 @@ def test_context_follows_mozilla_intermediate(pem_files: PemFiles) -> None:
     assert {c["name"] for c in ciphers if c["protocol"] == "TLSv1.3"} >= {"TLS_AES_128_GCM_SHA256"}
 
 
+def test_context_keeps_the_safe_defaults(pem_files: PemFiles) -> None:
+    """Our options add to CPython's (no SSLv3, TLS 1.3 middlebox compatibility, ...), never replace them."""
+    defaults = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).options
+    context = create_ssl_context(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    assert context.options & defaults == defaults
+    assert context.options & ssl.OP_NO_SSLv3 and context.options & ssl.OP_ENABLE_MIDDLEBOX_COMPAT
+
+
 @pytest.mark.parametrize("channel", ["password file", "environment", "config file", "credentials"])
 def test_encrypted_key(pem_files: PemFiles, tmp_path: Path, channel: str) -> None:
     cli = {"ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.encrypted_key)}
@@ -81,48 +92,163 @@ def test_encrypted_key(pem_files: PemFiles, tmp_path: Path, channel: str) -> Non
 
 
 def _errors(pem: PemFiles, tmp: Path) -> list[tuple[dict[str, str], dict[str, str], str, str]]:
+    """(command line, environment, the option at fault, the whole problem) of each bad TLS setting."""
     empty = tmp / "empty.pem"
     empty.write_text("")
+    not_utf8 = tmp / "not-utf8"
+    not_utf8.write_bytes(b"\xff\xfe\n")
     cert, key = str(pem.cert), str(pem.key)
+    encrypted = "the private key is encrypted: give its password (ssl_keyfile_password_file or SSL_KEYFILE_PASSWORD)"
+    no_file = "No such file or directory"
     return [
-        ({"ssl_certfile": str(tmp / "missing.pem"), "ssl_keyfile": key}, {}, "--ssl-certfile", "cannot read"),
-        ({"ssl_certfile": str(empty), "ssl_keyfile": key}, {}, "--ssl-certfile", "holds no PEM certificate"),
-        ({"ssl_certfile": cert, "ssl_keyfile": str(tmp / "nokey.pem")}, {}, "--ssl-keyfile", "cannot read"),
-        ({"ssl_certfile": cert, "ssl_keyfile": str(pem.other_key)}, {}, "--ssl-keyfile", "does not match"),
         (
-            {"ssl_certfile": cert, "ssl_keyfile": str(pem.encrypted_key)},
+            {"ssl_certfile": str(tmp / "missing.pem"), "ssl_keyfile": key},
+            {},
+            "--ssl-certfile",
+            f"cannot read {tmp / 'missing.pem'}: {no_file}",
+        ),
+        ({"ssl_certfile": str(empty), "ssl_keyfile": key}, {}, "--ssl-certfile", f"{empty} holds no PEM certificate"),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": str(tmp / "nokey.pem")},
             {},
             "--ssl-keyfile",
-            "encrypted: give its password",
+            f"cannot read {tmp / 'nokey.pem'}: {no_file}",
         ),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": str(pem.other_key)},
+            {},
+            "--ssl-keyfile",
+            "the private key does not match the certificate",
+        ),
+        ({"ssl_certfile": cert, "ssl_keyfile": str(pem.encrypted_key)}, {}, "--ssl-keyfile", encrypted),
         (
             {"ssl_certfile": cert, "ssl_keyfile": str(pem.encrypted_key)},
             {"SSL_KEYFILE_PASSWORD": "wrong-password-xyz"},
             "--ssl-keyfile",
-            "wrong password",
+            "cannot decrypt the private key: wrong password",
         ),
         (
             {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_keyfile_password_file": str(tmp / "nopw")},
             {},
             "--ssl-keyfile-password-file",
-            "cannot read",
+            f"cannot read {tmp / 'nopw'}: {no_file}",
         ),
-        ({"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": str(empty)}, {}, "--ssl-ca-certs", "no CA"),
-        ({"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": key}, {}, "--ssl-ca-certs", "no CA"),
-        ({"ssl_certfile": cert, "ssl_keyfile": key, "ssl_cert_reqs": "required"}, {}, "--ssl-cert-reqs", "needs"),
-        ({"ssl_keyfile": key}, {}, "--ssl-keyfile", "needs ssl_certfile"),
-        ({"redirect_http": "8080"}, {}, "--redirect-http", "needs ssl_certfile"),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_keyfile_password_file": str(not_utf8)},
+            {},
+            "--ssl-keyfile-password-file",
+            f"cannot read {not_utf8}: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
+        ),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": str(tmp / "noca.pem")},
+            {},
+            "--ssl-ca-certs",
+            f"cannot read {tmp / 'noca.pem'}: {no_file}",
+        ),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": str(empty)},
+            {},
+            "--ssl-ca-certs",
+            f"{empty} holds no CA certificate: NO_CERTIFICATE_OR_CRL_FOUND",
+        ),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": key},
+            {},
+            "--ssl-ca-certs",
+            f"{key} holds no CA certificate: NO_CERTIFICATE_OR_CRL_FOUND",
+        ),
+        (  # a server certificate, no CA's: nothing to verify clients against
+            {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_ca_certs": cert},
+            {},
+            "--ssl-ca-certs",
+            f"{cert} holds no CA certificate",
+        ),
+        (
+            {"ssl_certfile": cert, "ssl_keyfile": key, "ssl_cert_reqs": "required"},
+            {},
+            "--ssl-cert-reqs",
+            "'required' needs ssl_ca_certs to verify client certificates against",
+        ),
+        ({"ssl_keyfile": key}, {}, "--ssl-keyfile", "needs ssl_certfile: it only applies to HTTPS"),
+        ({"redirect_http": "8080"}, {}, "--redirect-http", "needs ssl_certfile: it only applies to HTTPS"),
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+ERROR_CASES = 15
+
+
+@pytest.mark.parametrize("case", range(ERROR_CASES))
 def test_tls_configuration_errors(pem_files: PemFiles, tmp_path: Path, case: int) -> None:
-    cli, env, key, problem = _errors(pem_files, tmp_path)[case]
+    cases = _errors(pem_files, tmp_path)
+    assert len(cases) == ERROR_CASES
+    cli, env, key, problem = cases[case]
     with pytest.raises(ConfigError) as error:
         load_config("{}", cli=cli, env=env)
-    assert (error.value.source, error.value.key) == ("command line", key)
-    assert problem in error.value.problem
+    assert (error.value.source, error.value.key, error.value.problem) == ("command line", key, problem)
     assert "wrong-password-xyz" not in str(error.value) and KEY_PASSWORD not in str(error.value)
+
+
+def _encrypted(key_pem: bytes, password: str) -> bytes:
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password.encode()),
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "option", "problem"),
+    [  # a certificate file holding the key too (no ssl_keyfile): the certificate's option is at fault
+        ("other key", "ssl_certfile", "the private key does not match the certificate"),
+        ("encrypted key", "ssl_certfile", "the private key is encrypted: give its password"),
+        ("no key", "ssl_certfile", "cannot load the private key: [SSL] PEM lib"),
+    ],
+)
+def test_errors_of_a_certificate_file_holding_its_key(
+    tls_certificate: trustme.LeafCert, tmp_path: Path, content: str, option: str, problem: str
+) -> None:
+    key = {
+        "other key": trustme.CA().issue_cert("localhost").private_key_pem.bytes(),
+        "encrypted key": _encrypted(tls_certificate.private_key_pem.bytes(), KEY_PASSWORD),
+        "no key": b"",
+    }[content]
+    path = tmp_path / "cert-and-key.pem"
+    path.write_bytes(tls_certificate.cert_chain_pems[0].bytes() + key)
+    with pytest.raises(TLSError) as error:
+        create_ssl_context(TLSFiles(str(path)))
+    assert error.value.option == option and str(error.value).startswith(problem)
+
+
+def test_a_key_file_without_a_key(pem_files: PemFiles) -> None:
+    with pytest.raises(TLSError) as error:
+        create_ssl_context(TLSFiles(str(pem_files.cert), str(pem_files.cert)))
+    assert error.value.option == "ssl_keyfile"
+    assert str(error.value).startswith("cannot load the private key: [SSL] PEM lib")  # OpenSSL says no more
+
+
+@pytest.mark.parametrize(
+    ("password", "line_end"),
+    [
+        ("clé secrète\t ", "\n"),  # spaces at its end are the password's
+        ("clé secrète X", "\r\n"),  # a file written on Windows
+    ],
+)
+def test_password_file_is_read_as_written(
+    tls_certificate: trustme.LeafCert, tmp_path: Path, ascii_locale: None, password: str, line_end: str
+) -> None:
+    key, password_file = tmp_path / "key.pem", tmp_path / "password"
+    key.write_bytes(_encrypted(tls_certificate.private_key_pem.bytes(), password))
+    password_file.write_bytes((password + line_end).encode())
+    cert = tmp_path / "cert.pem"
+    tls_certificate.cert_chain_pems[0].write_to_path(cert)
+    create_ssl_context(TLSFiles(str(cert), str(key), password_file=str(password_file)))  # decrypted: no TLSError
+
+
+def test_a_password_never_shows_itself() -> None:
+    password = Password(KEY_PASSWORD)
+    assert repr(password) == "'***'" and KEY_PASSWORD not in repr({"password": password})
+    assert password == KEY_PASSWORD  # and is the password all the same
 
 
 def test_tls_error_names_the_config_file_key(pem_files: PemFiles, tmp_path: Path) -> None:
@@ -263,6 +389,114 @@ def session_handshake(
             worker.join()
             assert tls_client.session is not None
             return tls_client.session, tls_client.session_reused
+
+
+def _negotiates(context: ssl.SSLContext, client: ssl.SSLContext) -> bool:
+    """Whether a client with ``client`` completes a handshake with a server with ``context``."""
+    server_sock, client_sock = socket.socketpair()
+    with server_sock, client_sock:
+        client_sock.settimeout(5)
+        server_sock.settimeout(5)
+        server = context.wrap_socket(server_sock, server_side=True, do_handshake_on_connect=False)
+        tls_client = client.wrap_socket(client_sock, server_hostname="localhost", do_handshake_on_connect=False)
+        with server, tls_client:
+            failed: list[BaseException] = []
+
+            def handshake() -> None:
+                try:
+                    server.do_handshake()
+                    server.sendall(b"x")
+                except (ssl.SSLError, OSError) as exc:
+                    failed.append(exc)
+
+            worker = threading.Thread(target=handshake)
+            worker.start()
+            try:
+                tls_client.do_handshake()
+                received = tls_client.recv(1) == b"x"  # TLS 1.3: the server's verdict comes after
+            except (ssl.SSLError, OSError):
+                received = False
+            worker.join()
+            return received and not failed
+
+
+@pytest.fixture(scope="module")
+def rsa_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """CA, certificate and key, RSA: under TLS 1.2 the groups a client offers must also hold the
+    curve of an ECDSA certificate, so with one only the key exchange is put to the test."""
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    leaf = ca.issue_cert("localhost", key_type=trustme.KeyType.RSA)
+    folder = tmp_path_factory.mktemp("rsa")
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    ca.cert_pem.write_to_path(paths[0])
+    leaf.cert_chain_pems[0].write_to_path(paths[1])
+    leaf.private_key_pem.write_to_path(paths[2])
+    return paths
+
+
+def _client_offering(group: str, version: ssl.TLSVersion, ca: Path) -> ssl.SSLContext:
+    client = ssl.create_default_context(cafile=str(ca))
+    client.minimum_version = client.maximum_version = version
+    client.set_ecdh_curve(group)  # OpenSSL 3: the only group the client offers
+    return client
+
+
+KEY_EXCHANGE = [("X25519", True), ("prime256v1", True), ("secp384r1", True), ("secp521r1", False), ("X448", False)]
+VERSIONS = [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3]
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize(("group", "accepted"), KEY_EXCHANGE)
+def test_key_exchange_groups(
+    rsa_files: tuple[Path, Path, Path], group: str, accepted: bool, version: ssl.TLSVersion
+) -> None:
+    ca, cert, key = rsa_files
+    context = create_ssl_context(TLSFiles(str(cert), str(key)))
+    assert _negotiates(context, _client_offering(group, version, ca)) is accepted
+
+
+@pytest.mark.parametrize(("group", "accepted"), [("prime256v1", True), ("X25519", False), ("secp384r1", False)])
+def test_key_exchange_falls_back_to_p256_only(
+    rsa_files: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, group: str, accepted: bool
+) -> None:
+    """Where OpenSSL's group list cannot be reached, P-256 only: never OpenSSL's longer default list."""
+
+    def no_library(name: str) -> None:
+        raise OSError(f"cannot load {name}")
+
+    monkeypatch.setattr(tls.ctypes, "CDLL", no_library)
+    ca, cert, key = rsa_files
+    context = create_ssl_context(TLSFiles(str(cert), str(key)))
+    assert _negotiates(context, _client_offering(group, ssl.TLSVersion.TLSv1_3, ca)) is accepted
+
+
+class _GroupsSSL:
+    """The ssl module of Python 3.15+, whose contexts have set_groups (recorded here)."""
+
+    groups: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(ssl, name)
+
+    class SSLContext(ssl.SSLContext):
+        def set_groups(self, groups: str) -> None:
+            _GroupsSSL.groups.append(groups)
+
+
+def test_groups_set_through_set_groups_where_python_has_it(
+    pem_files: PemFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tls, "ssl", _GroupsSSL())
+    monkeypatch.setattr(_GroupsSSL, "groups", [])
+    monkeypatch.setattr(tls.ctypes, "CDLL", None)  # not reached
+    create_ssl_context(TLSFiles(str(pem_files.cert), str(pem_files.key)))
+    assert _GroupsSSL.groups == ["X25519:prime256v1:secp384r1"]
+
+
+def test_no_client_subject_once_the_connection_is_gone() -> None:
+    request = make_mocked_request("GET", "/whoami", protocol=mock.Mock(), transport=None)
+    assert request.transport is None
+    assert client_subject(request) is None
 
 
 def test_reload_starts_new_sessions(pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> None:
