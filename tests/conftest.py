@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import locale
 import os
@@ -129,6 +130,28 @@ def ascii_locale() -> Iterator[None]:
         yield
     finally:
         locale.setlocale(locale.LC_CTYPE, previous)
+
+
+async def exchange(port: int, data: bytes, wait: float = 5) -> bytes:
+    """Send raw bytes to 127.0.0.1:port; return the server's first response (head and body), or all until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        async with asyncio.timeout(wait):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                None,
+            )
+            return head + (await reader.readexactly(length) if length is not None else await reader.read())
+    except asyncio.IncompleteReadError as closed:
+        return closed.partial
+    finally:
+        writer.close()
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ import asyncio
 import io
 import json
 import logging
-import re
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from aioserver.errors import UpstreamError
 from aioserver.limits import LimitedRunner
 from aioserver.logtext import loggable
 
-from conftest import Server
+from conftest import Server, exchange
 
 JSON = b"Content-Type: application/json\r\n"
 MAX = 2048  # the in-process server's --max-body-size
@@ -85,19 +84,6 @@ async def serve() -> AsyncIterator[Serve]:
     yield start
     for runner in runners:
         await runner.cleanup()
-
-
-async def exchange(port: int, data: bytes, wait: float = 5) -> bytes:
-    """Send raw bytes; return the server's answer (head and body), up to when it closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    try:
-        async with asyncio.timeout(wait):
-            head = await reader.readuntil(b"\r\n\r\n")
-            found = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
-            return head + (await reader.readexactly(int(found.group(1))) if found else await reader.read())
-    finally:
-        writer.close()
 
 
 def head(length: int | None, path: bytes = b"/workflow") -> bytes:

@@ -15,7 +15,7 @@ from aioserver import connections, create_app, load_config
 from aioserver.limits import LimitedRunner, WorkflowLimits
 
 import sample_actions
-from conftest import TOKEN, TOKEN_HASH, ClientFactory
+from conftest import TOKEN, TOKEN_HASH, ClientFactory, exchange
 
 CONFIG = """
 server:
@@ -44,28 +44,6 @@ async def server() -> AsyncIterator[tuple[int, LimitedRunner]]:
     await site.start()
     yield runner.addresses[0][1], runner
     await runner.cleanup()
-
-
-async def exchange(port: int, data: bytes, wait: float = 5) -> bytes:
-    """Send raw bytes; return the server's first response (head and body), or all until it closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    try:
-        async with asyncio.timeout(wait):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                (
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                ),
-                None,
-            )
-            return head + (await reader.readexactly(length) if length is not None else await reader.read())
-    except asyncio.IncompleteReadError as closed:
-        return closed.partial
-    finally:
-        writer.close()
 
 
 def header(answer: bytes, name: bytes) -> bytes | None:
