@@ -241,6 +241,12 @@ class Settings:
     timeout_handshake: float = _option(
         10.0, positive_float, "a TLS handshake not done within this time is cut off", metavar="SECONDS"
     )
+    timeout_send: float = _option(
+        60.0,
+        positive_float,
+        "a connection whose client takes nothing of its answer for this long is reset (nginx's send_timeout)",
+        metavar="SECONDS",
+    )
     timeout_graceful_shutdown: float = _option(
         30.0,
         positive_float,
