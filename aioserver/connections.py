@@ -4,21 +4,22 @@ Every connection counts from the moment it is accepted, its TLS handshake includ
 own count starts after the handshake). At ``limit_connections``, a new connection takes the
 place of the oldest one that is still handshaking or idle (a keep-alive connection between
 requests, or one that has not sent a request yet), as nginx reclaims idle keep-alive
-connections; only when every connection has a request in progress or an answer on its way is
-the new one answered 503 and closed. So no client can lock others out by holding sockets open,
-and the process stays within its file descriptors. The log says so once per episode at the
-limit.
+connections, else of the oldest one whose client has taken nothing of its answer for a while;
+only when every connection has a request in progress or an answer on its way is the new one
+answered 503 and closed. So no client can lock others out by holding sockets open, and the
+process stays within its file descriptors. The log says so once per episode at the limit.
 
 An answer its client does not read holds its connection as long as it is being written: its
 handler waits in aiohttp's ``drain()``, or, once the handler is done, the transport waits to
 pass its buffer on before it lets go (for ever, when asked to close). So, as nginx's
 ``send_timeout``, a connection whose output makes no progress for ``send_timeout`` seconds is
-reset. Progress is what the client acknowledges: the bytes it has not, in the transport's
-buffer and in the kernel's send queue (SIOCOUTQ), changed. The transport's buffer alone would
-not do: the kernel takes more of it only once about a third of its send buffer (MBs) is free,
-so a client reading steadily but slowly would seem stalled for seconds; and under TLS it is
-only the TLS layer's buffer (both loops' TLS code hands a whole answer to the TCP transport
-below it, out of reach).
+reset; and at the limit, one whose output has made none for ``RECLAIM_STALLED`` seconds makes
+room, after idle ones. Progress is what the client acknowledges: the bytes it has not, in the
+transport's buffer and in the kernel's send queue (SIOCOUTQ), changed. The transport's buffer
+alone would not do: the kernel takes more of it only once about a third of its send buffer
+(MBs) is free, so a client reading steadily but slowly would seem stalled for seconds; and
+under TLS it is only the TLS layer's buffer (both loops' TLS code hands a whole answer to the
+TCP transport below it, out of reach).
 
 One sweep over the connections, every 2 s (a quarter of the timeout below 8 s) while any is
 open, measures that: no work per request. The kernel is asked (a system call) only about
@@ -73,12 +74,18 @@ ACCEPT_RETRY_DELAY = 1.0  # asyncio's pause after running out of descriptors
 # reset, which makes its kernel drop the answer it has not read yet: a request served, its
 # answer lost (and a POST is not safe to repeat).
 RECLAIM_IDLE = 1.0
+# At the limit, a connection whose client has taken nothing of its answer for this long makes
+# room (after idle ones): it has lost its answer, but a client that holds a connection by not
+# reading can no longer keep others out until the send timeout. A live client on a slow link
+# takes something within a few retransmissions; only at the limit does this cut one off.
+RECLAIM_STALLED = 5.0
 SWEEP_EVERY = 2.0  # seconds between sweeps at most (a quarter of the send timeout below 8 s)
 
 
 @dataclass(slots=True)
 class _Episode:
     reclaimed: int = 0
+    stalled: int = 0
     refused: int = 0
 
 
@@ -158,10 +165,11 @@ class Connections:
         if self._open.pop(handler, None) is not None and self._episode and len(self._open) <= self._calm:
             episode, self._episode = self._episode, None
             logger.info(
-                "connections back under the limit (%d open): %d idle or handshaking ones closed"
-                " to make room, %d refused meanwhile",
+                "connections back under the limit (%d open): %d idle or handshaking and %d stalled ones"
+                " closed to make room, %d refused meanwhile",
                 len(self._open),
                 episode.reclaimed,
+                episode.stalled,
                 episode.refused,
             )
 
@@ -169,34 +177,59 @@ class Connections:
         self._answering -= 1
 
     def _reclaim(self) -> bool:
-        """Close the oldest connection that is handshaking or idle; False if every one is busy."""
+        """Close the oldest connection that is handshaking or idle, else the oldest stalled one.
+
+        False if every one is busy: a request in progress, or an answer on its way.
+        """
         if self._episode is None:
             self._episode = _Episode()
             logger.warning(
                 "connection limit reached: %d open; closing the oldest idle or handshaking connection"
-                " for each new one, answering 503 while none is idle",
+                " (else one whose client reads nothing) for each new one, answering 503 while none is",
                 self.limit,
             )
         now = asyncio.get_running_loop().time()
         idle_before = now - RECLAIM_IDLE
+        stalled: tuple[RequestHandler, _Link, asyncio.Transport] | None = None
         for handler, link in self._open.items():
             transport = link.transport
             if transport is None:  # still in its TLS handshake (a plain one: about to start)
                 if link.sock is not None:
                     break
+            elif transport.get_write_buffer_size() or link.unsent:
+                # Output pending: stalled if it was at the last sweep, and still is (one system
+                # call per scan at most; none for the others, which may be thousands). One whose
+                # client has taken it all since then is not idle before the next sweep.
+                if (
+                    stalled is None
+                    and link.unsent
+                    and now - link.since >= RECLAIM_STALLED
+                    and _measure(handler, link, now)
+                    and now - link.since >= RECLAIM_STALLED
+                ):
+                    stalled = handler, link, transport
             # aiohttp's mark for "a request is being handled" (False before the first one too),
-            # nothing sent or asked for a while, and nothing left for the client to take (as
-            # last measured, and still: a system call only for those that pass the rest).
+            # nothing sent or asked for a while, and nothing left for the client to take.
             elif (
                 not handler._request_in_progress
-                and not transport.get_write_buffer_size()
-                and not link.unsent
                 and _idle_since(handler) <= idle_before
                 and not _measure(handler, link, now)
             ):
                 break
         else:
-            return False
+            if stalled is None:
+                return False
+            handler, link, transport = stalled
+            logger.info(
+                "connection limit: %s read nothing for %.0fs, %d bytes or more unsent; connection reset to make room",
+                _peer(transport),
+                now - link.since,
+                link.unsent,
+            )
+            del self._open[handler]
+            self._episode.stalled += 1
+            _reset(transport)
+            return True
         del self._open[handler]
         self._episode.reclaimed += 1
         if transport is not None:

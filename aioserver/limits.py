@@ -8,11 +8,12 @@
   than ``timeout_workflow`` is 504, its async work cancelled, its sync work (a thread that
   cannot be interrupted) abandoned to finish on its own.
 - Connections: at most ``limit_connections`` open in this process, counted from accept; at
-  the limit an idle or handshaking one makes room, else the new one gets 503; one whose answer
-  makes no progress for ``timeout_send`` is reset (see :mod:`aioserver.connections`). A TLS
-  handshake has ``timeout_handshake``; a client that takes longer than ``timeout_keep_alive``
-  to send a request's headers is cut off by aiohttp's keep-alive timer, which runs from the
-  connection's start and after each response (slowloris).
+  the limit an idle or handshaking one makes room, else one whose client has taken nothing of
+  its answer for a while, else the new one gets 503; one whose answer makes no progress for
+  ``timeout_send`` is reset (see :mod:`aioserver.connections`). A TLS handshake has
+  ``timeout_handshake``; a client that takes longer than ``timeout_keep_alive`` to send a
+  request's headers is cut off by aiohttp's keep-alive timer, which runs from the connection's
+  start and after each response (slowloris).
 """
 
 from __future__ import annotations

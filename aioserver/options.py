@@ -213,7 +213,7 @@ class Settings:
         1000,
         positive_int,
         "open connections per process, from accept; at the limit the oldest idle or handshaking one"
-        " is closed for a new one, and with none idle the new one gets 503",
+        " (else one whose client reads nothing) is closed for a new one, and with none the new one gets 503",
         metavar="N",
     )
     timeout_workflow: float = _option(

@@ -2,7 +2,8 @@
 
 Idle and handshaking connections make room for new ones; only busy ones mean a 503, which is
 answered in full (never a reset); TLS handshakes count from accept and are bounded in time; an
-answer its client does not read is cut off after --timeout-send without progress.
+answer its client does not read is cut off after --timeout-send without progress, and sooner
+when its connection is needed.
 """
 
 from __future__ import annotations
@@ -373,3 +374,22 @@ def test_a_slow_reader_is_never_cut_off(
             body += read_exactly(sock, length - len(body))  # then the rest, as fast as it comes
         assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body) == ["x" * ECHO_SIZE]
     assert TIMEOUT_LINE not in "".join(server.log)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stalled_answers_make_room_at_the_limit(config: str, loop: str) -> None:
+    # At the limit, a connection whose client has read nothing for a while makes room for a
+    # new one long before its send timeout.
+    args = ("--config", config, "--loop", loop, "--limit-connections", "4", "--timeout-send", "60")
+    with Server(*args) as server:
+        stuck = [tiny_window(server.port, None) for _ in range(4)]
+        for sock in stuck:
+            sock.sendall(echo_request(ECHO_SIZE))
+        assert health(server.port, None) == 503  # all four answering
+        assert wait_for(lambda: health(server.port, None) == 200, timeout=20)
+        assert len(read_to_end(stuck[0])) < ECHO_SIZE  # the oldest, cut off
+        for sock in stuck:
+            sock.close()
+    log = "".join(server.log)
+    assert log.count("connection reset to make room") == 1
+    assert TIMEOUT_LINE not in log and "Traceback" not in log
