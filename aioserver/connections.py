@@ -4,9 +4,27 @@ Every connection counts from the moment it is accepted, its TLS handshake includ
 own count starts after the handshake). At ``limit_connections``, a new connection takes the
 place of the oldest one that is still handshaking or idle (a keep-alive connection between
 requests, or one that has not sent a request yet), as nginx reclaims idle keep-alive
-connections; only when every connection has a request in progress is the new one answered 503
-and closed. So no client can lock others out by holding sockets open, and the process stays
-within its file descriptors. The log says so once per episode at the limit.
+connections, else of the oldest one whose client has taken nothing of its answer for a while;
+only when every connection has a request in progress or an answer on its way is the new one
+answered 503 and closed. So no client can lock others out by holding sockets open, and the
+process stays within its file descriptors. The log says so once per episode at the limit.
+
+An answer its client does not read holds its connection as long as it is being written: its
+handler waits in aiohttp's ``drain()``, or, once the handler is done, the transport waits to
+pass its buffer on before it lets go (for ever, when asked to close). So, as nginx's
+``send_timeout``, a connection whose output makes no progress for ``send_timeout`` seconds is
+reset; and at the limit, one whose output has made none for ``RECLAIM_STALLED`` seconds makes
+room, after idle ones. Progress is what the client acknowledges: the bytes it has not, in the
+transport's buffer and in the kernel's send queue (SIOCOUTQ), changed. The transport's buffer
+alone would not do: the kernel takes more of it only once about a third of its send buffer
+(MBs) is free, so a client reading steadily but slowly would seem stalled for seconds; and
+under TLS it is only the TLS layer's buffer (both loops' TLS code hands a whole answer to the
+TCP transport below it, out of reach).
+
+One sweep over the connections, every 2 s (a quarter of the timeout below 8 s) while any is
+open, measures that: no work per request. The kernel is asked (a system call) only about
+connections with output pending, a request in progress, or an answer since they were last
+found with nothing pending (see ``_measure``); the others cost well under a microsecond each.
 
 TLS listeners accept connections themselves (:class:`TLSSite`) and hand each one to the loop's
 ``connect_accepted_socket`` with the context in force and a bound on the handshake's time. So
@@ -23,10 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import resource
 import socket
 import ssl
+import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -53,25 +74,51 @@ ACCEPT_RETRY_DELAY = 1.0  # asyncio's pause after running out of descriptors
 # reset, which makes its kernel drop the answer it has not read yet: a request served, its
 # answer lost (and a POST is not safe to repeat).
 RECLAIM_IDLE = 1.0
+# At the limit, a connection whose client has taken nothing of its answer for this long makes
+# room (after idle ones): it has lost its answer, but a client that holds a connection by not
+# reading can no longer keep others out until the send timeout. A live client on a slow link
+# takes something within a few retransmissions; only at the limit does this cut one off.
+RECLAIM_STALLED = 5.0
+SWEEP_EVERY = 2.0  # seconds between sweeps at most (a quarter of the send timeout below 8 s)
 
 
 @dataclass(slots=True)
 class _Episode:
     reclaimed: int = 0
+    stalled: int = 0
     refused: int = 0
+
+
+@dataclass(slots=True)
+class _Link:
+    """What we hold of one open connection."""
+
+    sock: socket.socket | None  # while it is ours to cut off (TLS: handshaking)
+    # From connection_made to connection_lost: aiohttp lets go of it once it asks it to close,
+    # while the transport may still be writing its buffer out.
+    transport: asyncio.Transport | None = None
+    fd: int = -1  # its socket's descriptor, to ask the kernel about its send queue
+    unsent: int = 0  # its output not yet acknowledged, when last measured (0: none pending)
+    since: float = 0.0  # when that amount was first measured
+    # The handler's keep-alive deadline when nothing was found pending: it moves on with each
+    # answer, so while it has not, there is nothing new to ask the kernel about.
+    clean_at: float = 0.0
 
 
 class Connections:
     """The open connections of one process, oldest first, and what happens at the limit."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, send_timeout: float) -> None:
         self.limit = limit
-        # Handler -> its socket while we own it (TLS: handshaking), in the order of accept.
-        self._open: dict[RequestHandler, socket.socket | None] = {}
+        self.send_timeout = send_timeout
+        # Handler -> what we hold of its connection, in the order of accept.
+        self._open: dict[RequestHandler, _Link] = {}
         self._answering = 0
         self._episode: _Episode | None = None
         # An episode ends once a tenth of the room is free again, not at each close and reopen.
         self._calm = limit - max(1, limit // 10)
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_every = min(SWEEP_EVERY, send_timeout / 4)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -86,7 +133,9 @@ class Connections:
         """
         if len(self._open) < self.limit or self._reclaim():
             handler = make_handler()
-            self._open[handler] = sock
+            self._open[handler] = _Link(sock)
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(self._sweep_every, self._sweep)
             return handler
         assert self._episode is not None
         self._episode.refused += 1
@@ -94,6 +143,15 @@ class Connections:
             return Refusal(None)
         self._answering += 1
         return Refusal(self._answered)
+
+    def made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        """The connection of ``handler`` is made (TLS: its handshake is done)."""
+        link = self._open.get(handler)
+        if link is not None:
+            link.sock = None  # cut off through its transport from now on
+            link.transport = transport
+            sock = transport.get_extra_info("socket")  # TLS: the TCP socket under it
+            link.fd = sock.fileno() if sock is not None else -1
 
     def forget(self, protocol: asyncio.BaseProtocol) -> None:
         """A connection ended before its protocol heard of it (a TLS handshake that failed)."""
@@ -104,13 +162,14 @@ class Connections:
 
     def discard(self, handler: RequestHandler) -> None:
         """The connection of ``handler`` is closed (or being closed)."""
-        if self._open.pop(handler, False) is not False and self._episode and len(self._open) <= self._calm:
+        if self._open.pop(handler, None) is not None and self._episode and len(self._open) <= self._calm:
             episode, self._episode = self._episode, None
             logger.info(
-                "connections back under the limit (%d open): %d idle or handshaking ones closed"
-                " to make room, %d refused meanwhile",
+                "connections back under the limit (%d open): %d idle or handshaking and %d stalled ones"
+                " closed to make room, %d refused meanwhile",
                 len(self._open),
                 episode.reclaimed,
+                episode.stalled,
                 episode.refused,
             )
 
@@ -118,38 +177,158 @@ class Connections:
         self._answering -= 1
 
     def _reclaim(self) -> bool:
-        """Close the oldest connection that is handshaking or idle; False if every one is busy."""
+        """Close the oldest connection that is handshaking or idle, else the oldest stalled one.
+
+        False if every one is busy: a request in progress, or an answer on its way.
+        """
         if self._episode is None:
             self._episode = _Episode()
             logger.warning(
                 "connection limit reached: %d open; closing the oldest idle or handshaking connection"
-                " for each new one, answering 503 while none is idle",
+                " (else one whose client reads nothing) for each new one, answering 503 while none is",
                 self.limit,
             )
-        idle_before = asyncio.get_running_loop().time() - RECLAIM_IDLE
-        for handler, sock in self._open.items():
-            transport = handler.transport
+        now = asyncio.get_running_loop().time()
+        idle_before = now - RECLAIM_IDLE
+        stalled: tuple[RequestHandler, _Link, asyncio.Transport] | None = None
+        for handler, link in self._open.items():
+            transport = link.transport
             if transport is None:  # still in its TLS handshake (a plain one: about to start)
-                if sock is not None:
+                if link.sock is not None:
                     break
+            elif transport.get_write_buffer_size() or link.unsent:
+                # Output pending: stalled if it was at the last sweep, and still is (one system
+                # call per scan at most; none for the others, which may be thousands). One whose
+                # client has taken it all since then is not idle before the next sweep.
+                if (
+                    stalled is None
+                    and link.unsent
+                    and now - link.since >= RECLAIM_STALLED
+                    and _measure(handler, link, now)
+                    and now - link.since >= RECLAIM_STALLED
+                ):
+                    stalled = handler, link, transport
             # aiohttp's mark for "a request is being handled" (False before the first one too),
-            # no answer still being written out, and nothing sent or asked for a while.
+            # nothing sent or asked for a while, and nothing left for the client to take.
             elif (
                 not handler._request_in_progress
-                and not transport.get_write_buffer_size()
                 and _idle_since(handler) <= idle_before
+                and not _measure(handler, link, now)
             ):
                 break
         else:
-            return False
+            if stalled is None:
+                return False
+            handler, link, transport = stalled
+            logger.info(
+                "connection limit: %s read nothing for %.0fs, %d bytes or more unsent; connection reset to make room",
+                _peer(transport),
+                now - link.since,
+                link.unsent,
+            )
+            del self._open[handler]
+            self._episode.stalled += 1
+            _reset(transport)
+            return True
         del self._open[handler]
         self._episode.reclaimed += 1
         if transport is not None:
             transport.abort()  # idle: nothing to flush; a TLS close would wait for the peer
         else:
-            assert sock is not None
-            _cut_off(sock)
+            assert link.sock is not None
+            _cut_off(link.sock)
         return True
+
+    def _sweep(self) -> None:
+        """Reset the connections whose output has made no progress for the send timeout."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        settled = now - RECLAIM_IDLE
+        expired = []
+        for handler, link in self._open.items():
+            transport = link.transport
+            if transport is None:
+                continue
+            # Most connections have nothing that could be pending: _measure's conditions, inline
+            # and cheapest first (a sweep over thousands of connections takes a millisecond).
+            deadline = handler._next_keepalive_close_time
+            if (
+                (deadline == link.clean_at or deadline - handler._keepalive_timeout > settled)
+                and not link.unsent
+                and not handler._request_in_progress
+                and not transport.get_write_buffer_size()
+                and not transport.is_closing()
+            ):
+                continue
+            if _measure(handler, link, now) and now - link.since >= self.send_timeout:
+                expired.append(link)
+        for link in expired:  # not while iterating: an abort may end its connection at once
+            assert link.transport is not None
+            logger.info(
+                "send timeout: %s read nothing for %gs, %d bytes or more unsent; connection reset",
+                _peer(link.transport),
+                self.send_timeout,
+                link.unsent,
+            )
+            _reset(link.transport)
+        self._sweeper = loop.call_later(self._sweep_every, self._sweep) if self._open else None
+
+
+def _measure(handler: RequestHandler, link: _Link, now: float) -> int:
+    """The connection's output its client has not acknowledged, noted with when it last moved.
+
+    The transport's buffer, plus the kernel's send queue (what is not yet acknowledged): that
+    shrinks as the client reads, and holds what a TLS transport passed on to the one below it.
+    The kernel is asked only when output may be pending: some is buffered or was last time, a
+    request is being handled, the transport is closing, or the connection answered (RECLAIM_IDLE
+    ago at least: a connection answering on and on is not asked each time) since it was last
+    found with nothing pending.
+    """
+    transport = link.transport
+    assert transport is not None
+    buffered = transport.get_write_buffer_size()
+    if not (buffered or link.unsent or handler._request_in_progress or transport.is_closing()):
+        deadline = handler._next_keepalive_close_time  # moves on with each answer
+        if deadline == link.clean_at or deadline - handler._keepalive_timeout > now - RECLAIM_IDLE:
+            return 0
+    unsent = buffered + _kernel_queue(link.fd)
+    if unsent != link.unsent:
+        link.unsent, link.since = unsent, now
+    if not unsent:
+        link.clean_at = handler._next_keepalive_close_time
+    return unsent
+
+
+def _kernel_queue(fd: int) -> int:
+    """Bytes in a socket's send queue not yet acknowledged by the peer (SIOCOUTQ); 0 if unknown."""
+    try:
+        queued: int = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # closed already (fd -1), or a platform without it for sockets
+        return 0
+    return queued
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Abort a connection whose client reads nothing, dropping what the kernel holds for it too.
+
+    A plain close (``abort`` alone) leaves the kernel sending its queue, MBs, to a client that
+    takes none of it, long after; a reset (SO_LINGER 0) frees it at once, as nginx's
+    ``reset_timedout_connection``.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:  # closed already
+            pass
+    transport.abort()
+
+
+def _peer(transport: asyncio.Transport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):
+        return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+    return "a client"  # a Unix socket's peer has no name
 
 
 def _idle_since(handler: RequestHandler) -> float:

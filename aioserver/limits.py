@@ -8,10 +8,12 @@
   than ``timeout_workflow`` is 504, its async work cancelled, its sync work (a thread that
   cannot be interrupted) abandoned to finish on its own.
 - Connections: at most ``limit_connections`` open in this process, counted from accept; at
-  the limit an idle or handshaking one makes room, else the new one gets 503 (see
-  :mod:`aioserver.connections`). A TLS handshake has ``timeout_handshake``; a client that
-  takes longer than ``timeout_keep_alive`` to send a request's headers is cut off by aiohttp's
-  keep-alive timer, which runs from the connection's start and after each response (slowloris).
+  the limit an idle or handshaking one makes room, else one whose client has taken nothing of
+  its answer for a while, else the new one gets 503; one whose answer makes no progress for
+  ``timeout_send`` is reset (see :mod:`aioserver.connections`). A TLS handshake has
+  ``timeout_handshake``; a client that takes longer than ``timeout_keep_alive`` to send a
+  request's headers is cut off by aiohttp's keep-alive timer, which runs from the connection's
+  start and after each response (slowloris).
 """
 
 from __future__ import annotations
@@ -127,6 +129,11 @@ class _RequestHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._connections = connections
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Ours to watch until connection_lost; aiohttp's handler forgets it once it closes it.
+        self._connections.made(self, cast(asyncio.Transport, transport))
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._connections.discard(self)
         super().connection_lost(exc)
@@ -185,7 +192,7 @@ class LimitedRunner(web.AppRunner):
             max_headers=settings.max_headers,
             **kwargs,
         )
-        self.connections = connections or Connections(settings.limit_connections)
+        self.connections = connections or Connections(settings.limit_connections, settings.timeout_send)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -213,7 +213,7 @@ class Settings:
         1000,
         positive_int,
         "open connections per process, from accept; at the limit the oldest idle or handshaking one"
-        " is closed for a new one, and with none idle the new one gets 503",
+        " (else one whose client reads nothing) is closed for a new one, and with none the new one gets 503",
         metavar="N",
     )
     timeout_workflow: float = _option(
@@ -240,6 +240,12 @@ class Settings:
     )
     timeout_handshake: float = _option(
         10.0, positive_float, "a TLS handshake not done within this time is cut off", metavar="SECONDS"
+    )
+    timeout_send: float = _option(
+        60.0,
+        positive_float,
+        "a connection whose client takes nothing of its answer for this long is reset (nginx's send_timeout)",
+        metavar="SECONDS",
     )
     timeout_graceful_shutdown: float = _option(
         30.0,

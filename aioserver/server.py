@@ -89,7 +89,7 @@ async def _serve(
     sockets = list(listeners) if listeners is not None else open_listeners(config)
     app = create_app(config)
     # One count of connections for all the listeners of this process.
-    connections = Connections(config.settings.limit_connections)
+    connections = Connections(config.settings.limit_connections, config.settings.timeout_send)
     ensure_file_limit(config.settings.limit_connections)
     runners = [_runner(app, config, connections)]
     background: list[asyncio.Task[None]] = []

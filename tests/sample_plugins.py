@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 
@@ -93,3 +94,19 @@ def slow_extension(app: web.Application) -> None:
     """An extension that takes a second to add its routes, announced on stderr."""
     print("extending slowly", file=sys.stderr, flush=True)
     time.sleep(1)
+
+
+def add_unsent(app: web.Application) -> None:
+    """An extension: an answer left partly in the server's transport once its handler has returned.
+
+    Any answer a little bigger than what the kernel takes of it ends so; here the socket's send
+    buffer is made tiny first, so that the kernel takes a few KiB and the rest (under the
+    transport's 64 KiB high-water mark: the handler does not wait for it) stays in the transport.
+    """
+
+    async def unsent(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return web.json_response(["x" * 40_000])
+
+    app.router.add_get("/unsent", unsent)

@@ -1,12 +1,15 @@
 """Connections from accept to close, on the real server and on both loops.
 
 Idle and handshaking connections make room for new ones; only busy ones mean a 503, which is
-answered in full (never a reset); TLS handshakes count from accept and are bounded in time.
+answered in full (never a reset); TLS handshakes count from accept and are bounded in time; an
+answer its client does not read is cut off after --timeout-send without progress, and sooner
+when its connection is needed.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import resource
 import socket
@@ -263,3 +266,130 @@ def test_busy_keep_alive_clients_never_lose_an_answer(config: str, loop: str) ->
     served = sum('"GET /health HTTP/1.1" 200' in line for line in server.log)
     assert received[0] > 100
     assert served == received[0], f"{served - received[0]} answers sent and lost, {failures[0]} failures"
+
+
+# -- answers no one reads: clients whose receive window is tiny (SO_RCVBUF) and that never read
+#    an answer far bigger than what the kernels on both ends hold of it.
+
+ECHO_SIZE = 8_000_000
+TIMEOUT_LINE = "send timeout"
+
+
+def echo_request(size: int) -> bytes:
+    body = json.dumps({"name": "echo", "elements": ["x" * size]}).encode()
+    head = b"POST /workflow HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def tiny_window(port: int, context: ssl.SSLContext | None) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connecting: the window it offers
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return context.wrap_socket(sock, server_hostname="localhost") if context else sock
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """What the server sent until it closed or reset the connection."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionError, ssl.SSLError):
+        pass
+    return data
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"connection closed after {len(data)} bytes"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_answers_no_one_reads_are_cut_off(
+    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, loop: str, tls: bool
+) -> None:
+    # The attack: as many connections as the limit, each waiting for an answer it never reads.
+    # Its handler waits in aiohttp's drain(); without a send timeout, for ever, and others get 503.
+    context = client_ssl_ctx if tls else None
+    args = ("--config", config, "--loop", loop, "--limit-connections", "4", "--timeout-send", "2")
+    with Server(*args, *(tls_args(pem_files) if tls else ())) as server:
+        stuck = [tiny_window(server.port, context) for _ in range(4)]
+        for sock in stuck:
+            sock.sendall(echo_request(ECHO_SIZE))
+        assert wait_for(lambda: "".join(server.log).count(TIMEOUT_LINE) == 4, timeout=20)
+        assert health(server.port, context) == 200
+        for sock in stuck:
+            assert len(read_to_end(sock)) < ECHO_SIZE  # cut off, the answer unsent
+            sock.close()
+        server.process.terminate()  # a clean exit: the access log is written out
+        assert server.process.wait(timeout=10) == 0
+    log = "".join(server.log)
+    assert log.count(TIMEOUT_LINE) == 4 and "Traceback" not in log
+    assert log.count('"POST /workflow HTTP/1.1" 200') == 4  # each request in the access log, once
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_answers_left_in_the_buffer_after_the_handler_are_cut_off(loop: str) -> None:
+    # The handler has returned and the connection is idle, or closed by the keep-alive timer,
+    # but part of its answer is still in the transport's buffer: the transport waits for the
+    # client to take it before it lets go of the connection.
+    args = ("--loop", loop, "--limit-connections", "1", "--timeout-send", "2", "--timeout-keep-alive", "1")
+    with Server(*args, env={"EXTENSIONS": "sample_plugins.add_unsent"}) as server:
+        stuck = tiny_window(server.port, None)
+        stuck.sendall(b"GET /unsent HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert wait_for(lambda: '"GET /unsent HTTP/1.1" 200' in "".join(server.log))  # the handler is done
+        assert wait_for(lambda: health(server.port, None) == 200, timeout=20)
+        assert len(read_to_end(stuck)) < 40_000
+        stuck.close()
+    log = "".join(server.log)
+    assert log.count(TIMEOUT_LINE) == 1 and "Traceback" not in log
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_slow_reader_is_never_cut_off(
+    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, loop: str, tls: bool
+) -> None:
+    # 64 KiB every half second: the kernel makes room for the server's next write only once
+    # about a third of its send buffer (MBs) is read, so for seconds on end the server's own
+    # buffer does not move; the client does, and that is progress.
+    context = client_ssl_ctx if tls else None
+    args = ("--config", config, "--loop", loop, "--timeout-send", "2")
+    with Server(*args, *(tls_args(pem_files) if tls else ())) as server:
+        with tiny_window(server.port, context) as sock:
+            sock.sendall(echo_request(ECHO_SIZE))
+            answer = b""
+            slow_until = time.monotonic() + 5  # the kernel alone would not take more for longer than that
+            while time.monotonic() < slow_until:
+                answer += read_exactly(sock, 65536)
+                time.sleep(0.5)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body += read_exactly(sock, length - len(body))  # then the rest, as fast as it comes
+        assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body) == ["x" * ECHO_SIZE]
+    assert TIMEOUT_LINE not in "".join(server.log)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stalled_answers_make_room_at_the_limit(config: str, loop: str) -> None:
+    # At the limit, a connection whose client has read nothing for a while makes room for a
+    # new one long before its send timeout.
+    args = ("--config", config, "--loop", loop, "--limit-connections", "4", "--timeout-send", "60")
+    with Server(*args) as server:
+        stuck = [tiny_window(server.port, None) for _ in range(4)]
+        for sock in stuck:
+            sock.sendall(echo_request(ECHO_SIZE))
+        assert health(server.port, None) == 503  # all four answering
+        assert wait_for(lambda: health(server.port, None) == 200, timeout=20)
+        assert len(read_to_end(stuck[0])) < ECHO_SIZE  # the oldest, cut off
+        for sock in stuck:
+            sock.close()
+    log = "".join(server.log)
+    assert log.count("connection reset to make room") == 1
+    assert TIMEOUT_LINE not in log and "Traceback" not in log

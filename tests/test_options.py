@@ -32,6 +32,7 @@ SAMPLES = {
     "max_headers": ("32", 32, "x"),
     "timeout_keep_alive": ("2.5", 2.5, "soon"),
     "timeout_handshake": ("3", 3.0, "-1"),
+    "timeout_send": ("20", 20.0, "never"),
     "timeout_graceful_shutdown": ("4", 4.0, "0"),
     "log_level": ("DEBUG", "debug", "loud"),
     "allowed_hosts": ("Example.org, .corp.test", ("example.org", ".corp.test"), "example.org:80"),
