@@ -331,7 +331,10 @@ def test_answers_no_one_reads_are_cut_off(
         assert server.process.wait(timeout=10) == 0
     log = "".join(server.log)
     assert log.count(TIMEOUT_LINE) == 4 and "Traceback" not in log
-    assert log.count('"POST /workflow HTTP/1.1" 200') == 4  # each request in the access log, once
+    # Each request in the access log, once; over plain HTTP its handler was still writing the
+    # answer (in aiohttp's drain()), and none of it counts as sent.
+    assert log.count('"POST /workflow HTTP/1.1" 200 ') == 4
+    assert tls or log.count('"POST /workflow HTTP/1.1" 200 0 ') == 4
 
 
 @pytest.mark.parametrize("loop", LOOPS)
