@@ -228,7 +228,7 @@ class Connections:
             )
             del self._open[handler]
             self._episode.stalled += 1
-            _reset(transport)
+            _cut_off_stalled(handler, transport)
             return True
         del self._open[handler]
         self._episode.reclaimed += 1
@@ -261,8 +261,8 @@ class Connections:
             ):
                 continue
             if _measure(handler, link, now) and now - link.since >= self.send_timeout:
-                expired.append(link)
-        for link in expired:  # not while iterating: an abort may end its connection at once
+                expired.append((handler, link))
+        for handler, link in expired:  # not while iterating: a reset may end its connection at once
             assert link.transport is not None
             logger.info(
                 "send timeout: %s read nothing for %gs, %d bytes or more unsent; connection reset",
@@ -270,7 +270,7 @@ class Connections:
                 self.send_timeout,
                 link.unsent,
             )
-            _reset(link.transport)
+            _cut_off_stalled(handler, link.transport)
         self._sweeper = loop.call_later(self._sweep_every, self._sweep) if self._open else None
 
 
@@ -306,6 +306,22 @@ def _kernel_queue(fd: int) -> int:
     except (OSError, ValueError):  # closed already (fd -1), or a platform without it for sockets
         return 0
     return queued
+
+
+def _cut_off_stalled(handler: RequestHandler, transport: asyncio.Transport) -> None:
+    """Reset a connection whose client reads nothing, its request logged as for a client gone.
+
+    A handler still waiting in aiohttp's ``drain()`` for its answer is woken with an error
+    first, and the connection reset on the next turn of the loop: aiohttp then logs the request
+    (its access line, 0 bytes sent), where the reset alone would have it cancelled unlogged
+    (handler_cancellation), or logged as if the answer had been sent.
+    """
+    waiter = handler._drain_waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_exception(ConnectionResetError("send timeout"))
+        asyncio.get_running_loop().call_soon(_reset, transport)  # after the handler's turn
+    else:
+        _reset(transport)
 
 
 def _reset(transport: asyncio.Transport) -> None:
