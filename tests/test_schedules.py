@@ -11,13 +11,16 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import pytest
+
+from aioserver.cli import main
+from aioserver.workflow.schedules import next_time, parse_run_message, run_message
 
 from conftest import Server
 
@@ -180,3 +183,70 @@ def test_no_schedules_on_this_host(tmp_path: Path, loop: str, how: str) -> None:
         time.sleep(2.5)
         assert stop(server) == 0
     assert events(path) == []
+
+
+# -- in-process: the pieces
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time is New York's (DST changes on 2026-03-08 and 2026-11-01)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def utc(text: str) -> float:
+    return datetime.fromisoformat(text + "+00:00").timestamp()
+
+
+@pytest.mark.usefixtures("new_york")
+def test_cron_times_follow_the_local_clock_across_dst() -> None:
+    assert next_time("30 1 * * *", utc("2026-07-01T00:00")) == utc("2026-07-01T05:30")  # 01:30 EDT
+    assert next_time("30 1 * * *", utc("2026-12-01T00:00")) == utc("2026-12-01T06:30")  # 01:30 EST
+    # The hour the clock repeats (01:00-02:00 on 2026-11-01) runs once: the first time.
+    first = next_time("30 1 * * *", utc("2026-11-01T04:00"))
+    assert first == utc("2026-11-01T05:30")
+    assert next_time("30 1 * * *", first) == utc("2026-11-02T06:30")
+    assert next_time("* * * * *", utc("2026-11-01T05:59:30")) == utc("2026-11-01T07:00")  # 02:00 EST
+    # The hour the clock skips (02:00-03:00 on 2026-03-08) comes right after the change.
+    assert next_time("30 2 * * *", utc("2026-03-08T05:00")) == utc("2026-03-08T07:30")  # 03:30 EDT
+    assert next_time("* * * * *", utc("2026-03-08T06:59:30")) == utc("2026-03-08T07:00")  # 03:00 EDT
+
+
+def test_next_time_is_strictly_after() -> None:
+    start = math.floor(time.time())
+    assert next_time(EVERY_SECOND, start) == start + 1
+    assert next_time(EVERY_SECOND, start + 0.999) == start + 1
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "X_SCHEDULE_RUN=",
+        "X_SCHEDULE_RUN=[",
+        'X_SCHEDULE_RUN=["w"]',
+        'X_SCHEDULE_RUN=["w", 1, 2]',
+        'X_SCHEDULE_RUN=["w", "1"]',
+        'X_SCHEDULE_RUN=["w", true]',
+        'X_SCHEDULE_RUN={"w": 1}',
+        "X_SCHEDULE_RUN=[1, 1]",
+        'WATCHDOG=1["w", 1]',
+    ],
+)
+def test_a_bad_run_report_is_ignored(line: str) -> None:
+    assert parse_run_message(line) is None
+
+
+def test_run_reports_keep_any_name_on_one_line() -> None:
+    message = run_message("odd\nname=1", 7)
+    assert "\n" not in message
+    assert parse_run_message(message) == ("odd\nname=1", 7)
+
+
+def test_no_schedules_flag_and_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--no-schedules", "--check"], env={}) == 0
+    assert "  schedules = False  (command line)" in capsys.readouterr().out
+    assert main(["--schedules", "--check"], env={}) == 2  # only the switch that turns them off
