@@ -14,6 +14,7 @@ from .limits import WorkflowLimits
 from .plugins import dependencies_middleware
 from .proxy import TrustedProxies
 from .workflow.runtime import setup_workflow_runtime
+from .workflow.schedules import HostSchedules
 
 # On every answer: our name, not aiohttp's (which gives its version away), and no sniffing.
 HEADERS = {"Server": "aioserver", "X-Content-Type-Options": "nosniff"}
@@ -21,8 +22,11 @@ HEADERS = {"Server": "aioserver", "X-Content-Type-Options": "nosniff"}
 HSTS = "max-age=63072000"
 
 
-def create_app(config: Config) -> web.Application:
-    """Build the aiohttp application for a resolved config; reads no argv, environment or file."""
+def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Application:
+    """Build the aiohttp application for a resolved config; reads no argv, environment or file.
+
+    ``schedules``: this process's part in the host's schedules (by default, it runs them).
+    """
     tokens = TokenStore(config.tokens)
     # Middleware order, outermost first:
     # 1. error_middleware renders every error raised inside it as JSON and adds the headers
@@ -54,7 +58,7 @@ def create_app(config: Config) -> web.Application:
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
-    setup_workflow_runtime(app)
+    setup_workflow_runtime(app, schedules)
     app.router.add_get("/health", views.health, allow_head=False)
     app.router.add_post("/workflow", views.run_workflow)
     for extension in config.extensions:

@@ -93,7 +93,7 @@ def build_parser() -> _Parser:
                 option.flag,
                 dest=option.name,
                 action="store_const",
-                const=True,
+                const=not option.default,
                 default=argparse.SUPPRESS,
                 help=option.help,
             )

@@ -116,11 +116,13 @@ class Option:
     env: str | None
     key: str  # dotted key under the config file's ``server:`` section
     metavar: str
-    switch: bool  # a flag without a value on the command line (true when given)
+    switch: bool  # a flag without a value on the command line, giving the opposite of the default
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        # A switch that is on by default turns it off: --no-schedules.
+        negation = "no-" if self.switch and self.default is True else ""
+        return "--" + negation + self.name.replace("_", "-")
 
 
 def _option(
@@ -202,6 +204,10 @@ class Settings:
     workers: int = _option(1, positive_int, "worker processes serving the same sockets", env="WORKERS", metavar="N")
     loop: str = _option(
         "auto", event_loop, "event loop: auto (uvloop when installed), asyncio or uvloop", metavar="LOOP"
+    )
+    # One process per host runs the schedules; with several hosts, all but one say --no-schedules.
+    schedules: bool = _option(
+        True, boolean, "run no scheduled workflows on this host (another host runs them)", flag_only=True
     )
     max_body_size: int = _option(
         16 * MiB, positive_int, "largest request body accepted, in bytes (413 beyond)", metavar="BYTES"

@@ -24,6 +24,7 @@ from .listeners import close as close_listeners
 from .logs import AccessLogger, flush_access_log
 from .systemd import Notifier
 from .tls import ReloadableContext, TLSError
+from .workflow.schedules import HostSchedules
 
 logger = logging.getLogger("aioserver")
 T = TypeVar("T")
@@ -57,12 +58,14 @@ async def serve(
     listeners: Sequence[Listener] | None = None,
     notifier: Notifier | None = None,
     watchdog: float | None = None,
+    schedules: HostSchedules | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and let requests in flight finish.
 
     ``listeners`` are sockets made by a parent (workers), else they are opened here (passed
     by systemd, or bound). ``notifier`` speaks sd_notify (default: ``$NOTIFY_SOCKET``), with
     a WATCHDOG=1 ping every ``watchdog`` seconds (default: half ``$WATCHDOG_USEC``).
+    ``schedules`` is this process's part in the host's schedules (default: it runs them).
     SIGHUP reloads token files and the TLS files. Raises StartupError when a listener
     cannot be opened.
     """
@@ -71,7 +74,7 @@ async def serve(
     # process without a drain.
     received = _queue_signals()
     try:
-        await _serve(config, received, listeners, notifier, watchdog)
+        await _serve(config, received, listeners, notifier, watchdog, schedules)
     finally:
         _unqueue_signals()
 
@@ -82,12 +85,13 @@ async def _serve(
     listeners: Sequence[Listener] | None,
     notifier: Notifier | None,
     watchdog: float | None,
+    schedules: HostSchedules | None,
 ) -> None:
     owned = listeners is None
     if notifier is None:
         notifier, watchdog = Notifier.from_env(), systemd.watchdog_interval()
     sockets = list(listeners) if listeners is not None else open_listeners(config)
-    app = create_app(config)
+    app = create_app(config, schedules)
     # One count of connections for all the listeners of this process.
     connections = Connections(config.settings.limit_connections, config.settings.timeout_send)
     ensure_file_limit(config.settings.limit_connections)

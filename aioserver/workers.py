@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -29,6 +29,7 @@ from .listeners import close as close_listeners
 from .server import run as run_server
 from .server import serve
 from .systemd import Notifier
+from .workflow.schedules import HostSchedules, parse_run_message, run_message
 
 logger = logging.getLogger("aioserver.workers")
 
@@ -64,6 +65,9 @@ class Supervisor:
         self.backoff: dict[int, float] = {}  # slot -> the wait before its next restart
         self.announced = False  # READY=1 sent for the current generation
         self.parent = os.getpid()
+        # The host's schedules run in the worker of slot 0, which reports each run; its
+        # replacement is handed the counts so far (iterations hold across restarts).
+        self.schedule_runs: dict[str, int] = {}
 
     def run(self, notifier: Notifier) -> int:
         """Supervise until SIGTERM/SIGINT; return 0 when every worker stopped cleanly."""
@@ -103,7 +107,7 @@ class Supervisor:
             ours.close()
             for worker in self.workers.values():
                 worker.channel.close()  # the other workers' channels are the parent's business
-            _work(self.config, self.listeners, theirs, self.watchdog, self.parent)
+            _work(self.config, self.listeners, theirs, self.watchdog, self.parent, slot == 0, self.schedule_runs)
         theirs.close()
         ours.setblocking(False)
         self.workers[pid] = Worker(slot, pid, ours)
@@ -122,6 +126,8 @@ class Supervisor:
                     worker.ready = False
                 if "WATCHDOG=1" in lines:
                     worker.last_ping = time.monotonic()
+                for name, runs in filter(None, map(parse_run_message, lines)):
+                    self.schedule_runs[name] = runs
 
     def reap(self, notifier: Notifier) -> None:
         """Collect dead workers and plan their restart."""
@@ -129,6 +135,7 @@ class Supervisor:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
+            self.read_messages()  # a dead worker's last words (a run it reported) are still in its channel
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
@@ -174,9 +181,18 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _work(
-    config: Config, listeners: Sequence[Listener], channel: socket.socket, watchdog: float | None, parent: int
+    config: Config,
+    listeners: Sequence[Listener],
+    channel: socket.socket,
+    watchdog: float | None,
+    parent: int,
+    scheduling: bool,
+    schedule_runs: Mapping[str, int],
 ) -> NoReturn:
-    """A worker's life: serve like a single process, report to the parent, never return."""
+    """A worker's life: serve like a single process, report to the parent, never return.
+
+    The scheduling worker runs the host's schedules from the runs counted so far, and reports each new one.
+    """
     # Our own process group: a terminal's Ctrl-C or a group kill reaches the parent only, which
     # forwards one SIGTERM (a second one would kill a worker that is finishing its requests).
     os.setpgid(0, 0)
@@ -184,9 +200,13 @@ def _work(
     # SIGTERM, SIGINT and SIGHUP stay blocked until serve() has its handlers in place: one that
     # came sooner would kill the worker (a pending one is delivered then).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    notifier = Notifier(sock=channel)
+    schedules = HostSchedules(
+        scheduling, dict(schedule_runs), lambda name, runs: notifier.notify(run_message(name, runs))
+    )
     status = 0
     try:
-        run_server(serve(config, listeners, Notifier(sock=channel), watchdog), config.settings.loop)
+        run_server(serve(config, listeners, notifier, watchdog, schedules), config.settings.loop)
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
         status = 1

@@ -139,3 +139,19 @@ async def hold_loop(batch: list[Any], seconds: float = 0.5) -> list[int]:
 
     time.sleep(seconds)
     return [os.getpid() for _ in batch]
+
+
+async def stamp(batch: list[str], seconds: float = 0.0) -> list[str]:
+    """For scheduled runs: appends ``start PID TIME`` to each element (a file path), sleeps
+    ``seconds`` on the loop, then appends ``end PID TIME``; a cancelled run has no end line."""
+    import os
+
+    def write(event: str) -> None:
+        for path in batch:
+            with open(path, "a", encoding="utf-8") as file:
+                file.write(f"{event} {os.getpid()} {time.time():.6f}\n")
+
+    write("start")
+    await asyncio.sleep(seconds)
+    write("end")
+    return batch

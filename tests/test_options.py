@@ -22,6 +22,7 @@ SAMPLES = {
     "trusted_proxies": ("127.0.0.1, 10.0.0.0/8,::1", ("127.0.0.1/32", "10.0.0.0/8", "::1/128"), "10.0.0.1/8"),
     "workers": ("4", 4, "0"),
     "loop": ("AsyncIO", "asyncio", "trio"),
+    "schedules": ("false", False, "sometimes"),
     "max_body_size": ("1024", 1024, "-1"),
     "limit_concurrency": ("8", 8, "0"),
     "limit_connections": ("50", 50, "many"),

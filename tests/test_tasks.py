@@ -11,7 +11,7 @@ from aiohttp import web
 
 from aioserver import create_app, load_config
 from aioserver.errors import ConfigError
-from aioserver.workflow.runtime import run_schedule
+from aioserver.workflow.schedules import HostSchedules, Scheduler
 
 import sample_actions
 from test_processes import cpu_seconds, descendants
@@ -113,10 +113,11 @@ SCHEDULED = """workflow:
 
 async def test_schedule_runs_the_stated_iterations(caplog: pytest.LogCaptureFixture) -> None:
     sample_actions.RUNS.clear()
-    workflow = load_config(SCHEDULED).workflows["w"]
+    scheduler = Scheduler(load_config(SCHEDULED).workflows, True, 300.0, HostSchedules())
     caplog.set_level("INFO", logger="aioserver.workflow")
     started = time.monotonic()
-    await asyncio.wait_for(run_schedule(workflow, None), timeout=5)  # type: ignore[arg-type]
+    scheduler.start(None)
+    await asyncio.wait_for(asyncio.gather(*scheduler.tasks.values()), timeout=5)
     assert sample_actions.RUNS == [3, 3]
     assert time.monotonic() - started >= 1.0  # two distinct seconds: the cron was followed
     assert "scheduled run 2 of workflow w: 3 results" in caplog.text

@@ -1,30 +1,27 @@
 """What running workflows share, owned by the app's lifecycle: the client session, the
 safeopen policy, the threads and worker processes, and the scheduled runs.
 
-:func:`setup_workflow_runtime` registers all of it on an app (one ``cleanup_ctx``), so that it
-starts with the server and stops cleanly with it.
+:func:`setup_workflow_runtime` registers all of it on an app (one ``cleanup_ctx``, and an
+``on_shutdown`` hook that gives a running schedule the graceful-shutdown period), so that it
+starts with the server and stops cleanly with it. The schedules themselves: :mod:`.schedules`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+import functools
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
 from .processes import ProcessPool
 from .safeopen import SafeOpen, create_session
+from .schedules import HostSchedules, Scheduler
 
-if TYPE_CHECKING:
-    from .engine import Workflow
-
-logger = logging.getLogger("aioserver.workflow")
 ACTION_THREADS = "aioserver-action"  # the name prefix of the threads sync actions run in
 T = TypeVar("T")
 
@@ -56,53 +53,36 @@ class Runtime:
         await self.processes.close()
 
 
-def setup_workflow_runtime(app: web.Application) -> None:
-    """Give the app its workflow runtime and scheduled runs, for the app's lifetime."""
-    app.cleanup_ctx.append(_runtime_context)
+def setup_workflow_runtime(app: web.Application, schedules: HostSchedules | None = None) -> None:
+    """Give the app its workflow runtime and scheduled runs, for the app's lifetime.
+
+    ``schedules``: this process's part in the host's schedules (by default, it runs them).
+    """
+    from ..keys import CONFIG  # here: keys imports this module's Runtime
+
+    settings = app[CONFIG].settings
+    scheduler = Scheduler(
+        app[CONFIG].workflows, settings.schedules, settings.timeout_workflow, schedules or HostSchedules()
+    )
+
+    async def stop_schedules(app: web.Application) -> None:
+        # At the start of the shutdown, as requests start draining: a running schedule gets the
+        # same grace period as they do, at the same time (the runtime's cleanup waits for it).
+        scheduler.stop(settings.timeout_graceful_shutdown)
+
+    app.cleanup_ctx.append(functools.partial(_runtime_context, scheduler=scheduler))
+    app.on_shutdown.append(stop_schedules)
 
 
-async def _runtime_context(app: web.Application) -> AsyncIterator[None]:
-    from ..keys import CONFIG, RUNTIME  # here: keys imports this module's Runtime
+async def _runtime_context(app: web.Application, scheduler: Scheduler) -> AsyncIterator[None]:
+    from ..keys import CONFIG, RUNTIME
 
     config = app[CONFIG]
     runtime = Runtime(session=create_session(config.safeopen), safeopen=config.safeopen)
     app[RUNTIME] = runtime
-    schedules = start_schedules(config.workflows, runtime)
+    scheduler.start(runtime)
     try:
         yield
     finally:
-        for task in schedules:
-            task.cancel()
-        await asyncio.gather(*schedules, return_exceptions=True)
+        await scheduler.close()
         await runtime.close()
-
-
-def start_schedules(workflows: Mapping[str, Workflow], runtime: Runtime) -> list[asyncio.Task[None]]:
-    """One background task per workflow that has a ``schedule``."""
-    return [
-        asyncio.create_task(run_schedule(workflow, runtime), name=f"schedule {name}")
-        for name, workflow in workflows.items()
-        if workflow.schedule is not None
-    ]
-
-
-async def run_schedule(workflow: Workflow, runtime: Runtime) -> None:
-    """Run a workflow at each time its cron expression gives, ``iterations`` times (or forever)."""
-    from croniter import croniter
-
-    schedule = workflow.schedule
-    assert schedule is not None
-    times = croniter(schedule.cron, time.time())
-    run = 0
-    logger.info("workflow %s scheduled: %s", workflow.name, schedule.cron)
-    while schedule.iterations is None or run < schedule.iterations:
-        await asyncio.sleep(max(0.0, times.get_next(float) - time.time()))
-        run += 1
-        try:
-            results = await workflow(list(schedule.elements), runtime)
-        except Exception:
-            # A failing run is logged and the schedule goes on, as a failing request would.
-            logger.exception("scheduled run %d of workflow %s failed", run, workflow.name)
-        else:
-            logger.info("scheduled run %d of workflow %s: %d results", run, workflow.name, len(results))
-    logger.info("workflow %s: schedule done after %d runs", workflow.name, run)
