@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from aioserver import systemd
+from aioserver.options import Settings
 
 from conftest import PYTHON, TESTS, TOKEN, TOKEN_HASH, PemFiles, free_port
+from unitfiles import Installed, UnitFile, running, service_unit, socket_unit
 
 CONF = TESTS.parent / "conf"
 # The systemd Debian package's tools; no running systemd is needed (.ci/run installs them).
@@ -294,3 +296,48 @@ def test_service_exposure_score() -> None:
     score = float(re.search(r"Overall exposure level for aioserver\.service: (\d+\.\d+)", done.stdout).group(1))  # type: ignore[union-attr]
     assert score <= 2.0, done.stdout
     assert f"score {score}" in (TESTS.parent / "README.md").read_text()  # what the README records
+
+
+# -- the shipped units, installed as the README says and run as systemd runs them (unitfiles.py)
+
+
+@pytest.fixture
+def installed(pem_files: PemFiles) -> Iterator[Installed]:
+    """The README's "Run it with systemd" done: config, certificate, key and token file in /etc/aioserver."""
+    root = Installed()
+    root.install(CONF / "config.yml", "/etc/aioserver/config.yml")
+    root.install(pem_files.cert, "/etc/aioserver/cert.pem")
+    root.install(pem_files.key, "/etc/aioserver/tls.key", 0o640, group=True)
+    root.install(f"{TOKEN_HASH} ops\n", "/etc/aioserver/token", 0o640, group=True)
+    yield root
+    root.remove()
+
+
+def restarts(unit: UnitFile, status: int) -> bool:
+    """Whether systemd restarts the service after its main process exits with ``status``."""
+    prevented = {int(s) for value in unit.values("Service", "RestartPreventExitStatus") for s in value.split()}
+    if status in prevented:
+        return False
+    return {"always": True, "on-failure": status != 0}.get(unit.value("Service", "Restart") or "no", False)
+
+
+def test_a_configuration_error_is_not_restarted(installed: Installed) -> None:
+    installed.install("server:\n  bogus: 1\n", "/etc/aioserver/config.yml")
+    with running(installed, service_unit(), socket_unit()) as service:
+        status = service.process.wait(timeout=30)
+    assert status == 2
+    config = installed.path("/etc/aioserver/config.yml")
+    assert service.text().splitlines()[-1].startswith(f"aioserver: error: {config}: server.bogus: unknown option")
+    unit = service_unit()
+    assert not restarts(unit, 2)  # fixing the file is the operator's job: restarting forever helps nobody
+    assert restarts(unit, 1)  # a runtime failure (1) is worth another try
+
+
+def test_the_unit_gives_room_for_the_connection_limit(installed: Installed) -> None:
+    with running(installed, service_unit(), socket_unit()) as service:
+        service.ready()
+        limits = Path(f"/proc/{service.process.pid}/limits").read_text()
+        assert service.stop() == 0
+    soft = int(re.search(r"Max open files\s+(\d+)", limits).group(1))  # type: ignore[union-attr]
+    assert soft >= Settings().limit_connections + 100
+    assert "RLIMIT_NOFILE" not in service.text()
