@@ -3,6 +3,7 @@ systemd-socket-activate, credentials, and the unit files checked by systemd-anal
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import re
@@ -300,6 +301,9 @@ def test_service_exposure_score() -> None:
 
 # -- the shipped units, installed as the README says and run as systemd runs them (unitfiles.py)
 
+ROTATED_TOKEN = "rotated-token-8f14e45fceea167a"
+ROTATED_HASH = hashlib.sha256(ROTATED_TOKEN.encode()).hexdigest()
+
 
 @pytest.fixture
 def installed(pem_files: PemFiles) -> Iterator[Installed]:
@@ -311,6 +315,94 @@ def installed(pem_files: PemFiles) -> Iterator[Installed]:
     root.install(f"{TOKEN_HASH} ops\n", "/etc/aioserver/token", 0o640, group=True)
     yield root
     root.remove()
+
+
+def served_certificate(port: int, context: ssl.SSLContext) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            certificate = tls.getpeercert(binary_form=True)
+    assert certificate is not None
+    return certificate
+
+
+def first_certificate(path: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(
+        path.read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    )
+
+
+def shout(port: int, context: ssl.SSLContext, token: str) -> int:
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+    try:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        connection.request("POST", "/workflow", '{"name": "shout", "elements": ["hi"]}', headers)
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status != 200 or body == b'["HI!"]'
+        return response.status
+    finally:
+        connection.close()
+
+
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+
+
+@LOOPS
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_rotates_key_certificate_and_tokens(
+    loop: str, workers: int, installed: Installed, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    """README's rotation: new files in /etc/aioserver (certbot's new key too), `systemctl reload`."""
+    extra = ("--loop", loop, "--workers", str(workers))
+    with running(installed, service_unit(), socket_unit(), extra=extra) as service:
+        service.ready()
+        assert served_certificate(service.port, client_ssl_ctx) == first_certificate(pem_files.cert)
+        assert shout(service.port, client_ssl_ctx, TOKEN) == 200
+
+        installed.install(pem_files.other_key, "/etc/aioserver/tls.key", 0o640, group=True)
+        installed.install(pem_files.other_cert, "/etc/aioserver/cert.pem")
+        installed.install(f"{ROTATED_HASH} ops\n", "/etc/aioserver/token", 0o640, group=True)
+        service.reload()
+        service.wait_for(r"reloaded TLS|TLS reload failed", count=workers)
+        service.wait_for(r"reloaded tokens|token reload failed", count=workers)
+        assert "failed" not in service.text()
+        for _ in range(3 * workers):  # whichever worker accepts
+            assert served_certificate(service.port, client_ssl_ctx) == first_certificate(pem_files.other_cert)
+        assert shout(service.port, client_ssl_ctx, ROTATED_TOKEN) == 200
+        assert shout(service.port, client_ssl_ctx, TOKEN) == 401  # revoked
+        assert service.stop() == 0
+
+
+@LOOPS
+def test_a_half_written_pair_keeps_the_current_certificate(
+    loop: str, installed: Installed, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    """A reload between the key's and the certificate's replacement, or of a file cut short,
+    keeps the certificate in force and says why; the next reload of a whole pair takes it."""
+    old, new = first_certificate(pem_files.cert), first_certificate(pem_files.other_cert)
+    new_key = pem_files.other_key.read_bytes()
+    with running(installed, service_unit(), socket_unit(), extra=("--loop", loop)) as service:
+        service.ready()
+        steps = [
+            (
+                "/etc/aioserver/cert.pem",
+                pem_files.other_cert.read_bytes(),
+                "private key does not match the certificate",
+            ),
+            ("/etc/aioserver/tls.key", new_key[: len(new_key) // 2], "ssl_keyfile: cannot load the private key"),
+        ]
+        for number, (path, content, problem) in enumerate(steps, start=1):
+            is_key = path.endswith("tls.key")
+            installed.install(content, path, 0o640 if is_key else 0o644, group=is_key)
+            service.reload()
+            line = service.wait_for(r"TLS reload failed", count=number)[-1]
+            assert "keeping the current certificate" in line and problem in line, line
+            assert served_certificate(service.port, client_ssl_ctx) == old
+        installed.install(new_key, "/etc/aioserver/tls.key", 0o640, group=True)
+        service.reload()
+        service.wait_for(r"reloaded TLS certificate")
+        assert served_certificate(service.port, client_ssl_ctx) == new
+        assert service.stop() == 0
 
 
 def restarts(unit: UnitFile, status: int) -> bool:
@@ -341,3 +433,21 @@ def test_the_unit_gives_room_for_the_connection_limit(installed: Installed) -> N
     soft = int(re.search(r"Max open files\s+(\d+)", limits).group(1))  # type: ignore[union-attr]
     assert soft >= Settings().limit_connections + 100
     assert "RLIMIT_NOFILE" not in service.text()
+
+
+def test_sysusers_makes_the_units_user_and_group(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    done = subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(CONF / "aioserver.sysusers")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    unit = service_unit()
+    user, group = unit.value("Service", "User"), unit.value("Service", "Group")
+    passwd = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc/passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in (tmp_path / "etc/group").read_text().splitlines()}
+    assert user in passwd and group in groups
+    assert int(passwd[user][2]) < 1000 and passwd[user][3] == groups[group][2]  # a system user, its own group
+    assert passwd[user][6] == "/usr/sbin/nologin"
