@@ -114,7 +114,10 @@ def build_config(
     env = env or {}
     settings, origins = resolve_settings(cli or {}, env, server, source)
     safeopen = parse_safeopen(document.get("safeopen"), source)
-    workflows = parse_workflows(document.get("workflow"), ActionResolver(pipelines, source), source, safeopen)
+    state_directory = env.get("STATE_DIRECTORY", "").split(":")[0] or None  # systemd's: the first of them
+    workflows = parse_workflows(
+        document.get("workflow"), ActionResolver(pipelines, source), source, safeopen, state_directory
+    )
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
     tls = _tls(settings, origins, env)

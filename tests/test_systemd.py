@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import http.server
+import json
 import os
 import re
 import shutil
@@ -13,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -451,3 +454,88 @@ def test_sysusers_makes_the_units_user_and_group(tmp_path: Path) -> None:
     assert user in passwd and group in groups
     assert int(passwd[user][2]) < 1000 and passwd[user][3] == groups[group][2]  # a system user, its own group
     assert passwd[user][6] == "/usr/sbin/nologin"
+
+
+@pytest.fixture
+def page_server() -> Iterator[str]:
+    """A URL on 127.0.0.1 answering a small text, for retrieve tasks to download."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = b"retrieved text\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/page.txt"
+    server.shutdown()
+    server.server_close()
+
+
+def retrieve_config(url: str, directory: str | None) -> str:
+    where = f", directory: {directory}" if directory else ""
+    port = url.split(":")[2].split("/")[0]
+    return f"workflow:\n  download:\n    tasks: [{{task: retrieve{where}}}]\nsafeopen:\n  allow: ['127.0.0.1:{port}']\n"
+
+
+def post_workflow(port: int, context: ssl.SSLContext, name: str, elements: list[str]) -> tuple[int, bytes]:
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+    try:
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        connection.request("POST", "/workflow", json.dumps({"name": name, "elements": elements}), headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@LOOPS
+def test_retrieve_writes_in_the_units_state_directory(
+    loop: str, installed: Installed, page_server: str, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    """ProtectSystem=strict leaves the service one place to write: its StateDirectory=."""
+    installed.install(retrieve_config(page_server, None), "/etc/aioserver/config.yml")
+    with running(installed, service_unit(), socket_unit(), extra=("--loop", loop)) as service:
+        service.ready()
+        status, body = post_workflow(service.port, client_ssl_ctx, "download", [page_server])
+        assert service.stop() == 0
+    assert status == 200, body
+    written = installed.path("/var/lib/aioserver/page.txt")
+    assert json.loads(body) == [str(written)]
+    assert written.read_bytes() == b"retrieved text\n"
+    assert (written.stat().st_uid, written.stat().st_mode & 0o777) == (installed.uid, 0o600)  # UMask=0077
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["start", "check"])
+@pytest.mark.parametrize(
+    ("protect", "mode", "problem"),
+    [
+        ("strict", 0o755, "Read-only file system"),  # the unit as shipped: /srv is not its to write
+        (None, 0o555, "Permission denied"),  # without ProtectSystem=: a directory not the service's
+    ],
+)
+def test_an_unwritable_retrieve_directory_is_a_configuration_error(
+    check: bool, protect: str | None, mode: int, problem: str, installed: Installed, page_server: str
+) -> None:
+    directory = installed.path("/srv/downloads")
+    directory.mkdir(parents=True)
+    directory.chmod(mode)
+    directory.parent.chmod(0o755)
+    installed.install(retrieve_config(page_server, str(directory)), "/etc/aioserver/config.yml")
+    unit = service_unit()
+    unit.sections["Service"]["ProtectSystem"] = [protect] if protect else []
+    with running(installed, unit, socket_unit(), extra=("--check",) if check else ()) as service:
+        status = service.process.wait(timeout=30)
+    assert status == 2, service.text()
+    config = installed.path("/etc/aioserver/config.yml")
+    assert service.text().splitlines()[-1] == (
+        f"aioserver: error: {config}: workflow.download.tasks[0].directory: cannot write in {directory}: {problem}"
+    )
+    assert list(directory.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -86,6 +87,17 @@ def test_bad_task_keys(task: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(f"workflow:\n  w:\n    tasks: [{task}]\n")
     assert info.value.key == key
+
+
+def test_retrieve_writes_in_the_state_directory_without_a_directory(tmp_path: Path) -> None:
+    """systemd's $STATE_DIRECTORY (its first path: StateDirectory= may name several)."""
+    env = {"STATE_DIRECTORY": f"{tmp_path}:/var/lib/other"}
+    config = load_config("workflow:\n  w:\n    tasks: [{task: retrieve}]\n", env=env)
+    assert config.workflows["w"].tasks[0].actions[0].function.directory == tmp_path.resolve()
+    with pytest.raises(ConfigError) as info:  # without a directory, nowhere to write
+        load_config("workflow:\n  w:\n    tasks: [{task: retrieve}]\n", env={})
+    assert info.value.problem == "expected a directory to write in (none given, and no $STATE_DIRECTORY)"
+    assert list(tmp_path.iterdir()) == []  # the writability check leaves nothing behind
 
 
 @pytest.mark.parametrize(

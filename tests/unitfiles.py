@@ -14,7 +14,7 @@ No service manager is PID 1 on a test machine, so this reads ``conf/aioserver.se
 - ``ProtectSystem=strict``: the whole installed tree is read-only but for the state directories;
 - ``User=``/``Group=``: the service runs as an unprivileged user and group (``SERVICE_ID``), so
   that a file the README installs ``-g aioserver`` is readable through its group bits only;
-- ``LimitNOFILE=``, ``Environment=``, ``ExecStart=``, ``ExecReload=`` (its signal).
+- ``LimitNOFILE=``, ``UMask=``, ``Environment=``, ``ExecStart=``, ``ExecReload=`` (its signal).
 
 Every absolute path the units name lives under an installation root (``Installed``): the units'
 ``/etc/aioserver/token`` is ``<root>/etc/aioserver/token`` here, and ``/opt/aioserver/bin/aioserver``
@@ -155,6 +155,7 @@ for operation, source, target in spec["mounts"]:
 if spec["nofile"]:  # capped by the hard limit here: a container may lack CAP_SYS_RESOURCE
     limit = min(spec["nofile"], resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+os.umask(spec["umask"])
 os.setgroups([])
 os.setgid(spec["gid"])
 os.setuid(spec["uid"])
@@ -331,6 +332,7 @@ def start(
     spec = {
         "mounts": _mounts(installed, service, state),
         "nofile": int(service.value("Service", "LimitNOFILE", "0") or 0),
+        "umask": int(service.value("Service", "UMask", "0022") or "0022", 8),
         "uid": installed.uid,
         "gid": installed.gid,
         "fds": [sock.fileno() for sock in bound],
