@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from aioserver import create_app, load_config
 from aioserver.errors import ConfigError
+from aioserver.workflow import tasks
 from aioserver.workflow.runtime import run_schedule
 
 import sample_actions
@@ -98,6 +100,18 @@ def test_retrieve_writes_in_the_state_directory_without_a_directory(tmp_path: Pa
         load_config("workflow:\n  w:\n    tasks: [{task: retrieve}]\n", env={})
     assert info.value.problem == "expected a directory to write in (none given, and no $STATE_DIRECTORY)"
     assert list(tmp_path.iterdir()) == []  # the writability check leaves nothing behind
+
+
+def test_a_failed_download_write_leaves_no_part_file(tmp_path: Path) -> None:
+    """A full disk (here: a file size limit, EFBIG; Python ignores SIGXFSZ) keeps no half file."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(OSError):
+            tasks._write(tmp_path / "sub" / "big.bin", b"x" * 1000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert [p.name for p in tmp_path.rglob("*")] == ["sub"]
 
 
 @pytest.mark.parametrize(
