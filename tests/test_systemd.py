@@ -274,11 +274,14 @@ def test_credentials_directory_supplies_token_and_key(
 
 
 def test_units_verify(tmp_path: Path) -> None:
+    """The units and their drop-ins for nginx (systemd-analyze reads X.d/*.conf beside X)."""
     # verify checks that ExecStart's program exists: point it at this venv's console script.
-    for unit in ("aioserver.socket", "aioserver.service"):
-        text = (CONF / unit).read_text()
-        assert unit == "aioserver.socket" or INSTALLED in text
-        (tmp_path / unit).write_text(text.replace(INSTALLED, str(Path(sys.executable).parent / "aioserver")))
+    files = ["aioserver.socket", "aioserver.service", "aioserver.socket.d/nginx.conf", "aioserver.service.d/nginx.conf"]
+    for name in files:
+        text = (CONF / name).read_text()
+        assert name.startswith("aioserver.socket") or INSTALLED in text
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text.replace(INSTALLED, str(Path(sys.executable).parent / "aioserver")))
     done = subprocess.run(
         [ANALYZE, "verify", "--man=no", str(tmp_path / "aioserver.socket"), str(tmp_path / "aioserver.service")],
         capture_output=True,
