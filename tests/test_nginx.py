@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grp
 import http.client
+import json
 import re
 import signal
 import socket
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKEN, TOKEN_HASH, PemFiles, free_port
+from aioserver.options import MiB, Settings
+
+from conftest import TOKEN, TOKEN_HASH, PemFiles, Server, free_port
 from unitfiles import CONF, Installed, running, service_unit, socket_unit
 
 NGINX_CONF = CONF / "nginx.conf"
@@ -161,3 +164,87 @@ def test_the_socket_group_is_nginxs_user() -> None:
     group = user[1] if len(user) > 1 else user[0]
     assert socket_unit("nginx.conf").value("Socket", "SocketGroup") == group
     assert int(socket_unit("nginx.conf").value("Socket", "SocketMode") or "0666", 8) & 0o060 == 0o060
+
+
+# -- nginx's timeouts leave the answer to aioserver; nginx's own errors are JSON like aioserver's
+
+
+def test_nginx_timeouts_leave_the_answer_to_aioserver() -> None:
+    defaults = Settings()
+    # A slow workflow gets aioserver's 504 (JSON, at --timeout-workflow), never nginx's first.
+    assert seconds(directive("proxy_read_timeout")) > defaults.timeout_workflow
+    # aioserver's 408 for a body that does not arrive comes before nginx gives up sending it.
+    assert seconds(directive("proxy_send_timeout")) > defaults.timeout_request_body
+    # nginx closes its idle connections to aioserver before aioserver does (--timeout-keep-alive):
+    # else a request sent on one that aioserver is closing is a 502 (a POST is not retried).
+    assert seconds(directive("keepalive_timeout", "upstream aioserver {")) < defaults.timeout_keep_alive
+    assert directive("client_max_body_size") == f"{defaults.max_body_size // MiB}m"
+
+
+def json_error(status: int, headers: dict[str, str], body: bytes) -> str:
+    """The message of an error answer shaped as aioserver's: JSON {"error": "..."}, and nothing
+    of nginx's name, version or upstream addresses."""
+    assert status >= 400 and headers["content-type"] == "application/json; charset=utf-8", (status, headers, body)
+    document = json.loads(body)
+    assert list(document) == ["error"] and isinstance(document["error"], str), body
+    assert b"nginx" not in body and b"127.0.0.1" not in body and b"unix:" not in body, body
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["strict-transport-security"] == "max-age=63072000"
+    return str(document["error"])
+
+
+def declared_only(port: int, context: ssl.SSLContext, length: int) -> tuple[int, dict[str, str], bytes]:
+    """A POST that declares a body of ``length`` bytes and sends none: answered on its head."""
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+    try:
+        connection.putrequest("POST", "/workflow")
+        for name, value in (("Content-Type", "application/json"), ("Content-Length", str(length))):
+            connection.putheader(name, value)
+        connection.putheader("Authorization", f"Bearer {TOKEN}")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+SLOW = """
+workflow:
+  slow:
+    tasks:
+      - action: sample_actions.async_sleepy
+        args: {seconds: 3}
+"""
+
+
+@LOOPS
+def test_nginx_own_errors_are_json(loop: str, nginx: Callable[..., int], client_ssl_ctx: ssl.SSLContext) -> None:
+    env = {"TOKEN": TOKEN_HASH}
+    with Server("--trusted-proxies", "127.0.0.1", "--loop", loop, "--config", SLOW, env=env) as server:
+        port = nginx(f"127.0.0.1:{server.port}")
+        # 413 from nginx's client_max_body_size, on the declared length: aioserver never sees it.
+        answer = declared_only(port, client_ssl_ctx, Settings().max_body_size + 1)
+        assert answer[0] == 413 and "too large" in json_error(*answer)
+        # 504 from nginx when aioserver takes longer than proxy_read_timeout (made 1 s here).
+        slow_port = nginx(f"127.0.0.1:{server.port}", proxy_read_timeout="1s")
+        answer = call(slow_port, client_ssl_ctx, "POST", "/workflow", b'{"name": "slow", "elements": [1]}')
+        assert answer[0] == 504 and "in time" in json_error(*answer)
+        server.process.terminate()
+        assert server.process.wait(timeout=15) == 0
+    assert 'POST /workflow HTTP/1.1" 413' not in "".join(server.log)
+    # 502 from nginx with aioserver down.
+    answer = call(port, client_ssl_ctx, "GET", "/health")
+    assert answer[0] == 502 and "not answering" in json_error(*answer)
+
+
+def test_aioservers_own_errors_pass_through_nginx(nginx: Callable[..., int], client_ssl_ctx: ssl.SSLContext) -> None:
+    """nginx replaces its own errors only (proxy_intercept_errors stays off): aioserver's 504
+    at its --timeout-workflow reaches the client as aioserver wrote it."""
+    env = {"TOKEN": TOKEN_HASH}
+    with Server("--trusted-proxies", "127.0.0.1", "--timeout-workflow", "1", "--config", SLOW, env=env) as server:
+        port = nginx(f"127.0.0.1:{server.port}")
+        status, headers, body = call(port, client_ssl_ctx, "POST", "/workflow", b'{"name": "slow", "elements": [1]}')
+        assert (status, body) == (504, b'{"error": "the workflow took longer than 1s"}')
+        assert headers["x-content-type-options"] == "nosniff"  # aioserver's
+        server.process.terminate()
+        assert server.process.wait(timeout=15) == 0
