@@ -542,3 +542,35 @@ def test_an_unwritable_retrieve_directory_is_a_configuration_error(
         f"aioserver: error: {config}: workflow.download.tasks[0].directory: cannot write in {directory}: {problem}"
     )
     assert list(directory.iterdir()) == []
+
+
+def worker_pids(parent: int) -> set[int]:
+    return {int(pid) for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()}
+
+
+@LOOPS
+def test_a_replaced_worker_serves_the_rotated_files(
+    loop: str, installed: Installed, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    """A worker that dies after a reload is replaced by one with the reloaded key, certificate
+    and tokens, not the ones the service started with: a revoked token stays revoked."""
+    with running(installed, service_unit(), socket_unit(), extra=("--loop", loop, "--workers", "2")) as service:
+        service.ready()
+        installed.install(pem_files.other_key, "/etc/aioserver/tls.key", 0o640, group=True)
+        installed.install(pem_files.other_cert, "/etc/aioserver/cert.pem")
+        installed.install(f"{ROTATED_HASH} ops\n", "/etc/aioserver/token", 0o640, group=True)
+        service.reload()
+        service.wait_for(r"reloaded TLS certificate", count=2)
+        service.wait_for(r"reloaded tokens", count=2)
+        workers = worker_pids(service.process.pid)
+        assert len(workers) == 2
+        for victim in workers:  # both, one after the other: every connection meets a new one
+            os.kill(victim, signal.SIGKILL)
+            service.wait_for(r"serving on", count=2 + len(workers - worker_pids(service.process.pid)))
+        service.wait_for(r"serving on", count=4)
+        assert not workers & worker_pids(service.process.pid)
+        for _ in range(6):
+            assert served_certificate(service.port, client_ssl_ctx) == first_certificate(pem_files.other_cert)
+            assert shout(service.port, client_ssl_ctx, TOKEN) == 401
+            assert shout(service.port, client_ssl_ctx, ROTATED_TOKEN) == 200
+        assert service.stop() == 0
