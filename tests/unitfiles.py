@@ -363,6 +363,8 @@ def _mounts(installed: Installed, service: UnitFile, state: list[Path]) -> list[
         stage = installed.path("/.protected-home")
         stage.mkdir(mode=0o755)
         for home in (Path("/root"), Path("/home")):
+            if not home.is_dir():
+                continue
             mounts.append(("rbind", str(stage), str(home)))
             prefix = Path(sys.base_prefix)
             if prefix.is_relative_to(home):
