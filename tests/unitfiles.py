@@ -355,25 +355,38 @@ def start(
 
 
 def _mounts(installed: Installed, service: UnitFile, state: list[Path]) -> list[tuple[str, str | None, str]]:
-    """The mounts of the service's namespace: ProtectHome= and ProtectSystem=strict."""
-    mounts: list[tuple[str, str | None, str]] = []
+    """The mounts of the service's namespace: ProtectHome=, ProtectSystem=strict, and a way
+    through to what the service runs from here.
+
+    The service runs as an unprivileged user, on this interpreter, venv and checkout. Where
+    one of them lies under a directory that user may not enter (pyenv's /root, a checkout in a
+    0700 folder), that directory is covered with an empty one through which they alone show:
+    the stand-ins for an installation's /usr/bin/python3 and /opt/aioserver.
+    """
+    needed = {Path(sys.base_prefix), Path(sys.prefix), TESTS.parent}
+    needed = {path for path in needed if not any(path != other and path.is_relative_to(other) for other in needed)}
+    covered = []
     if service.value("Service", "ProtectHome") in ("yes", "tmpfs", "read-only"):
-        # /root empty and out of reach, but for this interpreter when it lives there (pyenv's):
-        # the stand-in for the /usr/bin/python3 an installed venv runs on.
-        stage = installed.path("/.protected-home")
+        covered += [home for home in (Path("/root"), Path("/home")) if home.is_dir()]
+    for path in needed:
+        ancestors = [a for a in reversed(path.parents) if a != Path("/") and not a.stat().st_mode & 0o001]
+        if ancestors and not any(ancestors[0].is_relative_to(c) for c in covered):
+            covered.append(ancestors[0])
+    binds: list[tuple[str, str | None, str]] = []
+    covers: list[tuple[str, str | None, str]] = []
+    for number, directory in enumerate(covered):
+        stage = installed.path(f"/.covered{number}")
         stage.mkdir(mode=0o755)
-        for home in (Path("/root"), Path("/home")):
-            if not home.is_dir():
-                continue
-            mounts.append(("rbind", str(stage), str(home)))
-            prefix = Path(sys.base_prefix)
-            if prefix.is_relative_to(home):
-                through = stage / prefix.relative_to(home)
+        for path in needed:
+            if path.is_relative_to(directory):
+                through = stage / path.relative_to(directory)
                 through.mkdir(parents=True)
-                for directory in [through, *through.parents]:
-                    if directory.is_relative_to(stage):
-                        directory.chmod(0o755)
-                mounts.insert(0, ("bind", str(prefix), str(through)))
+                for made in [through, *through.parents]:
+                    if made.is_relative_to(stage):
+                        made.chmod(0o755)
+                binds.append(("bind", str(path), str(through)))
+        covers.append(("rbind", str(stage), str(directory)))
+    mounts = binds + covers  # bound while still in sight, then covered
     if service.value("Service", "ProtectSystem") == "strict":
         # The whole installed tree read-only but for the state directories, bound first so that
         # the read-only tree keeps them as they are.
