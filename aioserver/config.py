@@ -7,7 +7,9 @@ path to a class, mapping to its keyword arguments, as in txtai.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -26,6 +28,8 @@ from .workflow import Workflow
 from .workflow.actions import ActionResolver, is_pipeline_name
 from .workflow.safeopen import SafeOpen, parse_safeopen
 from .workflow.spec import parse_workflows
+
+logger = logging.getLogger("aioserver.config")
 
 DEFAULT_SOURCE = "<embedded default config>"
 INLINE_SOURCE = "<inline config>"
@@ -114,7 +118,10 @@ def build_config(
     env = env or {}
     settings, origins = resolve_settings(cli or {}, env, server, source)
     safeopen = parse_safeopen(document.get("safeopen"), source)
-    workflows = parse_workflows(document.get("workflow"), ActionResolver(pipelines, source), source, safeopen)
+    state_directory = env.get("STATE_DIRECTORY", "").split(":")[0] or None  # systemd's: the first of them
+    workflows = parse_workflows(
+        document.get("workflow"), ActionResolver(pipelines, source), source, safeopen, state_directory
+    )
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
     tls = _tls(settings, origins, env)
@@ -227,6 +234,27 @@ def _refuse_clear_text_tokens(
             f"tokens would travel in clear text on {settings.host}: serve HTTPS (--ssl-certfile, --ssl-keyfile),"
             " bind 127.0.0.1 or --uds behind a TLS proxy, set --trusted-proxies, or pass --allow-insecure-http",
         )
+
+
+def reread_files(config: Config) -> Config:
+    """``config`` with its token files and TLS files read again, as a SIGHUP reads them (blocking).
+
+    What cannot be read keeps what was in force. For the workers a supervisor forks after a
+    reload (workers.py): they must start from the rotated key and tokens, not from the ones the
+    service started with, or a revoked token would come back with a replaced worker.
+    """
+    tokens = config.tokens
+    if config.token_sources.files:
+        try:
+            tokens = tuple(config.token_sources.load())
+        except ConfigError as exc:  # each worker logs it as an error: said once is enough
+            logger.debug("tokens not reread: %s", exc)
+    if config.tls:
+        try:
+            config.tls.reload()
+        except TLSError as exc:
+            logger.debug("TLS files not reread: %s: %s", exc.option, exc)
+    return dataclasses.replace(config, tokens=tokens)
 
 
 def load_config(

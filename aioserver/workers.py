@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from . import systemd
-from .config import Config
+from .config import Config, reread_files
 from .listeners import Listener, open_listeners
 from .listeners import close as close_listeners
 from .server import run as run_server
@@ -81,6 +81,9 @@ class Supervisor:
                 return self.stop(notifier)
             if info is not None and info.si_signo == signal.SIGHUP:
                 notifier.reloading()
+                # As each worker does: a worker forked from now on (a replacement) serves what
+                # this reload reads, not what the service started with.
+                self.config = reread_files(self.config)
                 self.announced = False
                 for worker in self.workers.values():
                     worker.ready = False

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import time
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from aioserver import create_app, load_config
 from aioserver.errors import ConfigError
+from aioserver.workflow import tasks
 from aioserver.workflow.schedules import HostSchedules, Scheduler
 
 import sample_actions
@@ -86,6 +89,29 @@ def test_bad_task_keys(task: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(f"workflow:\n  w:\n    tasks: [{task}]\n")
     assert info.value.key == key
+
+
+def test_retrieve_writes_in_the_state_directory_without_a_directory(tmp_path: Path) -> None:
+    """systemd's $STATE_DIRECTORY (its first path: StateDirectory= may name several)."""
+    env = {"STATE_DIRECTORY": f"{tmp_path}:/var/lib/other"}
+    config = load_config("workflow:\n  w:\n    tasks: [{task: retrieve}]\n", env=env)
+    assert config.workflows["w"].tasks[0].actions[0].function.directory == tmp_path.resolve()
+    with pytest.raises(ConfigError) as info:  # without a directory, nowhere to write
+        load_config("workflow:\n  w:\n    tasks: [{task: retrieve}]\n", env={})
+    assert info.value.problem == "expected a directory to write in (none given, and no $STATE_DIRECTORY)"
+    assert list(tmp_path.iterdir()) == []  # the writability check leaves nothing behind
+
+
+def test_a_failed_download_write_leaves_no_part_file(tmp_path: Path) -> None:
+    """A full disk (here: a file size limit, EFBIG; Python ignores SIGXFSZ) keeps no half file."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(OSError):
+            tasks._write(tmp_path / "sub" / "big.bin", b"x" * 1000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert [p.name for p in tmp_path.rglob("*")] == ["sub"]
 
 
 @pytest.mark.parametrize(

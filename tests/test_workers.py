@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from test_systemd import NotifySocket
 
-from conftest import Server
+from conftest import TOKEN, TOKEN_HASH, Server
 
 CONFIG = "workflow:\n  pid: {tasks: [sample_actions.hold_loop]}\n  fast: {tasks: [sample_actions.pid]}\n"
 
@@ -78,3 +79,43 @@ def test_workers_serve_restart_and_stop(tmp_path: Path) -> None:
     log = "".join(server.log)
     assert log.count("INFO aioserver: stopped") == 2  # each worker finished cleanly
     assert "ERROR" not in log.split("restarting in")[1]
+
+
+def test_each_worker_throttles_on_its_own() -> None:
+    """What "Workers and scaling" says: the failure count is per worker process, so one client
+    may fail ten times a minute at each worker (and at each host) before all refuse it."""
+    env = {"TOKEN": TOKEN_HASH}
+    with Server("--config", CONFIG, "--workers", "2", env=env, listeners=2) as server:
+        by_worker: dict[int, http.client.HTTPConnection] = {}  # a keep-alive connection per worker
+        deadline = time.monotonic() + 30
+        while len(by_worker) < 2:
+            assert time.monotonic() < deadline, "the connections never reached both workers"
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            worker = int(json.loads(ask(connection, TOKEN, "fast"))[0])
+            if worker in by_worker:
+                connection.close()
+            else:
+                by_worker[worker] = connection
+        statuses = [[ask_status(connection, "wrong") for _ in range(11)] for connection in by_worker.values()]
+        for connection in by_worker.values():
+            connection.close()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+    assert statuses == [[401] * 10 + [429]] * 2
+
+
+def ask(connection: http.client.HTTPConnection, token: str, name: str) -> bytes:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    connection.request("POST", "/workflow", json.dumps({"name": name, "elements": [1]}), headers)
+    response = connection.getresponse()
+    body = response.read()
+    assert response.status == 200, body
+    return body
+
+
+def ask_status(connection: http.client.HTTPConnection, token: str) -> int:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    connection.request("POST", "/workflow", '{"name": "fast", "elements": [1]}', headers)
+    response = connection.getresponse()
+    response.read()
+    return response.status

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from .actions import ActionResolver, import_string
 from .engine import CONCURRENCY, DEFAULT_BATCH, MERGES, Action, Schedule, Task, Workflow
 from .safeopen import SafeOpen
-from .tasks import KIND_KEYS, TASK_KINDS, Retrieve, Service, selection
+from .tasks import KIND_KEYS, TASK_KINDS, Retrieve, Service, selection, unwritable
 
 WORKFLOW_KEYS = ("tasks", "batch", "schedule")
 TASK_KEYS = ("action", "task", "args", "batch", "select", "unpack", "merge", "initialize", "finalize", "concurrency")
@@ -42,16 +42,23 @@ SCHEDULE_KEYS = ("cron", "elements", "iterations")
 
 
 def parse_workflows(
-    section: Any, resolver: ActionResolver, source: str, safeopen: SafeOpen | None = None
+    section: Any,
+    resolver: ActionResolver,
+    source: str,
+    safeopen: SafeOpen | None = None,
+    state_directory: str | None = None,
 ) -> dict[str, Workflow]:
-    """All workflows of the section, by name."""
+    """All workflows of the section, by name; ``state_directory`` is where retrieve tasks
+    write when they name no directory (systemd's ``$STATE_DIRECTORY``)."""
     if section is None:
         return {}
     if not isinstance(section, Mapping):
         raise ConfigError(source, "workflow", "expected a mapping of workflow names to workflows")
     policy = safeopen or SafeOpen()
     return {
-        _name(name, source): _parse_workflow(str(name), body, resolver, source, f"workflow.{name}", policy)
+        _name(name, source): _parse_workflow(
+            str(name), body, resolver, source, f"workflow.{name}", policy, state_directory
+        )
         for name, body in section.items()
     }
 
@@ -63,7 +70,13 @@ def _name(name: Any, source: str) -> str:
 
 
 def _parse_workflow(
-    name: str, body: Any, resolver: ActionResolver, source: str, key: str, policy: SafeOpen
+    name: str,
+    body: Any,
+    resolver: ActionResolver,
+    source: str,
+    key: str,
+    policy: SafeOpen,
+    state_directory: str | None = None,
 ) -> Workflow:
     if not isinstance(body, Mapping):
         raise ConfigError(source, key, "expected a mapping with 'tasks'")
@@ -73,7 +86,10 @@ def _parse_workflow(
         raise ConfigError(source, f"{key}.tasks", "expected a non-empty list of tasks")
     return Workflow(
         name=name,
-        tasks=tuple(_parse_task(task, resolver, source, f"{key}.tasks[{i}]", policy) for i, task in enumerate(tasks)),
+        tasks=tuple(
+            _parse_task(task, resolver, source, f"{key}.tasks[{i}]", policy, state_directory)
+            for i, task in enumerate(tasks)
+        ),
         batch=_batch(body.get("batch", DEFAULT_BATCH), source, f"{key}.batch"),
         schedule=_parse_schedule(body.get("schedule"), source, f"{key}.schedule"),
     )
@@ -101,7 +117,9 @@ def _parse_schedule(schedule: Any, source: str, key: str) -> Schedule | None:
     )
 
 
-def _parse_task(task: Any, resolver: ActionResolver, source: str, key: str, policy: SafeOpen) -> Task:
+def _parse_task(
+    task: Any, resolver: ActionResolver, source: str, key: str, policy: SafeOpen, state_directory: str | None = None
+) -> Task:
     if isinstance(task, str):
         task = {"action": task}
     if not isinstance(task, Mapping):
@@ -115,7 +133,7 @@ def _parse_task(task: Any, resolver: ActionResolver, source: str, key: str, poli
     if kind in ("service", "retrieve"):
         if "action" in task:
             raise ConfigError(source, f"{key}.action", f"a {kind} task brings its own action; remove 'action'")
-        actions: tuple[Action, ...] = (_kind_action(kind, task, source, key),)
+        actions: tuple[Action, ...] = (_kind_action(kind, task, source, key, state_directory),)
     else:
         actions = _actions(task.get("action"), resolver, source, key)
 
@@ -153,11 +171,20 @@ def _actions(names: Any, resolver: ActionResolver, source: str, key: str) -> tup
     raise ConfigError(source, f"{key}.action", "expected an action name or a non-empty list of action names")
 
 
-def _kind_action(kind: str, task: Mapping[str, Any], source: str, key: str) -> Action:
+def _kind_action(kind: str, task: Mapping[str, Any], source: str, key: str, state_directory: str | None) -> Action:
     if kind == "retrieve":
-        directory = task.get("directory")
+        directory = task.get("directory", state_directory)
+        if directory is None:
+            raise ConfigError(
+                source, f"{key}.directory", "expected a directory to write in (none given, and no $STATE_DIRECTORY)"
+            )
         if not isinstance(directory, str) or not os.path.isdir(directory):
             raise ConfigError(source, f"{key}.directory", f"expected an existing directory, got {directory!r}")
+        # Checked now, as the service's own user in its own sandbox (ProtectSystem=strict makes
+        # everything read-only but its StateDirectory=): else every request would be a 500.
+        problem = unwritable(directory)
+        if problem:
+            raise ConfigError(source, f"{key}.directory", f"cannot write in {directory}: {problem}")
         flatten = _flag(task.get("flatten", True), source, f"{key}.flatten")
         retrieve = Retrieve(task=key, directory=Path(directory).resolve(), flatten=flatten)
         return Action(name=f"{key} (retrieve)", function=retrieve, is_async=True, wants_runtime=True)

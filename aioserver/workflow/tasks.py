@@ -9,7 +9,7 @@ that bring their own (``service``, ``retrieve``).
       batch: true
       extract: [data, result]
     - task: retrieve       # download URLs into a directory, give back the local paths
-      directory: /srv/downloads
+      directory: /srv/downloads   # default: $STATE_DIRECTORY (systemd's StateDirectory=)
       flatten: true
 """
 
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,5 +161,25 @@ def _safe_name(part: str) -> str:
 def _write(path: Path, body: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".part")
-    temporary.write_bytes(body)
-    os.replace(temporary, path)  # readers never see half a file
+    try:
+        temporary.write_bytes(body)
+        os.replace(temporary, path)  # readers never see half a file
+    except OSError:
+        temporary.unlink(missing_ok=True)  # a full disk keeps no half file either
+        raise
+
+
+def unwritable(directory: str) -> str | None:
+    """Why a retrieve task could not write in ``directory`` (blocking), or None if it can.
+
+    A file is made and removed there, as the task will do: the permission bits, ACLs and a
+    read-only mount (systemd's ``ProtectSystem=``) all have their say, which ``os.access``
+    (asking for the real user, and blind to some mounts) would not tell.
+    """
+    try:
+        descriptor, name = tempfile.mkstemp(prefix=".aioserver-check-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(descriptor)
+    os.unlink(name)
+    return None

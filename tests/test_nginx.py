@@ -1,0 +1,250 @@
+"""conf/nginx.conf for real: nginx with a master process (root) and workers (its ``user``), in
+front of aioserver started from the shipped units (tests/unitfiles.py) or as a process."""
+
+from __future__ import annotations
+
+import grp
+import http.client
+import json
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from aioserver.options import MiB, Settings
+
+from conftest import TOKEN, TOKEN_HASH, PemFiles, Server, free_port
+from unitfiles import CONF, Installed, running, service_unit, socket_unit
+
+NGINX_CONF = CONF / "nginx.conf"
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+
+
+def nginx_config(prefix: Path, port: int, upstream: str, pem_files: PemFiles, **changed: str) -> Path:
+    """conf/nginx.conf as shipped, with only places, ports and files changed for a test (and
+    ``changed`` directives, ``proxy_read_timeout="1s"`` say)."""
+    text = NGINX_CONF.read_text()
+    changes = {
+        "worker_processes auto;": "worker_processes 1;\ndaemon off;",  # the master stays ours to stop
+        "pid /run/nginx.pid;": f"pid {prefix}/nginx.pid;",
+        "error_log /var/log/nginx/error.log;": "error_log stderr;",
+        "access_log /var/log/nginx/access.log;": f"access_log {prefix}/access.log;\n"
+        + "".join(
+            f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        ),
+        "server unix:/run/aioserver/aioserver.sock;": f"server {upstream};",
+        "listen 80;": f"listen 127.0.0.1:{free_port()};",
+        "listen [::]:80;": "",
+        "listen 443 ssl http2;": f"listen 127.0.0.1:{port} ssl http2;",
+        "listen [::]:443 ssl http2;": "",
+        "/etc/ssl/aioserver/fullchain.pem": str(pem_files.cert),
+        "/etc/ssl/aioserver/privkey.pem": str(pem_files.key),
+    }
+    for old, new in changes.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    for directive, value in changed.items():
+        text, count = re.subn(rf"\b{directive} [^;]+;", f"{directive} {value};", text)
+        assert count == 1, directive
+    path = prefix / "nginx.conf"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def nginx(pem_files: PemFiles) -> Iterator[Callable[..., int]]:
+    """``start(upstream, **changed)`` runs nginx as installed (a root master, workers as its
+    ``user``) and returns its HTTPS port; stopped gracefully (SIGQUIT) at the end."""
+    installed = Installed()  # traversable by nginx's workers, unlike pytest's tmp_path
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(upstream: str, **changed: str) -> int:
+        prefix = installed.path(f"/nginx{len(processes)}")
+        prefix.mkdir(mode=0o755)
+        port = free_port()
+        config = nginx_config(prefix, port, upstream, pem_files, **changed)
+        process = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(config), "-e", "stderr"])
+        processes.append(process)
+        deadline = time.monotonic() + 10
+        while True:  # until a worker answers
+            assert time.monotonic() < deadline and process.poll() is None, "nginx did not start"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return port
+            except OSError:
+                time.sleep(0.05)
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGQUIT)  # nginx's graceful stop
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    installed.remove()
+
+
+def call(
+    port: int, context: ssl.SSLContext, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN
+) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+    try:
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        connection.request(method, path, body, headers)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def directive(name: str, block: str = "") -> str:
+    """The value of a directive in conf/nginx.conf (inside the ``block`` it opens, if named)."""
+    text = NGINX_CONF.read_text()
+    if block:
+        text = text[text.index(block) :]
+        text = text[: text.index("}")]
+    found = re.findall(rf"^\s*{name}\s+([^;]+);", text, re.M)
+    assert len(found) == 1, (name, found)
+    return str(found[0])
+
+
+def seconds(value: str) -> float:
+    number, unit = re.fullmatch(r"(\d+)(ms|s|m)?", value).groups()  # type: ignore[union-attr]
+    return int(number) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[unit]
+
+
+# -- nginx reaches aioserver on the units' Unix socket
+
+
+@LOOPS
+def test_nginx_workers_reach_the_units_unix_socket(
+    loop: str, nginx: Callable[..., int], pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    """The README's deployment behind nginx: the socket unit's drop-in makes the socket
+    root:www-data 0660; nginx's workers must run in that group ("user www-data;"), else 502."""
+    installed = Installed()
+    try:
+        installed.install(CONF / "config.yml", "/etc/aioserver/config.yml")
+        installed.install(f"{TOKEN_HASH} ops\n", "/etc/aioserver/token", 0o640, group=True)
+        sockets = socket_unit("nginx.conf")
+        with running(installed, service_unit("nginx.conf"), sockets, extra=("--loop", loop)) as service:
+            service.ready()
+            path = service.paths["/run/aioserver/aioserver.sock"]
+            assert (path.stat().st_mode & 0o777, path.stat().st_gid) == (0o660, _gid("www-data"))
+            port = nginx(f"unix:{path}")
+            status, headers, body = call(
+                port, client_ssl_ctx, "POST", "/workflow", b'{"name": "shout", "elements": ["hi"]}'
+            )
+            assert (status, body) == (200, b'["HI!"]'), body
+            assert headers["strict-transport-security"] == "max-age=63072000"
+            assert call(port, client_ssl_ctx, "POST", "/workflow", b"{}", token="wrong")[0] == 401
+            assert service.stop() == 0
+        assert re.search(r'127\.0\.0\.1 https "POST /workflow HTTP/1.1" 200 .* ops$', service.text(), re.M)
+    finally:
+        installed.remove()
+
+
+def _gid(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
+
+
+def test_the_socket_group_is_nginxs_user() -> None:
+    """The drop-in's SocketGroup= is the group of conf/nginx.conf's user (nginx: the user's name
+    when no group is given), so that one stays right when the other changes."""
+    user = directive("user").split()
+    group = user[1] if len(user) > 1 else user[0]
+    assert socket_unit("nginx.conf").value("Socket", "SocketGroup") == group
+    assert int(socket_unit("nginx.conf").value("Socket", "SocketMode") or "0666", 8) & 0o060 == 0o060
+
+
+# -- nginx's timeouts leave the answer to aioserver; nginx's own errors are JSON like aioserver's
+
+
+def test_nginx_timeouts_leave_the_answer_to_aioserver() -> None:
+    defaults = Settings()
+    # A slow workflow gets aioserver's 504 (JSON, at --timeout-workflow), never nginx's first.
+    assert seconds(directive("proxy_read_timeout")) > defaults.timeout_workflow
+    # aioserver's 408 for a body that does not arrive comes before nginx gives up sending it.
+    assert seconds(directive("proxy_send_timeout")) > defaults.timeout_request_body
+    # nginx closes its idle connections to aioserver before aioserver does (--timeout-keep-alive):
+    # else a request sent on one that aioserver is closing is a 502 (a POST is not retried).
+    assert seconds(directive("keepalive_timeout", "upstream aioserver {")) < defaults.timeout_keep_alive
+    assert directive("client_max_body_size") == f"{defaults.max_body_size // MiB}m"
+
+
+def json_error(status: int, headers: dict[str, str], body: bytes) -> str:
+    """The message of an error answer shaped as aioserver's: JSON {"error": "..."}, and nothing
+    of nginx's name, version or upstream addresses."""
+    assert status >= 400 and headers["content-type"] == "application/json; charset=utf-8", (status, headers, body)
+    document = json.loads(body)
+    assert list(document) == ["error"] and isinstance(document["error"], str), body
+    assert b"nginx" not in body and b"127.0.0.1" not in body and b"unix:" not in body, body
+    assert headers["x-content-type-options"] == "nosniff"
+    assert headers["strict-transport-security"] == "max-age=63072000"
+    return str(document["error"])
+
+
+def declared_only(port: int, context: ssl.SSLContext, length: int) -> tuple[int, dict[str, str], bytes]:
+    """A POST that declares a body of ``length`` bytes and sends none: answered on its head."""
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+    try:
+        connection.putrequest("POST", "/workflow")
+        for name, value in (("Content-Type", "application/json"), ("Content-Length", str(length))):
+            connection.putheader(name, value)
+        connection.putheader("Authorization", f"Bearer {TOKEN}")
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+SLOW = """
+workflow:
+  slow:
+    tasks:
+      - action: sample_actions.async_sleepy
+        args: {seconds: 3}
+"""
+
+
+@LOOPS
+def test_nginx_own_errors_are_json(loop: str, nginx: Callable[..., int], client_ssl_ctx: ssl.SSLContext) -> None:
+    env = {"TOKEN": TOKEN_HASH}
+    with Server("--trusted-proxies", "127.0.0.1", "--loop", loop, "--config", SLOW, env=env) as server:
+        port = nginx(f"127.0.0.1:{server.port}")
+        # 413 from nginx's client_max_body_size, on the declared length: aioserver never sees it.
+        answer = declared_only(port, client_ssl_ctx, Settings().max_body_size + 1)
+        assert answer[0] == 413 and "too large" in json_error(*answer)
+        # 504 from nginx when aioserver takes longer than proxy_read_timeout (made 1 s here).
+        slow_port = nginx(f"127.0.0.1:{server.port}", proxy_read_timeout="1s")
+        answer = call(slow_port, client_ssl_ctx, "POST", "/workflow", b'{"name": "slow", "elements": [1]}')
+        assert answer[0] == 504 and "in time" in json_error(*answer)
+        server.process.terminate()
+        assert server.process.wait(timeout=15) == 0
+    assert 'POST /workflow HTTP/1.1" 413' not in "".join(server.log)
+    # 502 from nginx with aioserver down.
+    answer = call(port, client_ssl_ctx, "GET", "/health")
+    assert answer[0] == 502 and "not answering" in json_error(*answer)
+
+
+def test_aioservers_own_errors_pass_through_nginx(nginx: Callable[..., int], client_ssl_ctx: ssl.SSLContext) -> None:
+    """nginx replaces its own errors only (proxy_intercept_errors stays off): aioserver's 504
+    at its --timeout-workflow reaches the client as aioserver wrote it."""
+    env = {"TOKEN": TOKEN_HASH}
+    with Server("--trusted-proxies", "127.0.0.1", "--timeout-workflow", "1", "--config", SLOW, env=env) as server:
+        port = nginx(f"127.0.0.1:{server.port}")
+        status, headers, body = call(port, client_ssl_ctx, "POST", "/workflow", b'{"name": "slow", "elements": [1]}')
+        assert (status, body) == (504, b'{"error": "the workflow took longer than 1s"}')
+        assert headers["x-content-type-options"] == "nosniff"  # aioserver's
+        server.process.terminate()
+        assert server.process.wait(timeout=15) == 0
