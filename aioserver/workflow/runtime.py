@@ -43,6 +43,7 @@ class Runtime:
     )
     # CPU work (the built-in pipelines, ``concurrency: process`` tasks) runs in worker
     # processes, started on first use; a job whose request is cancelled has its process killed.
+    # With --workers, their number is bounded for the whole server (config.process_slots).
     processes: ProcessPool = field(default_factory=ProcessPool)
 
     async def to_thread(self, function: Callable[..., T], *args: Any) -> T:
@@ -65,7 +66,11 @@ async def _runtime_context(app: web.Application) -> AsyncIterator[None]:
     from ..keys import CONFIG, RUNTIME  # here: keys imports this module's Runtime
 
     config = app[CONFIG]
-    runtime = Runtime(session=create_session(config.safeopen), safeopen=config.safeopen)
+    runtime = Runtime(
+        session=create_session(config.safeopen),
+        safeopen=config.safeopen,
+        processes=ProcessPool(slots=config.process_slots),
+    )
     app[RUNTIME] = runtime
     schedules = start_schedules(config.workflows, runtime)
     try:
