@@ -8,6 +8,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +23,7 @@ import uvloop
 
 from aioserver.errors import InvalidElement
 from aioserver.workflow.pipelines import _texts, summarize_all
-from aioserver.workflow.processes import ProcessPool, RemoteTraceback, WorkerDied, default_size
+from aioserver.workflow.processes import ProcessPool, ProcessSlots, RemoteTraceback, WorkerDied, default_size
 
 import sample_actions
 from conftest import Server
@@ -181,6 +183,36 @@ async def test_an_exception_that_does_not_pickle_still_tells_what_happened() -> 
             await pool.run(unpicklable_error)
     finally:
         await pool.close()
+
+
+HOLDER = """
+import os, sys
+from aioserver.workflow.processes import ProcessSlots
+slots = ProcessSlots(2, int(sys.argv[1]))
+print(slots.take(), flush=True)
+slots.raise_flag(ProcessSlots.STARVING, True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_slots_are_shared_between_processes_and_freed_when_one_is_killed() -> None:
+    slots = ProcessSlots.shared(2)
+    assert slots.fd is not None
+    command = [sys.executable, "-c", HOLDER, str(slots.fd)]
+    with subprocess.Popen(command, pass_fds=(slots.fd,), stdin=subprocess.PIPE, stdout=subprocess.PIPE) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == b"0\n"  # it holds slot 0
+            assert wait_until(lambda: slots.flagged_elsewhere(ProcessSlots.STARVING), 5)
+            assert not slots.flagged_elsewhere(ProcessSlots.WAITING)
+            assert slots.take() == 1 and slots.take() is None
+            slots.give(1)
+            holder.kill()  # SIGKILL: no chance to give anything back
+            holder.wait()
+            assert {slots.take(), slots.take()} == {0, 1}
+            assert not slots.flagged_elsewhere(ProcessSlots.STARVING)
+        finally:
+            holder.kill()
+            os.close(slots.fd)
 
 
 # -- as deployed: ``python -m aioserver`` with --workers 1 and 2, on both loops
