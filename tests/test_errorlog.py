@@ -1,0 +1,74 @@
+"""The log of unexpected errors (500s): each one a line with its id; each distinct traceback in
+full once, then counted, so that a failing workflow under load does not flood the log."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Server
+
+FAILING = """workflow:
+  boom: {tasks: [sample_actions.boom]}
+  process_boom: {tasks: [{action: sample_actions.boom, concurrency: process}]}
+  object: {tasks: [sample_actions.not_json]}
+"""
+BOOM = "RuntimeError: the action broke: secret-detail-42"
+
+
+def post(port: int, name: str) -> tuple[int, Any]:
+    body = json.dumps({"name": name, "elements": [1]}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workflow", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def error_ids(port: int, name: str, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        status, answer = post(port, name)
+        assert status == 500 and answer["id"] in answer["error"], answer
+        ids.append(answer["id"])
+    return ids
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_repeated_traceback_is_logged_once_then_counted(loop: str, workers: int, tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(FAILING)
+    with Server("--config", str(config), "--loop", loop, "--workers", str(workers), listeners=workers) as server:
+        ids = {name: error_ids(server.port, name, 30) for name in ("boom", "process_boom")}
+        ids["object"] = error_ids(server.port, "object", 3)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    lines = "".join(server.log).splitlines()
+
+    # Every 500 keeps its line, with its id and what failed.
+    for error_id in [error_id for expected in ids.values() for error_id in expected]:
+        (line,) = [line for line in lines if f"error {error_id} while handling POST /workflow" in line]
+        assert " ERROR aioserver.error: " in line
+    # Each distinct traceback in full once per worker process at most (each counts its own).
+    full = [i for i, line in enumerate(lines) if line == "Traceback (most recent call last):"]
+    assert 3 <= len(full) <= 3 * workers, "\n".join(lines)
+    assert 1 <= sum(line == BOOM for line in lines) <= 2 * workers  # local and worker-process actions differ
+    assert 1 <= sum("not JSON-serializable" in line and line.startswith("TypeError") for line in lines) <= workers
+    # The others are counted, and the counts (logged at the latest when the server stops) add up.
+    repeats = [line for line in lines if "(traceback as error " in line]
+    assert len(repeats) == 63 - len(full)
+    counted = [re.search(r"(\d+) more like error ([0-9a-f]+) in the last [0-9.]+ s$", line) for line in lines]
+    assert sum(int(found[1]) for found in counted if found) == len(repeats)
+    firsts = {found[2] for found in counted if found}
+    assert all(line.endswith(tuple(f"(traceback as error {first})" for first in firsts)) for line in repeats)
