@@ -101,11 +101,15 @@ class ProcessSlots:
     @classmethod
     def shared(cls, size: int | None = None) -> ProcessSlots:
         """Slots for the processes that will be forked from this one (call it before forking)."""
-        if hasattr(os, "memfd_create"):
+        try:
             fd = os.memfd_create("aioserver-process-slots")
-        else:  # an unlinked file: elsewhere than Linux
-            with tempfile.TemporaryFile() as file:
-                fd = os.dup(file.fileno())
+        except (AttributeError, OSError):  # not Linux, or a seccomp filter: an unlinked file
+            try:
+                with tempfile.TemporaryFile() as file:
+                    fd = os.dup(file.fileno())
+            except OSError as exc:
+                logger.warning("worker processes: no file to share their bound (%s): each worker has its own", exc)
+                return cls(size)
         return cls(size, fd)
 
     @property
