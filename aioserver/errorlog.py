@@ -102,14 +102,21 @@ def signature(exc: BaseException) -> Signature:
         if current.__traceback__ is not None:
             parts.extend((f.f_code.co_filename, line) for f, line in traceback.walk_tb(current.__traceback__))
         else:
-            parts.extend(line for line in str(current).splitlines() if line.lstrip().startswith('File "'))
+            parts.extend(line for line in _text(current).splitlines() if line.lstrip().startswith('File "'))
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return tuple(parts)
 
 
 def describe(exc: BaseException) -> str:
     """``Type: message`` on one line, the message cut at :data:`LONGEST` characters."""
-    message = str(exc)
+    message = _text(exc)
     if len(message) > LONGEST:
         message = message[:LONGEST] + "..."
     return loggable(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # an exception whose __str__ fails must not fail the error's own log
+        return f"<unprintable {type(exc).__name__}>"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from aioserver.errorlog import TracebackLog, signature
+from aioserver.errorlog import TracebackLog, describe, signature
 from aioserver.workflow.processes import RemoteTraceback
 
 from conftest import Server
@@ -106,6 +106,18 @@ def test_tracebacks_are_the_same_by_types_and_places_not_messages() -> None:
     for exc, (line, message) in zip(carried, [(1, "a"), (1, "b"), (2, "a")], strict=True):
         exc.__cause__ = RemoteTraceback(remote.format(line, message))
     assert signature(carried[0]) == signature(carried[1]) != signature(carried[2])
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+def test_an_exception_that_cannot_say_what_it_is_is_still_described() -> None:
+    exc = Unprintable()
+    exc.__cause__ = Unprintable()  # as a worker process's would come, without a traceback
+    assert describe(exc) == "Unprintable: <unprintable Unprintable>"
+    assert signature(exc) == signature(Unprintable())[:1] * 2
 
 
 class Records(logging.Handler):
