@@ -8,6 +8,7 @@ from . import views
 from .auth import FailureThrottle, TokenStore, auth_middleware
 from .browser import ANY_HOST, HostGuard, json_body_middleware
 from .config import Config
+from .errorlog import TracebackLog
 from .errors import error_middleware
 from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
@@ -41,7 +42,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     #    whatever its body, and before the user's code;
     # 6. the user's dependencies run only for authorized requests.
     headers = {**HEADERS, "Strict-Transport-Security": HSTS} if config.tls else HEADERS
-    middlewares = [error_middleware(headers)]
+    tracebacks = TracebackLog()
+    middlewares = [error_middleware(headers, tracebacks)]
     if config.proxied:
         middlewares.append(TrustedProxies(config.settings.trusted_proxies).middleware())
     # Tokens cannot appear on reload when none was configured at start (a token file must
@@ -59,6 +61,11 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app[TOKENS] = tokens
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
     setup_workflow_runtime(app, schedules)
+
+    async def count_repeated_errors(app: web.Application) -> None:
+        tracebacks.flush()  # the repeats since the last count, before the process ends
+
+    app.on_cleanup.append(count_repeated_errors)
     app.router.add_get("/health", views.health, allow_head=False)
     app.router.add_post("/workflow", views.run_workflow)
     for extension in config.extensions:

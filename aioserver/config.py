@@ -26,6 +26,7 @@ from .options import Origin, Settings, resolve_settings
 from .tls import Password, ReloadableContext, TLSError, TLSFiles
 from .workflow import Workflow
 from .workflow.actions import ActionResolver, is_pipeline_name
+from .workflow.processes import ProcessSlots
 from .workflow.safeopen import SafeOpen, parse_safeopen
 from .workflow.spec import parse_workflows
 
@@ -59,6 +60,9 @@ class Config:
     # Whether every listener is on a loopback address, decided once: an open service listening
     # only there answers loopback Host names only (browser.py, against DNS rebinding).
     loopback_only: bool = True
+    # The slots of the worker-process pool, made by the parent of --workers before it forks so
+    # that all workers share one bound; None: each app's pool has slots of its own.
+    process_slots: ProcessSlots | None = None
 
 
 def read_document(location: str | None) -> tuple[dict[str, Any], str]:

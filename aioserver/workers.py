@@ -13,6 +13,7 @@ signals with ``sigtimedwait``.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from .listeners import close as close_listeners
 from .server import run as run_server
 from .server import serve
 from .systemd import Notifier
+from .workflow.processes import ProcessSlots
 from .workflow.schedules import HostSchedules, parse_run_message, run_message
 
 logger = logging.getLogger("aioserver.workers")
@@ -221,6 +223,8 @@ def _work(
 def run(config: Config) -> int:
     """Open the sockets, run ``config.settings.workers`` workers on them; the exit status."""
     listeners = open_listeners(config)
+    # One bound on worker processes for the whole server: every worker takes its slots here.
+    config = dataclasses.replace(config, process_slots=ProcessSlots.shared())
     notifier = Notifier.from_env()
     watchdog = systemd.watchdog_interval()
     # The parent speaks to systemd for the group; the workers must not believe it is theirs.

@@ -101,6 +101,13 @@ def spin(batch: list[Any], seconds: float = 1.0) -> list[Any]:
     return batch
 
 
+def spin_span(batch: list[Any], seconds: float = 1.0) -> list[list[float]]:
+    """``spin``, answering when it started and ended (wall clock, comparable between processes)."""
+    started = time.time()
+    spin(batch, seconds)
+    return [[started, time.time()] for _ in batch]
+
+
 HOOKS: list[str] = []
 
 

@@ -40,6 +40,7 @@ class Runtime:
     )
     # CPU work (the built-in pipelines, ``concurrency: process`` tasks) runs in worker
     # processes, started on first use; a job whose request is cancelled has its process killed.
+    # With --workers, their number is bounded for the whole server (config.process_slots).
     processes: ProcessPool = field(default_factory=ProcessPool)
 
     async def to_thread(self, function: Callable[..., T], *args: Any) -> T:
@@ -78,7 +79,11 @@ async def _runtime_context(app: web.Application, scheduler: Scheduler) -> AsyncI
     from ..keys import CONFIG, RUNTIME
 
     config = app[CONFIG]
-    runtime = Runtime(session=create_session(config.safeopen), safeopen=config.safeopen)
+    runtime = Runtime(
+        session=create_session(config.safeopen),
+        safeopen=config.safeopen,
+        processes=ProcessPool(slots=config.process_slots),
+    )
     app[RUNTIME] = runtime
     scheduler.start(runtime)
     try:

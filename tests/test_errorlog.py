@@ -1,0 +1,163 @@
+"""The log of unexpected errors (500s): each one a line with its id; each distinct traceback in
+full once, then counted, so that a failing workflow under load does not flood the log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from aioserver.errorlog import TracebackLog, describe, signature
+from aioserver.workflow.processes import RemoteTraceback
+
+from conftest import Server
+
+FAILING = """workflow:
+  boom: {tasks: [sample_actions.boom]}
+  process_boom: {tasks: [{action: sample_actions.boom, concurrency: process}]}
+  object: {tasks: [sample_actions.not_json]}
+"""
+BOOM = "RuntimeError: the action broke: secret-detail-42"
+
+
+def post(port: int, name: str) -> tuple[int, Any]:
+    body = json.dumps({"name": name, "elements": [1]}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workflow", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def error_ids(port: int, name: str, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        status, answer = post(port, name)
+        assert status == 500 and answer["id"] in answer["error"], answer
+        ids.append(answer["id"])
+    return ids
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_repeated_traceback_is_logged_once_then_counted(loop: str, workers: int, tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(FAILING)
+    with Server("--config", str(config), "--loop", loop, "--workers", str(workers), listeners=workers) as server:
+        ids = {name: error_ids(server.port, name, 30) for name in ("boom", "process_boom")}
+        ids["object"] = error_ids(server.port, "object", 3)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    lines = "".join(server.log).splitlines()
+
+    # Every 500 keeps its line, with its id and what failed.
+    for error_id in [error_id for expected in ids.values() for error_id in expected]:
+        (line,) = [line for line in lines if f"error {error_id} while handling POST /workflow" in line]
+        assert " ERROR aioserver.error: " in line
+    # Each distinct traceback in full once per worker process at most (each counts its own).
+    full = [i for i, line in enumerate(lines) if line == "Traceback (most recent call last):"]
+    assert 3 <= len(full) <= 3 * workers, "\n".join(lines)
+    # Local and worker-process actions differ (the latter shows its traceback in the worker process too).
+    assert 1 <= sum(line == BOOM for line in lines) <= 3 * workers
+    assert 1 <= sum("not JSON-serializable" in line and line.startswith("TypeError") for line in lines) <= workers
+    # The others are counted, and the counts (logged at the latest when the server stops) add up.
+    repeats = [line for line in lines if "(traceback as error " in line]
+    assert len(repeats) == 63 - len(full)
+    counted = [re.search(r"(\d+) more like error ([0-9a-f]+) in the last [0-9.]+ s$", line) for line in lines]
+    assert sum(int(found[1]) for found in counted if found) == len(repeats)
+    firsts = {found[2] for found in counted if found}
+    assert all(line.endswith(tuple(f"(traceback as error {first})" for first in firsts)) for line in repeats)
+
+
+# -- the log itself, in-process on both loops
+
+
+def failure(message: str) -> BaseException:
+    try:
+        raise RuntimeError(message)
+    except RuntimeError as exc:
+        return exc
+
+
+def other_failure() -> BaseException:
+    try:
+        raise RuntimeError("elsewhere")
+    except RuntimeError as exc:
+        return exc
+
+
+def test_tracebacks_are_the_same_by_types_and_places_not_messages() -> None:
+    assert signature(failure("a")) == signature(failure("b"))
+    assert signature(failure("a")) != signature(other_failure())
+    remote = 'Traceback (most recent call last):\n  File "x.py", line {}, in f\nRuntimeError: {}'
+    carried = [ValueError("one"), ValueError("two"), ValueError("three")]
+    for exc, (line, message) in zip(carried, [(1, "a"), (1, "b"), (2, "a")], strict=True):
+        exc.__cause__ = RemoteTraceback(remote.format(line, message))
+    assert signature(carried[0]) == signature(carried[1]) != signature(carried[2])
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text")
+
+
+def test_an_exception_that_cannot_say_what_it_is_is_still_described() -> None:
+    exc = Unprintable()
+    exc.__cause__ = Unprintable()  # as a worker process's would come, without a traceback
+    assert describe(exc) == "Unprintable: <unprintable Unprintable>"
+    assert signature(exc) == signature(Unprintable())[:1] * 2
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[str, bool]] = []  # (message, with a traceback)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.getMessage(), record.exc_info is not None))
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_repeats_are_counted_each_interval_and_a_quiet_traceback_is_forgotten(run: Any) -> None:
+    records = Records()
+    logger = logging.getLogger("test_errorlog")
+    logger.addHandler(records)
+    logger.propagate = False
+
+    async def scenario() -> None:
+        log = TracebackLog(logger, interval=0.2)
+        for number in range(5):
+            log.error(f"id{number}", "while testing", failure(f"message {number}"))
+        log.error("other", "while testing", other_failure())
+        assert records.lines[:3] == [
+            ("error id0 while testing", True),
+            ("error id1 while testing: RuntimeError: message 1 (traceback as error id0)", False),
+            ("error id2 while testing: RuntimeError: message 2 (traceback as error id0)", False),
+        ]
+        assert records.lines[5] == ("error other while testing", True)
+        # The timers of the intervals are due long before this sleep ends: counted, then forgotten.
+        await asyncio.sleep(3)
+        (count,) = [message for message, _ in records.lines[6:]]
+        assert re.fullmatch(r"4 more like error id0 in the last 0\.\d+ s", count), count
+        log.error("id5", "while testing", failure("again"))
+        assert records.lines[-1] == ("error id5 while testing", True)
+        log.error("id6", "while testing", failure("and again"))
+        log.flush()  # as the server stops: the count so far
+        assert records.lines[-1][0].startswith("1 more like error id5 in the last ")
+
+    try:
+        run(scenario())
+    finally:
+        logger.removeHandler(records)
