@@ -1024,3 +1024,17 @@ def test_kernel_queue_is_what_the_peer_has_not_acknowledged() -> None:
                 with contextlib.suppress(BlockingIOError):
                     received += len(receiver.recv(1 << 20))
             assert wait_for(lambda: connections._kernel_queue(sender.fileno()) == 0)
+
+
+@pytest.mark.parametrize(
+    ("peername", "shown"),
+    [
+        (("127.0.0.1", 4711), "127.0.0.1:4711"),
+        (("::1", 4711, 0, 0), "[::1]:4711"),
+        ("", "a client"),
+        (None, "a client"),
+    ],
+)
+def test_peers_are_named_in_the_log_as_addresses_with_ports(peername: object, shown: str) -> None:
+    transport = SimpleNamespace(get_extra_info=lambda name: peername if name == "peername" else None)
+    assert connections._peer(cast(asyncio.Transport, transport)) == shown
