@@ -806,7 +806,10 @@ async def test_in_process_out_of_descriptors_accepting_pauses_and_resumes(
     caplog.set_level(logging.INFO, logger="aioserver.connections")
     async with serving(tls=server_ssl_ctx, sock=sock) as (port, open_, site):
         started = time.monotonic()
-        client = await opened(port, client_ssl_ctx)  # waits in the kernel's queue meanwhile
+        connecting = asyncio.ensure_future(opened(port, client_ssl_ctx))  # waits in the kernel's queue meanwhile
+        await asyncio.sleep(0.2)
+        assert site._server is not None and site._server.is_serving() is False  # paused
+        client = await connecting
         assert time.monotonic() - started >= 0.4
         assert (await ask(client)).startswith(b"HTTP/1.1 200 ")
         assert not failures and site._server is not None and site._server.is_serving()
