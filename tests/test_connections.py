@@ -780,8 +780,10 @@ async def test_in_process_refused_handshakes_free_their_place_among_those_answer
         assert await ended(second[0], timeout=0.3)
         assert await ended(first[0], timeout=3)  # its handshake timed out: its place is free again
         third = await opened(port, client_ssl_ctx)
+        fourth = await raw(port)  # and one place only
+        assert await ended(fourth[0], timeout=0.3)
         assert await ask(third) == OVERLOADED
-        closed(busy, first, second, third)
+        closed(busy, first, second, third, fourth)
 
 
 async def test_in_process_out_of_descriptors_accepting_pauses_and_resumes(
