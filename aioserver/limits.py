@@ -192,7 +192,10 @@ class LimitedRunner(web.AppRunner):
             max_headers=settings.max_headers,
             **kwargs,
         )
-        self.connections = connections or Connections(settings.limit_connections, settings.timeout_send)
+        # `is None`, not `or`: a count with no connection open yet is falsy (its len is 0).
+        if connections is None:
+            connections = Connections(settings.limit_connections, settings.timeout_send)
+        self.connections = connections
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

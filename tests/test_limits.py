@@ -285,3 +285,33 @@ async def test_limits_hold_with_tokens(make_client: ClientFactory) -> None:
         "/workflow", json={"name": "long", "elements": []}, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert (response.status, await response.json()) == (200, [])  # no element, no call, no wait
+
+
+async def test_runners_given_one_count_of_connections_share_it() -> None:
+    """As serve() gives the main listener's runner and the redirect listener's: one limit for both.
+
+    An empty count is falsy (``len`` 0): taken for "none given", each runner got a count of its
+    own, and the process could hold twice its limit (and its file descriptors' budget).
+    """
+    shared = connections.Connections(2, 60)
+    runners = [LimitedRunner(web.Application(), load_config(CONFIG).settings, shared, handle_signals=False)]
+    runners.append(LimitedRunner(web.Application(), load_config(CONFIG).settings, shared, handle_signals=False))
+    ports = []
+    for runner in runners:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        ports.append(runner.addresses[0][1])
+    try:
+        assert all(runner.connections is shared for runner in runners)
+        held = [await asyncio.open_connection("127.0.0.1", port) for port in ports]
+        await asyncio.sleep(0.05)
+        assert len(shared) == 2
+        # Both held ones just opened (not idle yet): the limit is reached, across both listeners.
+        third = await exchange(ports[0], b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert third.startswith(b"HTTP/1.1 503 ")
+        for _, writer in held:
+            writer.close()
+    finally:
+        for runner in runners:
+            await runner.cleanup()

@@ -7,17 +7,24 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
-from aioserver import load_config
+from aioserver import create_app, load_config
 from aioserver.cli import main
 from aioserver.errors import ConfigError
+from aioserver.proxy import TrustedProxies, forwarded_address, parse_trusted
 
 from conftest import TESTS, TOKEN, TOKEN_HASH, ClientFactory, PemFiles, Server, free_port
 
@@ -208,6 +215,175 @@ def test_networks_trusted(value: str, networks: tuple[str, ...]) -> None:
         f"server: {{host: 0.0.0.0, trusted_proxies: {json.dumps(value)}}}\n", env={"TOKEN": TOKEN_HASH}
     )
     assert config.settings.trusted_proxies == networks
+
+
+# -- the pieces, called directly (in-process, where a mutation tester sees them)
+
+
+def test_parse_trusted_wants_text_or_a_list() -> None:
+    with pytest.raises(ValueError) as error:
+        parse_trusted(8080)
+    assert str(error.value) == "expected addresses or CIDRs, comma-separated"
+
+
+@pytest.mark.parametrize(
+    ("value", "networks"),
+    [
+        ("10.0.0.1,, ,10.0.0.2", ("10.0.0.1/32", "10.0.0.2/32")),  # an empty item is skipped, not the end
+        (["", "::1", " 10.0.0.0/8 "], ("::1/128", "10.0.0.0/8")),
+        ("", ()),
+    ],
+)
+def test_parse_trusted_skips_empty_items(value: object, networks: tuple[str, ...]) -> None:
+    assert parse_trusted(value) == networks
+
+
+def test_parse_trusted_says_what_to_list_instead() -> None:
+    with pytest.raises(ValueError) as error:
+        parse_trusted("127.0.0.1, 10.0.0.0/7")
+    assert str(error.value) == (
+        "10.0.0.0/7 is too wide to trust: any client in it could pose as a proxy;"
+        " list the proxies' own addresses or networks, /8 at the widest for IPv4, /16 for IPv6"
+    )
+
+
+@pytest.mark.parametrize(
+    ("node", "address"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("203.0.113.7:4711", "203.0.113.7"),
+        ("[2001:db8::7]", "2001:db8::7"),
+        ("[2001:db8::7]:_port", "2001:db8::7"),
+        ("[::ffff:203.0.113.7]", "203.0.113.7"),
+        ("[2001:db8::7", None),  # no closing bracket
+        ("[fe80::1%eth0]", None),  # ipaddress takes zones; RFC 7239 nodes have none
+        ("[fe80::1%25eth0]:80", None),
+        ("[203.0.113.7]", None),  # brackets are for IPv6
+        ("2001:db8::7", None),
+        ("unknown", None),
+        ("_hidden", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_forwarded_address(node: str | None, address: str | None) -> None:
+    assert forwarded_address(node) == address
+
+
+@pytest.mark.parametrize(
+    ("address", "trusted"),
+    [
+        ("10.1.2.3", True),
+        ("::ffff:10.1.2.3", True),  # IPv4-mapped: matched as the IPv4 address it is
+        ("::1", True),
+        ("::ffff:11.1.2.3", False),
+        ("11.1.2.3", False),
+        ("::2", False),
+        ("unknown", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_trusts_address(address: str | None, trusted: bool) -> None:
+    assert TrustedProxies(parse_trusted("10.0.0.0/8, ::1")).trusts_address(address) is trusted
+
+
+class Transport:
+    """A connection's transport as the loops give it: its socket's family, its peer's name."""
+
+    def __init__(self, family: socket.AddressFamily | None, peername: object) -> None:
+        self.extra = {"peername": peername, "socket": SimpleNamespace(family=family) if family else None}
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.extra.get(name, default)
+
+
+@pytest.mark.parametrize(
+    ("family", "peername", "trusted"),
+    [
+        (socket.AF_UNIX, "", True),  # a local proxy: the socket file's permissions decide
+        (socket.AF_INET, ("10.1.2.3", 4711), True),
+        (socket.AF_INET, ("11.1.2.3", 4711), False),
+        (socket.AF_INET6, ("::1", 4711, 0, 0), True),
+        (socket.AF_INET6, ("::ffff:10.1.2.3", 4711, 0, 0), True),
+        (socket.AF_INET6, ("2001:db8::1", 4711, 0, 0), False),
+        (None, ("10.1.2.3", 4711), True),  # a transport that does not give its socket
+        (None, ("11.1.2.3", 4711), False),
+    ],
+)
+def test_trusts_peer(family: socket.AddressFamily | None, peername: object, trusted: bool) -> None:
+    request = make_mocked_request("GET", "/", transport=Transport(family, peername))
+    assert TrustedProxies(parse_trusted("10.0.0.0/8, ::1")).trusts_peer(request) is trusted
+    if family == socket.AF_UNIX:  # a Unix socket's peer, whatever networks are listed
+        assert TrustedProxies(()).trusts_peer(request)
+
+
+def test_trusts_no_peer_once_the_connection_is_gone() -> None:
+    protocol = mock.Mock(transport=None, peername=None)
+    request = make_mocked_request("GET", "/", protocol=protocol, transport=None)
+    assert request.transport is None
+    assert not TrustedProxies(parse_trusted("10.0.0.0/8")).trusts_peer(request)
+
+
+class Chain(Sequence[Mapping[str, str]]):
+    """Forwarded elements that count how often they are read: a chain is walked once."""
+
+    def __init__(self, *nodes: str) -> None:
+        self.elements = [{"for": node} for node in nodes]
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.elements)
+
+    def __getitem__(self, index: int) -> Mapping[str, str]:  # type: ignore[override]
+        self.reads += 1
+        assert self.reads <= 2 * len(self.elements), "the chain is walked again and again"
+        return self.elements[index]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "client"),
+    [
+        (("203.0.113.7",), "203.0.113.7"),
+        (("198.51.100.1", "203.0.113.7", "10.0.0.2"), "203.0.113.7"),
+        (("10.0.0.1", "10.0.0.2"), "10.0.0.1"),  # every one a trusted proxy: the first names the client
+        (("10.0.0.1", "10.0.0.2", "[::1]:80"), "10.0.0.1"),
+        (("203.0.113.7", "unknown"), "unknown"),  # no address: not skipped as a trusted proxy
+    ],
+)
+def test_forwarded_client_is_the_first_untrusted_from_the_right(nodes: tuple[str, ...], client: str) -> None:
+    proxies = TrustedProxies(parse_trusted("10.0.0.0/8, ::1"))
+    assert proxies._forwarded_client(Chain(*nodes))["for"] == client
+
+
+async def test_forwarded_chain_of_trusted_proxies_only(make_client: ClientFactory) -> None:
+    client = await make_client(CLIENT % "127.0.0.1,10.0.0.0/8")
+    body = await (await client.get("/client", headers={"Forwarded": "for=10.0.0.1, for=10.0.0.2"})).json()
+    assert body["remote"] == "10.0.0.1"
+
+
+@pytest.mark.parametrize("trusted", ["", "10.0.0.0/8"])
+async def test_a_unix_socket_peer_is_a_trusted_proxy(trusted: str, tmp_path: Path) -> None:
+    """In-process, on a real Unix socket: whatever the networks, its forwarding headers are believed."""
+    path = str(tmp_path / "aioserver.sock")
+    config = "extensions: [sample_plugins.add_client]\nserver: {uds: '%s', trusted_proxies: '%s'}\n"
+    runner = web.AppRunner(create_app(load_config(config % (path, trusted))))
+    await runner.setup()
+    await web.UnixSite(runner, path).start()
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path)) as session:
+            seen = []
+            for headers in (
+                {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"},
+                {"Forwarded": "for=203.0.113.8;proto=https"},
+                {},
+            ):
+                async with session.get("http://localhost/client", headers=headers) as response:
+                    body = await response.json()
+                    seen.append((body["remote"], body["scheme"]))
+    finally:
+        await runner.cleanup()
+    assert seen == [("203.0.113.7", "https"), ("203.0.113.8", "https"), ("", "http")]
 
 
 # -- a real nginx in front of a real aioserver
