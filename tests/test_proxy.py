@@ -55,6 +55,37 @@ async def test_forwarded_headers_believed_from_trusted_peers_only(
 
 
 @pytest.mark.parametrize(
+    ("trusted", "warned"),
+    [
+        ("", True),  # no trusted proxies: every peer is untrusted
+        ("10.0.0.0/8", True),  # a proxy on 127.0.0.1 left out of the list
+        ("127.0.0.1", False),  # believed: nothing to warn about
+    ],
+)
+@pytest.mark.parametrize(
+    "forwarded",
+    [("X-Forwarded-For", "203.0.113.%d"), ("forwarded", "for=203.0.113.%d")],  # any case
+    ids=["x-forwarded-for", "forwarded"],
+)
+async def test_forwarded_headers_from_an_untrusted_peer_are_warned_about_once(
+    make_client: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+    trusted: str,
+    warned: bool,
+    forwarded: tuple[str, str],
+) -> None:
+    client = await make_client(CLIENT % trusted)
+    assert (await client.get("/client")).status == 200
+    assert "aioserver.proxy" not in caplog.text  # no forwarded headers, no warning
+    name, value = forwarded
+    for i in (7, 8):
+        assert (await client.get("/client", headers={name: value % i})).status == 200
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aioserver.proxy"]
+    assert len(warnings) == warned and all(w.startswith(f"127.0.0.1 {UNTRUSTED_LINE}") for w in warnings)
+    assert "203.0.113" not in caplog.text  # the peer's address only, never what the headers say
+
+
+@pytest.mark.parametrize(
     "headers",
     [
         {"X-Forwarded-For": "not-an-address"},
