@@ -1,7 +1,8 @@
 """Shared fixtures: configs built from inline YAML, clients driving create_app, the real server.
 
-Server-level tests (those that start ``python -m aioserver`` through :class:`Server`, in their
-body, a helper or a fixture of theirs) run once per :data:`DEPLOYMENTS` entry, as deployed:
+Server-level tests (those that start ``python -m aioserver`` through :class:`Server` or
+:func:`aioserver_command`, in their body, a helper or a fixture of theirs) run once per
+:data:`DEPLOYMENTS` entry, as deployed:
 
 - ``[asyncio]``: in a venv made by the README's first command (``pip install`` without extras:
   neither uvloop nor orjson), on the default ``--loop auto``, which is then asyncio's loop;
@@ -254,6 +255,20 @@ class Server:
             return response.status, response.read()
 
 
+def aioserver_command(*args: str) -> list[str]:
+    """``python -m aioserver ARGS`` as the current test's deployment runs it.
+
+    For a test that starts the server its own way (under systemd-socket-activate, say): it is
+    run in each deployment as a Server-starting test is, and should check the loop line itself.
+    """
+    if _deployment is None:
+        raise AssertionError("aioserver_command() outside a deployment: see Server")
+    options = (
+        ("--workers", str(_deployment.workers)) if _deployment.workers > 1 and not _given(args, "--workers") else ()
+    )
+    return [_deployment.python, "-m", "aioserver", *options, *args]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "workers: a server-level test run also with --workers 2 (uvloop), where workers change the behaviour"
@@ -283,7 +298,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _starts_server(thing: Any, seen: set[int]) -> bool:
     """Whether ``thing`` starts a Server: names it, or calls a function or class of the tests that does."""
-    if thing is Server:
+    if thing is Server or thing is aioserver_command:
         return True
     if id(thing) in seen or thing is _starts_server:  # this one names Server without starting it
         return False

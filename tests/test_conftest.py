@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 import conftest
-from conftest import ROOT, WITH_SPEED, Deployment, no_extras_python
+from conftest import ROOT, WITH_SPEED, Deployment, aioserver_command, no_extras_python
 
 
 def test_the_no_extras_venv_is_the_readme_install_of_this_code() -> None:
@@ -49,3 +49,14 @@ def _not_serving() -> None:
 @pytest.mark.parametrize(("name", "serves"), [("_through_a_helper", True), ("_not_serving", False)])
 def test_server_level_tests_are_found_through_their_helpers(name: str, serves: bool) -> None:
     assert conftest._starts_server(globals()[name], set()) is serves
+
+
+def test_a_command_of_ones_own_runs_in_the_deployment(deployment: Deployment) -> None:
+    process = subprocess.Popen(aioserver_command("--port", "0"), stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()
+    finally:
+        process.kill()
+        process.communicate()
+    assert first.rstrip().endswith(f"INFO aioserver: event loop: {deployment.loop}")
