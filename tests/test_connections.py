@@ -157,6 +157,36 @@ def test_busy_connections_mean_503_in_full(
     assert log.count(LIMIT_LINE) == 1 and "Traceback" not in log
 
 
+@pytest.mark.workers
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_over_the_limit_each_process_answers_503_in_full(
+    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, tls: bool
+) -> None:
+    # The limit is per process, and the kernel hands each connection to any worker: with
+    # several, a worker at its limit refuses while another has room. Refused is a 503 in full
+    # all the same, and each worker at its limit says so once.
+    context = client_ssl_ctx if tls else None
+    args = ("--config", config, "--limit-connections", "2", *(tls_args(pem_files) if tls else ()))
+    body = b'{"name": "busy", "elements": [1]}'
+    post = (
+        b"POST /workflow HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with Server(*args) as server:
+        clients = [connect(server.port, context) for _ in range(10)]
+        for sock in clients:
+            sock.sendall(post)
+        answers = [read_answer(sock) for sock in clients]  # the 503s at once, the busy ones after 4 s
+        for sock in clients:
+            sock.close()
+    served = sum(answer.startswith(b"HTTP/1.1 200 ") for answer in answers)
+    refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503 ")]
+    assert served + len(refused) == 10 and 2 <= served <= 2 * server.workers, answers
+    assert all(answer.endswith(b'{"error": "too many connections"}\r\n') for answer in refused)
+    log = "".join(server.log)
+    assert 1 <= log.count(LIMIT_LINE) <= server.workers and "Traceback" not in log
+
+
 def test_handshakes_count_and_cannot_lock_others_out(
     config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, many_files: None
 ) -> None:
