@@ -81,6 +81,14 @@ class Deployment:
     def python(self) -> str:
         return no_extras_python() if self.no_extras else PYTHON
 
+    def command(self) -> list[str]:
+        """``python -m aioserver`` as installed in this deployment."""
+        if self.no_extras and "MUTANT_UNDER_TEST" in os.environ:
+            # Under mutmut the mutated modules import mutmut, which only the test venv holds:
+            # there, asyncio's loop by option (and orjson) is as near as it gets.
+            return [PYTHON, "-m", "aioserver", "--loop", self.loop]
+        return [self.python, "-m", "aioserver"]
+
 
 AS_INSTALLED = Deployment("asyncio", "asyncio", no_extras=True)
 WITH_SPEED = Deployment("uvloop", "uvloop")
@@ -169,7 +177,7 @@ class Server:
                 " over conftest.DEPLOYMENTS and pass deployment=; else a test or a helper that conftest"
                 " could not see starting it (see pytest_generate_tests)"
             )
-        python = PYTHON if deployment is None or loop is not None else deployment.python
+        command = [PYTHON, "-m", "aioserver"] if deployment is None or loop is not None else deployment.command()
         self.loop = loop if loop not in (None, "auto") else deployment.loop if deployment else None
         options: tuple[str, ...] = ()
         given_workers = _given(args, "--workers")
@@ -186,7 +194,7 @@ class Server:
         self.pattern = pattern
         self.ports: list[int] = []
         self.process = subprocess.Popen(
-            [python, "-m", "aioserver", "--port", "0", *options, *args],
+            [*command, "--port", "0", *options, *args],
             env=environment,
             stderr=subprocess.PIPE,
             text=True,
@@ -266,7 +274,7 @@ def aioserver_command(*args: str) -> list[str]:
     options = (
         ("--workers", str(_deployment.workers)) if _deployment.workers > 1 and not _given(args, "--workers") else ()
     )
-    return [_deployment.python, "-m", "aioserver", *options, *args]
+    return [*_deployment.command(), *options, *args]
 
 
 def pytest_configure(config: pytest.Config) -> None:
