@@ -23,14 +23,17 @@ def test_the_no_extras_venv_is_the_readme_install_of_this_code() -> None:
 
 def test_a_server_on_another_loop_than_intended_fails_its_test() -> None:
     # The test venv has uvloop: --loop auto runs on it, not on the loop this deployment names.
+    server = vars(conftest)["Server"]  # a name in a string: the test runs once, in no deployment
     with pytest.raises(AssertionError, match="meant to run on asyncio, ran on uvloop"):
-        vars(conftest)["Server"](deployment=Deployment("mislabelled", "asyncio"))  # run once: no deployment
+        with server(deployment=Deployment("mislabelled", "asyncio")):  # stopped, should it start
+            pass
 
 
 def test_a_server_outside_a_deployment_fails_its_test() -> None:
     # Out of pytest_generate_tests' sight (a name in a string), so not run in the deployments.
     with pytest.raises(AssertionError, match="outside a deployment"):
-        vars(conftest)["Server"]()
+        with vars(conftest)["Server"]():  # stopped, should it start
+            pass
 
 
 def _serve() -> None:
