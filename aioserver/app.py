@@ -13,7 +13,7 @@ from .errors import error_middleware
 from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
 from .plugins import dependencies_middleware
-from .proxy import TrustedProxies
+from .proxy import TrustedProxies, UntrustedForwarding
 from .workflow.runtime import setup_workflow_runtime
 from .workflow.schedules import HostSchedules
 
@@ -33,7 +33,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     # 1. error_middleware renders every error raised inside it as JSON and adds the headers
     #    every answer carries, so it wraps all else;
     # 2. the proxy middleware swaps in the client and scheme a trusted proxy reports, so that
-    #    the auth throttle, the handlers and the access log see the real client;
+    #    the auth throttle, the handlers and the access log see the real client; without
+    #    trusted proxies, one that warns once that forwarded headers came (a proxy left out);
     # 3. the Host check (DNS rebinding), only while the service is open on loopback with no
     #    proxy in front (never together with 2), before anything else looks at the request;
     # 4. auth_middleware decides before any routing outcome is revealed (an unknown path
@@ -46,6 +47,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     middlewares = [error_middleware(headers, tracebacks)]
     if config.proxied:
         middlewares.append(TrustedProxies(config.settings.trusted_proxies).middleware())
+    else:
+        middlewares.append(UntrustedForwarding().middleware())
     # Tokens cannot appear on reload when none was configured at start (a token file must
     # hold one), so "open" is known here once.
     allowed_hosts = config.settings.allowed_hosts

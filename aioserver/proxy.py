@@ -9,19 +9,27 @@ are the ``trusted_proxies`` addresses/networks, and anyone on a Unix socket (a l
 socket file's permissions decide who may connect). What a trusted peer reports is believed
 only as an IP address and an http/https scheme: the access log and the auth throttle get
 nothing else.
+
+A peer that sends forwarded headers without being trusted is most likely a proxy left out of
+``trusted_proxies``: behind it every client has its address, in the access log and in the auth
+throttle, where ten failures from any of them lock all of them out. The first such request
+says so in the log, once per process; after that the check is a flag test.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
 from aiohttp_remotes import XForwardedFiltered
+
+logger = logging.getLogger("aioserver.proxy")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -94,12 +102,45 @@ def forwarded_address(node: str | None) -> str | None:
     return str(mapped or address)  # ::ffff:192.0.2.1 is 192.0.2.1, as the peers are seen
 
 
+class UntrustedForwarding:
+    """Says once that a peer we do not trust sends forwarded headers (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def check(self, request: web.Request) -> None:
+        """Warn if ``request`` carries forwarded headers; its peer is known not to be trusted."""
+        headers = request.headers
+        if hdrs.X_FORWARDED_FOR in headers or hdrs.FORWARDED in headers:  # istr: no case folding per request
+            self.warned = True
+            # The peer's address only: the headers' values are anyone's to write.
+            logger.warning(
+                "%s sends forwarded headers but is not a trusted proxy: they are ignored. If it is a"
+                " proxy, list its address in --trusted-proxies (or serve it on --uds): until then every"
+                " client behind it has its address, in the access log and in the auth throttle, where"
+                " ten failures from any of them lock all of them out. Said once.",
+                request.remote,
+            )
+
+    def middleware(self) -> Middleware:
+        """Without trusted proxies, every peer is untrusted: the check until it has warned, then none."""
+
+        @web.middleware
+        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if not self.warned:
+                self.check(request)
+            return await handler(request)
+
+        return middleware
+
+
 class TrustedProxies:
     """The peers whose forwarding headers we believe."""
 
     def __init__(self, networks: Iterable[str]) -> None:
         self.networks: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in networks)
         self._x_forwarded = XForwardedFiltered(set(self.networks)) if self.networks else None
+        self._untrusted = UntrustedForwarding()
 
     def trusts_address(self, address: str | None) -> bool:
         try:
@@ -144,6 +185,8 @@ class TrustedProxies:
         @web.middleware
         async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             if not self.trusts_peer(request):
+                if not self._untrusted.warned:
+                    self._untrusted.check(request)
                 return await handler(request)  # headers from anyone else are ignored
             seen: list[web.Request] = []
 

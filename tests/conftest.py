@@ -1,9 +1,26 @@
-"""Shared fixtures: configs built from inline YAML and clients driving create_app."""
+"""Shared fixtures: configs built from inline YAML, clients driving create_app, the real server.
+
+Server-level tests (those that start ``python -m aioserver`` through :class:`Server` or
+:func:`aioserver_command`, in their body, a helper or a fixture of theirs) run once per
+:data:`DEPLOYMENTS` entry, as deployed:
+
+- ``[asyncio]``: in a venv made by the README's first command (``pip install`` without extras:
+  neither uvloop nor orjson), on the default ``--loop auto``, which is then asyncio's loop;
+- ``[uvloop]``: in the test venv, whose extras hold the ``speed`` extra's uvloop and orjson, on
+  the default ``--loop auto``, which is then uvloop.
+
+Each configuration's log must say it ran on its loop. Tests marked ``@pytest.mark.workers``
+(where more processes change the behaviour: signals, reloads, shutdown, the access log) run
+a third time, ``[uvloop-workers]``, with ``--workers 2``. A test that takes a ``loop``
+argument chooses its loops itself (``--loop``), in the test venv, and is left alone.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
+import inspect
 import locale
 import os
 import re
@@ -12,10 +29,12 @@ import ssl
 import subprocess
 import sys
 import threading
+import types
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -40,11 +59,107 @@ def make_client(aiohttp_client) -> ClientFactory:  # type: ignore[no-untyped-def
     return factory
 
 
-# -- the real thing: ``python -m aioserver`` as a user starts it
+# -- the real thing: ``python -m aioserver`` as a user starts it, in the configurations users deploy
+
+ROOT = TESTS.parent
+NO_EXTRAS_VENV = ROOT / ".venv-no-extras"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """An install and a process layout that server-level tests run in (see the module's docstring)."""
+
+    name: str
+    loop: str  # the event loop its server must run on, by default (--loop auto)
+    no_extras: bool = False  # in the venv of the README's first command, else in the test venv
+    workers: int = 1  # --workers, unless the test gives it
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def python(self) -> str:
+        return no_extras_python() if self.no_extras else PYTHON
+
+    def command(self) -> list[str]:
+        """``python -m aioserver`` as installed in this deployment."""
+        if self.no_extras and "MUTANT_UNDER_TEST" in os.environ:
+            # Under mutmut the mutated modules import mutmut, which only the test venv holds:
+            # there, asyncio's loop by option (and orjson) is as near as it gets.
+            return [PYTHON, "-m", "aioserver", "--loop", self.loop]
+        return [self.python, "-m", "aioserver"]
+
+
+AS_INSTALLED = Deployment("asyncio", "asyncio", no_extras=True)
+WITH_SPEED = Deployment("uvloop", "uvloop")
+WITH_WORKERS = Deployment("uvloop-workers", "uvloop", workers=2)
+DEPLOYMENTS = (AS_INSTALLED, WITH_SPEED)
+
+# The current test's deployment, set by the autouse fixture below while a test runs.
+_deployment: Deployment | None = None
+_no_extras: str | BaseException | None = None
+
+
+def no_extras_python() -> str:
+    """The interpreter of a venv holding aioserver as the README's first command installs it.
+
+    Made once (kept in .venv-no-extras/ while setup.cfg and pyproject.toml do not change), with
+    this worktree installed editable, so that it runs this code; it must lack uvloop and orjson.
+    Failing to make it fails the tests that need it.
+    """
+    global _no_extras
+    if _no_extras is None:
+        try:
+            _no_extras = _make_no_extras_venv()
+        except BaseException as exc:  # once: every test needing it fails with the same reason
+            _no_extras = exc
+    if isinstance(_no_extras, BaseException):
+        raise AssertionError(f"no venv without extras: {_no_extras}") from _no_extras
+    return _no_extras
+
+
+def _make_no_extras_venv() -> str:
+    python = NO_EXTRAS_VENV / "bin" / "python"
+    stamp = NO_EXTRAS_VENV / "installed-from"
+    sources = b"".join((ROOT / name).read_bytes() for name in ("setup.cfg", "pyproject.toml"))
+    wanted = hashlib.sha256(sources + sys.version.encode()).hexdigest()
+    with open(ROOT / ".venv-no-extras.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest of this worktree may be making it
+        if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
+            subprocess.run([PYTHON, "-m", "venv", "--clear", str(NO_EXTRAS_VENV)], check=True, timeout=120)
+            install = subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            assert install.returncode == 0, f"pip install -e . failed:\n{install.stderr}"
+            for extra in ("uvloop", "orjson"):  # else the configuration would not be the README's
+                found = subprocess.run([str(python), "-c", f"import {extra}"], capture_output=True, timeout=60)
+                assert found.returncode != 0, f"{extra} is installed in {NO_EXTRAS_VENV}"
+            stamp.write_text(wanted)
+    return str(python)
+
+
+def _given(args: tuple[str, ...], flag: str) -> str | None:
+    """The value of ``flag`` among ``args`` (``--flag V`` or ``--flag=V``), or None."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.partition("=")[2]
+    return None
 
 
 class Server:
-    """A running ``python -m aioserver``, its port read from its own log line."""
+    """A running ``python -m aioserver``, its port read from its own log line.
+
+    It runs in the current test's :class:`Deployment` (or ``deployment``, for a fixture of a
+    wider scope, which must then be parametrized over :data:`DEPLOYMENTS` itself), unless its
+    arguments choose the loop (``--loop``). Under a deployment's workers, every worker logs
+    "serving on": ``listeners`` lines are awaited per worker and ``ports`` holds each port once.
+    ``workers`` is how many processes serve (a test waiting for each one's log line needs it).
+    """
 
     def __init__(
         self,
@@ -52,13 +167,34 @@ class Server:
         env: dict[str, str] | None = None,
         listeners: int = 1,
         pattern: str = r"serving on https?://127\.0\.0\.1:(\d+)",  # a group: the port, if any
+        deployment: Deployment | None = None,
     ) -> None:
+        deployment = deployment or _deployment
+        loop = _given(args, "--loop")
+        if deployment is None and loop is None:
+            raise AssertionError(
+                "Server started outside a deployment: a fixture wider than a test must be parametrized"
+                " over conftest.DEPLOYMENTS and pass deployment=; else a test or a helper that conftest"
+                " could not see starting it (see pytest_generate_tests)"
+            )
+        command = [PYTHON, "-m", "aioserver"] if deployment is None or loop is not None else deployment.command()
+        self.loop = loop if loop not in (None, "auto") else deployment.loop if deployment else None
+        options: tuple[str, ...] = ()
+        given_workers = _given(args, "--workers")
+        self.workers = int(given_workers) if given_workers else 1
+        duplicates = False  # the same listener's line once per worker
+        if deployment is not None and deployment.workers > 1 and given_workers is None:
+            options = ("--workers", str(deployment.workers))
+            self.workers = deployment.workers
+            listeners *= deployment.workers
+            duplicates = True
         environment = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
+        self.deployment = deployment
         self.listeners = listeners
         self.pattern = pattern
         self.ports: list[int] = []
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "aioserver", "--port", "0", *args],
+            [*command, "--port", "0", *options, *args],
             env=environment,
             stderr=subprocess.PIPE,
             text=True,
@@ -66,6 +202,16 @@ class Server:
         self.log: list[str] = []
         self._drainer = threading.Thread(target=self._drain, daemon=True)
         self.port = self._wait_for_port()
+        if duplicates:
+            self.ports = list(dict.fromkeys(self.ports))
+        self._check_loop()
+
+    def _check_loop(self) -> None:
+        """The log names the loop it runs on (at --log-level info or below): the one intended."""
+        loops = re.findall(r"INFO aioserver: event loop: (\w+)$", "".join(self.log), re.MULTILINE)
+        if self.loop and loops and loops != [self.loop] * len(loops):
+            self.__exit__()
+            raise AssertionError(f"meant to run on {self.loop}, ran on {', '.join(loops)}:\n" + "".join(self.log))
 
     def __enter__(self) -> Server:
         return self
@@ -115,6 +261,98 @@ class Server:
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.read()
+
+
+def aioserver_command(*args: str) -> list[str]:
+    """``python -m aioserver ARGS`` as the current test's deployment runs it.
+
+    For a test that starts the server its own way (under systemd-socket-activate, say): it is
+    run in each deployment as a Server-starting test is, and should check the loop line itself.
+    """
+    if _deployment is None:
+        raise AssertionError("aioserver_command() outside a deployment: see Server")
+    options = (
+        ("--workers", str(_deployment.workers)) if _deployment.workers > 1 and not _given(args, "--workers") else ()
+    )
+    return [*_deployment.command(), *options, *args]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "workers: a server-level test run also with --workers 2 (uvloop), where workers change the behaviour"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test that starts :class:`Server` in each deployment (see the module's docstring)."""
+    if "deployment" not in metafunc.fixturenames or "loop" in metafunc.fixturenames:
+        return  # a test choosing its loops itself keeps them
+    # The fixtures a test asks for, its own and those they ask for, by test-scoped fixture
+    # functions: pytest has resolved them already (a wider one has to choose its deployment).
+    fixtures = [
+        fixture.func
+        for definitions in metafunc._arg2fixturedefs.values()
+        for fixture in definitions
+        if fixture.scope == "function"
+    ]
+    seen: set[int] = set()
+    if not any(_starts_server(function, seen) for function in [metafunc.function, *fixtures]):
+        return
+    deployments = list(DEPLOYMENTS)
+    if metafunc.definition.get_closest_marker("workers"):
+        deployments.append(WITH_WORKERS)
+    metafunc.parametrize("deployment", deployments, indirect=True, ids=str)
+
+
+def _starts_server(thing: Any, seen: set[int]) -> bool:
+    """Whether ``thing`` starts a Server: names it, or calls a function or class of the tests that does."""
+    if thing is Server or thing is aioserver_command:
+        return True
+    if id(thing) in seen or thing is _starts_server:  # this one names Server without starting it
+        return False
+    seen.add(id(thing))
+    if isinstance(thing, (staticmethod, classmethod)):
+        thing = thing.__func__
+    elif isinstance(thing, property):
+        thing = thing.fget
+    if inspect.isclass(thing):
+        module = sys.modules.get(thing.__module__)
+        return _ours(getattr(module, "__file__", None)) and any(_starts_server(v, seen) for v in vars(thing).values())
+    if not inspect.isfunction(thing) or not _ours(thing.__code__.co_filename):
+        return False
+    names = {name for code in _code_objects(thing.__code__) for name in code.co_names}
+    named = [thing.__globals__[name] for name in names if name in thing.__globals__]
+    # conftest.Server: an attribute of a module it names (attribute names are in co_names too).
+    named += [
+        getattr(m, name, None)
+        for m in named
+        if inspect.ismodule(m) and _ours(getattr(m, "__file__", None))
+        for name in names
+    ]
+    return any(_starts_server(value, seen) for value in named)
+
+
+def _ours(path: str | None) -> bool:
+    return path is not None and Path(path).is_relative_to(TESTS)
+
+
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    """A function's code and that of the functions, lambdas and comprehensions inside it."""
+    yield code
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield from _code_objects(constant)
+
+
+@pytest.fixture(autouse=True)
+def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment | None]:
+    """The deployment the current test's servers run in: one of its parameters, or none."""
+    global _deployment
+    _deployment = getattr(request, "param", None)
+    try:
+        yield _deployment
+    finally:
+        _deployment = None
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 ``Server: aioserver`` (never aiohttp's name and version) and ``X-Content-Type-Options:
 nosniff`` on each, ``Strict-Transport-Security`` on HTTPS answers only, JSON bodies for errors,
 and none of the client's bytes in a body. Raw sockets, against the real ``python -m aioserver``
-with ``--redirect-http`` (uvloop) and against the same apps served in-process (asyncio's loop).
+with ``--redirect-http`` (in each conftest deployment) and against the same apps served in-process
+(asyncio's loop).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aioserver import create_app, load_config
 from aioserver.limits import LimitedRunner
 from aioserver.server import create_redirect_app
 
-from conftest import PemFiles, Server
+from conftest import DEPLOYMENTS, PemFiles, Server
 
 CANARY = "canary-5e1f"  # client bytes that must never come back in a body
 BODY = b'{"name": "shout", "elements": [" hi "]}'
@@ -88,13 +89,13 @@ class Listeners:
     context: ssl.SSLContext | None  # the main listener's client context, None for plain HTTP
 
 
-# -- the real server: HTTPS with --redirect-http, on uvloop
+# -- the real server: HTTPS with --redirect-http, one per deployment for the whole module
 
 
-@pytest.fixture(scope="module")
-def real(pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> Iterator[Listeners]:
+@pytest.fixture(scope="module", params=DEPLOYMENTS, ids=str)
+def real(request: pytest.FixtureRequest, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext) -> Iterator[Listeners]:
     args = ("--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key), "--redirect-http", "0")
-    with Server(*args, listeners=2) as server:
+    with Server(*args, listeners=2, deployment=request.param) as server:
         yield Listeners(server.ports[0], server.ports[1], client_ssl_ctx)
 
 

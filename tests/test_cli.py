@@ -116,6 +116,7 @@ def server(sleepy_config: Path) -> Iterator[Server]:
         yield running
 
 
+@pytest.mark.workers
 def test_sigterm_lets_the_request_in_flight_finish(server: Server) -> None:
     result: list[tuple[int, bytes]] = []
     client = threading.Thread(target=lambda: result.append(server.post(b'{"name": "sleepy", "elements": [7]}')))
@@ -132,6 +133,7 @@ def test_sigterm_lets_the_request_in_flight_finish(server: Server) -> None:
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 
+@pytest.mark.workers
 def test_sigint_exits_0(server: Server) -> None:
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(timeout=10) == 0
@@ -158,6 +160,7 @@ def test_console_script_serves_default_config(tmp_path: Path) -> None:
     assert done.returncode == 0 and "workflow shout" in done.stdout
 
 
+@pytest.mark.workers
 def test_shutdown_is_bounded_even_with_a_stuck_sync_action(tmp_path: Path) -> None:
     path = tmp_path / "config.yml"
     path.write_text("workflow:\n  stuck:\n    tasks: [{action: sample_actions.sleepy, args: [60]}]\n")
@@ -169,7 +172,10 @@ def test_shutdown_is_bounded_even_with_a_stuck_sync_action(tmp_path: Path) -> No
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=15) == 0
         assert time.monotonic() - started < 10
-    assert "exiting with 1 action threads still running" in "".join(server.log)
+    log = "".join(server.log)
+    assert log.count("INFO aioserver: stopped") == server.workers
+    if server.workers == 1:  # a worker leaves by os._exit, its threads with it, unannounced
+        assert "exiting with 1 action threads still running" in log
 
 
 def _ignore_errors(server: Server) -> None:

@@ -1,4 +1,4 @@
-"""Connections from accept to close, on the real server and on both loops, and in-process.
+"""Connections from accept to close, on the real server (in each conftest deployment: both loops), and in-process.
 
 Idle and handshaking connections make room for new ones; only busy ones mean a 503, which is
 answered in full (never a reset); TLS handshakes count from accept and are bounded in time; an
@@ -36,7 +36,6 @@ from aioserver.tls import ReloadableContext
 
 from conftest import PemFiles, Server
 
-LOOPS = ["asyncio", "uvloop"]
 CONFIG = """
 workflow:
   echo: {tasks: [echo]}
@@ -114,12 +113,11 @@ def many_files() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
-@pytest.mark.parametrize("loop", LOOPS)
 def test_idle_connections_make_room(
-    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, loop: str, tls: bool
+    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, tls: bool
 ) -> None:
     context = client_ssl_ctx if tls else None
-    args = ("--config", config, "--loop", loop, "--limit-connections", "4", *(tls_args(pem_files) if tls else ()))
+    args = ("--config", config, "--limit-connections", "4", *(tls_args(pem_files) if tls else ()))
     with Server(*args) as server:
         held = [connect(server.port, context) for _ in range(4)]
         held[2].sendall(HEALTH)  # a keep-alive connection, idle once answered
@@ -142,12 +140,11 @@ def test_idle_connections_make_room(
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
-@pytest.mark.parametrize("loop", LOOPS)
 def test_busy_connections_mean_503_in_full(
-    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, loop: str, tls: bool
+    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, tls: bool
 ) -> None:
     context = client_ssl_ctx if tls else None
-    args = ("--config", config, "--loop", loop, "--limit-connections", "2", *(tls_args(pem_files) if tls else ()))
+    args = ("--config", config, "--limit-connections", "2", *(tls_args(pem_files) if tls else ()))
     body = b'{"name": "busy", "elements": [1]}'
     post = (
         b"POST /workflow HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -174,11 +171,36 @@ def test_busy_connections_mean_503_in_full(
     assert log.count(LIMIT_LINE) == 1 and "Traceback" not in log
 
 
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.workers
+def test_over_the_limit_each_process_answers_503_in_full(config: str) -> None:
+    # The limit is per process, and the kernel hands each connection to any worker: with
+    # several, a worker at its limit refuses while another has room. Refused is a 503 in full
+    # all the same, and each worker at its limit says so once (over TLS: see above).
+    args = ("--config", config, "--limit-connections", "2")
+    body = b'{"name": "busy", "elements": [1]}'
+    post = (
+        b"POST /workflow HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with Server(*args) as server:
+        clients = [connect(server.port, None) for _ in range(10)]
+        for sock in clients:
+            sock.sendall(post)
+        answers = [read_answer(sock) for sock in clients]  # the 503s at once, the busy ones after 4 s
+        for sock in clients:
+            sock.close()
+    served = sum(answer.startswith(b"HTTP/1.1 200 ") for answer in answers)
+    refused = [answer for answer in answers if answer.startswith(b"HTTP/1.1 503 ")]
+    assert served + len(refused) == 10 and 2 <= served <= 2 * server.workers, answers
+    assert all(answer.endswith(b'{"error": "too many connections"}\r\n') for answer in refused)
+    log = "".join(server.log)
+    assert 1 <= log.count(LIMIT_LINE) <= server.workers and "Traceback" not in log
+
+
 def test_handshakes_count_and_cannot_lock_others_out(
-    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, loop: str, many_files: None
+    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, many_files: None
 ) -> None:
-    with Server("--config", config, "--loop", loop, "--limit-connections", "50", *tls_args(pem_files)) as server:
+    with Server("--config", config, "--limit-connections", "50", *tls_args(pem_files)) as server:
         # The soft limit systemd gives a service by default (and that the review found it under).
         _, hard = resource.prlimit(server.process.pid, resource.RLIMIT_NOFILE)
         resource.prlimit(server.process.pid, resource.RLIMIT_NOFILE, (1024, hard))
@@ -201,9 +223,8 @@ def test_handshakes_count_and_cannot_lock_others_out(
     assert "".join(server.log).count(LIMIT_LINE) == 1
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_handshake_time_is_bounded(config: str, pem_files: PemFiles, loop: str) -> None:
-    with Server("--config", config, "--loop", loop, "--timeout-handshake", "1", *tls_args(pem_files)) as server:
+def test_handshake_time_is_bounded(config: str, pem_files: PemFiles) -> None:
+    with Server("--config", config, "--timeout-handshake", "1", *tls_args(pem_files)) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             started = time.monotonic()
             assert sock.recv(1) == b""  # cut off by the server, not by our timeout
@@ -234,8 +255,8 @@ def test_file_limit_is_raised_or_warned_about(
     assert ("needs about 1320 file descriptors" in caplog.text) is warned
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_busy_keep_alive_clients_never_lose_an_answer(config: str, loop: str) -> None:
+@pytest.mark.workers
+def test_busy_keep_alive_clients_never_lose_an_answer(config: str) -> None:
     # More keep-alive clients than the limit, each sending its next request as soon as it has
     # the answer: a connection is "idle" for an instant between two requests, and cutting it
     # then made the client lose an answer the server had sent (and logged 200): reclaiming
@@ -266,7 +287,7 @@ def test_busy_keep_alive_clients_never_lose_an_answer(config: str, loop: str) ->
         if sock is not None:
             sock.close()
 
-    with Server("--config", config, "--loop", loop, "--limit-connections", "4") as server:
+    with Server("--config", config, "--limit-connections", "4") as server:
         until = time.monotonic() + 3
         threads = [threading.Thread(target=client, args=(server.port, until)) for _ in range(8)]
         for thread in threads:
@@ -322,14 +343,13 @@ def read_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
-@pytest.mark.parametrize("loop", LOOPS)
 def test_answers_no_one_reads_are_cut_off(
-    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, loop: str, tls: bool
+    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, tls: bool
 ) -> None:
     # The attack: as many connections as the limit, each waiting for an answer it never reads.
     # Its handler waits in aiohttp's drain(); without a send timeout, for ever, and others get 503.
     context = client_ssl_ctx if tls else None
-    args = ("--config", config, "--loop", loop, "--limit-connections", "4", "--timeout-send", "2")
+    args = ("--config", config, "--limit-connections", "4", "--timeout-send", "2")
     with Server(*args, *(tls_args(pem_files) if tls else ())) as server:
         stuck = [tiny_window(server.port, context) for _ in range(4)]
         for sock in stuck:
@@ -349,12 +369,11 @@ def test_answers_no_one_reads_are_cut_off(
     assert tls or log.count('"POST /workflow HTTP/1.1" 200 0 ') == 4
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_answers_left_in_the_buffer_after_the_handler_are_cut_off(loop: str) -> None:
+def test_answers_left_in_the_buffer_after_the_handler_are_cut_off() -> None:
     # The handler has returned and the connection is idle, or closed by the keep-alive timer,
     # but part of its answer is still in the transport's buffer: the transport waits for the
     # client to take it before it lets go of the connection.
-    args = ("--loop", loop, "--limit-connections", "1", "--timeout-send", "2", "--timeout-keep-alive", "1")
+    args = ("--limit-connections", "1", "--timeout-send", "2", "--timeout-keep-alive", "1")
     with Server(*args, env={"EXTENSIONS": "sample_plugins.add_unsent"}) as server:
         stuck = tiny_window(server.port, None)
         stuck.sendall(b"GET /unsent HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -367,15 +386,14 @@ def test_answers_left_in_the_buffer_after_the_handler_are_cut_off(loop: str) -> 
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
-@pytest.mark.parametrize("loop", LOOPS)
 def test_a_slow_reader_is_never_cut_off(
-    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, loop: str, tls: bool
+    config: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext, tls: bool
 ) -> None:
     # 64 KiB every half second: the kernel makes room for the server's next write only once
     # about a third of its send buffer (MBs) is read, so for seconds on end the server's own
     # buffer does not move; the client does, and that is progress.
     context = client_ssl_ctx if tls else None
-    args = ("--config", config, "--loop", loop, "--timeout-send", "2")
+    args = ("--config", config, "--timeout-send", "2")
     with Server(*args, *(tls_args(pem_files) if tls else ())) as server:
         with tiny_window(server.port, context) as sock:
             sock.sendall(echo_request(ECHO_SIZE))
@@ -391,11 +409,10 @@ def test_a_slow_reader_is_never_cut_off(
     assert TIMEOUT_LINE not in "".join(server.log)
 
 
-@pytest.mark.parametrize("loop", LOOPS)
-def test_stalled_answers_make_room_at_the_limit(config: str, loop: str) -> None:
+def test_stalled_answers_make_room_at_the_limit(config: str) -> None:
     # At the limit, a connection whose client has read nothing for a while makes room for a
     # new one long before its send timeout.
-    args = ("--config", config, "--loop", loop, "--limit-connections", "4", "--timeout-send", "60")
+    args = ("--config", config, "--limit-connections", "4", "--timeout-send", "60")
     with Server(*args) as server:
         stuck = [tiny_window(server.port, None) for _ in range(4)]
         for sock in stuck:

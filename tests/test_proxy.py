@@ -62,6 +62,37 @@ async def test_forwarded_headers_believed_from_trusted_peers_only(
 
 
 @pytest.mark.parametrize(
+    ("trusted", "warned"),
+    [
+        ("", True),  # no trusted proxies: every peer is untrusted
+        ("10.0.0.0/8", True),  # a proxy on 127.0.0.1 left out of the list
+        ("127.0.0.1", False),  # believed: nothing to warn about
+    ],
+)
+@pytest.mark.parametrize(
+    "forwarded",
+    [("X-Forwarded-For", "203.0.113.%d"), ("forwarded", "for=203.0.113.%d")],  # any case
+    ids=["x-forwarded-for", "forwarded"],
+)
+async def test_forwarded_headers_from_an_untrusted_peer_are_warned_about_once(
+    make_client: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+    trusted: str,
+    warned: bool,
+    forwarded: tuple[str, str],
+) -> None:
+    client = await make_client(CLIENT % trusted)
+    assert (await client.get("/client")).status == 200
+    assert "aioserver.proxy" not in caplog.text  # no forwarded headers, no warning
+    name, value = forwarded
+    for i in (7, 8):
+        assert (await client.get("/client", headers={name: value % i})).status == 200
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aioserver.proxy"]
+    assert len(warnings) == warned and all(w.startswith(f"127.0.0.1 {UNTRUSTED_LINE}") for w in warnings)
+    assert "203.0.113" not in caplog.text  # the peer's address only, never what the headers say
+
+
+@pytest.mark.parametrize(
     "headers",
     [
         {"X-Forwarded-For": "not-an-address"},
@@ -517,5 +548,31 @@ def test_through_nginx(upstream: str, nginx, tmp_path: Path, client_ssl_ctx: ssl
         assert server.process.wait(timeout=10) == 0
     log = "".join(server.log)
     assert "203.0.113.9" not in log
+    # A peer that is not a trusted proxy sending forwarded headers: said once (the spoof above).
+    assert log.count(UNTRUSTED_LINE) == (upstream == "loopback")
     if upstream == "uds":
         assert not os.path.exists(tmp_path / "aioserver.sock")  # removed on exit
+
+
+UNTRUSTED_LINE = "sends forwarded headers but is not a trusted proxy"
+
+
+def test_a_proxy_left_out_of_trusted_proxies_is_warned_about_once(nginx, client_ssl_ctx: ssl.SSLContext) -> None:  # type: ignore[no-untyped-def]
+    # Behind nginx without --trusted-proxies, every client has nginx's address: in the access
+    # log, and in the auth throttle, where ten failures from any client lock all of them out.
+    start_nginx, port = nginx
+    with Server(env={"TOKEN": TOKEN_HASH}) as server:
+        assert request(server.port, "/health", source="127.0.0.2", headers={})[0] == 200  # direct, no headers
+        start_nginx(f"127.0.0.1:{server.port}")
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        for source in ("127.0.0.3", "127.0.0.4", "127.0.0.3"):
+            status, _, _ = request(port, "/workflow", source=source, headers=bearer, context=client_ssl_ctx)
+            assert status == 200
+        line = wait_for_line(server, UNTRUSTED_LINE)
+        server.process.terminate()
+        assert server.process.wait(timeout=10) == 0
+    assert line.split(" WARNING aioserver.proxy: ")[1].startswith(f"127.0.0.1 {UNTRUSTED_LINE}")
+    assert "--trusted-proxies" in line
+    log = "".join(server.log)
+    assert log.count(UNTRUSTED_LINE) == 1  # once per process, however many requests follow
+    assert "127.0.0.2" not in line  # the direct client sent none
