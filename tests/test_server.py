@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from aioserver import server as server_module
 from aioserver.systemd import Notifier
 
-from conftest import KEY_PASSWORD, PYTHON, TOKEN, TOKEN_HASH, PemFiles, Server
+from conftest import KEY_PASSWORD, PYTHON, TOKEN, TOKEN_HASH, PemFiles, Server, aioserver_command
 
 CONFIG = """
 workflow:
@@ -391,3 +391,42 @@ async def test_a_burst_of_sighups_is_one_reload(monkeypatch: pytest.MonkeyPatch)
     received.put_nowait(signal.SIGTERM)  # a stop in a burst wins: no reload first
     await asyncio.wait_for(handling, 1)
     assert len(reloads) == 1
+
+
+@pytest.mark.workers
+def test_a_sighup_while_starting_is_a_reload_once_serving(tmp_path: Path) -> None:
+    """A reload asked for while the server still imports and reads its config (a hook, another
+    supervisor) neither kills it nor is lost: it is held until the server can reload, then done."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN_HASH + "\n")
+    environment = {**os.environ, "TOKEN_FILE": str(tokens)}
+    command = aioserver_command("--port", "0")
+    process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
+    try:
+        # Inside the imports (aiohttp and the rest take most of a second), past the interpreter's
+        # own start (some 50 ms), before which no Python code can hold a signal.
+        time.sleep(0.2)
+        process.send_signal(signal.SIGHUP)
+        assert process.stderr is not None
+        watchdog = threading.Timer(30, process.kill)
+        watchdog.start()
+        log: list[str] = []
+        try:
+            reloads = 0
+            for line in process.stderr:
+                log.append(line)
+                reloads += "reloaded tokens" in line
+                workers = 2 if "--workers" in command else 1
+                if reloads == workers:
+                    break
+        finally:
+            watchdog.cancel()
+        assert process.poll() is None, "".join(log)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, "".join(log)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        assert process.stderr is not None
+        process.stderr.close()
