@@ -55,7 +55,7 @@ def create_app(config: Config) -> web.Application:
     app[TOKENS] = tokens
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
     setup_workflow_runtime(app)
-    app.router.add_get("/health", views.health, allow_head=False)
+    app.router.add_get("/health", views.health)  # HEAD too: 200, no body
     app.router.add_post("/workflow", views.run_workflow)
     for extension in config.extensions:
         extension(app)
