@@ -192,7 +192,10 @@ class LimitedRunner(web.AppRunner):
             max_headers=settings.max_headers,
             **kwargs,
         )
-        self.connections = connections or Connections(settings.limit_connections, settings.timeout_send)
+        # Not "connections or ...": an empty Connections is falsy (it has a length).
+        self.connections = (
+            connections if connections is not None else Connections(settings.limit_connections, settings.timeout_send)
+        )
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

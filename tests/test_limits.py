@@ -285,3 +285,12 @@ async def test_limits_hold_with_tokens(make_client: ClientFactory) -> None:
         "/workflow", json={"name": "long", "elements": []}, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert (response.status, await response.json()) == (200, [])  # no element, no call, no wait
+
+
+def test_runners_share_the_connection_count_they_are_given() -> None:
+    # The app's runner and the redirect's count one limit together, and the drain at shutdown
+    # looks at what they share: an empty count (falsy: it has a length) was once replaced.
+    config = load_config("workflow: {}\n")
+    shared = connections.Connections(config.settings.limit_connections, config.settings.timeout_send)
+    runners = [LimitedRunner(create_app(config), config.settings, shared) for _ in range(2)]
+    assert all(runner.connections is shared for runner in runners)
