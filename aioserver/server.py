@@ -11,17 +11,19 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from . import systemd
 from .app import HEADERS, create_app
 from .config import Config
-from .connections import Connections, TLSSite, ensure_file_limit
-from .errors import ConfigError, StartupError, error_middleware, http_error
+from .connections import Connections, TLSSite, ensure_file_limit, peer, reset
+from .errors import CUT_OFF, ConfigError, StartupError, error_middleware, http_error
 from .keys import TOKENS
 from .limits import LimitedRunner
-from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners
+from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners, stop_listening
 from .listeners import close as close_listeners
 from .logs import AccessLogger, flush_access_log
+from .logtext import loggable
 from .systemd import Notifier
 from .tls import ReloadableContext, TLSError
 
@@ -29,7 +31,14 @@ logger = logging.getLogger("aioserver")
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+# SIGUSR1 is only logged: its default action would kill the process (a log-rotation script's
+# habit); our logs go to stderr, there is nothing to reopen.
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
+# Of a stop's time (--timeout-graceful-shutdown, the bound of the whole stop), what is kept at
+# its end to cut off the requests still in flight and close down: this much at most, a fifth
+# of a shorter grace period. The requests in flight have the rest.
+CUT_OFF_TIME = 1.0
+DRAIN_POLL = 0.05  # seconds between looks at the requests in flight while draining
 # How long TLS sessions can resume at most: the context (its session cache and ticket keys) is
 # made anew this often, as on SIGHUP. Resuming issues a new ticket, so without this a chain of
 # resumptions would outlive any ticket lifetime.
@@ -73,7 +82,7 @@ async def serve(
     try:
         await _serve(config, received, listeners, notifier, watchdog)
     finally:
-        _unqueue_signals()
+        _ignore_signals()
 
 
 async def _serve(
@@ -93,6 +102,8 @@ async def _serve(
     ensure_file_limit(config.settings.limit_connections)
     runners = [_runner(app, config, connections)]
     background: list[asyncio.Task[None]] = []
+    grace = config.settings.timeout_graceful_shutdown
+    deadline: float | None = None  # of the stop: the grace period from its signal on
     try:
         await runners[0].setup()
         main = [listener for listener in sockets if listener.role == MAIN]
@@ -109,22 +120,117 @@ async def _serve(
             background.append(asyncio.create_task(systemd.run_watchdog(notifier, watchdog)))
         if config.tls:
             background.append(asyncio.create_task(renew_session_keys(config.tls, SESSION_KEYS_LIFETIME)))
-        await _handle_signals(received, app, config, notifier)
+        stop = await _handle_signals(received, app, config, notifier)
+        deadline = asyncio.get_running_loop().time() + grace
+        await _stop_accepting(runners, sockets, owned)
         notifier.stopping()
+        notifier.notify(systemd.NOT_ACCEPTING)  # for a parent: the sockets may stop listening
         flush_access_log()  # the lines of the requests so far come before this one
-        logger.info(
-            "shutting down: no new connections, up to %gs for requests in flight",
-            config.settings.timeout_graceful_shutdown,
-        )
+        logger.info("shutting down (%s): no new connections, up to %gs for requests in flight", stop.name, grace)
+        deadline = await _drain(connections, received, deadline, grace)
     finally:
         for task in background:
             task.cancel()
-        for runner in reversed(runners):
-            await runner.cleanup()
+        await _close_down(runners, deadline, grace)
         flush_access_log()
         if owned:
             close_listeners(sockets)
     logger.info("stopped")
+
+
+async def _stop_accepting(runners: Sequence[web.BaseRunner], sockets: Sequence[Listener], owned: bool) -> None:
+    """Stop accepting connections: new ones are refused at once, not kept waiting in a backlog.
+
+    Sockets of our own stop listening. A worker's are its parent's, shared with the other
+    workers: the worker lets go of its copies, and the parent stops them listening once every
+    worker has stopped accepting (workers.py). Sockets passed by systemd go on listening in
+    systemd's hands, for the next start.
+    """
+    for runner in runners:
+        for site in list(runner.sites):
+            await site.stop()  # no longer read: a socket that stops listening is never accepted from
+    if owned:
+        stop_listening(sockets)
+        close_listeners(sockets)
+    else:
+        for listener in sockets:
+            listener.sock.close()
+    for runner in runners:
+        if runner.server is not None:
+            runner.server.pre_shutdown()  # idle keep-alive connections close now, the others after their answer
+    await asyncio.sleep(0)  # a request whose head came with the last reads starts before the first look
+
+
+async def _drain(
+    connections: Connections, received: asyncio.Queue[signal.Signals], deadline: float, grace: float
+) -> float:
+    """Let the requests in flight finish until the stop's deadline nears, then cut them off.
+
+    A second SIGINT (Ctrl-C again) cuts them off at once. Returns the deadline for the rest
+    of the stop (sooner after a second SIGINT).
+    """
+    loop = asyncio.get_running_loop()
+    reserve = min(CUT_OFF_TIME, grace / 5)
+    cut_at = deadline - reserve
+    reason = "grace period over"
+    while connections.in_flight() and loop.time() < cut_at:
+        try:
+            async with asyncio.timeout(min(DRAIN_POLL, cut_at - loop.time())):
+                sig = await received.get()
+        except TimeoutError:
+            continue
+        if sig == signal.SIGINT:
+            reason = "second SIGINT: stopping now"
+            cut_at = loop.time()
+            deadline = cut_at + reserve
+            break
+        _ignored(sig)
+    busy = connections.in_flight()
+    if not busy:
+        return deadline
+    logger.warning(
+        "%s: cutting off %d requests in flight (answered 503 when nothing was sent yet, else reset)",
+        reason,
+        len(busy),
+    )
+    for handler in busy:
+        _cut_off(handler)
+    answered_by = cut_at + reserve / 2
+    while connections.in_flight() and loop.time() < answered_by:
+        await asyncio.sleep(min(DRAIN_POLL, answered_by - loop.time()))
+    return deadline
+
+
+def _cut_off(handler: RequestHandler) -> None:
+    """End a request in flight: answered 503 if nothing of its answer was sent, else reset.
+
+    The first kind is cancelled with a mark that error_middleware turns into a 503, so its
+    access line says so; an answer under way cannot be replaced, so its connection is reset,
+    with a line of its own.
+    """
+    request = handler._current_request
+    if request is not None and not request.writer.output_size:
+        request[CUT_OFF] = True
+        request.task.cancel()
+        return
+    transport = handler.transport
+    if transport is None:
+        return
+    what = f"{request.method} {loggable(request.rel_url.raw_path)}" if request is not None else "an answer"
+    logger.warning("cut off %s to %s mid-answer: connection reset", what, peer(transport))
+    reset(transport)
+
+
+async def _close_down(runners: Sequence[web.BaseRunner], deadline: float | None, grace: float) -> None:
+    """aiohttp's cleanup (on_shutdown, connections, on_cleanup), bounded by the stop's deadline
+    (after a failed start, by the grace period)."""
+    now = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout_at(now + grace if deadline is None else max(deadline, now + 0.05)):
+            for runner in reversed(runners):
+                await runner.cleanup()
+    except TimeoutError:
+        logger.warning("closing down outlasted the grace period: exiting without waiting for the rest")
 
 
 def _runner(app: web.Application, config: Config, connections: Connections) -> LimitedRunner:
@@ -140,7 +246,9 @@ def _runner(app: web.Application, config: Config, connections: Connections) -> L
         access_log_class=AccessLogger,
         # aiohttp's default keeps idle connections for an hour; uvicorn's for 5 s.
         keepalive_timeout=settings.timeout_keep_alive,
-        shutdown_timeout=settings.timeout_graceful_shutdown,
+        # The drain is ours (_drain): by aiohttp's cleanup, what is left has been cut off. Its
+        # own drain would wait this long, cancel, then wait as long again.
+        shutdown_timeout=min(CUT_OFF_TIME, settings.timeout_graceful_shutdown / 5) / 4,
     )
 
 
@@ -159,7 +267,7 @@ async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config
 
 
 def _queue_signals() -> asyncio.Queue[signal.Signals]:
-    """Queue SIGTERM, SIGINT and SIGHUP from now on; the handlers do nothing else."""
+    """Queue SIGTERM, SIGINT, SIGHUP and SIGUSR1 from now on; the handlers do nothing else."""
     loop = asyncio.get_running_loop()
     received: asyncio.Queue[signal.Signals] = asyncio.Queue()
     for sig in HANDLED_SIGNALS:
@@ -169,29 +277,46 @@ def _queue_signals() -> asyncio.Queue[signal.Signals]:
     return received
 
 
-def _unqueue_signals() -> None:
+def _ignore_signals() -> None:
+    """From the end of serve() the process only exits: a late signal must neither kill it (a
+    worker's parent would see a crash) nor raise KeyboardInterrupt (a traceback)."""
     loop = asyncio.get_running_loop()
     for sig in HANDLED_SIGNALS:
         loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _ignored(sig: signal.Signals) -> None:
+    if sig == signal.SIGUSR1:
+        logger.info("SIGUSR1 ignored (logs go to stderr: nothing to reopen)")
+    else:
+        logger.info("%s ignored: shutting down already", sig.name)
 
 
 async def _handle_signals(
     received: asyncio.Queue[signal.Signals], app: web.Application, config: Config, notifier: Notifier
-) -> None:
-    """Until SIGTERM or SIGINT, reload on SIGHUP.
+) -> signal.Signals:
+    """Until SIGTERM or SIGINT (which is returned), reload on SIGHUP.
 
     READY=1 goes out once serving, the handlers long in place: a manager may signal us right after it.
     """
     notifier.ready()
     while True:
         sig = await received.get()
+        if sig == signal.SIGUSR1:
+            _ignored(sig)
+            continue
         # A burst of signals is one reload (a stop among them wins): a storm of SIGHUPs must
         # not queue thousands of reloads that a real one, revoking a token, would wait behind.
-        while not received.empty():
+        # What follows a stop stays queued for the drain (a second SIGINT).
+        while sig == signal.SIGHUP and not received.empty():
             queued = received.get_nowait()
-            sig = queued if queued != signal.SIGHUP else sig
+            if queued == signal.SIGUSR1:
+                _ignored(queued)
+            else:
+                sig = queued
         if sig != signal.SIGHUP:
-            return
+            return sig
         notifier.reloading()
         await reload(app, config)
         notifier.ready("serving, reloaded")

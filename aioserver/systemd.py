@@ -20,6 +20,9 @@ from typing import Any
 logger = logging.getLogger("aioserver.systemd")
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+# Ours, not systemd's (sd_notify(3) asks that other variables start with X_, and systemd
+# ignores them): a stopping worker tells its parent that it accepts no more connections.
+NOT_ACCEPTING = "X_ACCEPTING=0"
 ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 

@@ -4,10 +4,10 @@ The parent opens the listening sockets once (or takes them from systemd), forks 
 that each run the ordinary :func:`aioserver.server.serve` on the inherited sockets (the
 kernel hands each new connection to one of them), and then only supervises: it restarts a
 worker that dies (backing off when one dies young), forwards SIGTERM/SIGINT and SIGHUP, and
-alone speaks sd_notify for the group. Each worker reports READY/RELOADING/WATCHDOG to the
-parent over its own datagram socket pair, with the same sd_notify messages it would send to
-systemd. The parent runs no event loop (forking under a running loop is unsafe); it waits for
-signals with ``sigtimedwait``.
+alone speaks sd_notify for the group. Each worker reports READY/RELOADING/STOPPING/WATCHDOG
+to the parent over its own datagram socket pair, with the same sd_notify messages it would
+send to systemd. The parent runs no event loop (forking under a running loop is unsafe); it
+waits for signals with ``sigtimedwait``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import NoReturn
 
 from . import systemd
 from .config import Config
-from .listeners import Listener, open_listeners
+from .listeners import Listener, open_listeners, stop_listening
 from .listeners import close as close_listeners
 from .server import run as run_server
 from .server import serve
@@ -32,10 +32,13 @@ from .systemd import Notifier
 
 logger = logging.getLogger("aioserver.workers")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
 TICK = 0.1  # seconds between looks at the workers' messages when no signal comes
 YOUNG = 5.0  # a worker dying sooner than this after its start makes the next restart wait longer
 MAX_BACKOFF = 10.0
+# A worker still running this long after the grace period of a stop is killed: its own stop
+# cuts off what is left at the end of the grace period and exits.
+STOP_SLACK = 1.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -48,6 +51,8 @@ class Worker:
     channel: socket.socket  # the parent's end of the worker's sd_notify socket pair
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
+    accepting: bool = True  # until it says it stopped accepting connections (NOT_ACCEPTING)
+    killed: bool = False  # by us, with SIGKILL: not again
     last_ping: float = field(default_factory=time.monotonic)
 
 
@@ -64,17 +69,19 @@ class Supervisor:
         self.backoff: dict[int, float] = {}  # slot -> the wait before its next restart
         self.announced = False  # READY=1 sent for the current generation
         self.parent = os.getpid()
+        self.last_ping = time.monotonic()  # to systemd
 
     def run(self, notifier: Notifier) -> int:
         """Supervise until SIGTERM/SIGINT; return 0 when every worker stopped cleanly."""
         for slot in range(self.count):
             self.start(slot)
-        last_ping = time.monotonic()
         while True:
             info = signal.sigtimedwait(SIGNALS, TICK)
             self.read_messages()
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 return self.stop(notifier)
+            if info is not None and info.si_signo == signal.SIGUSR1:
+                logger.info("SIGUSR1 ignored (logs go to stderr: nothing to reopen)")
             if info is not None and info.si_signo == signal.SIGHUP:
                 notifier.reloading()
                 self.announced = False
@@ -91,10 +98,17 @@ class Supervisor:
                 notifier.ready(f"{self.count} workers serving")
                 self.announced = True
             # The group is healthy while every worker's loop pings (a new one gets its grace).
-            if self.watchdog and now - last_ping >= self.watchdog:
+            if self.watchdog and now - self.last_ping >= self.watchdog:
                 if all(now - w.last_ping < 2 * self.watchdog for w in self.workers.values()):
                     notifier.watchdog()
-                    last_ping = now
+                    self.last_ping = now
+
+    def kill(self, worker: Worker) -> None:
+        worker.killed = True
+        try:
+            os.kill(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:  # dead already, not reaped yet
+            pass
 
     def start(self, slot: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -120,6 +134,8 @@ class Supervisor:
                     worker.ready = True
                 if "RELOADING=1" in lines or "STOPPING=1" in lines:
                     worker.ready = False
+                if systemd.NOT_ACCEPTING in lines:
+                    worker.accepting = False
                 if "WATCHDOG=1" in lines:
                     worker.last_ping = time.monotonic()
 
@@ -141,20 +157,66 @@ class Supervisor:
             notifier.status(f"worker {worker.slot} died, restarting")
 
     def stop(self, notifier: Notifier) -> int:
-        """Forward SIGTERM and wait for every worker to finish its requests in flight."""
+        """Stop every worker within the grace period; 0 when each one stopped cleanly.
+
+        SIGTERM goes to each worker, which stops accepting and finishes its requests in flight;
+        once none accepts, the sockets stop listening, so that new connections are refused at
+        once (they would wait in the backlog until the exit, then be reset). A second SIGINT
+        is passed on: the workers cut off their requests at once. A worker still running after
+        the grace period is killed.
+        """
         notifier.stopping()
-        logger.info("stopping %d workers", len(self.workers))
+        grace = self.config.settings.timeout_graceful_shutdown
+        logger.info("stopping %d workers: up to %gs for their requests in flight", len(self.workers), grace)
+        deadline = time.monotonic() + grace + STOP_SLACK
+        self.restarts.clear()
         for worker in self.workers.values():
             os.kill(worker.pid, signal.SIGTERM)
+        listening, hurried, clean = True, False, True
+        while self.workers:
+            if listening and not any(worker.accepting for worker in self.workers.values()):
+                stop_listening(self.listeners)
+                listening = False
+            info = signal.sigtimedwait(SIGNALS, TICK)
+            self.read_messages()
+            if info is not None and info.si_signo == signal.SIGINT and not hurried:
+                logger.warning("second SIGINT: stopping now, the workers cut off their requests in flight")
+                hurried = True
+                for worker in self.workers.values():
+                    os.kill(worker.pid, signal.SIGINT)
+            elif info is not None and info.si_signo == signal.SIGUSR1:
+                logger.info("SIGUSR1 ignored (logs go to stderr: nothing to reopen)")
+            clean = self.collect() and clean
+            now = time.monotonic()
+            if now >= deadline:
+                for worker in self.workers.values():
+                    if not worker.killed:
+                        logger.error(
+                            "worker %d (pid %d) still running %gs after SIGTERM: killing it",
+                            worker.slot,
+                            worker.pid,
+                            grace + STOP_SLACK,
+                        )
+                        self.kill(worker)
+        if listening:
+            stop_listening(self.listeners)
+        return 0 if clean else 1
+
+    def collect(self) -> bool:
+        """Collect the workers that exited while stopping; False if one did not exit cleanly."""
         clean = True
-        for pid, worker in list(self.workers.items()):
-            _, status = os.waitpid(pid, 0)
+        while self.workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
             worker.channel.close()
             if os.waitstatus_to_exitcode(status) != 0:
                 logger.error("worker %d (pid %d) %s", worker.slot, pid, _describe(status))
                 clean = False
-        self.workers.clear()
-        return 0 if clean else 1
+        return clean
 
 
 def _describe(status: int) -> str:
@@ -208,5 +270,9 @@ def run(config: Config) -> int:
     try:
         return Supervisor(config, listeners, config.settings.workers, watchdog).run(notifier)
     finally:
+        # Exiting: a signal still pending, or a late one, must neither kill the parent nor raise
+        # KeyboardInterrupt (a traceback where a clean stop was logged).
+        for sig in SIGNALS - {signal.SIGCHLD}:
+            signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         close_listeners(listeners)

@@ -7,14 +7,18 @@ import http.client
 import json
 import os
 import re
+import signal
+import socket
+import ssl
 import threading
 import time
 
 import pytest
 
-from conftest import TOKEN, TOKEN_HASH, Server
+from conftest import TOKEN, TOKEN_HASH, PemFiles, Server
 
 LOOPS = ["asyncio", "uvloop"]
+ANSWER_CUT_OFF = b'{"error": "server shutting down: the request was cut off"}'
 WORKERS = [1, 2]
 
 CONFIG = """
@@ -23,18 +27,38 @@ workflow:
   slow: {tasks: [{action: sample_actions.sleepy, args: [2]}]}
   stuck: {tasks: [{action: sample_actions.sleepy, args: [60]}]}
   async_stuck: {tasks: [{action: sample_actions.async_sleepy, args: [60]}]}
-  loop_stuck: {tasks: [{action: sample_actions.block_loop, args: [600]}]}
 """
 
 
-def start(loop: str, workers: int, *args: str, env: dict[str, str] | None = None) -> Server:
+class Served(Server):
+    """A server whose workers are killed with it when a test ends early (one may be stuck)."""
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            for pid in worker_pids(self):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        super().__exit__(*exc_info)
+
+
+def start(loop: str, workers: int, *args: str, env: dict[str, str] | None = None) -> Served:
     """The server on ``loop`` with ``workers`` processes, once every one of them serves."""
-    return Server("--config", CONFIG, "--loop", loop, "--workers", str(workers), *args, env=env, listeners=workers)
+    return Served("--config", CONFIG, "--loop", loop, "--workers", str(workers), *args, env=env, listeners=workers)
 
 
-def request(port: int, method: str, path: str, body: str | None = None, timeout: float = 30) -> tuple[int, bytes]:
-    """Status and body; status 0 when the connection failed or was cut without an answer."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def request(
+    port: int, method: str, path: str, body: str | None = None, context: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
+    """Status and body (over TLS with a ``context``); status 0 when the connection failed or was
+    cut without an answer."""
+    connection = (
+        http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
+        if context
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    )
     headers = {"Content-Type": "application/json"} if body is not None else {}
     try:
         connection.request(method, path, body, headers)
@@ -46,21 +70,21 @@ def request(port: int, method: str, path: str, body: str | None = None, timeout:
         connection.close()
 
 
-def run(port: int, name: str) -> tuple[int, bytes]:
-    return request(port, "POST", "/workflow", json.dumps({"name": name, "elements": [1]}))
+def run(port: int, name: str, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
+    return request(port, "POST", "/workflow", json.dumps({"name": name, "elements": [1]}), context)
 
 
 class InFlight:
     """Requests sent from threads, their answers collected."""
 
-    def __init__(self, port: int, *names: str) -> None:
+    def __init__(self, port: int, *names: str, context: ssl.SSLContext | None = None) -> None:
         self.answers: dict[str, tuple[int, bytes]] = {}
-        self.threads = [threading.Thread(target=self._send, args=(port, name), daemon=True) for name in names]
+        self.threads = [threading.Thread(target=self._send, args=(port, name, context), daemon=True) for name in names]
         for thread in self.threads:
             thread.start()
 
-    def _send(self, port: int, name: str) -> None:
-        self.answers[name] = run(port, name)
+    def _send(self, port: int, name: str, context: ssl.SSLContext | None) -> None:
+        self.answers[name] = run(port, name, context)
 
     def join(self, timeout: float = 30) -> dict[str, tuple[int, bytes]]:
         for thread in self.threads:
@@ -102,3 +126,123 @@ def test_head_health_is_200_without_a_body_and_open(loop: str) -> None:
         connection.request("HEAD", "/workflow", headers={"Authorization": f"Bearer {TOKEN}"})
         assert connection.getresponse().status == 405
         connection.close()
+
+
+# -- SIGUSR1
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sigusr1_is_ignored_with_one_log_line(loop: str, workers: int) -> None:
+    with start(loop, workers) as server:
+        server.process.send_signal(signal.SIGUSR1)
+        wait_for_log(server, "SIGUSR1 ignored")
+        for pid in worker_pids(server):  # sent to a worker itself, too
+            os.kill(pid, signal.SIGUSR1)
+        wait_for_log(server, "SIGUSR1 ignored", 1 + len(worker_pids(server)))
+        assert run(server.port, "echo")[0] == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+    log = "".join(server.log)
+    assert log.count("SIGUSR1 ignored") == 1 + len(worker_pids(server))
+    assert "was killed by" not in log and "Traceback" not in log
+
+
+# -- stopping: the grace period is the bound of the whole stop; what it cuts off is answered
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_grace_period_bounds_the_whole_stop(loop: str, workers: int) -> None:
+    grace = 4.0
+    with start(loop, workers, "--timeout-graceful-shutdown", str(grace)) as server:
+        # Work that would outlast the grace period: a sync action's thread, an async action.
+        requests = InFlight(server.port, "stuck", "async_stuck")
+        time.sleep(1)  # both are inside their actions now
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        took = time.monotonic() - stopped
+        answers = requests.join()
+    log = "".join(server.log)
+    # aiohttp alone waited the grace period twice (for requests, then for their cancellation).
+    assert took < grace + 1.5, f"the stop took {took:.1f}s with --timeout-graceful-shutdown {grace:g}"
+    # Each request cut off is answered 503 and logged by its access line.
+    assert answers == {name: (503, ANSWER_CUT_OFF) for name in ("stuck", "async_stuck")}
+    assert log.count('"POST /workflow HTTP/1.1" 503 ') == 2
+    assert "grace period over: cutting off" in log
+    assert "Traceback" not in log and "was killed by" not in log
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_second_sigint_stops_at_once_without_a_traceback(loop: str, workers: int) -> None:
+    with start(loop, workers, "--timeout-graceful-shutdown", "60") as server:
+        requests = InFlight(server.port, "stuck")
+        time.sleep(1)
+        server.process.send_signal(signal.SIGINT)  # Ctrl-C: a drain of up to a minute begins
+        wait_for_log(server, "shutting down", workers)
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGINT)  # Ctrl-C again: stop now
+        assert server.process.wait(timeout=30) == 0
+        took = time.monotonic() - stopped
+        answers = requests.join()
+    log = "".join(server.log)
+    assert took < 10, f"a second SIGINT took {took:.1f}s to stop"
+    assert answers == {"stuck": (503, ANSWER_CUT_OFF)}
+    assert log.count('"POST /workflow HTTP/1.1" 503 ') == 1
+    assert "second SIGINT: stopping now" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log and "was killed by" not in log
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sigterm_refuses_new_connections_at_once_and_drains(
+    loop: str, workers: int, tls: bool, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    args = ("--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key)) if tls else ()
+    context = client_ssl_ctx if tls else None
+    with start(loop, workers, *args) as server:
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # a keep-alive client
+        if context:
+            idle = context.wrap_socket(idle, server_hostname="localhost")
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+        requests = InFlight(server.port, "slow", context=context)  # 2 s in its action
+        time.sleep(0.7)
+        server.process.send_signal(signal.SIGTERM)
+        wait_for_log(server, "shutting down", workers)
+        time.sleep(0.2)  # the parent, too, has stopped accepting by now
+        # A new connection is refused at once (it used to wait in the backlog, then be reset).
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        assert idle.recv(4096) == b""  # the idle keep-alive connection is closed, not kept to the end
+        idle.close()
+        assert requests.join() == {"slow": (200, b"[1]")}  # the request in flight finished
+        assert server.process.wait(timeout=15) == 0
+    log = "".join(server.log)
+    assert log.count('"POST /workflow HTTP/1.1" 200 ') == 1
+    assert "Traceback" not in log and "was killed by" not in log
+
+
+# -- workers: signals while they start
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_signal_while_workers_start_kills_none(loop: str, sig: signal.Signals) -> None:
+    # Right after the parent forked the last worker, while both import and make the app (a
+    # slow extension): a stop drains and exits 0, a SIGHUP reloads, a SIGUSR1 is ignored.
+    args = ("--config", CONFIG, "--loop", loop, "--workers", "2")
+    with Server(*args, env={"EXTENSIONS": "sample_plugins.slow_extension"}, pattern="worker 1 started") as server:
+        server.process.send_signal(sig)
+        if sig in (signal.SIGHUP, signal.SIGUSR1):
+            wait_for_log(server, "serving on", 2)
+            port = int(re.findall(r"serving on http://127\.0\.0\.1:(\d+)", "".join(server.log))[0])
+            assert run(port, "echo") == (200, b"[1]")
+            server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    log = "".join(server.log)
+    assert "was killed by" not in log and "Traceback" not in log
+    assert log.count("INFO aioserver: stopped") == 2  # each worker stopped cleanly
