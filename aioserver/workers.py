@@ -3,11 +3,12 @@
 The parent opens the listening sockets once (or takes them from systemd), forks N workers
 that each run the ordinary :func:`aioserver.server.serve` on the inherited sockets (the
 kernel hands each new connection to one of them), and then only supervises: it restarts a
-worker that dies (backing off when one dies young), forwards SIGTERM/SIGINT and SIGHUP, and
-alone speaks sd_notify for the group. Each worker reports READY/RELOADING/STOPPING/WATCHDOG
-to the parent over its own datagram socket pair, with the same sd_notify messages it would
-send to systemd. The parent runs no event loop (forking under a running loop is unsafe); it
-waits for signals with ``sigtimedwait``.
+worker that dies (backing off when one dies young), kills and replaces one whose event loop
+is stuck, forwards SIGTERM/SIGINT and SIGHUP, and alone speaks sd_notify for the group. Each
+worker reports READY/RELOADING/STOPPING to the parent over its own datagram socket pair, with
+the same sd_notify messages it would send to systemd, and a WATCHDOG=1 heartbeat every second
+from its event loop. The parent runs no event loop (forking under a running loop is unsafe);
+it waits for signals with ``sigtimedwait``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.
 TICK = 0.1  # seconds between looks at the workers' messages when no signal comes
 YOUNG = 5.0  # a worker dying sooner than this after its start makes the next restart wait longer
 MAX_BACKOFF = 10.0
+HEARTBEAT = 1.0  # seconds between a worker's heartbeats (a quarter of a shorter healthcheck timeout)
 # A worker still running this long after the grace period of a stop is killed: its own stop
 # cuts off what is left at the end of the grace period and exits.
 STOP_SLACK = 1.0
@@ -51,6 +53,7 @@ class Worker:
     channel: socket.socket  # the parent's end of the worker's sd_notify socket pair
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
+    serving: bool = False  # it has said READY once: its heartbeats are due from then on
     accepting: bool = True  # until it says it stopped accepting connections (NOT_ACCEPTING)
     killed: bool = False  # by us, with SIGKILL: not again
     last_ping: float = field(default_factory=time.monotonic)
@@ -69,6 +72,8 @@ class Supervisor:
         self.backoff: dict[int, float] = {}  # slot -> the wait before its next restart
         self.announced = False  # READY=1 sent for the current generation
         self.parent = os.getpid()
+        self.healthcheck = config.settings.timeout_worker_healthcheck
+        self.heartbeat = min(HEARTBEAT, self.healthcheck / 4)
         self.last_ping = time.monotonic()  # to systemd
 
     def run(self, notifier: Notifier) -> int:
@@ -97,11 +102,22 @@ class Supervisor:
             if not self.announced and len(self.workers) == self.count and all(w.ready for w in self.workers.values()):
                 notifier.ready(f"{self.count} workers serving")
                 self.announced = True
-            # The group is healthy while every worker's loop pings (a new one gets its grace).
-            if self.watchdog and now - self.last_ping >= self.watchdog:
-                if all(now - w.last_ping < 2 * self.watchdog for w in self.workers.values()):
-                    notifier.watchdog()
-                    self.last_ping = now
+            self.kill_stuck(now)
+            self.ping(notifier, now)
+
+    def kill_stuck(self, now: float) -> None:
+        """Kill a serving worker whose heartbeats stopped: its event loop is stuck (reap restarts it)."""
+        for worker in self.workers.values():
+            if worker.serving and not worker.killed and now - worker.last_ping > self.healthcheck:
+                logger.error(
+                    "worker %d (pid %d) sent no heartbeat for %.1fs (--timeout-worker-healthcheck %g): its event"
+                    " loop is stuck; killing it",
+                    worker.slot,
+                    worker.pid,
+                    now - worker.last_ping,
+                    self.healthcheck,
+                )
+                self.kill(worker)
 
     def kill(self, worker: Worker) -> None:
         worker.killed = True
@@ -110,6 +126,13 @@ class Supervisor:
         except ProcessLookupError:  # dead already, not reaped yet
             pass
 
+    def ping(self, notifier: Notifier, now: float) -> None:
+        """WATCHDOG=1 to systemd while the parent supervises: it replaces a stuck worker itself,
+        so the group stays healthy (and the service is not killed) while one is."""
+        if self.watchdog and now - self.last_ping >= self.watchdog:
+            notifier.watchdog()
+            self.last_ping = now
+
     def start(self, slot: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         pid = os.fork()
@@ -117,7 +140,7 @@ class Supervisor:
             ours.close()
             for worker in self.workers.values():
                 worker.channel.close()  # the other workers' channels are the parent's business
-            _work(self.config, self.listeners, theirs, self.watchdog, self.parent)
+            _work(self.config, self.listeners, theirs, self.heartbeat, self.parent)
         theirs.close()
         ours.setblocking(False)
         self.workers[pid] = Worker(slot, pid, ours)
@@ -132,6 +155,8 @@ class Supervisor:
                     break
                 if "READY=1" in lines:
                     worker.ready = True
+                    if not worker.serving:  # heartbeats are due from now on, not from its start
+                        worker.serving, worker.last_ping = True, time.monotonic()
                 if "RELOADING=1" in lines or "STOPPING=1" in lines:
                     worker.ready = False
                 if systemd.NOT_ACCEPTING in lines:
@@ -163,7 +188,7 @@ class Supervisor:
         once none accepts, the sockets stop listening, so that new connections are refused at
         once (they would wait in the backlog until the exit, then be reset). A second SIGINT
         is passed on: the workers cut off their requests at once. A worker still running after
-        the grace period is killed.
+        the grace period, or whose event loop is stuck, is killed.
         """
         notifier.stopping()
         grace = self.config.settings.timeout_graceful_shutdown
@@ -188,6 +213,7 @@ class Supervisor:
                 logger.info("SIGUSR1 ignored (logs go to stderr: nothing to reopen)")
             clean = self.collect() and clean
             now = time.monotonic()
+            self.kill_stuck(now)
             if now >= deadline:
                 for worker in self.workers.values():
                     if not worker.killed:
@@ -198,6 +224,7 @@ class Supervisor:
                             grace + STOP_SLACK,
                         )
                         self.kill(worker)
+            self.ping(notifier, now)
         if listening:
             stop_listening(self.listeners)
         return 0 if clean else 1
@@ -236,7 +263,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _work(
-    config: Config, listeners: Sequence[Listener], channel: socket.socket, watchdog: float | None, parent: int
+    config: Config, listeners: Sequence[Listener], channel: socket.socket, heartbeat: float, parent: int
 ) -> NoReturn:
     """A worker's life: serve like a single process, report to the parent, never return."""
     # Our own process group: a terminal's Ctrl-C or a group kill reaches the parent only, which
@@ -246,9 +273,12 @@ def _work(
     # SIGTERM, SIGINT and SIGHUP stay blocked until serve() has its handlers in place: one that
     # came sooner would kill the worker (a pending one is delivered then).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    # Never wait on the parent: a parent that reads nothing for a while must not stall the loop.
+    channel.setblocking(False)
     status = 0
     try:
-        run_server(serve(config, listeners, Notifier(sock=channel), watchdog), config.settings.loop)
+        # The heartbeat is serve()'s watchdog ping, sent from the event loop: it stops when the loop is stuck.
+        run_server(serve(config, listeners, Notifier(sock=channel), heartbeat), config.settings.loop)
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
         status = 1

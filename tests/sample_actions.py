@@ -139,3 +139,9 @@ async def hold_loop(batch: list[Any], seconds: float = 0.5) -> list[int]:
 
     time.sleep(seconds)
     return [os.getpid() for _ in batch]
+
+
+async def block_loop(batch: list[Any], seconds: float = 600) -> list[Any]:
+    """A broken async action: sleeps without awaiting, so its process's event loop is stuck."""
+    time.sleep(seconds)
+    return batch

@@ -12,8 +12,10 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from test_systemd import NotifySocket
 
 from conftest import TOKEN, TOKEN_HASH, PemFiles, Server
 
@@ -27,6 +29,7 @@ workflow:
   slow: {tasks: [{action: sample_actions.sleepy, args: [2]}]}
   stuck: {tasks: [{action: sample_actions.sleepy, args: [60]}]}
   async_stuck: {tasks: [{action: sample_actions.async_sleepy, args: [60]}]}
+  loop_stuck: {tasks: [{action: sample_actions.block_loop, args: [120]}]}
 """
 
 
@@ -226,7 +229,61 @@ def test_sigterm_refuses_new_connections_at_once_and_drains(
     assert "Traceback" not in log and "was killed by" not in log
 
 
-# -- workers: signals while they start
+# -- workers: a stuck event loop, signals while they start
+
+
+class Manager(threading.Thread):
+    """A service manager's notify socket, read as messages come: each one with when it came."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.notify = NotifySocket(str(path))
+        self.notify.sock.settimeout(0.2)
+        self.messages: list[tuple[float, list[str]]] = []
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                self.messages.append((time.monotonic(), self.notify.next()))
+            except TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+        self.notify.sock.close()
+
+    def longest_silence(self) -> float:
+        """The longest time without a WATCHDOG=1, from READY=1 to the last message."""
+        ready = next(when for when, message in self.messages if message[0] == "READY=1")
+        pings = [ready] + [when for when, message in self.messages if message == ["WATCHDOG=1"] and when > ready]
+        return max(later - earlier for earlier, later in zip(pings, pings[1:] + [self.messages[-1][0]]))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_worker_whose_event_loop_is_stuck_is_replaced(loop: str, tmp_path: Path) -> None:
+    manager = Manager(tmp_path / "notify")
+    # systemd's watchdog: WatchdogSec=2s, so a WATCHDOG=1 every second (WATCHDOG_USEC / 2).
+    env = {"NOTIFY_SOCKET": manager.notify.address, "WATCHDOG_USEC": "2000000"}
+    with start(loop, 2, "--timeout-worker-healthcheck", "2", env=env) as server:
+        stuck = InFlight(server.port, "loop_stuck")  # an async action that never yields: its loop is stuck
+        wait_for_log(server, "its event loop is stuck; killing it")
+        wait_for_log(server, "serving on", 3)  # a replacement serves
+        killed = int(re.findall(r"worker \d \(pid (\d+)\) sent no heartbeat", "".join(server.log))[0])
+        assert killed in worker_pids(server)[:2] and not alive(killed)
+        assert f"(pid {killed}) was killed by SIGKILL; restarting" in "".join(server.log)
+        assert stuck.join() == {"loop_stuck": (0, b"")}  # its connection went with it
+        replacement = worker_pids(server)[2]
+        time.sleep(3)  # longer than the healthcheck timeout: the new one sends its heartbeats
+        assert alive(replacement) and "".join(server.log).count("sent no heartbeat") == 1
+        assert run(server.port, "echo") == (200, b"[1]")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+    manager.stop()
+    # The parent pinged systemd for the group all along: systemd never had cause to kill it.
+    assert manager.longest_silence() < 1.9
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1])
