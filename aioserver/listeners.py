@@ -106,9 +106,9 @@ def stop_listening(listeners: Iterable[Listener]) -> None:
     ``shutdown`` acts on the socket itself, which forked processes share (closing one process's
     descriptor would leave it listening in the others, its backlog filling with connections that
     are reset later). Connections already in a TCP backlog are reset; a Unix socket keeps them.
-    Only once no process reads the socket any more: accept() would fail on it at every turn of
-    a loop still watching it. Sockets passed by systemd go on listening: they are systemd's,
-    which queues new connections for the next start.
+    A loop still reading the socket then sees accept() fail at every turn (EINVAL): have it
+    stop reading in the same turn, or soon. Sockets passed by systemd go on listening: they are
+    systemd's, which queues new connections for the next start.
     """
     for listener in listeners:
         if listener.passed:

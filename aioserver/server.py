@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import re
 import signal
@@ -93,6 +94,8 @@ async def _serve(
     watchdog: float | None,
 ) -> None:
     owned = listeners is None
+    if not owned:
+        _quiet_refused_accepts(asyncio.get_running_loop())
     if notifier is None:
         notifier, watchdog = Notifier.from_env(), systemd.watchdog_interval()
     sockets = list(listeners) if listeners is not None else open_listeners(config)
@@ -101,6 +104,7 @@ async def _serve(
     connections = Connections(config.settings.limit_connections, config.settings.timeout_send)
     ensure_file_limit(config.settings.limit_connections)
     runners = [_runner(app, config, connections)]
+    sites: list[tuple[web.BaseSite, Listener]] = []
     background: list[asyncio.Task[None]] = []
     grace = config.settings.timeout_graceful_shutdown
     deadline: float | None = None  # of the stop: the grace period from its signal on
@@ -108,21 +112,21 @@ async def _serve(
         await runners[0].setup()
         main = [listener for listener in sockets if listener.role == MAIN]
         for listener in main:
-            await _listen(runners[0], listener, "https" if config.tls else "http", config)
+            sites.append((await _listen(runners[0], listener, "https" if config.tls else "http", config), listener))
         redirects = [listener for listener in sockets if listener.role == REDIRECT]
         if redirects:
             https_port = next((listener.port for listener in main if listener.port), 443)
             runners.append(_runner(create_redirect_app(https_port), config, connections))
             await runners[1].setup()
             for listener in redirects:
-                await _listen(runners[1], listener, "http", None)
+                sites.append((await _listen(runners[1], listener, "http", None), listener))
         if watchdog:
             background.append(asyncio.create_task(systemd.run_watchdog(notifier, watchdog)))
         if config.tls:
             background.append(asyncio.create_task(renew_session_keys(config.tls, SESSION_KEYS_LIFETIME)))
         stop = await _handle_signals(received, app, config, notifier)
         deadline = asyncio.get_running_loop().time() + grace
-        await _stop_accepting(runners, sockets, owned)
+        await _stop_accepting(runners, sites, owned)
         notifier.stopping()
         notifier.notify(systemd.NOT_ACCEPTING)  # for a parent: the sockets may stop listening
         flush_access_log()  # the lines of the requests so far come before this one
@@ -135,26 +139,27 @@ async def _serve(
         flush_access_log()
         if owned:
             close_listeners(sockets)
+        else:  # a worker's copies of its parent's sockets
+            for listener in sockets:
+                listener.sock.close()
     logger.info("stopped")
 
 
-async def _stop_accepting(runners: Sequence[web.BaseRunner], sockets: Sequence[Listener], owned: bool) -> None:
+async def _stop_accepting(
+    runners: Sequence[web.BaseRunner], sites: Sequence[tuple[web.BaseSite, Listener]], owned: bool
+) -> None:
     """Stop accepting connections: new ones are refused at once, not kept waiting in a backlog.
 
-    Sockets of our own stop listening. A worker's are its parent's, shared with the other
-    workers: the worker lets go of its copies, and the parent stops them listening once every
-    worker has stopped accepting (workers.py). Sockets passed by systemd go on listening in
-    systemd's hands, for the next start.
+    Sockets of our own stop listening in the same turn of the loop as their site stops reading
+    them, while it was still accepting: only the connections of that very instant are in the
+    backlog, to be reset (no socket can keep its backlog and refuse new connections). A
+    worker's sockets are shared with the other workers: its parent stops them listening
+    (workers.py). Sockets passed by systemd go on listening in systemd's hands, for the next start.
     """
-    for runner in runners:
-        for site in list(runner.sites):
-            await site.stop()  # no longer read: a socket that stops listening is never accepted from
-    if owned:
-        stop_listening(sockets)
-        close_listeners(sockets)
-    else:
-        for listener in sockets:
-            listener.sock.close()
+    for site, listener in sites:
+        if owned:
+            stop_listening([listener])
+        await site.stop()  # stops reading it at once, before any await: accept() would fail on it
     for runner in runners:
         if runner.server is not None:
             runner.server.pre_shutdown()  # idle keep-alive connections close now, the others after their answer
@@ -233,6 +238,27 @@ async def _close_down(runners: Sequence[web.BaseRunner], deadline: float | None,
         logger.warning("closing down outlasted the grace period: exiting without waiting for the rest")
 
 
+def _quiet_refused_accepts(loop: asyncio.AbstractEventLoop) -> None:
+    """In a worker: once its parent stops the shared sockets listening (at SIGTERM), accept()
+    fails with EINVAL until this worker stops reading them, a turn of the loop or two later.
+
+    asyncio logs each failure with a traceback (uvloop says nothing); there is nothing wrong.
+    """
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if (
+            isinstance(error, OSError)
+            and error.errno == errno.EINVAL
+            and "_accept_connection" in repr(context.get("handle"))
+        ):
+            logger.debug("accept() on a socket that no longer listens: the stop has begun")
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 def _runner(app: web.Application, config: Config, connections: Connections) -> LimitedRunner:
     settings = config.settings
     return LimitedRunner(
@@ -252,7 +278,7 @@ def _runner(app: web.Application, config: Config, connections: Connections) -> L
     )
 
 
-async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config: Config | None) -> None:
+async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config: Config | None) -> web.BaseSite:
     site: web.BaseSite
     if config and config.tls:
         timeout = config.settings.timeout_handshake
@@ -264,6 +290,7 @@ async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config
     except OSError as exc:
         raise StartupError(f"cannot serve on {describe(listener.sock, scheme)}: {exc.strerror or exc}") from None
     logger.info("serving on %s", describe(listener.sock, scheme))
+    return site
 
 
 def _queue_signals() -> asyncio.Queue[signal.Signals]:

@@ -184,9 +184,9 @@ class Supervisor:
     def stop(self, notifier: Notifier) -> int:
         """Stop every worker within the grace period; 0 when each one stopped cleanly.
 
-        SIGTERM goes to each worker, which stops accepting and finishes its requests in flight;
-        once none accepts, the sockets stop listening, so that new connections are refused at
-        once (they would wait in the backlog until the exit, then be reset). A second SIGINT
+        SIGTERM goes to each worker, which stops accepting and finishes its requests in flight,
+        and the sockets stop listening, so that new connections are refused at once (they would
+        wait in the backlog until the exit, then be reset). A second SIGINT
         is passed on: the workers cut off their requests at once. A worker still running after
         the grace period, or whose event loop is stuck, is killed.
         """
@@ -197,11 +197,15 @@ class Supervisor:
         self.restarts.clear()
         for worker in self.workers.values():
             os.kill(worker.pid, signal.SIGTERM)
-        listening, hurried, clean = True, False, True
+        # While the workers still accept: only the connections of this very instant are in the
+        # backlog, to be reset. Each worker stops reading the sockets a turn of its loop later.
+        stop_listening(self.listeners)
+        again, hurried, clean = True, False, True
         while self.workers:
-            if listening and not any(worker.accepting for worker in self.workers.values()):
+            if again and not any(worker.accepting for worker in self.workers.values()):
+                # A worker still starting when the stop came may have made them listen again.
                 stop_listening(self.listeners)
-                listening = False
+                again = False
             info = signal.sigtimedwait(SIGNALS, TICK)
             self.read_messages()
             if info is not None and info.si_signo == signal.SIGINT and not hurried:
@@ -225,8 +229,6 @@ class Supervisor:
                         )
                         self.kill(worker)
             self.ping(notifier, now)
-        if listening:
-            stop_listening(self.listeners)
         return 0 if clean else 1
 
     def collect(self) -> bool:
