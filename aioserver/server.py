@@ -160,6 +160,9 @@ async def _stop_accepting(
         if owned:
             stop_listening([listener])
         await site.stop()  # stops reading it at once, before any await: accept() would fail on it
+        if not owned:
+            # Our copy: once every worker let go of theirs, a parent killed with -9 holds none.
+            listener.sock.close()
     for runner in runners:
         if runner.server is not None:
             runner.server.pre_shutdown()  # idle keep-alive connections close now, the others after their answer

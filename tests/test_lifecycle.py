@@ -232,6 +232,31 @@ def test_sigterm_refuses_new_connections_at_once_and_drains(
     assert "Traceback" not in log and "was killed by" not in log
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_workers_of_a_parent_killed_with_9_drain_and_refuse_new_connections(
+    loop: str, tls: bool, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    args = ("--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key)) if tls else ()
+    with start(loop, 2, *args) as server:
+        pids = worker_pids(server)
+        requests = InFlight(server.port, "slow", context=client_ssl_ctx if tls else None)
+        time.sleep(0.7)
+        server.process.kill()  # the workers get SIGTERM from the kernel (PR_SET_PDEATHSIG)
+        wait_for_log(server, "shutting down", 2)
+        time.sleep(0.2)
+        with pytest.raises(ConnectionRefusedError):  # nobody holds the sockets any more
+            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        assert requests.join() == {"slow": (200, b"[1]")}
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in pids):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    log = "".join(server.log)
+    assert log.count("INFO aioserver: stopped") == 2
+    assert log.count("sd_notify") <= 2  # the parent is gone: said once by each worker, not every second
+
+
 # -- workers: a stuck event loop, signals while they start
 
 
