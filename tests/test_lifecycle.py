@@ -120,9 +120,10 @@ def alive(pid: int) -> bool:
 # -- HEAD /health
 
 
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("loop", LOOPS)
-def test_head_health_is_200_without_a_body_and_open(loop: str) -> None:
-    with start(loop, 1, env={"TOKEN": TOKEN_HASH}) as server:
+def test_head_health_is_200_without_a_body_and_open(loop: str, workers: int) -> None:
+    with start(loop, workers, env={"TOKEN": TOKEN_HASH}) as server:
         status, body = request(server.port, "HEAD", "/health")
         assert (status, body) == (200, b"")
         assert request(server.port, "GET", "/health") == (200, b'{"status": "ok"}')
