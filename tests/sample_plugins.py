@@ -110,3 +110,17 @@ def add_unsent(app: web.Application) -> None:
         return web.json_response(["x" * 40_000])
 
     app.router.add_get("/unsent", unsent)
+
+
+def add_stream(app: web.Application) -> None:
+    """An extension: an answer streamed in two parts a minute apart."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first part\n")
+        await asyncio.sleep(60)
+        await response.write(b"second part\n")
+        return response
+
+    app.router.add_get("/stream", stream)

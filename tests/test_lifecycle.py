@@ -181,6 +181,42 @@ def test_the_grace_period_bounds_the_whole_stop(loop: str, workers: int) -> None
     assert "Traceback" not in log and "was killed by" not in log
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_an_answer_cut_off_mid_way_is_reset_and_logged(loop: str) -> None:
+    with start(loop, 1, "--timeout-graceful-shutdown", "2", env={"EXTENSIONS": "sample_plugins.add_stream"}) as server:
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        client.sendall(b"GET /stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = b""
+        while b"first part" not in received:
+            received += client.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=15) == 0
+        with pytest.raises(ConnectionResetError):  # not a clean end: the client can tell it is cut short
+            while client.recv(4096):
+                pass
+        client.close()
+    log = "".join(server.log)
+    assert re.search(r"WARNING aioserver: cut off GET /stream to 127\.0\.0\.1:\d+ mid-answer: connection reset", log)
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_worker_stuck_in_the_drain_is_killed_at_the_end_of_the_grace_period(loop: str) -> None:
+    grace = 2.0
+    with start(loop, 2, "--timeout-graceful-shutdown", str(grace)) as server:
+        InFlight(server.port, "loop_stuck")  # its worker's loop is stuck: it cannot even drain
+        time.sleep(1)
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 1  # not a clean stop, and said so
+        took = time.monotonic() - stopped
+    log = "".join(server.log)
+    assert took < grace + 2.5, f"the stop took {took:.1f}s with --timeout-graceful-shutdown {grace:g}"
+    assert "still running 3s after SIGTERM: killing it" in log
+    assert re.search(r"worker \d \(pid \d+\) was killed by SIGKILL\n", log)
+
+
 @pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_second_sigint_stops_at_once_without_a_traceback(loop: str, workers: int) -> None:
