@@ -133,9 +133,13 @@ async def _serve(
         logger.info("shutting down (%s): no new connections, up to %gs for requests in flight", stop.name, grace)
         deadline = await _drain(connections, received, deadline, grace)
     finally:
-        for task in background:
-            task.cancel()
-        await _close_down(runners, deadline, grace)
+        try:
+            await _close_down(runners, deadline, grace)
+        finally:
+            # Heartbeats to the last: a parent kills a worker silent for a while, and closing
+            # down (the app's cleanup) may take as long as the grace period allows.
+            for task in background:
+                task.cancel()
         flush_access_log()
         if owned:
             close_listeners(sockets)

@@ -124,3 +124,13 @@ def add_stream(app: web.Application) -> None:
         return response
 
     app.router.add_get("/stream", stream)
+
+
+def slow_cleanup(app: web.Application) -> None:
+    """An extension whose cleanup takes 4 s (closing a client, flushing a queue...)."""
+
+    async def cleanup(app: web.Application) -> None:
+        await asyncio.sleep(4)
+        print("slow cleanup done", file=sys.stderr, flush=True)
+
+    app.on_cleanup.append(cleanup)

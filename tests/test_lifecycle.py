@@ -351,6 +351,16 @@ def test_a_worker_whose_event_loop_is_stuck_is_replaced(loop: str, tmp_path: Pat
     assert manager.longest_silence() < 1.9
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_worker_closing_down_within_the_grace_period_is_not_taken_for_stuck(loop: str) -> None:
+    args = ("--timeout-worker-healthcheck", "2", "--timeout-graceful-shutdown", "10")
+    with start(loop, 2, *args, env={"EXTENSIONS": "sample_plugins.slow_cleanup"}) as server:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    log = "".join(server.log)
+    assert log.count("slow cleanup done") == 2 and "sent no heartbeat" not in log
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1])
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_signal_while_workers_start_kills_none(loop: str, sig: signal.Signals) -> None:
