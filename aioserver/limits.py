@@ -196,6 +196,14 @@ class LimitedRunner(web.AppRunner):
         self.connections = (
             connections if connections is not None else Connections(settings.limit_connections, settings.timeout_send)
         )
+        self._shut_down = False
+
+    async def shutdown(self) -> None:
+        """The app's on_shutdown hooks, once: serve() runs them as its drain begins (aiohttp's
+        own order: before waiting for the requests), and aiohttp's cleanup would run them again."""
+        if not self._shut_down:
+            self._shut_down = True
+            await super().shutdown()
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

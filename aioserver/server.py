@@ -131,7 +131,7 @@ async def _serve(
         notifier.notify(systemd.NOT_ACCEPTING)  # for a parent: the sockets may stop listening
         flush_access_log()  # the lines of the requests so far come before this one
         logger.info("shutting down (%s): no new connections, up to %gs for requests in flight", stop.name, grace)
-        deadline = await _drain(connections, received, deadline, grace)
+        deadline = await _drain(runners, connections, received, deadline, grace)
     finally:
         try:
             await _close_down(runners, deadline, grace)
@@ -174,17 +174,29 @@ async def _stop_accepting(
 
 
 async def _drain(
-    connections: Connections, received: asyncio.Queue[signal.Signals], deadline: float, grace: float
+    runners: Sequence[web.BaseRunner],
+    connections: Connections,
+    received: asyncio.Queue[signal.Signals],
+    deadline: float,
+    grace: float,
 ) -> float:
     """Let the requests in flight finish until the stop's deadline nears, then cut them off.
 
-    A second SIGINT (Ctrl-C again) cuts them off at once. Returns the deadline for the rest
-    of the stop (sooner after a second SIGINT).
+    The apps' on_shutdown hooks run first, as in aiohttp's own drain: what they tell to end
+    (a long-lived answer, a scheduled run) has the same time as the requests. A second SIGINT
+    (Ctrl-C again) cuts the requests off at once. Returns the deadline for the rest of the
+    stop (sooner after a second SIGINT).
     """
     loop = asyncio.get_running_loop()
     reserve = min(CUT_OFF_TIME, grace / 5)
     cut_at = deadline - reserve
     reason = "grace period over"
+    try:
+        async with asyncio.timeout_at(cut_at):
+            for runner in runners:
+                await runner.shutdown()
+    except TimeoutError:
+        logger.warning("on_shutdown hooks still running at the end of the grace period: cancelled")
     while connections.in_flight() and loop.time() < cut_at:
         try:
             async with asyncio.timeout(min(DRAIN_POLL, cut_at - loop.time())):

@@ -134,3 +134,22 @@ def slow_cleanup(app: web.Application) -> None:
         print("slow cleanup done", file=sys.stderr, flush=True)
 
     app.on_cleanup.append(cleanup)
+
+
+def add_feed(app: web.Application) -> None:
+    """An extension: a long-lived answer (a feed) that its on_shutdown hook tells to end."""
+    ending = asyncio.Event()
+
+    async def feed(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"open\n")
+        await ending.wait()
+        await response.write(b"closed\n")
+        return response
+
+    async def end_feeds(app: web.Application) -> None:
+        ending.set()
+
+    app.router.add_get("/feed", feed)
+    app.on_shutdown.append(end_feeds)

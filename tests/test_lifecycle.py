@@ -201,6 +201,31 @@ def test_an_answer_cut_off_mid_way_is_reset_and_logged(loop: str) -> None:
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize("workers", WORKERS)
+@pytest.mark.parametrize("loop", LOOPS)
+def test_on_shutdown_hooks_run_as_the_drain_begins(loop: str, workers: int) -> None:
+    # aiohttp's order: an extension's on_shutdown hook ends its long-lived answers, which then
+    # finish within the grace period instead of being cut off at its end.
+    args = ("--timeout-graceful-shutdown", "30")
+    with start(loop, workers, *args, env={"EXTENSIONS": "sample_plugins.add_feed"}) as server:
+        client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        client.sendall(b"GET /feed HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        received = b""
+        while b"open" not in received:
+            received += client.recv(4096)
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        while not received.endswith(b"0\r\n\r\n"):  # the chunked answer's end
+            data = client.recv(4096)
+            assert data, received
+            received += data
+        client.close()
+        assert server.process.wait(timeout=30) == 0
+        took = time.monotonic() - stopped
+    assert b"closed" in received and took < 10, f"the feed ended {took:.1f}s after SIGTERM"
+    assert "cutting off" not in "".join(server.log)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_worker_stuck_in_the_drain_is_killed_at_the_end_of_the_grace_period(loop: str) -> None:
     grace = 2.0
