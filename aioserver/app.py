@@ -69,7 +69,7 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
         tracebacks.flush()  # the repeats since the last count, before the process ends
 
     app.on_cleanup.append(count_repeated_errors)
-    app.router.add_get("/health", views.health, allow_head=False)
+    app.router.add_get("/health", views.health)  # HEAD too: 200, no body
     app.router.add_post("/workflow", views.run_workflow)
     for extension in config.extensions:
         extension(app)

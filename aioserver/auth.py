@@ -32,6 +32,8 @@ from .errors import ConfigError, http_error
 
 REALM = 'Bearer realm="aioserver"'
 OPEN_PATHS = frozenset({"/health"})
+# GET, and HEAD, which is GET without the body (RFC 9110 section 9.3.2): a balancer's probe.
+OPEN_METHODS = frozenset({"GET", "HEAD"})
 # Routes (method, path as registered) whose handler checks a scoped token itself:
 # POST /workflow, against the workflow's name (check_scope).
 SCOPED_BY_HANDLER = frozenset({("POST", "/workflow")})
@@ -205,14 +207,14 @@ def _challenge(cls: type[web.HTTPException], message: str, error: str | None) ->
 
 
 def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
-    """The middleware checking every request but ``GET /health`` against ``store``.
+    """The middleware checking every request but ``GET /health`` (and HEAD) against ``store``.
 
     With no token in ``store`` the service is open, as txtai's is without ``TOKEN``.
     """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not store.tokens or (request.path in OPEN_PATHS and request.method == "GET"):
+        if not store.tokens or (request.path in OPEN_PATHS and request.method in OPEN_METHODS):
             return await handler(request)
         # Keyed only while someone's window is open: parsing the address costs on every request.
         client = throttle.client_key(request.remote) if throttle.active() else None

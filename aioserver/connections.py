@@ -144,6 +144,10 @@ class Connections:
         self._answering += 1
         return Refusal(self._answered)
 
+    def in_flight(self) -> list[RequestHandler]:
+        """The connections with a request in progress: being handled, or its answer on its way."""
+        return [handler for handler in self._open if handler._request_in_progress]
+
     def made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         """The connection of ``handler`` is made (TLS: its handshake is done)."""
         link = self._open.get(handler)
@@ -222,7 +226,7 @@ class Connections:
             handler, link, transport = stalled
             logger.info(
                 "connection limit: %s read nothing for %.0fs, %d bytes or more unsent; connection reset to make room",
-                _peer(transport),
+                peer(transport),
                 now - link.since,
                 link.unsent,
             )
@@ -266,7 +270,7 @@ class Connections:
             assert link.transport is not None
             logger.info(
                 "send timeout: %s read nothing for %gs, %d bytes or more unsent; connection reset",
-                _peer(link.transport),
+                peer(link.transport),
                 self.send_timeout,
                 link.unsent,
             )
@@ -319,12 +323,12 @@ def _cut_off_stalled(handler: RequestHandler, transport: asyncio.Transport) -> N
     waiter = handler._drain_waiter
     if waiter is not None and not waiter.done():
         waiter.set_exception(ConnectionResetError("send timeout"))
-        asyncio.get_running_loop().call_soon(_reset, transport)  # after the handler's turn
+        asyncio.get_running_loop().call_soon(reset, transport)  # after the handler's turn
     else:
-        _reset(transport)
+        reset(transport)
 
 
-def _reset(transport: asyncio.Transport) -> None:
+def reset(transport: asyncio.Transport) -> None:
     """Abort a connection whose client reads nothing, dropping what the kernel holds for it too.
 
     A plain close (``abort`` alone) leaves the kernel sending its queue, MBs, to a client that
@@ -340,7 +344,7 @@ def _reset(transport: asyncio.Transport) -> None:
     transport.abort()
 
 
-def _peer(transport: asyncio.Transport) -> str:
+def peer(transport: asyncio.Transport) -> str:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple):
         return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"

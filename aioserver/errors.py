@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -15,6 +16,11 @@ from .errorlog import TracebackLog
 from .logtext import loggable
 
 logger = logging.getLogger("aioserver.error")
+
+# Set on a request that shutdown cuts off at the end of the grace period (server.py), before
+# cancelling it: error_middleware answers it 503 instead of letting the cancellation through.
+CUT_OFF = web.RequestKey("cut_off", bool)
+CUT_OFF_MESSAGE = "server shutting down: the request was cut off"
 
 
 class ConfigError(Exception):
@@ -77,6 +83,16 @@ def error_middleware(headers: Mapping[str, str], tracebacks: TracebackLog | None
                 "bad gateway while handling %s %s: %s", request.method, _logged_path(request), loggable(str(exc))
             )
             response = web.json_response({"error": str(exc)}, status=502)
+        except asyncio.CancelledError:
+            # A client gone (aiohttp's handler cancellation) is cancelled for good; a request
+            # cut off by the shutdown is answered, and so logged by its access line, instead
+            # of a reset the client could not tell from a crash.
+            task = asyncio.current_task()
+            if not request.get(CUT_OFF) or task is None:
+                raise
+            task.uncancel()
+            response = web.json_response({"error": CUT_OFF_MESSAGE}, status=503)
+            response.force_close()
         except Exception as exc:
             error_id = secrets.token_hex(6)
             tracebacks.error(error_id, f"while handling {request.method} {_logged_path(request)}", exc)

@@ -192,10 +192,18 @@ class LimitedRunner(web.AppRunner):
             max_headers=settings.max_headers,
             **kwargs,
         )
-        # `is None`, not `or`: a count with no connection open yet is falsy (its len is 0).
-        if connections is None:
-            connections = Connections(settings.limit_connections, settings.timeout_send)
-        self.connections = connections
+        # Not "connections or ...": an empty Connections is falsy (it has a length).
+        self.connections = (
+            connections if connections is not None else Connections(settings.limit_connections, settings.timeout_send)
+        )
+        self._shut_down = False
+
+    async def shutdown(self) -> None:
+        """The app's on_shutdown hooks, once: serve() runs them as its drain begins (aiohttp's
+        own order: before waiting for the requests), and aiohttp's cleanup would run them again."""
+        if not self._shut_down:
+            self._shut_down = True
+            await super().shutdown()
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

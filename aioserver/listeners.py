@@ -27,6 +27,7 @@ class Listener:
     sock: socket.socket
     role: str = MAIN
     path: str | None = None  # the file of a Unix socket we bound, removed on close
+    passed: bool = False  # by systemd, which keeps it listening when we stop
 
     @property
     def port(self) -> int | None:
@@ -45,7 +46,9 @@ def open_listeners(config: Config) -> list[Listener]:
     except OSError as exc:
         raise StartupError(f"cannot use the sockets passed by systemd: {exc.strerror or exc}") from None
     if activated:
-        return [Listener(a.sock, REDIRECT if a.name == REDIRECT and config.tls else MAIN) for a in activated]
+        return [
+            Listener(a.sock, REDIRECT if a.name == REDIRECT and config.tls else MAIN, passed=True) for a in activated
+        ]
     settings = config.settings
     listeners = [bind_unix(settings.uds)] if settings.uds else bind_tcp(settings.host, settings.port)
     if config.tls and settings.redirect_http is not None:
@@ -95,6 +98,25 @@ def bind_unix(path: str) -> Listener:
         sock.close()
         raise StartupError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
     return Listener(sock, MAIN, path)
+
+
+def stop_listening(listeners: Iterable[Listener]) -> None:
+    """Stop our sockets listening, in every process that holds them: new connections are refused.
+
+    ``shutdown`` acts on the socket itself, which forked processes share (closing one process's
+    descriptor would leave it listening in the others, its backlog filling with connections that
+    are reset later). Connections already in a TCP backlog are reset; a Unix socket keeps them.
+    A loop still reading the socket then sees accept() fail at every turn (EINVAL): have it
+    stop reading in the same turn, or soon. Sockets passed by systemd go on listening: they are
+    systemd's, which queues new connections for the next start.
+    """
+    for listener in listeners:
+        if listener.passed:
+            continue
+        try:
+            listener.sock.shutdown(socket.SHUT_RD)
+        except OSError:  # closed already, or never listening
+            pass
 
 
 def close(listeners: Iterable[Listener]) -> None:

@@ -202,6 +202,12 @@ class Settings:
         metavar="LIST",
     )
     workers: int = _option(1, positive_int, "worker processes serving the same sockets", env="WORKERS", metavar="N")
+    timeout_worker_healthcheck: float = _option(
+        10.0,
+        positive_float,
+        "with --workers: a worker whose event loop sends its parent no heartbeat for this long is killed and replaced",
+        metavar="SECONDS",
+    )
     loop: str = _option(
         "auto", event_loop, "event loop: auto (uvloop when installed), asyncio or uvloop", metavar="LOOP"
     )

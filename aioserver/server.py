@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import re
 import signal
@@ -11,17 +12,19 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from . import systemd
 from .app import HEADERS, create_app
 from .config import Config
-from .connections import Connections, TLSSite, ensure_file_limit
-from .errors import ConfigError, StartupError, error_middleware, http_error
+from .connections import Connections, TLSSite, ensure_file_limit, peer, reset
+from .errors import CUT_OFF, ConfigError, StartupError, error_middleware, http_error
 from .keys import TOKENS
 from .limits import LimitedRunner
-from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners
+from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners, stop_listening
 from .listeners import close as close_listeners
 from .logs import AccessLogger, flush_access_log
+from .logtext import loggable
 from .systemd import Notifier
 from .tls import ReloadableContext, TLSError
 from .workflow.schedules import HostSchedules
@@ -30,7 +33,14 @@ logger = logging.getLogger("aioserver")
 T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+# SIGUSR1 is only logged: its default action would kill the process (a log-rotation script's
+# habit); our logs go to stderr, there is nothing to reopen.
+HANDLED_SIGNALS = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
+# Of a stop's time (--timeout-graceful-shutdown, the bound of the whole stop), what is kept at
+# its end to cut off the requests still in flight and close down: this much at most, a fifth
+# of a shorter grace period. The requests in flight have the rest.
+CUT_OFF_TIME = 1.0
+DRAIN_POLL = 0.05  # seconds between looks at the requests in flight while draining
 # How long TLS sessions can resume at most: the context (its session cache and ticket keys) is
 # made anew this often, as on SIGHUP. Resuming issues a new ticket, so without this a chain of
 # resumptions would outlive any ticket lifetime.
@@ -76,7 +86,7 @@ async def serve(
     try:
         await _serve(config, received, listeners, notifier, watchdog, schedules)
     finally:
-        _unqueue_signals()
+        _ignore_signals()
 
 
 async def _serve(
@@ -88,6 +98,8 @@ async def _serve(
     schedules: HostSchedules | None,
 ) -> None:
     owned = listeners is None
+    if not owned:
+        _quiet_refused_accepts(asyncio.get_running_loop())
     if notifier is None:
         notifier, watchdog = Notifier.from_env(), systemd.watchdog_interval()
     sockets = list(listeners) if listeners is not None else open_listeners(config)
@@ -96,39 +108,178 @@ async def _serve(
     connections = Connections(config.settings.limit_connections, config.settings.timeout_send)
     ensure_file_limit(config.settings.limit_connections)
     runners = [_runner(app, config, connections)]
+    sites: list[tuple[web.BaseSite, Listener]] = []
     background: list[asyncio.Task[None]] = []
+    grace = config.settings.timeout_graceful_shutdown
+    deadline: float | None = None  # of the stop: the grace period from its signal on
     try:
         await runners[0].setup()
         main = [listener for listener in sockets if listener.role == MAIN]
         for listener in main:
-            await _listen(runners[0], listener, "https" if config.tls else "http", config)
+            sites.append((await _listen(runners[0], listener, "https" if config.tls else "http", config), listener))
         redirects = [listener for listener in sockets if listener.role == REDIRECT]
         if redirects:
             https_port = next((listener.port for listener in main if listener.port), 443)
             runners.append(_runner(create_redirect_app(https_port), config, connections))
             await runners[1].setup()
             for listener in redirects:
-                await _listen(runners[1], listener, "http", None)
+                sites.append((await _listen(runners[1], listener, "http", None), listener))
         if watchdog:
             background.append(asyncio.create_task(systemd.run_watchdog(notifier, watchdog)))
         if config.tls:
             background.append(asyncio.create_task(renew_session_keys(config.tls, SESSION_KEYS_LIFETIME)))
-        await _handle_signals(received, app, config, notifier)
+        stop = await _handle_signals(received, app, config, notifier)
+        deadline = asyncio.get_running_loop().time() + grace
+        await _stop_accepting(runners, sites, owned)
         notifier.stopping()
+        notifier.notify(systemd.NOT_ACCEPTING)  # for a parent: the sockets may stop listening
         flush_access_log()  # the lines of the requests so far come before this one
-        logger.info(
-            "shutting down: no new connections, up to %gs for requests in flight",
-            config.settings.timeout_graceful_shutdown,
-        )
+        logger.info("shutting down (%s): no new connections, up to %gs for requests in flight", stop.name, grace)
+        deadline = await _drain(runners, connections, received, deadline, grace)
     finally:
-        for task in background:
-            task.cancel()
-        for runner in reversed(runners):
-            await runner.cleanup()
+        try:
+            await _close_down(runners, deadline, grace)
+        finally:
+            # Heartbeats to the last: a parent kills a worker silent for a while, and closing
+            # down (the app's cleanup) may take as long as the grace period allows.
+            for task in background:
+                task.cancel()
         flush_access_log()
         if owned:
             close_listeners(sockets)
+        else:  # a worker's copies of its parent's sockets
+            for listener in sockets:
+                listener.sock.close()
     logger.info("stopped")
+
+
+async def _stop_accepting(
+    runners: Sequence[web.BaseRunner], sites: Sequence[tuple[web.BaseSite, Listener]], owned: bool
+) -> None:
+    """Stop accepting connections: new ones are refused at once, not kept waiting in a backlog.
+
+    Sockets of our own stop listening in the same turn of the loop as their site stops reading
+    them, while it was still accepting: only the connections of that very instant are in the
+    backlog, to be reset (no socket can keep its backlog and refuse new connections). A
+    worker's sockets are shared with the other workers: its parent stops them listening
+    (workers.py). Sockets passed by systemd go on listening in systemd's hands, for the next start.
+    """
+    for site, listener in sites:
+        if owned:
+            stop_listening([listener])
+        await site.stop()  # stops reading it at once, before any await: accept() would fail on it
+        if not owned:
+            # Our copy: once every worker let go of theirs, a parent killed with -9 holds none.
+            listener.sock.close()
+    for runner in runners:
+        if runner.server is not None:
+            runner.server.pre_shutdown()  # idle keep-alive connections close now, the others after their answer
+    await asyncio.sleep(0)  # a request whose head came with the last reads starts before the first look
+
+
+async def _drain(
+    runners: Sequence[web.BaseRunner],
+    connections: Connections,
+    received: asyncio.Queue[signal.Signals],
+    deadline: float,
+    grace: float,
+) -> float:
+    """Let the requests in flight finish until the stop's deadline nears, then cut them off.
+
+    The apps' on_shutdown hooks run first, as in aiohttp's own drain: what they tell to end
+    (a long-lived answer, a scheduled run) has the same time as the requests. A second SIGINT
+    (Ctrl-C again) cuts the requests off at once. Returns the deadline for the rest of the
+    stop (sooner after a second SIGINT).
+    """
+    loop = asyncio.get_running_loop()
+    reserve = min(CUT_OFF_TIME, grace / 5)
+    cut_at = deadline - reserve
+    reason = "grace period over"
+    try:
+        async with asyncio.timeout_at(cut_at):
+            for runner in runners:
+                await runner.shutdown()
+    except TimeoutError:
+        logger.warning("on_shutdown hooks still running at the end of the grace period: cancelled")
+    while connections.in_flight() and loop.time() < cut_at:
+        try:
+            async with asyncio.timeout(min(DRAIN_POLL, cut_at - loop.time())):
+                sig = await received.get()
+        except TimeoutError:
+            continue
+        if sig == signal.SIGINT:
+            reason = "second SIGINT: stopping now"
+            cut_at = loop.time()
+            deadline = cut_at + reserve
+            break
+        _ignored(sig)
+    busy = connections.in_flight()
+    if not busy:
+        return deadline
+    logger.warning(
+        "%s: cutting off %d requests in flight (answered 503 when nothing was sent yet, else reset)",
+        reason,
+        len(busy),
+    )
+    for handler in busy:
+        _cut_off(handler)
+    answered_by = cut_at + reserve / 2
+    while connections.in_flight() and loop.time() < answered_by:
+        await asyncio.sleep(min(DRAIN_POLL, answered_by - loop.time()))
+    return deadline
+
+
+def _cut_off(handler: RequestHandler) -> None:
+    """End a request in flight: answered 503 if nothing of its answer was sent, else reset.
+
+    The first kind is cancelled with a mark that error_middleware turns into a 503, so its
+    access line says so; an answer under way cannot be replaced, so its connection is reset,
+    with a line of its own.
+    """
+    request = handler._current_request
+    if request is not None and not request.writer.output_size:
+        request[CUT_OFF] = True
+        request.task.cancel()
+        return
+    transport = handler.transport
+    if transport is None:
+        return
+    what = f"{request.method} {loggable(request.rel_url.raw_path)}" if request is not None else "an answer"
+    logger.warning("cut off %s to %s mid-answer: connection reset", what, peer(transport))
+    reset(transport)
+
+
+async def _close_down(runners: Sequence[web.BaseRunner], deadline: float | None, grace: float) -> None:
+    """aiohttp's cleanup (on_shutdown, connections, on_cleanup), bounded by the stop's deadline
+    (after a failed start, by the grace period)."""
+    now = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout_at(now + grace if deadline is None else max(deadline, now + 0.05)):
+            for runner in reversed(runners):
+                await runner.cleanup()
+    except TimeoutError:
+        logger.warning("closing down outlasted the grace period: exiting without waiting for the rest")
+
+
+def _quiet_refused_accepts(loop: asyncio.AbstractEventLoop) -> None:
+    """In a worker: once its parent stops the shared sockets listening (at SIGTERM), accept()
+    fails with EINVAL until this worker stops reading them, a turn of the loop or two later.
+
+    asyncio logs each failure with a traceback (uvloop says nothing); there is nothing wrong.
+    """
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if (
+            isinstance(error, OSError)
+            and error.errno == errno.EINVAL
+            and "_accept_connection" in repr(context.get("handle"))
+        ):
+            logger.debug("accept() on a socket that no longer listens: the stop has begun")
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def _runner(app: web.Application, config: Config, connections: Connections) -> LimitedRunner:
@@ -144,11 +295,13 @@ def _runner(app: web.Application, config: Config, connections: Connections) -> L
         access_log_class=AccessLogger,
         # aiohttp's default keeps idle connections for an hour; uvicorn's for 5 s.
         keepalive_timeout=settings.timeout_keep_alive,
-        shutdown_timeout=settings.timeout_graceful_shutdown,
+        # The drain is ours (_drain): by aiohttp's cleanup, what is left has been cut off. Its
+        # own drain would wait this long, cancel, then wait as long again.
+        shutdown_timeout=min(CUT_OFF_TIME, settings.timeout_graceful_shutdown / 5) / 4,
     )
 
 
-async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config: Config | None) -> None:
+async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config: Config | None) -> web.BaseSite:
     site: web.BaseSite
     if config and config.tls:
         timeout = config.settings.timeout_handshake
@@ -160,10 +313,11 @@ async def _listen(runner: LimitedRunner, listener: Listener, scheme: str, config
     except OSError as exc:
         raise StartupError(f"cannot serve on {describe(listener.sock, scheme)}: {exc.strerror or exc}") from None
     logger.info("serving on %s", describe(listener.sock, scheme))
+    return site
 
 
 def _queue_signals() -> asyncio.Queue[signal.Signals]:
-    """Queue SIGTERM, SIGINT and SIGHUP from now on; the handlers do nothing else."""
+    """Queue SIGTERM, SIGINT, SIGHUP and SIGUSR1 from now on; the handlers do nothing else."""
     loop = asyncio.get_running_loop()
     received: asyncio.Queue[signal.Signals] = asyncio.Queue()
     for sig in HANDLED_SIGNALS:
@@ -173,29 +327,46 @@ def _queue_signals() -> asyncio.Queue[signal.Signals]:
     return received
 
 
-def _unqueue_signals() -> None:
+def _ignore_signals() -> None:
+    """From the end of serve() the process only exits: a late signal must neither kill it (a
+    worker's parent would see a crash) nor raise KeyboardInterrupt (a traceback)."""
     loop = asyncio.get_running_loop()
     for sig in HANDLED_SIGNALS:
         loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _ignored(sig: signal.Signals) -> None:
+    if sig == signal.SIGUSR1:
+        logger.info("SIGUSR1 ignored (logs go to stderr: nothing to reopen)")
+    else:
+        logger.info("%s ignored: shutting down already", sig.name)
 
 
 async def _handle_signals(
     received: asyncio.Queue[signal.Signals], app: web.Application, config: Config, notifier: Notifier
-) -> None:
-    """Until SIGTERM or SIGINT, reload on SIGHUP.
+) -> signal.Signals:
+    """Until SIGTERM or SIGINT (which is returned), reload on SIGHUP.
 
     READY=1 goes out once serving, the handlers long in place: a manager may signal us right after it.
     """
     notifier.ready()
     while True:
         sig = await received.get()
+        if sig == signal.SIGUSR1:
+            _ignored(sig)
+            continue
         # A burst of signals is one reload (a stop among them wins): a storm of SIGHUPs must
         # not queue thousands of reloads that a real one, revoking a token, would wait behind.
-        while not received.empty():
+        # What follows a stop stays queued for the drain (a second SIGINT).
+        while sig == signal.SIGHUP and not received.empty():
             queued = received.get_nowait()
-            sig = queued if queued != signal.SIGHUP else sig
+            if queued == signal.SIGUSR1:
+                _ignored(queued)
+            else:
+                sig = queued
         if sig != signal.SIGHUP:
-            return
+            return sig
         notifier.reloading()
         await reload(app, config)
         notifier.ready("serving, reloaded")

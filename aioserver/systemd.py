@@ -20,6 +20,9 @@ from typing import Any
 logger = logging.getLogger("aioserver.systemd")
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
+# Ours, not systemd's (sd_notify(3) asks that other variables start with X_, and systemd
+# ignores them): a stopping worker tells its parent that it accepts no more connections.
+NOT_ACCEPTING = "X_ACCEPTING=0"
 ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
@@ -29,6 +32,7 @@ class Notifier:
     def __init__(self, address: str | None = None, sock: socket.socket | None = None) -> None:
         self.address = address
         self._sock = sock
+        self._failing = False  # a failure is logged once, until a message goes through again
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Notifier:
@@ -45,22 +49,27 @@ class Notifier:
         return self.address is not None or self._sock is not None
 
     def notify(self, *lines: str) -> None:
-        """Send one message; a failure is logged, never raised (systemd may be going away)."""
+        """Send one message; a failure is logged (once in a row), never raised: systemd, or a
+        worker's parent, may be going away, and a worker pings its parent every second."""
         if not self.enabled:
             return
         message = "\n".join(lines).encode()
         try:
             if self._sock is not None:
                 self._sock.send(message)
-                return
-            assert self.address is not None
-            # A leading "@" is the abstract namespace: a NUL byte in the kernel's address.
-            target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.connect(target)
-                sock.sendall(message)
+            else:
+                assert self.address is not None
+                # A leading "@" is the abstract namespace: a NUL byte in the kernel's address.
+                target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                    sock.connect(target)
+                    sock.sendall(message)
         except OSError as exc:
-            logger.warning("sd_notify %s failed: %s", lines[0] if lines else "", exc.strerror or exc)
+            if not self._failing:
+                logger.warning("sd_notify %s failed: %s", lines[0] if lines else "", exc.strerror or exc)
+            self._failing = True
+        else:
+            self._failing = False
 
     def ready(self, status: str = "serving") -> None:
         self.notify("READY=1", f"STATUS={status}")

@@ -3,11 +3,12 @@
 The parent opens the listening sockets once (or takes them from systemd), forks N workers
 that each run the ordinary :func:`aioserver.server.serve` on the inherited sockets (the
 kernel hands each new connection to one of them), and then only supervises: it restarts a
-worker that dies (backing off when one dies young), forwards SIGTERM/SIGINT and SIGHUP, and
-alone speaks sd_notify for the group. Each worker reports READY/RELOADING/WATCHDOG to the
-parent over its own datagram socket pair, with the same sd_notify messages it would send to
-systemd. The parent runs no event loop (forking under a running loop is unsafe); it waits for
-signals with ``sigtimedwait``.
+worker that dies (backing off when one dies young), kills and replaces one whose event loop
+is stuck, forwards SIGTERM/SIGINT and SIGHUP, and alone speaks sd_notify for the group. Each
+worker reports READY/RELOADING/STOPPING to the parent over its own datagram socket pair, with
+the same sd_notify messages it would send to systemd, and a WATCHDOG=1 heartbeat every second
+from its event loop. The parent runs no event loop (forking under a running loop is unsafe);
+it waits for signals with ``sigtimedwait``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import NoReturn
 
 from . import systemd
 from .config import Config, reread_files
-from .listeners import Listener, open_listeners
+from .listeners import Listener, open_listeners, stop_listening
 from .listeners import close as close_listeners
 from .server import run as run_server
 from .server import serve
@@ -35,10 +36,14 @@ from .workflow.schedules import HostSchedules, parse_run_message, run_message
 
 logger = logging.getLogger("aioserver.workers")
 
-SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD}
 TICK = 0.1  # seconds between looks at the workers' messages when no signal comes
 YOUNG = 5.0  # a worker dying sooner than this after its start makes the next restart wait longer
 MAX_BACKOFF = 10.0
+HEARTBEAT = 1.0  # seconds between a worker's heartbeats (a quarter of a shorter healthcheck timeout)
+# A worker still running this long after the grace period of a stop is killed: its own stop
+# cuts off what is left at the end of the grace period and exits.
+STOP_SLACK = 1.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -51,6 +56,9 @@ class Worker:
     channel: socket.socket  # the parent's end of the worker's sd_notify socket pair
     started: float = field(default_factory=time.monotonic)
     ready: bool = False
+    serving: bool = False  # it has said READY once: its heartbeats are due from then on
+    accepting: bool = True  # until it says it stopped accepting connections (NOT_ACCEPTING)
+    killed: bool = False  # by us, with SIGKILL: not again
     last_ping: float = field(default_factory=time.monotonic)
 
 
@@ -70,17 +78,21 @@ class Supervisor:
         # The host's schedules run in the worker of slot 0, which reports each run; its
         # replacement is handed the counts so far (iterations hold across restarts).
         self.schedule_runs: dict[str, int] = {}
+        self.healthcheck = config.settings.timeout_worker_healthcheck
+        self.heartbeat = min(HEARTBEAT, self.healthcheck / 4)
+        self.last_ping = time.monotonic()  # to systemd
 
     def run(self, notifier: Notifier) -> int:
         """Supervise until SIGTERM/SIGINT; return 0 when every worker stopped cleanly."""
         for slot in range(self.count):
             self.start(slot)
-        last_ping = time.monotonic()
         while True:
             info = signal.sigtimedwait(SIGNALS, TICK)
             self.read_messages()
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 return self.stop(notifier)
+            if info is not None and info.si_signo == signal.SIGUSR1:
+                logger.info("SIGUSR1 ignored (logs go to stderr: nothing to reopen)")
             if info is not None and info.si_signo == signal.SIGHUP:
                 notifier.reloading()
                 # As each worker does: a worker forked from now on (a replacement) serves what
@@ -99,11 +111,36 @@ class Supervisor:
             if not self.announced and len(self.workers) == self.count and all(w.ready for w in self.workers.values()):
                 notifier.ready(f"{self.count} workers serving")
                 self.announced = True
-            # The group is healthy while every worker's loop pings (a new one gets its grace).
-            if self.watchdog and now - last_ping >= self.watchdog:
-                if all(now - w.last_ping < 2 * self.watchdog for w in self.workers.values()):
-                    notifier.watchdog()
-                    last_ping = now
+            self.kill_stuck(now)
+            self.ping(notifier, now)
+
+    def kill_stuck(self, now: float) -> None:
+        """Kill a serving worker whose heartbeats stopped: its event loop is stuck (reap restarts it)."""
+        for worker in self.workers.values():
+            if worker.serving and not worker.killed and now - worker.last_ping > self.healthcheck:
+                logger.error(
+                    "worker %d (pid %d) sent no heartbeat for %.1fs (--timeout-worker-healthcheck %g): its event"
+                    " loop is stuck; killing it",
+                    worker.slot,
+                    worker.pid,
+                    now - worker.last_ping,
+                    self.healthcheck,
+                )
+                self.kill(worker)
+
+    def kill(self, worker: Worker) -> None:
+        worker.killed = True
+        try:
+            os.kill(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:  # dead already, not reaped yet
+            pass
+
+    def ping(self, notifier: Notifier, now: float) -> None:
+        """WATCHDOG=1 to systemd while the parent supervises: it replaces a stuck worker itself,
+        so the group stays healthy (and the service is not killed) while one is."""
+        if self.watchdog and now - self.last_ping >= self.watchdog:
+            notifier.watchdog()
+            self.last_ping = now
 
     def start(self, slot: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -112,7 +149,7 @@ class Supervisor:
             ours.close()
             for worker in self.workers.values():
                 worker.channel.close()  # the other workers' channels are the parent's business
-            _work(self.config, self.listeners, theirs, self.watchdog, self.parent, slot == 0, self.schedule_runs)
+            _work(self.config, self.listeners, theirs, self.heartbeat, self.parent, slot == 0, self.schedule_runs)
         theirs.close()
         ours.setblocking(False)
         self.workers[pid] = Worker(slot, pid, ours)
@@ -127,8 +164,12 @@ class Supervisor:
                     break
                 if "READY=1" in lines:
                     worker.ready = True
+                    if not worker.serving:  # heartbeats are due from now on, not from its start
+                        worker.serving, worker.last_ping = True, time.monotonic()
                 if "RELOADING=1" in lines or "STOPPING=1" in lines:
                     worker.ready = False
+                if systemd.NOT_ACCEPTING in lines:
+                    worker.accepting = False
                 if "WATCHDOG=1" in lines:
                     worker.last_ping = time.monotonic()
                 for name, runs in filter(None, map(parse_run_message, lines)):
@@ -153,20 +194,70 @@ class Supervisor:
             notifier.status(f"worker {worker.slot} died, restarting")
 
     def stop(self, notifier: Notifier) -> int:
-        """Forward SIGTERM and wait for every worker to finish its requests in flight."""
+        """Stop every worker within the grace period; 0 when each one stopped cleanly.
+
+        SIGTERM goes to each worker, which stops accepting and finishes its requests in flight,
+        and the sockets stop listening, so that new connections are refused at once (they would
+        wait in the backlog until the exit, then be reset). A second SIGINT
+        is passed on: the workers cut off their requests at once. A worker still running after
+        the grace period, or whose event loop is stuck, is killed.
+        """
         notifier.stopping()
-        logger.info("stopping %d workers", len(self.workers))
+        grace = self.config.settings.timeout_graceful_shutdown
+        logger.info("stopping %d workers: up to %gs for their requests in flight", len(self.workers), grace)
+        deadline = time.monotonic() + grace + STOP_SLACK
+        self.restarts.clear()
         for worker in self.workers.values():
             os.kill(worker.pid, signal.SIGTERM)
+        # While the workers still accept: only the connections of this very instant are in the
+        # backlog, to be reset. Each worker stops reading the sockets a turn of its loop later.
+        stop_listening(self.listeners)
+        again, hurried, clean = True, False, True
+        while self.workers:
+            if again and not any(worker.accepting for worker in self.workers.values()):
+                # A worker still starting when the stop came may have made them listen again.
+                stop_listening(self.listeners)
+                again = False
+            info = signal.sigtimedwait(SIGNALS, TICK)
+            self.read_messages()
+            if info is not None and info.si_signo == signal.SIGINT and not hurried:
+                logger.warning("second SIGINT: stopping now, the workers cut off their requests in flight")
+                hurried = True
+                for worker in self.workers.values():
+                    os.kill(worker.pid, signal.SIGINT)
+            elif info is not None and info.si_signo == signal.SIGUSR1:
+                logger.info("SIGUSR1 ignored (logs go to stderr: nothing to reopen)")
+            clean = self.collect() and clean
+            now = time.monotonic()
+            self.kill_stuck(now)
+            if now >= deadline:
+                for worker in self.workers.values():
+                    if not worker.killed:
+                        logger.error(
+                            "worker %d (pid %d) still running %gs after SIGTERM: killing it",
+                            worker.slot,
+                            worker.pid,
+                            grace + STOP_SLACK,
+                        )
+                        self.kill(worker)
+            self.ping(notifier, now)
+        return 0 if clean else 1
+
+    def collect(self) -> bool:
+        """Collect the workers that exited while stopping; False if one did not exit cleanly."""
         clean = True
-        for pid, worker in list(self.workers.items()):
-            _, status = os.waitpid(pid, 0)
+        while self.workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
             worker.channel.close()
             if os.waitstatus_to_exitcode(status) != 0:
                 logger.error("worker %d (pid %d) %s", worker.slot, pid, _describe(status))
                 clean = False
-        self.workers.clear()
-        return 0 if clean else 1
+        return clean
 
 
 def _describe(status: int) -> str:
@@ -189,7 +280,7 @@ def _work(
     config: Config,
     listeners: Sequence[Listener],
     channel: socket.socket,
-    watchdog: float | None,
+    heartbeat: float,
     parent: int,
     scheduling: bool,
     schedule_runs: Mapping[str, int],
@@ -205,13 +296,16 @@ def _work(
     # SIGTERM, SIGINT and SIGHUP stay blocked until serve() has its handlers in place: one that
     # came sooner would kill the worker (a pending one is delivered then).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+    # Never wait on the parent: a parent that reads nothing for a while must not stall the loop.
+    channel.setblocking(False)
     notifier = Notifier(sock=channel)
     schedules = HostSchedules(
         scheduling, dict(schedule_runs), lambda name, runs: notifier.notify(run_message(name, runs))
     )
     status = 0
     try:
-        run_server(serve(config, listeners, notifier, watchdog, schedules), config.settings.loop)
+        # The heartbeat is serve()'s watchdog ping, sent from the event loop: it stops when the loop is stuck.
+        run_server(serve(config, listeners, notifier, heartbeat, schedules), config.settings.loop)
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
         status = 1
@@ -235,5 +329,9 @@ def run(config: Config) -> int:
     try:
         return Supervisor(config, listeners, config.settings.workers, watchdog).run(notifier)
     finally:
+        # Exiting: a signal still pending, or a late one, must neither kill the parent nor raise
+        # KeyboardInterrupt (a traceback where a clean stop was logged).
+        for sig in SIGNALS - {signal.SIGCHLD}:
+            signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         close_listeners(listeners)

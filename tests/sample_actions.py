@@ -162,3 +162,9 @@ async def stamp(batch: list[str], seconds: float = 0.0) -> list[str]:
     await asyncio.sleep(seconds)
     write("end")
     return batch
+
+
+async def block_loop(batch: list[Any], seconds: float = 600) -> list[Any]:
+    """A broken async action: sleeps without awaiting, so its process's event loop is stuck."""
+    time.sleep(seconds)
+    return batch

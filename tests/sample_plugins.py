@@ -110,3 +110,46 @@ def add_unsent(app: web.Application) -> None:
         return web.json_response(["x" * 40_000])
 
     app.router.add_get("/unsent", unsent)
+
+
+def add_stream(app: web.Application) -> None:
+    """An extension: an answer streamed in two parts a minute apart."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"first part\n")
+        await asyncio.sleep(60)
+        await response.write(b"second part\n")
+        return response
+
+    app.router.add_get("/stream", stream)
+
+
+def slow_cleanup(app: web.Application) -> None:
+    """An extension whose cleanup takes 4 s (closing a client, flushing a queue...)."""
+
+    async def cleanup(app: web.Application) -> None:
+        await asyncio.sleep(4)
+        print("slow cleanup done", file=sys.stderr, flush=True)
+
+    app.on_cleanup.append(cleanup)
+
+
+def add_feed(app: web.Application) -> None:
+    """An extension: a long-lived answer (a feed) that its on_shutdown hook tells to end."""
+    ending = asyncio.Event()
+
+    async def feed(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"open\n")
+        await ending.wait()
+        await response.write(b"closed\n")
+        return response
+
+    async def end_feeds(app: web.Application) -> None:
+        ending.set()
+
+    app.router.add_get("/feed", feed)
+    app.on_shutdown.append(end_feeds)

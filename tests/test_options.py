@@ -21,6 +21,7 @@ SAMPLES = {
     "uds": ("/run/aioserver/http.sock", "/run/aioserver/http.sock", ""),
     "trusted_proxies": ("127.0.0.1, 10.0.0.0/8,::1", ("127.0.0.1/32", "10.0.0.0/8", "::1/128"), "10.0.0.1/8"),
     "workers": ("4", 4, "0"),
+    "timeout_worker_healthcheck": ("2.5", 2.5, "0"),
     "loop": ("AsyncIO", "asyncio", "trio"),
     "schedules": ("false", False, "sometimes"),
     "max_body_size": ("1024", 1024, "-1"),

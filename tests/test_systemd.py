@@ -108,8 +108,18 @@ def test_notifier_sends_to_path_and_abstract_sockets(notify_socket: NotifySocket
 
 
 def test_notifier_survives_a_vanished_manager(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    systemd.Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "gone")}).stopping()
+    notifier = systemd.Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "gone")})
+    notifier.stopping()
     assert "sd_notify STOPPING=1 failed" in caplog.text
+    for _ in range(10):  # a worker pings its parent every second: a gone parent is said once
+        notifier.watchdog()
+    assert caplog.text.count("sd_notify") == 1
+    manager = NotifySocket(str(tmp_path / "gone"))  # back: the next failure is news again
+    notifier.watchdog()
+    assert manager.next() == ["WATCHDOG=1"]
+    manager.sock.close()
+    notifier.watchdog()
+    assert caplog.text.count("sd_notify") == 2
 
 
 @pytest.mark.parametrize(
