@@ -178,7 +178,10 @@ def test_nginx_timeouts_leave_the_answer_to_aioserver() -> None:
     # nginx closes its idle connections to aioserver before aioserver does (--timeout-keep-alive):
     # else a request sent on one that aioserver is closing is a 502 (a POST is not retried).
     assert seconds(directive("keepalive_timeout", "upstream aioserver {")) < defaults.timeout_keep_alive
-    assert directive("client_max_body_size") == f"{defaults.max_body_size // MiB}m"
+    # The server's limit is aioserver's; the error location has none (it answers the bodies over it).
+    limits = re.findall(r"^\s*client_max_body_size\s+([^;]+);", NGINX_CONF.read_text(), re.M)
+    assert limits == [f"{defaults.max_body_size // MiB}m", "0"]
+    assert directive("client_max_body_size", "location = /.aioserver-error {") == "0"
 
 
 def json_error(status: int, headers: dict[str, str], body: bytes) -> str:
@@ -250,9 +253,7 @@ def test_aioservers_own_errors_pass_through_nginx(nginx: Callable[..., int], cli
         assert server.process.wait(timeout=15) == 0
 
 
-def curl(
-    port: int, pem_files: PemFiles, version: str, body: Path, tmp_path: Path
-) -> tuple[int, dict[str, str], bytes]:
+def curl(port: int, pem_files: PemFiles, version: str, body: Path, tmp_path: Path) -> tuple[int, dict[str, str], bytes]:
     """POST ``body`` to /workflow with curl over ``version`` (``--http1.1``, ``--http2``), on TLS."""
     head, answer = tmp_path / "head", tmp_path / "answer"
     done = subprocess.run(
@@ -314,3 +315,7 @@ def test_nginx_request_errors_are_json(nginx: Callable[..., int], client_ssl_ctx
         # 505: an HTTP version nginx does not speak.
         answer = raw(port, b"GET /health HTTP/2.7\r\nHost: localhost\r\n\r\n", client_ssl_ctx)
         assert answer[0] == 505 and "version" in json_error(*answer)
+        # 494: a header over large_client_header_buffers (nginx answers it as a 400).
+        request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"x" * 9000 + b"\r\n\r\n"
+        answer = raw(port, request, client_ssl_ctx)
+        assert answer[0] == 400 and "headers too large" in json_error(*answer)
