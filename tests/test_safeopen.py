@@ -1066,3 +1066,22 @@ async def test_outgoing_https_never_writes_sslkeylogfile(pem_files: PemFiles, tm
         await upstream.close()
     secrets = [line for line in keylog.read_text().splitlines() if not line.startswith("#")] if keylog.exists() else []
     assert secrets == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://a..b/", "http://" + "a" * 70 + ".com/", "http://u:秘@example.com/", "http://秘:p@example.com/"],
+    ids=["empty-label", "long-label", "password", "user"],
+)
+def test_urls_the_client_cannot_encode_are_a_clean_400(url: str) -> None:
+    """A host IDNA cannot encode (getaddrinfo's UnicodeError) or credentials basic auth cannot
+    (UnicodeEncodeError) is the client's invalid URL, as check_url's: 400, no traceback, no 500."""
+    with Server() as server:
+        status, answer = post_json(server.port, {"name": "sumtext", "elements": [url]})
+        assert (status, answer) == (400, {"error": f"refused {url!r}: not a valid URL"})
+        log = wait_for_log(server, "not a valid URL")
+        server.process.terminate()
+        server.process.wait(timeout=15)
+    log = "".join(server.log)
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert "秘" not in log, log  # nor the credentials, which may be a secret
