@@ -1085,3 +1085,22 @@ def test_urls_the_client_cannot_encode_are_a_clean_400(url: str) -> None:
     log = "".join(server.log)
     assert "Traceback" not in log and "ERROR" not in log, log
     assert "秘" not in log, log  # nor the credentials, which may be a secret
+
+
+@pytest.mark.parametrize("internal", [False, True])
+async def test_an_unencodable_redirect_or_operators_url_is_the_upstreams_fault(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture, internal: bool
+) -> None:
+    """Such a URL from a redirect is the upstream's fault (502), and the operator's (a service
+    task's) a failed upstream: the client's 400 is for the client's own URL only."""
+    policy = local(upstream)
+    upstream.redirect_to = "http://a..b/"
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(sessions(policy), policy, upstream.url("/redirect"), who="w", internal=internal)
+        subject = "the upstream" if internal else repr(upstream.url("/redirect"))
+        assert str(info.value) == f"w failed: {subject} redirected to an invalid URL"
+        with pytest.raises(UpstreamError) as info:
+            await fetch(sessions(policy), policy, "http://u:秘@a..b/", who="w", internal=True)
+        assert str(info.value) == "w failed: the upstream could not be fetched"
+    assert "秘" not in caplog.text and "UnicodeError" in caplog.text
