@@ -161,3 +161,72 @@ def test_repeats_are_counted_each_interval_and_a_quiet_traceback_is_forgotten(ru
         run(scenario())
     finally:
         logger.removeHandler(records)
+
+
+# -- client text in an exception's message: escaped in the full traceback, and no new kind of it
+
+ELEMENTS = """workflow:
+  bad: {tasks: [sample_actions.bad_element]}
+  process_bad: {tasks: [{action: sample_actions.bad_element, concurrency: process}]}
+"""
+FORGED = '2026-01-01 00:00:00,000 INFO aioserver.access: 127.0.0.1 "GET /forged HTTP/1.1" 200'
+
+
+def post_elements(port: int, name: str, elements: list[Any]) -> tuple[int, Any]:
+    body = json.dumps({"name": name, "elements": elements}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workflow", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("name", ["bad", "process_bad"])
+def test_an_exception_message_cannot_forge_a_log_line(loop: str, name: str, tmp_path: Path) -> None:
+    """The message (and its cause's, and a worker process's traceback text) is escaped in the
+    full traceback: the client's line feeds stay on the message's line."""
+    config = tmp_path / "config.yml"
+    config.write_text(ELEMENTS)
+    with Server("--config", str(config), "--loop", loop) as server:
+        assert post_elements(server.port, name, ["x\n" + FORGED + "\n\x1b[2J"])[0] == 500
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    lines = "".join(server.log).splitlines()
+    assert not [line for line in lines if line.startswith(FORGED) or "\x1b" in line], "\n".join(lines)
+    # Still there, escaped, with the traceback's own lines as they were.
+    shown = [line for line in lines if "\\n" + FORGED + "\\n\\x1b[2J" in line]
+    # The message and its cause's; a worker's text has both in its message, which is all its rest.
+    assert len(shown) == 2, "\n".join(lines)
+    headers = [line for line in lines if line.endswith("Traceback (most recent call last):")]
+    if name == "bad":
+        assert headers == ["Traceback (most recent call last):"] * 2, "\n".join(lines)
+    else:
+        assert headers == [
+            "aioserver.workflow.processes.RemoteTraceback: Traceback (most recent call last):",
+            "Traceback (most recent call last):",
+        ], "\n".join(lines)
+    # The action's frames stay lines (a worker's text: those before its first message).
+    frames = sum(line.startswith('  File "') and "sample_actions.py" in line for line in lines)
+    assert frames == {"bad": 2, "process_bad": 1}[name], "\n".join(lines)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_frames_in_a_worker_processs_message_make_no_new_kind_of_traceback(workers: int, tmp_path: Path) -> None:
+    """The kind of a worker process's traceback is its frames, not lines of its message that look
+    like frames: 30 failures whose messages hold distinct such lines are one kind."""
+    config = tmp_path / "config.yml"
+    config.write_text(ELEMENTS)
+    with Server("--config", str(config), "--workers", str(workers), listeners=workers) as server:
+        for number in range(30):
+            element = f'x\n  File "r{number}", line 1'
+            assert post_elements(server.port, "process_bad", [element])[0] == 500
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    lines = "".join(server.log).splitlines()
+    full = sum(line == "Traceback (most recent call last):" for line in lines)
+    assert 1 <= full <= workers, "\n".join(lines)
+    assert sum("(traceback as error " in line for line in lines) == 30 - full
