@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from aioserver.errorlog import TracebackLog, describe, signature
+from aioserver.errorlog import TracebackLog, describe, formatted, signature
 from aioserver.workflow.processes import RemoteTraceback
 
 from conftest import Server
@@ -230,3 +230,31 @@ def test_frames_in_a_worker_processs_message_make_no_new_kind_of_traceback(worke
     full = sum(line == "Traceback (most recent call last):" for line in lines)
     assert 1 <= full <= workers, "\n".join(lines)
     assert sum("(traceback as error " in line for line in lines) == 30 - full
+
+
+def test_a_full_traceback_escapes_every_message_and_keeps_its_lines() -> None:
+    """In-process: messages of the chain, notes and an ExceptionGroup's members are escaped;
+    the frames, the chain's links and the members' tracebacks keep their lines."""
+
+    def fail(message: str) -> BaseException:
+        try:
+            try:
+                raise KeyError("k")
+            except KeyError:
+                raise ValueError(message) from None
+        except ValueError as exc:
+            exc.add_note("note\n" + FORGED)
+            return exc
+
+    group = ExceptionGroup("group\n" + FORGED, [fail("member\n" + FORGED)])
+    try:
+        raise RuntimeError("top\n" + FORGED) from group
+    except RuntimeError as exc:
+        text = formatted(exc)
+    lines = text.split("\n")
+    assert not [line for line in lines if FORGED in line and "\\n" + FORGED not in line], text
+    assert sum(FORGED in line for line in lines) == 4, text  # top, group, member, note
+    assert "| ValueError: member\\n" + FORGED in lines, text
+    assert "Traceback (most recent call last):" in lines and "| Traceback (most recent call last):" in lines
+    assert "The above exception was the direct cause of the following exception:" in lines
+    assert "KeyError" not in text  # suppressed by "from None", as Python prints it
