@@ -99,7 +99,7 @@ def signature(exc: BaseException) -> Signature:
 
     Along the chain of causes and contexts, as the traceback shows them. An exception that
     was never raised here (a worker process's, carried as text) counts by its text's
-    ``File`` lines.
+    ``File`` lines before its message (see :func:`_carried`).
     """
     parts: list[object] = []
     seen: set[int] = set()
@@ -111,7 +111,8 @@ def signature(exc: BaseException) -> Signature:
         if current.__traceback__ is not None:
             parts.extend((f.f_code.co_filename, line) for f, line in traceback.walk_tb(current.__traceback__))
         else:
-            parts.extend(line for line in _text(current).splitlines() if line.lstrip().startswith('File "'))
+            frames, _ = _carried(_text(current))  # not the message's lines: the client may write them
+            parts.extend(line for line in frames if line.lstrip().startswith('File "'))
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return tuple(parts)
 

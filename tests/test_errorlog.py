@@ -106,6 +106,11 @@ def test_tracebacks_are_the_same_by_types_and_places_not_messages() -> None:
     for exc, (line, message) in zip(carried, [(1, "a"), (1, "b"), (2, "a")], strict=True):
         exc.__cause__ = RemoteTraceback(remote.format(line, message))
     assert signature(carried[0]) == signature(carried[1]) != signature(carried[2])
+    # Frame-like lines in the message are the message's: no new kind.
+    forged = [ValueError("four"), ValueError("five")]
+    for exc, message in zip(forged, ['a\n  File "r1", line 1', 'a\n  File "r2", line 1'], strict=True):
+        exc.__cause__ = RemoteTraceback(remote.format(1, message))
+    assert signature(forged[0]) == signature(forged[1]) == signature(carried[0])
 
 
 class Unprintable(Exception):
