@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .logtext import loggable
@@ -59,7 +60,15 @@ class TracebackLog:
         if len(self._seen) < MOST:
             loop = asyncio.get_running_loop()
             self._seen[key] = _Seen(error_id, loop.time(), loop.call_later(self.interval, self._count, key))
-        self.logger.error("error %s %s", error_id, doing, exc_info=exc)
+        if self.logger.isEnabledFor(logging.ERROR):
+            # The record carries the exception as usual, and the text of its traceback made here,
+            # with each message escaped: a formatter prints a record's exc_text as it is.
+            exc_info = (type(exc), exc, exc.__traceback__)
+            record = self.logger.makeRecord(
+                self.logger.name, logging.ERROR, __file__, 0, "error %s %s", (error_id, doing), exc_info
+            )
+            record.exc_text = formatted(exc)
+            self.logger.handle(record)
 
     def _count(self, key: Signature) -> None:
         """The end of an interval: log the repeats it had, or forget a traceback that had none."""
@@ -90,7 +99,7 @@ def signature(exc: BaseException) -> Signature:
 
     Along the chain of causes and contexts, as the traceback shows them. An exception that
     was never raised here (a worker process's, carried as text) counts by its text's
-    ``File`` lines.
+    ``File`` lines before its message (see :func:`_carried`).
     """
     parts: list[object] = []
     seen: set[int] = set()
@@ -102,9 +111,95 @@ def signature(exc: BaseException) -> Signature:
         if current.__traceback__ is not None:
             parts.extend((f.f_code.co_filename, line) for f, line in traceback.walk_tb(current.__traceback__))
         else:
-            parts.extend(line for line in _text(current).splitlines() if line.lstrip().startswith('File "'))
+            frames, _ = _carried(_text(current))  # not the message's lines: the client may write them
+            parts.extend(line for line in frames if line.lstrip().startswith('File "'))
         current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return tuple(parts)
+
+
+HEADER = "Traceback (most recent call last):"
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def formatted(exc: BaseException) -> str:
+    """The traceback of ``exc`` and its causes, as logging prints one, each message escaped.
+
+    A message is the one part of a traceback that a client may write (``raise
+    ValueError(f"bad: {element}")``): left raw, its line feed starts a forged log line. Escaped
+    with :func:`loggable`, it stays on its line; the frames keep theirs.
+    """
+    return _formatted(traceback.TracebackException.from_exception(exc))
+
+
+def _formatted(top: traceback.TracebackException) -> str:
+    chain: list[tuple[str | None, traceback.TracebackException]] = []
+    current: traceback.TracebackException | None = top
+    while current is not None:  # from_exception has cut any cycle
+        if current.__cause__ is not None:
+            link, following = _CAUSE, current.__cause__
+        elif current.__context__ is not None and not current.__suppress_context__:
+            link, following = _CONTEXT, current.__context__
+        else:
+            link, following = None, None
+        chain.append((link, current))
+        current = following
+    parts: list[str] = []
+    for link, entry in reversed(chain):  # the first cause first
+        if link is not None:
+            parts.append(link)
+        parts.extend(_formatted_one(entry))
+    return "".join(parts).rstrip("\n")
+
+
+def _formatted_one(entry: traceback.TracebackException) -> list[str]:
+    parts: list[str] = []
+    if entry.stack:
+        parts.append(HEADER + "\n")
+        parts.extend(entry.stack.format())
+    # Notes come last, each split into lines by format_exception_only: escaped here whole instead.
+    notes, entry.__notes__ = entry.__notes__, None
+    only = list(entry.format_exception_only())
+    entry.__notes__ = notes
+    text = "".join(only)
+    kind, _, message = text.partition(": ")
+    frames, tail = _carried(message.rstrip("\n"))
+    if not entry.stack and frames:  # a worker process's traceback, carried as text (its message)
+        parts.append(f"{kind}: {HEADER}\n")
+        parts.extend(loggable(line) + "\n" for line in frames)
+        parts.append(loggable(tail) + "\n")
+        return parts
+    # Each piece is one line of the format (the type and message, a note, a SyntaxError's line).
+    parts.extend(loggable(piece.removesuffix("\n")) + "\n" for piece in only)
+    if isinstance(notes, Sequence) and not isinstance(notes, str):
+        parts.extend(loggable(_note(note)) + "\n" for note in notes)
+    for number, member in enumerate(entry.exceptions or (), 1):  # an ExceptionGroup's, indented
+        parts.append(f"+---------------- {number} ----------------\n")
+        parts.extend(f"| {line}\n" for line in _formatted(member).split("\n"))
+    return parts
+
+
+def _carried(text: str) -> tuple[list[str], str]:
+    """A traceback carried as text (a worker process's): its frame lines, and the rest.
+
+    The rest begins at the first unindented line after the header: the exception's message,
+    which is the client's to write, frame-like lines and all (the frames of a chained exception
+    that follow it, too, cannot be told from it). Not a traceback: no frames, all the rest.
+    """
+    lines = text.split("\n")
+    if not lines or lines[0] != HEADER:
+        return [], text
+    end = 1
+    while end < len(lines) and lines[end][:1].isspace():
+        end += 1
+    return lines[1:end], "\n".join(lines[end:])
+
+
+def _note(note: object) -> str:
+    try:
+        return note if isinstance(note, str) else str(note)
+    except Exception:  # as _text: a note that cannot be printed must not fail the log
+        return "<note str() failed>"
 
 
 def describe(exc: BaseException) -> str:

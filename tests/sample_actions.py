@@ -50,6 +50,14 @@ def boom(batch: list[Any]) -> list[Any]:
     raise RuntimeError("the action broke: secret-detail-42")
 
 
+def bad_element(batch: list[Any]) -> list[Any]:
+    """An operator's check that names the client's element in its message, and in its cause's."""
+    try:
+        raise RuntimeError(f"cause: {batch[0]}")
+    except RuntimeError as exc:
+        raise ValueError(f"bad: {batch[0]}") from exc
+
+
 def too_few(batch: list[Any]) -> list[Any]:
     return batch[1:]
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from aioserver.errorlog import TracebackLog, describe, signature
+from aioserver.errorlog import TracebackLog, describe, formatted, signature
 from aioserver.workflow.processes import RemoteTraceback
 
 from conftest import Server
@@ -106,6 +106,11 @@ def test_tracebacks_are_the_same_by_types_and_places_not_messages() -> None:
     for exc, (line, message) in zip(carried, [(1, "a"), (1, "b"), (2, "a")], strict=True):
         exc.__cause__ = RemoteTraceback(remote.format(line, message))
     assert signature(carried[0]) == signature(carried[1]) != signature(carried[2])
+    # Frame-like lines in the message are the message's: no new kind.
+    forged = [ValueError("four"), ValueError("five")]
+    for exc, message in zip(forged, ['a\n  File "r1", line 1', 'a\n  File "r2", line 1'], strict=True):
+        exc.__cause__ = RemoteTraceback(remote.format(1, message))
+    assert signature(forged[0]) == signature(forged[1]) == signature(carried[0])
 
 
 class Unprintable(Exception):
@@ -161,3 +166,100 @@ def test_repeats_are_counted_each_interval_and_a_quiet_traceback_is_forgotten(ru
         run(scenario())
     finally:
         logger.removeHandler(records)
+
+
+# -- client text in an exception's message: escaped in the full traceback, and no new kind of it
+
+ELEMENTS = """workflow:
+  bad: {tasks: [sample_actions.bad_element]}
+  process_bad: {tasks: [{action: sample_actions.bad_element, concurrency: process}]}
+"""
+FORGED = '2026-01-01 00:00:00,000 INFO aioserver.access: 127.0.0.1 "GET /forged HTTP/1.1" 200'
+
+
+def post_elements(port: int, name: str, elements: list[Any]) -> tuple[int, Any]:
+    body = json.dumps({"name": name, "elements": elements}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workflow", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("name", ["bad", "process_bad"])
+def test_an_exception_message_cannot_forge_a_log_line(loop: str, name: str, tmp_path: Path) -> None:
+    """The message (and its cause's, and a worker process's traceback text) is escaped in the
+    full traceback: the client's line feeds stay on the message's line."""
+    config = tmp_path / "config.yml"
+    config.write_text(ELEMENTS)
+    with Server("--config", str(config), "--loop", loop) as server:
+        assert post_elements(server.port, name, ["x\n" + FORGED + "\n\x1b[2J"])[0] == 500
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    lines = "".join(server.log).splitlines()
+    assert not [line for line in lines if line.startswith(FORGED) or "\x1b" in line], "\n".join(lines)
+    # Still there, escaped, with the traceback's own lines as they were.
+    shown = [line for line in lines if "\\n" + FORGED + "\\n\\x1b[2J" in line]
+    # The message and its cause's; a worker's text has both in its message, which is all its rest.
+    assert len(shown) == 2, "\n".join(lines)
+    headers = [line for line in lines if line.endswith("Traceback (most recent call last):")]
+    if name == "bad":
+        assert headers == ["Traceback (most recent call last):"] * 2, "\n".join(lines)
+    else:
+        assert headers == [
+            "aioserver.workflow.processes.RemoteTraceback: Traceback (most recent call last):",
+            "Traceback (most recent call last):",
+        ], "\n".join(lines)
+    # The action's frames stay lines (a worker's text: those before its first message).
+    frames = sum(line.startswith('  File "') and "sample_actions.py" in line for line in lines)
+    assert frames == {"bad": 2, "process_bad": 1}[name], "\n".join(lines)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_frames_in_a_worker_processs_message_make_no_new_kind_of_traceback(workers: int, tmp_path: Path) -> None:
+    """The kind of a worker process's traceback is its frames, not lines of its message that look
+    like frames: 30 failures whose messages hold distinct such lines are one kind."""
+    config = tmp_path / "config.yml"
+    config.write_text(ELEMENTS)
+    with Server("--config", str(config), "--workers", str(workers), listeners=workers) as server:
+        for number in range(30):
+            element = f'x\n  File "r{number}", line 1'
+            assert post_elements(server.port, "process_bad", [element])[0] == 500
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    lines = "".join(server.log).splitlines()
+    full = sum(line == "Traceback (most recent call last):" for line in lines)
+    assert 1 <= full <= workers, "\n".join(lines)
+    assert sum("(traceback as error " in line for line in lines) == 30 - full
+
+
+def test_a_full_traceback_escapes_every_message_and_keeps_its_lines() -> None:
+    """In-process: messages of the chain, notes and an ExceptionGroup's members are escaped;
+    the frames, the chain's links and the members' tracebacks keep their lines."""
+
+    def fail(message: str) -> BaseException:
+        try:
+            try:
+                raise KeyError("k")
+            except KeyError:
+                raise ValueError(message) from None
+        except ValueError as exc:
+            exc.add_note("note\n" + FORGED)
+            return exc
+
+    group = ExceptionGroup("group\n" + FORGED, [fail("member\n" + FORGED)])
+    try:
+        raise RuntimeError("top\n" + FORGED) from group
+    except RuntimeError as exc:
+        text = formatted(exc)
+    lines = text.split("\n")
+    assert not [line for line in lines if FORGED in line and "\\n" + FORGED not in line], text
+    assert sum(FORGED in line for line in lines) == 4, text  # top, group, member, note
+    assert "| ValueError: member\\n" + FORGED in lines, text
+    assert "Traceback (most recent call last):" in lines and "| Traceback (most recent call last):" in lines
+    assert "The above exception was the direct cause of the following exception:" in lines
+    assert "KeyError" not in text  # suppressed by "from None", as Python prints it

@@ -178,7 +178,10 @@ def test_nginx_timeouts_leave_the_answer_to_aioserver() -> None:
     # nginx closes its idle connections to aioserver before aioserver does (--timeout-keep-alive):
     # else a request sent on one that aioserver is closing is a 502 (a POST is not retried).
     assert seconds(directive("keepalive_timeout", "upstream aioserver {")) < defaults.timeout_keep_alive
-    assert directive("client_max_body_size") == f"{defaults.max_body_size // MiB}m"
+    # The server's limit is aioserver's; the error location has none (it answers the bodies over it).
+    limits = re.findall(r"^\s*client_max_body_size\s+([^;]+);", NGINX_CONF.read_text(), re.M)
+    assert limits == [f"{defaults.max_body_size // MiB}m", "0"]
+    assert directive("client_max_body_size", "location = /.aioserver-error {") == "0"
 
 
 def json_error(status: int, headers: dict[str, str], body: bytes) -> str:
@@ -248,3 +251,71 @@ def test_aioservers_own_errors_pass_through_nginx(nginx: Callable[..., int], cli
         assert headers["x-content-type-options"] == "nosniff"  # aioserver's
         server.process.terminate()
         assert server.process.wait(timeout=15) == 0
+
+
+def curl(port: int, pem_files: PemFiles, version: str, body: Path, tmp_path: Path) -> tuple[int, dict[str, str], bytes]:
+    """POST ``body`` to /workflow with curl over ``version`` (``--http1.1``, ``--http2``), on TLS."""
+    head, answer = tmp_path / "head", tmp_path / "answer"
+    done = subprocess.run(
+        ["curl", "-sS", version, "--cacert", str(pem_files.ca), "-D", str(head), "-o", str(answer)]
+        + ["-w", "%{http_version}", "-H", f"Authorization: Bearer {TOKEN}", "-H", "Content-Type: application/json"]
+        + ["--data-binary", f"@{body}", f"https://localhost:{port}/workflow"],
+        capture_output=True,
+        timeout=60,
+    )
+    # curl may complain that the upload was cut short: nginx answers before reading it all.
+    assert done.stdout == {"--http2": b"2", "--http1.1": b"1.1"}[version], (done.stdout, done.stderr)
+    lines = head.read_text().splitlines()
+    status = int(lines[0].split()[1])
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return status, {k: v.strip() for k, v in headers.items()}, answer.read_bytes()
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_a_body_too_large_is_json_over_http1_and_http2(
+    version: str, nginx: Callable[..., int], pem_files: PemFiles, tmp_path: Path
+) -> None:
+    """The error location gets the body limit too: without its own ``client_max_body_size 0``,
+    HTTP/2's internal redirect to it failed the limit again, and the client got nginx's HTML."""
+    body = tmp_path / "body"
+    with body.open("wb") as file:
+        file.truncate(Settings().max_body_size + 1)
+    with Server("--trusted-proxies", "127.0.0.1", env={"TOKEN": TOKEN_HASH}) as server:
+        port = nginx(f"127.0.0.1:{server.port}")
+        answer = curl(port, pem_files, version, body, tmp_path)
+        assert answer[0] == 413 and "too large" in json_error(*answer)
+
+
+def raw(port: int, request: bytes, context: ssl.SSLContext | None) -> tuple[int, dict[str, str], bytes]:
+    """``request`` as it is (what http.client would not send), over TLS unless ``context`` is None."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="localhost")
+    with sock:
+        sock.sendall(request)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+
+
+def test_nginx_request_errors_are_json(nginx: Callable[..., int], client_ssl_ctx: ssl.SSLContext) -> None:
+    """The errors nginx answers on a request's head, before aioserver is asked, are JSON too."""
+    with Server("--trusted-proxies", "127.0.0.1", env={"TOKEN": TOKEN_HASH}) as server:
+        port = nginx(f"127.0.0.1:{server.port}")
+        # 497: plain HTTP to the TLS port (nginx answers it as a 400).
+        answer = raw(port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", None)
+        assert answer[0] == 400 and "HTTPS port" in json_error(*answer)
+        # 501: a transfer coding nginx does not know.
+        request = b"POST /workflow HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: foo\r\n\r\n"
+        answer = raw(port, request, client_ssl_ctx)
+        assert answer[0] == 501 and "not implemented" in json_error(*answer)
+        # 405: TRACE, which nginx refuses itself.
+        answer = call(port, client_ssl_ctx, "TRACE", "/workflow")
+        assert answer[0] == 405 and "not allowed" in json_error(*answer)
+        # 505: an HTTP version nginx does not speak.
+        answer = raw(port, b"GET /health HTTP/2.7\r\nHost: localhost\r\n\r\n", client_ssl_ctx)
+        assert answer[0] == 505 and "version" in json_error(*answer)
+        # 494: a header over large_client_header_buffers (nginx answers it as a 400).
+        request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"x" * 9000 + b"\r\n\r\n"
+        answer = raw(port, request, client_ssl_ctx)
+        assert answer[0] == 400 and "headers too large" in json_error(*answer)

@@ -1066,3 +1066,143 @@ async def test_outgoing_https_never_writes_sslkeylogfile(pem_files: PemFiles, tm
         await upstream.close()
     secrets = [line for line in keylog.read_text().splitlines() if not line.startswith("#")] if keylog.exists() else []
     assert secrets == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://a..b/", "http://" + "a" * 70 + ".com/", "http://u:秘@example.com/", "http://秘:p@example.com/"],
+    ids=["empty-label", "long-label", "password", "user"],
+)
+def test_urls_the_client_cannot_encode_are_a_clean_400(url: str) -> None:
+    """A host IDNA cannot encode (getaddrinfo's UnicodeError) or credentials basic auth cannot
+    (UnicodeEncodeError) is the client's invalid URL, as check_url's: 400, no traceback, no 500."""
+    with Server() as server:
+        status, answer = post_json(server.port, {"name": "sumtext", "elements": [url]})
+        assert (status, answer) == (400, {"error": f"refused {url!r}: not a valid URL"})
+        log = wait_for_log(server, "not a valid URL")
+        server.process.terminate()
+        server.process.wait(timeout=15)
+    log = "".join(server.log)
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert "秘" not in log, log  # nor the credentials, which may be a secret
+
+
+@pytest.mark.parametrize("internal", [False, True])
+async def test_an_unencodable_redirect_or_operators_url_is_the_upstreams_fault(
+    upstream: Upstream, sessions: Sessions, caplog: pytest.LogCaptureFixture, internal: bool
+) -> None:
+    """Such a URL from a redirect is the upstream's fault (502), and the operator's (a service
+    task's) a failed upstream: the client's 400 is for the client's own URL only."""
+    policy = local(upstream)
+    upstream.redirect_to = "http://a..b/"
+    with caplog.at_level(logging.WARNING, logger="aioserver.workflow.safeopen"):
+        with pytest.raises(UpstreamError) as info:
+            await fetch(sessions(policy), policy, upstream.url("/redirect"), who="w", internal=internal)
+        subject = "the upstream" if internal else repr(upstream.url("/redirect"))
+        assert str(info.value) == f"w failed: {subject} redirected to an invalid URL"
+        with pytest.raises(UpstreamError) as info:
+            await fetch(sessions(policy), policy, "http://u:秘@a..b/", who="w", internal=True)
+        assert str(info.value) == "w failed: the upstream could not be fetched"
+    assert "秘" not in caplog.text and "UnicodeError" in caplog.text
+
+
+# -- retrieve on a real server: where downloads land, concurrently, and what a path cannot be
+
+BIG = b"0123456789abcdef" * 65536  # 1 MiB: a write that a reader or another writer could cut
+
+
+class PageUpstream(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(BIG)))
+        self.end_headers()
+        self.wfile.write(BIG)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def page_upstream() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PageUpstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def retrieving(tmp_path: Path, port: int) -> Server:
+    directory = tmp_path / "downloads"
+    directory.mkdir()
+    path = tmp_path / "config.yml"
+    path.write_text(
+        f"safeopen:\n  allow: ['127.0.0.1:{port}']\n"
+        f"workflow:\n  get: {{tasks: [{{task: retrieve, directory: '{directory}', flatten: false}}]}}\n"
+    )
+    return Server("--config", str(path))
+
+
+def downloaded(tmp_path: Path) -> dict[str, bytes]:
+    """Every file under the download directory (temporary ones included), by relative path."""
+    root = tmp_path / "downloads"
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_retrieve_many_downloads_of_one_url_at_once(tmp_path: Path, page_upstream: int) -> None:
+    """Each download has its own temporary file: 20 at once all succeed, and the file is whole."""
+    url = f"http://127.0.0.1:{page_upstream}/same.txt"
+    with retrieving(tmp_path, page_upstream) as server:
+        answers: list[tuple[int, object]] = []
+        threads = [
+            threading.Thread(target=lambda: answers.append(post_json(server.port, {"name": "get", "elements": [url]})))
+            for _ in range(20)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        expected = str(tmp_path / "downloads" / f"127.0.0.1_{page_upstream}" / "same.txt")
+        assert answers == [(200, [expected])] * 20
+        assert downloaded(tmp_path) == {f"127.0.0.1_{page_upstream}/same.txt": BIG}
+    assert "ERROR" not in "".join(server.log)
+
+
+@pytest.mark.parametrize("first", ["/x", "/x/y"])
+def test_retrieve_paths_that_conflict_are_the_clients_error(tmp_path: Path, page_upstream: int, first: str) -> None:
+    """With flatten: false, .../x and .../x/y cannot both be files: the second is a 400 naming
+    its URL (not a 500), nothing half-written stays, and the first stays fetchable."""
+    base = f"http://127.0.0.1:{page_upstream}"
+    second = "/x/y" if first == "/x" else "/x"
+    host = f"127.0.0.1_{page_upstream}"
+    with retrieving(tmp_path, page_upstream) as server:
+        assert post_json(server.port, {"name": "get", "elements": [base + first]})[0] == 200
+        status, answer = post_json(server.port, {"name": "get", "elements": ["a", base + second]})
+        assert (status, answer) == (
+            400,
+            {
+                "error": f"task workflow.get.tasks[0] (retrieve) failed: {base + second!r} cannot be"
+                " stored: its path conflicts with another download's"
+            },
+        )
+        assert post_json(server.port, {"name": "get", "elements": [base + first]})[0] == 200
+        assert downloaded(tmp_path) == {host + first: BIG}
+    log = "".join(server.log)
+    assert "Traceback" not in log and "ERROR" not in log and str(tmp_path) not in log, log
+
+
+def test_retrieve_a_path_too_long_is_the_clients_error(tmp_path: Path, page_upstream: int) -> None:
+    url = f"http://127.0.0.1:{page_upstream}/" + "/".join(f"{i:02}" + "a" * 198 for i in range(25))
+    with retrieving(tmp_path, page_upstream) as server:
+        status, answer = post_json(server.port, {"name": "get", "elements": [url]})
+        assert status == 400 and answer == {
+            "error": f"task workflow.get.tasks[0] (retrieve) failed: {url[:200]!r} cannot be"
+            " stored: its path is too long"
+        }
+        assert downloaded(tmp_path) == {}
+    log = "".join(server.log)
+    assert "Traceback" not in log and "ERROR" not in log, log

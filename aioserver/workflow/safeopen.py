@@ -327,6 +327,15 @@ async def fetch(
         raise _failed(who, subject, f"sent no complete answer within {policy.timeout:g}s", target) from None
     except aiohttp.ClientError as exc:
         raise _failed(who, subject, "could not be fetched", target, f" ({type(exc).__name__})") from None
+    except ValueError as exc:
+        # What yarl parses but cannot be sent: a host the idna codec refuses (an empty label, one
+        # over 63 characters: UnicodeError from getaddrinfo), credentials basic auth cannot encode
+        # (UnicodeEncodeError). Only the type is logged: the message may quote the credentials.
+        detail = f" ({type(exc).__name__})"
+        if internal or target != start:  # the operator's URL, or a hop the upstream chose
+            problem = "could not be fetched" if target == start else "redirected to an invalid URL"
+            raise _failed(who, subject, problem, target, detail) from None
+        raise _refused(url, "not a valid URL", "not a valid URL" + detail, url=True) from None
 
 
 def _failed(who: str, subject: str, problem: str, target: URL, detail: str = "") -> UpstreamError:

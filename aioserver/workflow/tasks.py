@@ -16,10 +16,13 @@ that bring their own (``service``, ``retrieve``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from yarl import URL
 
-from ..errors import UpstreamError
+from ..errors import InvalidElement, UpstreamError
 from .safeopen import SafeOpen, fetch, is_path, is_url
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+
+logger = logging.getLogger("aioserver.workflow.tasks")
 
 TASK_KINDS = ("default", "url", "file", "service", "retrieve")
 # Keys each kind adds to a task's (besides the shared ones in spec.TASK_KEYS).
@@ -134,9 +139,18 @@ class Retrieve:
         return list(await asyncio.gather(*(self._retrieve(url, runtime) for url in batch)))
 
     async def _retrieve(self, url: str, runtime: Runtime) -> str:
-        body, _ = await fetch(runtime.session, runtime.safeopen, url, who=f"task {self.task} (retrieve)")
+        who = f"task {self.task} (retrieve)"
+        body, _ = await fetch(runtime.session, runtime.safeopen, url, who=who)
         path = self.directory / self.relative_path(URL(url))
-        await runtime.to_thread(_write, path, body)  # never asyncio's default executor (reloads use it)
+        try:
+            await runtime.to_thread(_write, path, body)  # never asyncio's default executor (reloads use it)
+        except OSError as exc:
+            problem = _UNSTORABLE.get(exc.errno or 0)
+            if problem is None:  # a full disk, a permission: the operator's to see, a 500
+                raise
+            # The client's URL decided the path: its error, naming neither the path nor the directory.
+            logger.warning("%s: %r cannot be stored: %s (%s)", who, url[:1000], problem, type(exc).__name__)
+            raise InvalidElement(f"{who} failed: {url[:200]!r} cannot be stored: {problem}") from None
         return str(path)
 
     def relative_path(self, url: URL) -> Path:
@@ -158,14 +172,30 @@ def _safe_name(part: str) -> str:
     return cleaned[:200] or "_"
 
 
+# Why a path a URL leads to cannot be a file, with flatten: false: .../x is a file and .../x/y
+# wants it as a directory (EEXIST, ENOTDIR), or the reverse (EISDIR); or it is over PATH_MAX.
+_UNSTORABLE = {
+    errno.EEXIST: "its path conflicts with another download's",
+    errno.ENOTDIR: "its path conflicts with another download's",
+    errno.EISDIR: "its path conflicts with another download's",
+    errno.ENAMETOOLONG: "its path is too long",
+}
+
+
 def _write(path: Path, body: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".part")
+    # A temporary file of its own per download, in the same directory (os.replace stays a rename):
+    # downloads of one URL at once never write, rename or remove each other's. Its name starts with
+    # a dot, which no download's has (_safe_name), so it is never mistaken for one. Not mkstemp:
+    # its 0600 would make the download unreadable to the group that reads the others.
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
-        temporary.write_bytes(body)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(body)
         os.replace(temporary, path)  # readers never see half a file
-    except OSError:
-        temporary.unlink(missing_ok=True)  # a full disk keeps no half file either
+    except BaseException:
+        os.unlink(temporary)  # a full disk, a conflict keeps no half file either
         raise
 
 
