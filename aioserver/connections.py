@@ -345,6 +345,7 @@ def reset(transport: asyncio.Transport) -> None:
 
 
 def peer(transport: asyncio.Transport) -> str:
+    """How a connection's client is named in the log: its address and port."""
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple):
         return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"

@@ -1059,4 +1059,4 @@ def test_kernel_queue_is_what_the_peer_has_not_acknowledged() -> None:
 )
 def test_peers_are_named_in_the_log_as_addresses_with_ports(peername: object, shown: str) -> None:
     transport = SimpleNamespace(get_extra_info=lambda name: peername if name == "peername" else None)
-    assert connections._peer(cast(asyncio.Transport, transport)) == shown
+    assert connections.peer(cast(asyncio.Transport, transport)) == shown
