@@ -4,10 +4,11 @@ import signal
 
 
 def main() -> None:
-    # A SIGHUP (a reload) while the server still imports and reads its config would kill it:
-    # that is the default action. Held from here, it is delivered once the server can reload
-    # (serve() unblocks it, with --workers the parent waits for it), and then it reloads.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # A SIGHUP (a reload) or SIGUSR1 while the server still imports and reads its config would
+    # kill it: that is their default action. Held from here, they are delivered once the server
+    # has its handlers (serve() unblocks them, with --workers the parent waits for them): a
+    # reload is then done, SIGUSR1 ignored.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR1})
     from .cli import run
 
     run()

@@ -394,7 +394,7 @@ async def test_a_burst_of_sighups_is_one_reload(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.workers
-def test_a_sighup_while_starting_is_a_reload_once_serving(tmp_path: Path) -> None:
+def test_a_sighup_or_sigusr1_while_starting_is_held_until_serving(tmp_path: Path) -> None:
     """A reload asked for while the server still imports and reads its config (a hook, another
     supervisor) neither kills it nor is lost: it is held until the server can reload, then done."""
     tokens = tmp_path / "tokens"
@@ -406,6 +406,7 @@ def test_a_sighup_while_starting_is_a_reload_once_serving(tmp_path: Path) -> Non
         # Inside the imports (aiohttp and the rest take most of a second), past the interpreter's
         # own start (some 50 ms), before which no Python code can hold a signal.
         time.sleep(0.2)
+        process.send_signal(signal.SIGUSR1)  # ignored once serving (test_lifecycle), held till then
         process.send_signal(signal.SIGHUP)
         assert process.stderr is not None
         watchdog = threading.Timer(30, process.kill)
