@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_systemd import NotifySocket
+from test_workers import alive
 
 from conftest import TOKEN, TOKEN_HASH, PemFiles, Server, free_port
 
@@ -107,14 +108,6 @@ def wait_for_log(server: Server, text: str, count: int = 1, timeout: float = 15)
 
 def worker_pids(server: Server) -> list[int]:
     return [int(pid) for pid in re.findall(r"worker \d started, pid (\d+)", "".join(server.log))]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 # -- HEAD /health

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_proxy import nginx_config
 
 from aioserver.options import MiB, Settings
 
@@ -24,37 +25,6 @@ from unitfiles import CONF, Installed, running, service_unit, socket_unit
 
 NGINX_CONF = CONF / "nginx.conf"
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-
-
-def nginx_config(prefix: Path, port: int, upstream: str, pem_files: PemFiles, **changed: str) -> Path:
-    """conf/nginx.conf as shipped, with only places, ports and files changed for a test (and
-    ``changed`` directives, ``proxy_read_timeout="1s"`` say)."""
-    text = NGINX_CONF.read_text()
-    changes = {
-        "worker_processes auto;": "worker_processes 1;\ndaemon off;",  # the master stays ours to stop
-        "pid /run/nginx.pid;": f"pid {prefix}/nginx.pid;",
-        "error_log /var/log/nginx/error.log;": "error_log stderr;",
-        "access_log /var/log/nginx/access.log;": f"access_log {prefix}/access.log;\n"
-        + "".join(
-            f"    {kind}_temp_path {prefix}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        ),
-        "server unix:/run/aioserver/aioserver.sock;": f"server {upstream};",
-        "listen 80;": f"listen 127.0.0.1:{free_port()};",
-        "listen [::]:80;": "",
-        "listen 443 ssl http2;": f"listen 127.0.0.1:{port} ssl http2;",
-        "listen [::]:443 ssl http2;": "",
-        "/etc/ssl/aioserver/fullchain.pem": str(pem_files.cert),
-        "/etc/ssl/aioserver/privkey.pem": str(pem_files.key),
-    }
-    for old, new in changes.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    for directive, value in changed.items():
-        text, count = re.subn(rf"\b{directive} [^;]+;", f"{directive} {value};", text)
-        assert count == 1, directive
-    path = prefix / "nginx.conf"
-    path.write_text(text)
-    return path
 
 
 @pytest.fixture
@@ -68,7 +38,7 @@ def nginx(pem_files: PemFiles) -> Iterator[Callable[..., int]]:
         prefix = installed.path(f"/nginx{len(processes)}")
         prefix.mkdir(mode=0o755)
         port = free_port()
-        config = nginx_config(prefix, port, upstream, pem_files, **changed)
+        config = nginx_config(prefix, port, upstream, pem_files, master=True, **changed)
         process = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(config), "-e", "stderr"])
         processes.append(process)
         deadline = time.monotonic() + 10

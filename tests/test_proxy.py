@@ -420,11 +420,15 @@ async def test_a_unix_socket_peer_is_a_trusted_proxy(trusted: str, tmp_path: Pat
 # -- a real nginx in front of a real aioserver
 
 
-def nginx_config(prefix: Path, port: int, upstream: str, pem_files: PemFiles) -> Path:
-    """conf/nginx.conf as shipped, with only places, ports and files changed for a test."""
+def nginx_config(
+    prefix: Path, port: int, upstream: str, pem_files: PemFiles, master: bool = False, **changed: str
+) -> Path:
+    """conf/nginx.conf as shipped, with only places, ports and files changed for a test (and
+    ``changed`` directives, ``proxy_read_timeout="1s"`` say). ``master``: nginx's master
+    process runs (as installed: root, its workers as the conf's user), else a single process."""
     text = (TESTS.parent / "conf" / "nginx.conf").read_text()
     changes = {
-        "worker_processes auto;": "worker_processes 1;\ndaemon off;\nmaster_process off;",
+        "worker_processes auto;": "worker_processes 1;\ndaemon off;" + ("" if master else "\nmaster_process off;"),
         "pid /run/nginx.pid;": f"pid {prefix}/nginx.pid;",
         "error_log /var/log/nginx/error.log;": "error_log stderr;",
         "access_log /var/log/nginx/access.log;": f"access_log {prefix}/access.log;\n"
@@ -442,6 +446,9 @@ def nginx_config(prefix: Path, port: int, upstream: str, pem_files: PemFiles) ->
     for old, new in changes.items():
         assert old in text, old
         text = text.replace(old, new)
+    for directive, value in changed.items():
+        text, count = re.subn(rf"\b{directive} [^;]+;", f"{directive} {value};", text)
+        assert count == 1, directive
     path = prefix / "nginx.conf"
     path.write_text(text)
     return path
