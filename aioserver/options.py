@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,6 +24,7 @@ from .proxy import parse_trusted
 MiB = 1024 * 1024
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 CERT_REQS = ("none", "optional", "required")
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LOOPS = ("auto", "asyncio", "uvloop")
 
 
@@ -89,6 +91,55 @@ def event_loop(value: Any) -> str:
     if value.lower() == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ValueError("uvloop is not installed (pip install 'aioserver[speed]')")
     return value.lower()
+
+
+def non_negative_float(value: Any) -> float:
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            if float(value) == 0:
+                return 0.0
+        except ValueError:
+            pass
+    return positive_float(value)
+
+
+# A DNS name an ACME CA issues for over http-01: letters, digits and hyphens in dot-separated
+# labels, no wildcard (http-01 cannot prove one), no IP address, no trailing dot.
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.ASCII)
+
+
+def domain_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError("expected comma-separated DNS names")
+    items = value.split(",") if isinstance(value, str) else value
+    names: list[str] = []
+    for item in items:
+        name = str(item).strip().lower()
+        labels = name.split(".")
+        if (
+            len(name) > 253
+            or len(labels) < 2
+            or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()
+        ):
+            raise ValueError(f"expected DNS names such as api.example.com (no wildcard, no IP address), got {item!r}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ValueError("expected at least one DNS name")
+    return tuple(names)
+
+
+def email_address(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[^@\s:]+@[^@\s:]+\.[^@\s:]+", value.strip()):
+        raise ValueError(f"expected an e-mail address, got {value!r}")
+    return value.strip()
+
+
+def https_url(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https://[^\s/?#]+(/\S*)?", value.strip()):
+        raise ValueError(f"expected an https:// URL (an ACME directory), got {value!r}")
+    return value.strip()
 
 
 def boolean(value: Any) -> bool:
@@ -183,6 +234,49 @@ class Settings:
         env="SSL_CERT_REQS",
         key="ssl.cert_reqs",
         metavar="MODE",
+    )
+    ssl_watch_interval: float = _option(
+        30.0,
+        non_negative_float,
+        "check the certificate, key and CA files this often and reload them when they change (0: only on SIGHUP)",
+        key="ssl.watch_interval",
+        metavar="SECONDS",
+    )
+    # Automatic certificates (ACME, RFC 8555): see aioserver.autocert.
+    acme_domain: tuple[str, ...] = _option(
+        (),
+        domain_names,
+        "obtain and renew a certificate for these DNS names by ACME (comma-separated; the first names it)",
+        env="ACME_DOMAINS",
+        key="acme.domains",
+        metavar="NAMES",
+    )
+    acme_email: str | None = _option(
+        None, email_address, "contact address of the ACME account", env="ACME_EMAIL", key="acme.email", metavar="ADDR"
+    )
+    acme_directory: str = _option(
+        LETS_ENCRYPT,
+        https_url,
+        "the ACME server's directory URL",
+        env="ACME_DIRECTORY",
+        key="acme.directory",
+        metavar="URL",
+    )
+    acme_ca_certs: str | None = _option(
+        None,
+        file_path,
+        "trust these CAs for the ACME server's own HTTPS [default: the system trust store]",
+        env="ACME_CA_CERTS",
+        key="acme.ca_certs",
+        metavar="PATH",
+    )
+    acme_state_dir: str | None = _option(
+        None,
+        file_path,
+        "where the ACME account, certificates and keys are kept [default: $STATE_DIRECTORY under systemd]",
+        env="ACME_STATE_DIR",
+        key="acme.state_dir",
+        metavar="DIR",
     )
     redirect_http: int | None = _option(
         None, port_number, "also listen on this plain-HTTP port, answering 308 to HTTPS", metavar="PORT"
