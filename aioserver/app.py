@@ -51,7 +51,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
         middlewares.append(UntrustedForwarding().middleware())
     # Tokens cannot appear on reload when none was configured at start (a token file must
     # hold one), so "open" is known here once.
-    allowed_hosts = config.settings.allowed_hosts
+    # The names of an ACME certificate are names this server is meant to be reached by.
+    allowed_hosts = config.settings.allowed_hosts + (config.acme.domains if config.acme else ())
     if not config.tokens and not config.proxied and config.loopback_only and ANY_HOST not in allowed_hosts:
         middlewares.append(HostGuard(allowed_hosts).middleware())
     middlewares.append(auth_middleware(tokens, FailureThrottle()))

@@ -8,10 +8,12 @@ path to a class, mapping to its keyword arguments, as in txtai.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +23,7 @@ import yaml
 
 from . import plugins, systemd
 from .auth import Token, TokenSources, token_sources
+from .autocert import AcmeSettings, StateDirectory
 from .errors import ConfigError
 from .options import Origin, Settings, resolve_settings
 from .tls import Password, ReloadableContext, TLSError, TLSFiles
@@ -52,6 +55,8 @@ class Config:
     tokens: tuple[Token, ...] = ()
     token_sources: TokenSources = field(default_factory=TokenSources)  # read again on SIGHUP
     tls: ReloadableContext | None = None
+    # ACME (--acme-domain): tls then serves the state directory's files, loaded once obtained.
+    acme: AcmeSettings | None = None
     dependencies: tuple[plugins.Plugin, ...] = ()
     extensions: tuple[plugins.Plugin, ...] = ()
     safeopen: SafeOpen = field(default_factory=SafeOpen)  # what workflows may open
@@ -128,7 +133,8 @@ def build_config(
     )
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
-    tls = _tls(settings, origins, env)
+    acme = _acme(settings, origins, env)
+    tls = _acme_tls(settings, acme) if acme else _tls(settings, origins, env)
     activated = systemd.activated_addresses(env)
     _refuse_clear_text_tokens(settings, origins, tokens, tls, activated)
     return Config(
@@ -140,6 +146,7 @@ def build_config(
         tokens=tokens,
         token_sources=sources,
         tls=tls,
+        acme=acme,
         dependencies=plugins.load_plugins("dependencies", document, env, source),
         extensions=plugins.load_plugins("extensions", document, env, source),
         proxied=bool(settings.trusted_proxies or settings.uds) or any(f == socket.AF_UNIX for f, _ in activated),
@@ -204,6 +211,53 @@ def _tls(settings: Settings, origins: dict[str, Origin], env: Mapping[str, str])
         return ReloadableContext(files)
     except TLSError as exc:
         raise ConfigError(*origins[exc.option], exc.problem) from None
+
+
+def _acme(settings: Settings, origins: dict[str, Origin], env: Mapping[str, str]) -> AcmeSettings | None:
+    """The ACME settings, checked (SPEC section 6); None when ``acme_domain`` is not given."""
+    if not settings.acme_domain:
+        for name in ("acme_email", "acme_ca_certs", "acme_state_dir"):
+            if origins[name].source != "default":
+                raise ConfigError(*origins[name], "needs acme_domain: it only applies to ACME")
+        if origins["acme_directory"].source != "default":
+            raise ConfigError(*origins["acme_directory"], "needs acme_domain: it only applies to ACME")
+        return None
+    where = origins["acme_domain"]
+    if importlib.util.find_spec("acme") is None or importlib.util.find_spec("cryptography") is None:
+        raise ConfigError(*where, "ACME needs the acme extra: pip install 'aioserver[acme]'")
+    for name in ("ssl_certfile", "ssl_keyfile", "ssl_keyfile_password_file"):
+        if origins[name].source not in ("default", "credentials"):
+            raise ConfigError(
+                *origins[name], "cannot be used with acme_domain: ACME brings its own certificate and key"
+            )
+    if settings.redirect_http is None:
+        raise ConfigError(
+            *where,
+            "needs redirect_http: the CA's http-01 challenges are answered on that plain-HTTP port (80 in production)",
+        )
+    state_dir = settings.acme_state_dir or env.get("STATE_DIRECTORY", "").split(":")[0]
+    if not state_dir:
+        raise ConfigError(*where, "needs acme_state_dir (or $STATE_DIRECTORY, which systemd sets with StateDirectory=)")
+    state_origin = origins["acme_state_dir"] if settings.acme_state_dir else Origin("environment", "STATE_DIRECTORY")
+    try:
+        StateDirectory(state_dir, settings.acme_domain[0]).prepare()
+    except OSError as exc:
+        raise ConfigError(*state_origin, f"cannot use {state_dir}: {exc.strerror or exc}") from None
+    if settings.acme_ca_certs:
+        try:
+            ssl.create_default_context(cafile=settings.acme_ca_certs)
+        except (OSError, ssl.SSLError) as exc:
+            problem = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise ConfigError(*origins["acme_ca_certs"], f"cannot read {settings.acme_ca_certs}: {problem}") from None
+    return AcmeSettings(
+        settings.acme_domain, settings.acme_email, settings.acme_directory, settings.acme_ca_certs, state_dir
+    )
+
+
+def _acme_tls(settings: Settings, acme: AcmeSettings) -> ReloadableContext:
+    """The context that serves the state directory's certificate: loaded once there is one."""
+    files = StateDirectory(acme.state_dir, acme.name).files(settings.ssl_ca_certs, settings.ssl_cert_reqs)
+    return ReloadableContext(files, load=False)
 
 
 def _refuse_clear_text_tokens(

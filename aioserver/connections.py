@@ -565,7 +565,12 @@ class _Acceptor(asyncio.AbstractServer):
         if isinstance(protocol, Refusal) and not protocol.answers:
             sock.close()  # too many being answered already
             return
-        task = self._loop.create_task(self._handshake(sock, protocol, self._tls.current))
+        context = self._tls.current
+        if context is None:  # not loaded yet: the site is not started before (server.py)
+            sock.close()
+            self._connections.forget(protocol)
+            return
+        task = self._loop.create_task(self._handshake(sock, protocol, context))
         self._handshakes[task] = sock
         task.add_done_callback(self._handshakes.pop)
 

@@ -16,6 +16,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import systemd
 from .app import HEADERS, create_app
+from .autocert import CertificateManager, StateDirectory, add_challenge_route
 from .config import Config
 from .connections import Connections, TLSSite, ensure_file_limit, peer, reset
 from .errors import CUT_OFF, ConfigError, StartupError, error_middleware, http_error
@@ -45,6 +46,7 @@ DRAIN_POLL = 0.05  # seconds between looks at the requests in flight while drain
 # made anew this often, as on SIGHUP. Resuming issues a new ticket, so without this a chain of
 # resumptions would outlive any ticket lifetime.
 SESSION_KEYS_LIFETIME = 3600.0
+EXTEND_EVERY = 30.0  # seconds between EXTEND_TIMEOUT_USEC while ACME brings the first certificate
 
 
 def run(main: Coroutine[Any, Any, None], loop: str = "auto") -> None:
@@ -112,23 +114,36 @@ async def _serve(
     background: list[asyncio.Task[None]] = []
     grace = config.settings.timeout_graceful_shutdown
     deadline: float | None = None  # of the stop: the grace period from its signal on
+    # With ACME, this process's part in obtaining the certificate and keeping it fresh.
+    certificates = CertificateManager(config.acme, config.tls, notifier) if config.acme and config.tls else None
+    stop: signal.Signals | None = None
     try:
         await runners[0].setup()
         main = [listener for listener in sockets if listener.role == MAIN]
-        for listener in main:
-            sites.append((await _listen(runners[0], listener, "https" if config.tls else "http", config), listener))
         redirects = [listener for listener in sockets if listener.role == REDIRECT]
         if redirects:
             https_port = next((listener.port for listener in main if listener.port), 443)
-            runners.append(_runner(create_redirect_app(https_port), config, connections))
+            redirect_app = create_redirect_app(https_port, certificates.state if certificates else None)
+            runners.append(_runner(redirect_app, config, connections))
             await runners[1].setup()
-            for listener in redirects:
-                sites.append((await _listen(runners[1], listener, "http", None), listener))
         if watchdog:
             background.append(asyncio.create_task(systemd.run_watchdog(notifier, watchdog)))
-        if config.tls:
-            background.append(asyncio.create_task(renew_session_keys(config.tls, SESSION_KEYS_LIFETIME)))
-        stop = await _handle_signals(received, app, config, notifier)
+        if certificates:
+            # The plain listener first (the CA's challenges, 308 for the rest), HTTPS once
+            # there is a certificate to serve.
+            background.append(asyncio.create_task(certificates.run()))
+            for listener in redirects:
+                sites.append((await _listen(runners[1], listener, "http", None), listener))
+            stop = await _until_certificate(certificates, received, app, config)
+        if stop is None:
+            for listener in main:
+                sites.append((await _listen(runners[0], listener, "https" if config.tls else "http", config), listener))
+            if not certificates:
+                for listener in redirects:
+                    sites.append((await _listen(runners[1], listener, "http", None), listener))
+            if config.tls:
+                background.append(asyncio.create_task(renew_session_keys(config.tls, SESSION_KEYS_LIFETIME)))
+            stop = await _handle_signals(received, app, config, notifier)
         deadline = asyncio.get_running_loop().time() + grace
         await _stop_accepting(runners, sites, owned)
         notifier.stopping()
@@ -372,6 +387,35 @@ async def _handle_signals(
         notifier.ready("serving, reloaded")
 
 
+async def _until_certificate(
+    certificates: CertificateManager, received: asyncio.Queue[signal.Signals], app: web.Application, config: Config
+) -> signal.Signals | None:
+    """Wait until ACME gives a certificate to serve; a stop signal meanwhile is returned.
+
+    A SIGHUP meanwhile reloads the tokens. While it takes, systemd is told to wait on
+    (EXTEND_TIMEOUT_USEC): READY=1 is for a server that serves HTTPS.
+    """
+    ready = asyncio.ensure_future(certificates.ready.wait())
+    try:
+        while not ready.done():
+            signalled = asyncio.ensure_future(received.get())
+            done, _ = await asyncio.wait({ready, signalled}, timeout=EXTEND_EVERY, return_when=asyncio.FIRST_COMPLETED)
+            if signalled not in done:
+                signalled.cancel()
+                certificates.extend_start_timeout(2 * EXTEND_EVERY)
+                continue
+            sig = signalled.result()
+            if sig in STOP_SIGNALS:
+                return sig
+            if sig == signal.SIGHUP:
+                await reload(app, config)
+            else:
+                _ignored(sig)
+    finally:
+        ready.cancel()
+    return None
+
+
 async def reload(app: web.Application, config: Config) -> None:
     """Read the token files and TLS files again; what fails keeps the old ones and says why."""
     store = app[TOKENS]
@@ -382,7 +426,7 @@ async def reload(app: web.Application, config: Config) -> None:
             logger.info("reloaded tokens: %d in force", len(tokens))
         except ConfigError as exc:
             logger.error("token reload failed, keeping the %d tokens in force: %s", len(store.tokens), exc)
-    if config.tls:
+    if config.tls and config.tls.current is not None:  # an ACME certificate may be on its way still
         try:
             await _in_reload_thread(config.tls.reload)
             logger.info("reloaded TLS certificate, key and CA")
@@ -423,8 +467,9 @@ async def _in_reload_thread(function: Callable[[], T]) -> T:
         executor.shutdown(wait=False)  # the thread ends with its work; never wait for it on the loop
 
 
-def create_redirect_app(https_port: int) -> web.Application:
-    """A plain-HTTP app answering every request with 308 to the same URL over HTTPS."""
+def create_redirect_app(https_port: int, acme: StateDirectory | None = None) -> web.Application:
+    """A plain-HTTP app answering every request with 308 to the same URL over HTTPS, but the
+    ACME CA's http-01 challenges (from ``acme``'s state directory)."""
     # The Host header names the target: a name or an IP literal, and a port. yarl lets more
     # through ("[x" is the host "x"), or refuses it with a ValueError ("x:abc", "x:99999").
     host_header = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?", re.ASCII)
@@ -441,5 +486,7 @@ def create_redirect_app(https_port: int) -> web.Application:
     # The main app's outermost middleware: JSON errors, anything unexpected a 500 with an id,
     # and the headers every answer carries; no HSTS on plain HTTP (RFC 6797 section 7.2).
     app = web.Application(middlewares=[error_middleware(HEADERS)])
+    if acme is not None:
+        add_challenge_route(app, acme)
     app.router.add_route("*", "/{path:.*}", redirect)
     return app

@@ -189,9 +189,10 @@ class ReloadableContext:
     needs a full handshake, which fails. Reloading the same files rotates the ticket keys.
     """
 
-    def __init__(self, files: TLSFiles) -> None:
+    def __init__(self, files: TLSFiles, load: bool = True) -> None:
         self.files = files
-        self.current = create_ssl_context(files)
+        # None until loaded, for files that do not exist yet (ACME's): no listener serves then.
+        self.current: ssl.SSLContext | None = create_ssl_context(files) if load else None
 
     def reload(self, files: TLSFiles | None = None) -> None:
         """Load the files again (or new ones); raises TLSError and keeps the old context if they fail."""

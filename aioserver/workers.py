@@ -81,9 +81,11 @@ class Supervisor:
         self.healthcheck = config.settings.timeout_worker_healthcheck
         self.heartbeat = min(HEARTBEAT, self.healthcheck / 4)
         self.last_ping = time.monotonic()  # to systemd
+        self.notifier = Notifier()  # systemd's, once run() is given it
 
     def run(self, notifier: Notifier) -> int:
         """Supervise until SIGTERM/SIGINT; return 0 when every worker stopped cleanly."""
+        self.notifier = notifier
         for slot in range(self.count):
             self.start(slot)
         while True:
@@ -172,6 +174,12 @@ class Supervisor:
                     worker.accepting = False
                 if "WATCHDOG=1" in lines:
                     worker.last_ping = time.monotonic()
+                if not self.announced:
+                    # A worker waiting for its ACME certificate asks systemd for more time, and
+                    # says why: passed on, the group is not ready until every worker is.
+                    passed = [line for line in lines if line.startswith(("EXTEND_TIMEOUT_USEC=", "STATUS=acme:"))]
+                    if passed:
+                        self.notifier.notify(*passed)
                 for name, runs in filter(None, map(parse_run_message, lines)):
                     self.schedule_runs[name] = runs
 

@@ -1,0 +1,619 @@
+"""Automatic certificates: obtained and renewed by ACME (RFC 8555), swapped in without a restart.
+
+- :class:`AcmeSettings`: the resolved ``--acme-*`` options (config.py makes it).
+- :class:`StateDirectory`: the account key, each certificate chain and its key, and the pending
+  http-01 answers, in ``--acme-state-dir``; every file mode 0600, written atomically.
+- :func:`order`: one whole order with certbot's ``acme`` library (blocking: run in a thread).
+- :class:`CertificateManager`: in every serving process. The one that holds the state
+  directory's lock orders and renews (one per host, whatever ``--workers``: the lock is
+  taken by one worker, and another takes it when that one dies); the others follow the files.
+- :func:`add_challenge_route`: the plain-HTTP listener answers
+  ``/.well-known/acme-challenge/<token>`` from the state directory, so that any worker (or any
+  process sharing the directory) answers the CA's validation.
+
+The ``acme`` package is an extra (``pip install 'aioserver[acme]'``): it is imported only
+here, and only once ACME is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import random
+import re
+import ssl
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+
+from .errors import http_error
+from .logtext import loggable
+from .tls import ReloadableContext, TLSError, TLSFiles
+
+if TYPE_CHECKING:
+    from .systemd import Notifier
+
+logger = logging.getLogger("aioserver.acme")
+T = TypeVar("T")
+
+CHALLENGE_PATH = "/.well-known/acme-challenge/"
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}", re.ASCII)  # base64url, RFC 8555 section 8.3
+# Retries of a failed order: 15 s, then three times longer each time, up to a day (Let's
+# Encrypt allows 5 failed validations per hostname an hour; this makes 4 in the first hour).
+RETRY_FIRST = 15.0
+RETRY_FACTOR = 3.0
+RETRY_MAX = 86400.0
+ORDER_DEADLINE = 90.0  # seconds for the CA to validate and issue, once the challenges are answered
+# A process that does not order looks at the files (and for the lock) this often.
+FOLLOW_INTERVAL = 2.0
+# Without a renewal window from the CA, renew when a third of the lifetime is left, a little
+# earlier at random (up to a thirtieth of the lifetime) so that a fleet does not renew at once.
+RENEW_WHEN_LEFT = 1 / 3
+JITTER = 1 / 30
+RECHECK = 6 * 3600.0  # ask again for the CA's renewal window (RFC 9773) at most this far apart
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeSettings:
+    domains: tuple[str, ...]  # the first names the certificate
+    email: str | None
+    directory: str
+    ca_certs: str | None  # trusted for the ACME server's own HTTPS; None: the system's
+    state_dir: str
+
+    @property
+    def name(self) -> str:
+        return self.domains[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A certificate in the state directory that serves ``domains``."""
+
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    directory: str | None  # the ACME directory it came from, when known
+    chain: bytes
+
+    def renew_at(self) -> datetime.datetime:
+        lifetime = self.not_after - self.not_before
+        return self.not_after - lifetime * (RENEW_WHEN_LEFT + random.uniform(0, JITTER))
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    chain: bytes  # of the certificate it is for
+    due: datetime.datetime  # its renewal
+    recheck_at: datetime.datetime  # when to ask the CA for its renewal window again
+
+
+class StateDirectory:
+    """The files of ``--acme-state-dir``: created 0700, every file 0600, replaced atomically."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.path = path
+        self.account_key_file = os.path.join(path, "account.key")
+        self.certificate_dir = os.path.join(path, "certificates", name)
+        self.chain_file = os.path.join(self.certificate_dir, "fullchain.pem")
+        self.key_file = os.path.join(self.certificate_dir, "key.pem")
+        self.directory_file = os.path.join(self.certificate_dir, "directory")
+        self.challenge_dir = os.path.join(path, "challenges")
+        self.lock_file = os.path.join(path, "lock")
+
+    def prepare(self) -> None:
+        """Make the directories (0700); raises OSError when they cannot be made or written."""
+        for directory in (self.path, os.path.dirname(self.certificate_dir), self.certificate_dir, self.challenge_dir):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory, mode=0o700)
+        probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-")  # noqa: SIM115
+        probe.close()
+
+    def files(self, ca_certs: str | None, cert_reqs: str | None) -> TLSFiles:
+        return TLSFiles(self.chain_file, self.key_file, ca_certs=ca_certs, cert_reqs=cert_reqs)
+
+    def write(self, path: str, data: bytes) -> None:
+        """Replace ``path`` with ``data`` atomically (temp file, fsync, rename), mode 0600."""
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+        try:
+            with os.fdopen(descriptor, "wb") as file:  # mkstemp makes it 0600
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _fsync_directory(directory)
+
+    def read(self, path: str) -> bytes | None:
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except FileNotFoundError:
+            return None
+
+    # -- what the CA asks for at /.well-known/acme-challenge/<token>
+
+    def put_challenge(self, token: str, answer: str) -> None:
+        self.write(os.path.join(self.challenge_dir, token), answer.encode("ascii"))
+
+    def drop_challenge(self, token: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.challenge_dir, token))
+
+    def challenge(self, token: str) -> bytes | None:
+        if not TOKEN.fullmatch(token):
+            return None
+        try:
+            return self.read(os.path.join(self.challenge_dir, token))
+        except OSError:
+            return None
+
+
+def _fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# -- the certificate held, and one order (blocking: both run in the ACME thread)
+
+
+def load_held(state: StateDirectory, domains: tuple[str, ...]) -> Held | None:
+    """The certificate in ``state`` if it can serve ``domains`` now, else None (and why, logged).
+
+    Usable: a chain whose leaf names every domain and has not expired, and the key that matches it.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    chain, key = state.read(state.chain_file), state.read(state.key_file)
+    if chain is None or key is None:
+        return None
+    try:
+        leaf = x509.load_pem_x509_certificate(chain)
+        private = serialization.load_pem_private_key(key, password=None)
+    except ValueError:
+        logger.warning("acme: the certificate or key in %s is unreadable: ordering a new one", state.certificate_dir)
+        return None
+    public = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if public != leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        logger.warning("acme: the key in %s does not match its certificate: ordering a new one", state.certificate_dir)
+        return None
+    try:
+        names = set(
+            leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        )
+    except x509.ExtensionNotFound:
+        names = set()
+    missing = [domain for domain in domains if domain not in names]
+    if missing:
+        logger.info("acme: the certificate held does not name %s: ordering a new one", ", ".join(missing))
+        return None
+    if leaf.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
+        logger.info("acme: the certificate held expired at %s: ordering a new one", _iso(leaf.not_valid_after_utc))
+        return None
+    origin = state.read(state.directory_file)
+    return Held(
+        leaf.not_valid_before_utc,
+        leaf.not_valid_after_utc,
+        origin.decode("utf-8", "replace").strip() if origin else None,
+        chain,
+    )
+
+
+class OrderFailed(Exception):
+    """An order that did not give a certificate: ``reason`` says why, ``retry_after`` when the CA asked."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+def order(settings: AcmeSettings, state: StateDirectory) -> Held:
+    """Obtain a certificate for ``settings.domains`` and store it with its new key; raises OrderFailed.
+
+    Account (its key made once, ECDSA P-256, terms of service agreed), order, http-01
+    challenges answered from ``state`` by whichever process the CA reaches, finalize with a
+    new ECDSA P-256 key, download the chain.
+    """
+    import requests
+    from acme import errors as acme_errors
+    from acme import messages
+
+    client = _client(settings, state)
+    try:
+        return _order(client, settings, state)
+    except OrderFailed:
+        raise
+    except acme_errors.ValidationError as exc:
+        raise OrderFailed(_validation_problems(exc)) from None
+    except messages.Error as exc:
+        raise OrderFailed(_problem(exc), client.net.retry_after) from None
+    except acme_errors.TimeoutError:
+        raise OrderFailed(f"the CA did not validate and issue within {ORDER_DEADLINE:g}s") from None
+    except requests.RequestException as exc:
+        raise OrderFailed(_network_problem(exc)) from None
+    except (acme_errors.Error, ValueError) as exc:  # unexpected answers (jose's errors are ValueErrors)
+        raise OrderFailed(f"{type(exc).__name__}: {loggable(str(exc))}") from None
+
+
+class _Client:
+    """certbot's ``acme`` client and its network, with the CA's last Retry-After kept."""
+
+    def __init__(self, acme: Any, net: Any) -> None:
+        self.acme = acme
+        self.net = net
+
+
+def _client(settings: AcmeSettings, state: StateDirectory, account: bool = True) -> _Client:
+    """A client of the CA's directory; with ``account``, registered with the account key (once
+    made, the same account is found again by its key)."""
+    import josepy
+    import requests
+    from acme import client, messages
+    from acme import errors as acme_errors
+
+    class Network(client.ClientNetwork):
+        retry_after: float | None = None
+
+        def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+            response = super()._send_request(method, url, *args, **kwargs)
+            if response.status_code >= 400:  # rateLimited and the like say when to come back
+                self.retry_after = _seconds(response.headers.get("Retry-After"))
+            return response
+
+    from . import __version__
+
+    key = josepy.jwk.JWKEC(key=_account_key(state))
+    # requests takes a CA file for verify=, which the library passes through as it is.
+    trust: Any = _trust(settings)
+    net = Network(key, alg=josepy.jwa.ES256, verify_ssl=trust, user_agent=f"aioserver/{__version__}")
+    try:
+        directory = client.ClientV2.get_directory(settings.directory, net)
+        acme = client.ClientV2(directory, net)
+        if not account:
+            return _Client(acme, net)
+        registration = messages.NewRegistration.from_data(email=settings.email, terms_of_service_agreed=True)
+        try:
+            acme.new_account(registration)
+        except acme_errors.ConflictError as exc:  # this key's account exists: RFC 8555 section 7.3.1
+            net.account = messages.RegistrationResource(uri=exc.location, body=messages.Registration())
+    except messages.Error as exc:
+        raise OrderFailed(_problem(exc), net.retry_after) from None
+    except requests.RequestException as exc:
+        raise OrderFailed(_network_problem(exc)) from None
+    except (acme_errors.Error, ValueError) as exc:
+        raise OrderFailed(f"{type(exc).__name__}: {loggable(str(exc))}") from None
+    return _Client(acme, net)
+
+
+def _order(client: _Client, settings: AcmeSettings, state: StateDirectory) -> Held:
+    from acme import challenges, crypto_util, messages
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pending = client.acme.new_order(crypto_util.make_csr(key_pem, list(settings.domains)))
+    answered: list[str] = []
+    try:
+        for authorization in pending.authorizations:
+            if authorization.body.status == messages.STATUS_VALID:  # validated lately: reused
+                continue
+            challenge = next((c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
+            if challenge is None:
+                raise OrderFailed(f"the CA offers no http-01 challenge for {authorization.body.identifier.value}")
+            response, validation = challenge.response_and_validation(client.net.key)
+            token = challenge.chall.encode("token")
+            state.put_challenge(token, validation)
+            answered.append(token)
+            client.acme.answer_challenge(challenge, response)
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_DEADLINE)
+        done = client.acme.poll_and_finalize(pending, deadline)
+    finally:
+        for token in answered:
+            state.drop_challenge(token)
+    chain = done.fullchain_pem.encode("ascii")
+    # The key first: a process loading between the two sees a mismatched pair, keeps what it
+    # serves and tries again; never a new certificate with no key.
+    state.write(state.key_file, key_pem)
+    state.write(state.chain_file, chain)
+    state.write(state.directory_file, settings.directory.encode() + b"\n")
+    held = load_held(state, settings.domains)
+    if held is None:
+        raise OrderFailed("the CA's certificate does not name every domain ordered")
+    return held
+
+
+def renewal_window(settings: AcmeSettings, state: StateDirectory, held: Held) -> datetime.datetime | None:
+    """The CA's suggested renewal time (ACME Renewal Information, RFC 9773), when it offers one."""
+    try:
+        client = _client(settings, state, account=False)
+        try:
+            client.acme.directory["renewalInfo"]
+        except KeyError:  # this CA offers none
+            return None
+        when, _ = client.acme.renewal_time(held.chain)
+    except Exception as exc:  # any failure: the default rule stands
+        logger.info(
+            "acme: no renewal window from the CA (%s): renewing by the certificate's lifetime", loggable(str(exc))
+        )
+        return None
+    if not isinstance(when, datetime.datetime):
+        return None
+    return when if when.tzinfo else when.astimezone(datetime.UTC)
+
+
+def _account_key(state: StateDirectory) -> Any:
+    """The account's key: made once (ECDSA P-256), made anew when its file is unreadable."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = state.read(state.account_key_file)
+    if pem is not None:
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+            if isinstance(key, ec.EllipticCurvePrivateKey):
+                return key
+        except ValueError:
+            pass
+        logger.warning("acme: %s is unreadable: making a new account key", state.account_key_file)
+    key = ec.generate_private_key(ec.SECP256R1())
+    state.write(
+        state.account_key_file,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    return key
+
+
+def _trust(settings: AcmeSettings) -> str | bool:
+    """What verifies the ACME server: ``--acme-ca-certs``, else the system trust store (as
+    OpenSSL finds it, ``SSL_CERT_FILE`` included), not the bundle that requests ships."""
+    if settings.ca_certs:
+        return settings.ca_certs
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.capath):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return True
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    if not retry_after:
+        return None
+    if retry_after.strip().isdigit():
+        return float(retry_after.strip())
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return max(0.0, (parsedate_to_datetime(retry_after) - datetime.datetime.now(datetime.UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def _problem(error: Any) -> str:
+    """An RFC 7807 problem document as one line: its type and detail."""
+    detail = f": {loggable(error.detail)}" if error.detail else ""
+    return f"{error.typ}{detail}"
+
+
+def _validation_problems(exc: Any) -> str:
+    problems = []
+    for authorization in exc.failed_authzrs:
+        for challenge in authorization.body.challenges:
+            if challenge.error is not None:
+                problems.append(f"{authorization.body.identifier.value}: {_problem(challenge.error)}")
+    return "; ".join(problems) or "validation failed"
+
+
+def _network_problem(exc: BaseException) -> str:
+    """What went wrong reaching the CA, without the page of requests' and urllib3's reprs."""
+    import requests
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS with the ACME server failed: {cause.reason or cause}"
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return f"cannot reach the ACME server: {cause.strerror or errno.errorcode.get(cause.errno)}"
+        nested = [a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)]
+        cause = (
+            cause.__cause__ or cause.__context__ or getattr(cause, "reason", None) or (nested[0] if nested else None)
+        )
+        if not isinstance(cause, BaseException):
+            cause = None
+    if isinstance(exc, requests.Timeout):
+        return "the ACME server did not answer in time"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS with the ACME server failed"
+    return f"cannot reach the ACME server ({type(exc).__name__})"
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# -- in every serving process
+
+
+class CertificateManager:
+    """Brings the certificate to ``tls``, then keeps it fresh, in every serving process.
+
+    ``ready`` is set once ``tls`` serves a usable certificate. The process holding the state
+    directory's lock (``fcntl.flock``, released by the kernel when it dies) orders and renews;
+    the others load what it writes.
+    """
+
+    def __init__(self, settings: AcmeSettings, tls: ReloadableContext, notifier: Notifier | None = None) -> None:
+        self.settings = settings
+        self.state = StateDirectory(settings.state_dir, settings.name)
+        self.tls = tls
+        self.notifier = notifier
+        self.ready = asyncio.Event()
+        self._loaded: bytes | None = None  # digest of the chain and key that tls serves
+        self._lock: int | None = None
+        # ACME work (orders, file reads, loads) in a thread of its own, one thing at a time:
+        # never behind workflow threads, never on the event loop.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aioserver-acme")
+
+    async def run(self) -> None:
+        """Follow the files until this process gets the lock, then order and renew; forever."""
+        try:
+            following = False
+            while not self._take_lock():
+                if not following:
+                    await self._in_thread(self._follow)  # what is there already, at once
+                    if not self.ready.is_set():
+                        logger.info("acme: another process orders the certificate: waiting for it")
+                    following = True
+                await asyncio.sleep(FOLLOW_INTERVAL)
+                await self._in_thread(self._follow)
+            await self._lead()
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._lock is not None:
+                os.close(self._lock)  # and so the lock: another process may take it
+
+    def _take_lock(self) -> bool:
+        descriptor = os.open(self.state.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return False
+        self._lock = descriptor
+        return True
+
+    def _follow(self) -> None:
+        """Load the files when they changed and serve ``domains`` (blocking)."""
+        digest = self._digest()
+        if digest is None or digest == self._loaded:
+            return
+        if load_held(self.state, self.settings.domains) is None:
+            return
+        self._load(digest)
+
+    def _digest(self) -> bytes | None:
+        chain, key = self.state.read(self.state.chain_file), self.state.read(self.state.key_file)
+        if chain is None or key is None:
+            return None
+        return hashlib.sha256(chain + b"\0" + key).digest()
+
+    def _load(self, digest: bytes | None = None) -> bool:
+        """Serve the files' certificate to new connections; False (the old one stays) if they do not load."""
+        try:
+            self.tls.reload()
+        except TLSError as exc:  # a pair half-replaced by another process: next time
+            logger.info("acme: the certificate files do not load yet (%s): trying again", exc)
+            return False
+        self._loaded = digest or self._digest()
+        if not self.ready.is_set():
+            self.ready.set()
+        return True
+
+    async def _lead(self) -> None:
+        """Order when nothing usable is held, then renew when due; a failure keeps what is served."""
+        name = self.settings.name
+        failures = 0
+        plan: _Plan | None = None  # when to renew the certificate held
+        while True:
+            held = await self._in_thread(load_held, self.state, self.settings.domains)
+            if held is not None and self._digest() != self._loaded:
+                await self._in_thread(self._load)
+            now = datetime.datetime.now(datetime.UTC)
+            due = now
+            if held is not None and held.directory in (None, self.settings.directory):
+                if plan is None or plan.chain != held.chain or now >= plan.recheck_at:
+                    window = await self._in_thread(renewal_window, self.settings, self.state, held)
+                    fresh = plan is None or plan.chain != held.chain
+                    plan = _Plan(held.chain, window or held.renew_at(), now + datetime.timedelta(seconds=RECHECK))
+                    if fresh:
+                        logger.info(
+                            "acme: certificate for %s valid until %s, renewal at %s%s",
+                            name,
+                            _iso(held.not_after),
+                            _iso(plan.due),
+                            " (the CA's renewal window)" if window else "",
+                        )
+                due = plan.due
+            elif held is not None:
+                logger.info(
+                    "acme: the certificate held comes from %s: ordering one from %s",
+                    held.directory,
+                    self.settings.directory,
+                )
+            wait = (min(due, plan.recheck_at) if plan else due) - datetime.datetime.now(datetime.UTC)
+            if wait.total_seconds() > 0:
+                await asyncio.sleep(wait.total_seconds())
+                continue
+            if due > datetime.datetime.now(datetime.UTC):
+                continue  # time to ask the CA for its window again
+            logger.info(
+                "acme: ordering a certificate for %s from %s", ", ".join(self.settings.domains), self.settings.directory
+            )
+            self._status(f"acme: ordering a certificate for {name}")
+            try:
+                held = await self._in_thread(order, self.settings, self.state)
+            except OrderFailed as failure:
+                delay = min(RETRY_MAX, RETRY_FIRST * RETRY_FACTOR**failures) * random.uniform(1, 1.1)
+                delay = max(delay, failure.retry_after or 0)
+                failures += 1
+                logger.error("acme: order for %s failed: %s; retrying in %ds", name, failure.reason, round(delay))
+                self._status(f"acme: order for {name} failed, retrying in {round(delay)}s")
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            await self._in_thread(self._load)
+            logger.info("acme: certificate for %s obtained, valid until %s", name, _iso(held.not_after))
+
+    def extend_start_timeout(self, seconds: float) -> None:
+        """Ask systemd (or a worker's parent) to wait this much longer for READY=1."""
+        if self.notifier is not None:
+            self.notifier.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+    def _status(self, text: str) -> None:
+        if self.notifier is not None and not self.ready.is_set():
+            self.notifier.status(text)
+
+    async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+
+# -- the plain listener's part
+
+
+def add_challenge_route(app: web.Application, state: StateDirectory) -> None:
+    """Answer the CA's http-01 requests (RFC 8555 section 8.3) on the plain-HTTP app; before its other routes."""
+
+    async def challenge(request: web.Request) -> web.StreamResponse:
+        answer = state.challenge(request.match_info["token"])
+        if answer is None:
+            raise http_error(web.HTTPNotFound, "no such ACME challenge")
+        return web.Response(body=answer, content_type="application/octet-stream")
+
+    app.router.add_get(CHALLENGE_PATH + "{token}", challenge, allow_head=False)
