@@ -112,7 +112,8 @@ class StateDirectory:
 
     def prepare(self) -> None:
         """Make the directories (0700); raises OSError when they cannot be made or written."""
-        for directory in (self.path, os.path.dirname(self.certificate_dir), self.certificate_dir, self.challenge_dir):
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        for directory in (os.path.dirname(self.certificate_dir), self.certificate_dir, self.challenge_dir):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(directory, mode=0o700)
         probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-")  # noqa: SIM115

@@ -17,6 +17,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -32,6 +33,7 @@ from .workflow.actions import ActionResolver, is_pipeline_name
 from .workflow.processes import ProcessSlots
 from .workflow.safeopen import SafeOpen, parse_safeopen
 from .workflow.spec import parse_workflows
+from .workflow.tasks import Retrieve
 
 logger = logging.getLogger("aioserver.config")
 
@@ -126,6 +128,7 @@ def build_config(
         raise ConfigError(source, "server", "expected a mapping of options")
     env = env or {}
     settings, origins = resolve_settings(cli or {}, env, server, source)
+    acme = _acme(settings, origins, env)
     safeopen = parse_safeopen(document.get("safeopen"), source)
     state_directory = env.get("STATE_DIRECTORY", "").split(":")[0] or None  # systemd's: the first of them
     workflows = parse_workflows(
@@ -133,7 +136,8 @@ def build_config(
     )
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
-    acme = _acme(settings, origins, env)
+    if acme:
+        _keep_workflows_out(acme, safeopen, workflows, source)
     tls = _acme_tls(settings, acme) if acme else _tls(settings, origins, env)
     activated = systemd.activated_addresses(env)
     _refuse_clear_text_tokens(settings, origins, tokens, tls, activated)
@@ -235,10 +239,14 @@ def _acme(settings: Settings, origins: dict[str, Origin], env: Mapping[str, str]
             *where,
             "needs redirect_http: the CA's http-01 challenges are answered on that plain-HTTP port (80 in production)",
         )
-    state_dir = settings.acme_state_dir or env.get("STATE_DIRECTORY", "").split(":")[0]
+    # Under systemd, a directory of its own in StateDirectory=, where retrieve tasks write
+    # (by default) files named by their URLs: never over the account key.
+    systemd_state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    state_dir = settings.acme_state_dir or (os.path.join(systemd_state, "acme") if systemd_state else "")
     if not state_dir:
         raise ConfigError(*where, "needs acme_state_dir (or $STATE_DIRECTORY, which systemd sets with StateDirectory=)")
     state_origin = origins["acme_state_dir"] if settings.acme_state_dir else Origin("environment", "STATE_DIRECTORY")
+    state_dir = os.path.abspath(state_dir)
     try:
         StateDirectory(state_dir, settings.acme_domain[0]).prepare()
     except OSError as exc:
@@ -252,6 +260,28 @@ def _acme(settings: Settings, origins: dict[str, Origin], env: Mapping[str, str]
     return AcmeSettings(
         settings.acme_domain, settings.acme_email, settings.acme_directory, settings.acme_ca_certs, state_dir
     )
+
+
+def _keep_workflows_out(acme: AcmeSettings, safeopen: SafeOpen, workflows: Mapping[str, Workflow], source: str) -> None:
+    """The ACME state holds private keys: no workflow may read it (file tasks, under
+    safeopen.directory) or write in it (retrieve tasks)."""
+    state = Path(acme.state_dir).resolve()
+    if safeopen.directory is not None and state.is_relative_to(safeopen.directory):
+        raise ConfigError(
+            source,
+            "safeopen.directory",
+            f"holds the ACME state directory {state}: workflows could read its private keys",
+        )
+    for name, workflow in workflows.items():
+        for task in workflow.tasks:
+            for action in task.actions:
+                target = getattr(action.function, "directory", None)
+                if isinstance(action.function, Retrieve) and target is not None and Path(target).is_relative_to(state):
+                    raise ConfigError(
+                        source,
+                        f"workflow.{name}",
+                        f"a retrieve task writes in the ACME state directory {state}: choose another directory",
+                    )
 
 
 def _acme_tls(settings: Settings, acme: AcmeSettings) -> ReloadableContext:
