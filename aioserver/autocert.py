@@ -18,7 +18,6 @@ here, and only once ACME is on.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import datetime
 import errno
@@ -30,6 +29,7 @@ import random
 import re
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -478,9 +478,6 @@ class CertificateManager:
         self.ready = asyncio.Event()
         self._loaded: bytes | None = None  # digest of the chain and key that tls serves
         self._lock: int | None = None
-        # ACME work (orders, file reads, loads) in a thread of its own, one thing at a time:
-        # never behind workflow threads, never on the event loop.
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aioserver-acme")
 
     async def run(self) -> None:
         """Follow the files until this process gets the lock, then order and renew; forever."""
@@ -496,7 +493,6 @@ class CertificateManager:
                 await self._in_thread(self._follow)
             await self._lead()
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
             if self._lock is not None:
                 os.close(self._lock)  # and so the lock: another process may take it
 
@@ -602,7 +598,32 @@ class CertificateManager:
             self.notifier.status(text)
 
     async def _in_thread(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        """Run blocking ACME work in a daemon thread of its own, one call at a time (each is awaited).
+
+        Not an executor's thread: the interpreter waits for those at exit, and an order
+        waiting on a CA that does not answer would hold a stopping server for a minute.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.cancelled():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def work() -> None:
+            try:
+                outcome: tuple[Any, BaseException | None] = (function(*args), None)
+            except BaseException as exc:  # given to the awaiting coroutine, raised there
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        threading.Thread(target=work, name="aioserver-acme", daemon=True).start()
+        return await future
 
 
 # -- the plain listener's part
