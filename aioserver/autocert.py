@@ -155,6 +155,10 @@ class StateDirectory:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.challenge_dir, token))
 
+    def drop_challenges(self) -> None:
+        for token in os.listdir(self.challenge_dir):
+            self.drop_challenge(token)
+
     def challenge(self, token: str) -> bytes | None:
         if not TOKEN.fullmatch(token):
             return None
@@ -538,6 +542,7 @@ class CertificateManager:
         name = self.settings.name
         failures = 0
         plan: _Plan | None = None  # when to renew the certificate held
+        await self._in_thread(self.state.drop_challenges)  # left by a process stopped mid-order
         while True:
             held = await self._in_thread(load_held, self.state, self.settings.domains)
             if held is not None and self._digest() != self._loaded:
