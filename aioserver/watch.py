@@ -61,7 +61,9 @@ class FileWatch:
         """
         on_disk = fingerprint(tls.files)
         if on_disk == tls.fingerprint:
-            self.failed_once = self.reported = None  # back to what is loaded: a new failure is news
+            if self.reported is not None:  # the error said is over
+                logger.info("TLS files on disk are those in force again")
+            self.failed_once = self.reported = None  # a new failure is news
             return
         if on_disk == self.reported:
             return  # the same bytes would fail the same way

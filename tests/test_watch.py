@@ -339,12 +339,14 @@ def test_a_failure_is_said_once_after_two_looks(
     assert [r.levelname for r in caplog.records] == ["DEBUG", "ERROR"]
     assert f"(certificate {files.cert})" in caplog.records[1].getMessage()
 
-    files.install("first", cert=True, key=False)  # back to what is loaded: nothing to do
+    files.install("first", cert=True, key=False)  # back to what is loaded: nothing to load
     watch.reload_if_changed(context)
+    watch.reload_if_changed(context)
+    assert caplog.records[-1].getMessage() == "TLS files on disk are those in force again"
     files.install("second", key=False)  # the same failure again is news again
     watch.reload_if_changed(context)
     watch.reload_if_changed(context)
-    assert [r.levelname for r in caplog.records] == ["DEBUG", "ERROR", "DEBUG", "ERROR"]
+    assert [r.levelname for r in caplog.records] == ["DEBUG", "ERROR", "INFO", "DEBUG", "ERROR"]
 
     files.install("second", cert=False)  # the pair completed
     watch.reload_if_changed(context)
