@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import random
@@ -480,7 +479,6 @@ class CertificateManager:
         self.tls = tls
         self.notifier = notifier
         self.ready = asyncio.Event()
-        self._loaded: bytes | None = None  # digest of the chain and key that tls serves
         self._lock: int | None = None
 
     async def run(self) -> None:
@@ -512,30 +510,20 @@ class CertificateManager:
 
     def _follow(self) -> None:
         """Load the files when they changed and serve ``domains`` (blocking)."""
-        digest = self._digest()
-        if digest is None or digest == self._loaded:
+        if self.tls.current is not None and not self.tls.changed_on_disk():
             return
-        if load_held(self.state, self.settings.domains) is None:
-            return
-        self._load(digest)
+        if load_held(self.state, self.settings.domains) is not None:
+            self._load()
 
-    def _digest(self) -> bytes | None:
-        chain, key = self.state.read(self.state.chain_file), self.state.read(self.state.key_file)
-        if chain is None or key is None:
-            return None
-        return hashlib.sha256(chain + b"\0" + key).digest()
-
-    def _load(self, digest: bytes | None = None) -> bool:
-        """Serve the files' certificate to new connections; False (the old one stays) if they do not load."""
+    def _load(self) -> None:
+        """Serve the files' certificate to new connections; the old one stays if they do not load."""
         try:
             self.tls.reload()
         except TLSError as exc:  # a pair half-replaced by another process: next time
             logger.info("acme: the certificate files do not load yet (%s): trying again", exc)
-            return False
-        self._loaded = digest or self._digest()
+            return
         if not self.ready.is_set():
             self.ready.set()
-        return True
 
     async def _lead(self) -> None:
         """Order when nothing usable is held, then renew when due; a failure keeps what is served."""
@@ -544,9 +532,8 @@ class CertificateManager:
         plan: _Plan | None = None  # when to renew the certificate held
         await self._in_thread(self.state.drop_challenges)  # left by a process stopped mid-order
         while True:
+            await self._in_thread(self._follow)  # what is on disk, if it changed and serves
             held = await self._in_thread(load_held, self.state, self.settings.domains)
-            if held is not None and self._digest() != self._loaded:
-                await self._in_thread(self._load)
             now = datetime.datetime.now(datetime.UTC)
             due = now
             if held is not None and held.directory in (None, self.settings.directory):

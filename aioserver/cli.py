@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from . import __version__, workers
+from .certinfo import describe_certificates
 from .config import SECRET_VARIABLES, Config, load_config
 from .errors import ConfigError, StartupError
 from .logs import configure_logging
@@ -111,13 +112,24 @@ def build_parser() -> _Parser:
 
 
 def summary(config: Config) -> str:
-    """What ``--check`` prints: every setting with its origin, and the workflows."""
+    """What ``--check`` prints: every setting with its origin, the certificates, and the workflows."""
     lines = [f"config: {config.source}"]
     for option in OPTIONS:
         value = getattr(config.settings, option.name)
         origin = config.origins[option.name].source if option.name in config.origins else "default"
         lines.append(f"  {option.name} = {value}  ({origin})")
-    lines.append(f"  tls = {'on' if config.tls else 'off'}, tokens = {len(config.tokens)}")
+    tls = f"acme ({', '.join(config.acme.domains)})" if config.acme else "on" if config.tls else "off"
+    lines.append(f"  tls = {tls}, tokens = {len(config.tokens)}")
+    if config.acme:
+        lines.append(f"  acme state: {config.acme.state_dir}")
+    if config.tls:
+        files = config.tls.files
+        for title, path in (("served certificate chain", files.certfile), ("client CA certificates", files.ca_certs)):
+            if config.acme and path == files.certfile and not os.path.exists(path):
+                lines.append(f"  {title}: none yet (ordered by ACME at start-up)")
+            elif path:
+                lines.append(f"  {title}:")
+                lines.extend(f"    {line}" for line in describe_certificates(path))
     for name, workflow in config.workflows.items():
         actions = " -> ".join("+".join(a.name for a in task.actions) for task in workflow.tasks)
         lines.append(f"  workflow {name}: {actions}")

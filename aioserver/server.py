@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import logging
 import re
 import signal
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -28,10 +27,10 @@ from .logs import AccessLogger, flush_access_log
 from .logtext import loggable
 from .systemd import Notifier
 from .tls import ReloadableContext, TLSError
+from .watch import in_reload_thread, watch_tls_files
 from .workflow.schedules import HostSchedules
 
 logger = logging.getLogger("aioserver")
-T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # SIGUSR1 is only logged: its default action would kill the process (a log-rotation script's
@@ -143,6 +142,10 @@ async def _serve(
                     sites.append((await _listen(runners[1], listener, "http", None), listener))
             if config.tls:
                 background.append(asyncio.create_task(renew_session_keys(config.tls, SESSION_KEYS_LIFETIME)))
+            if config.tls and not certificates and config.settings.ssl_watch_interval > 0:
+                # ACME's files are followed by the certificate manager itself.
+                watching = watch_tls_files(config.tls, config.settings.ssl_watch_interval)
+                background.append(asyncio.create_task(watching))
             stop = await _handle_signals(received, app, config, notifier)
         deadline = asyncio.get_running_loop().time() + grace
         await _stop_accepting(runners, sites, owned)
@@ -421,14 +424,14 @@ async def reload(app: web.Application, config: Config) -> None:
     store = app[TOKENS]
     if config.token_sources.files:
         try:
-            tokens = await _in_reload_thread(config.token_sources.load)
+            tokens = await in_reload_thread(config.token_sources.load)
             store.replace(tokens)
             logger.info("reloaded tokens: %d in force", len(tokens))
         except ConfigError as exc:
             logger.error("token reload failed, keeping the %d tokens in force: %s", len(store.tokens), exc)
     if config.tls and config.tls.current is not None:  # an ACME certificate may be on its way still
         try:
-            await _in_reload_thread(config.tls.reload)
+            await in_reload_thread(config.tls.reload)
             logger.info("reloaded TLS certificate, key and CA")
         except TLSError as exc:
             logger.error("TLS reload failed, keeping the current certificate: %s: %s", exc.option, exc)
@@ -443,7 +446,7 @@ async def renew_session_keys(tls: ReloadableContext, every: float) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            await _in_reload_thread(tls.reload)
+            await in_reload_thread(tls.reload)
             logger.info("new TLS session keys (certificate, key and CA read again)")
         except TLSError as exc:
             logger.error(
@@ -451,20 +454,6 @@ async def renew_session_keys(tls: ReloadableContext, every: float) -> None:
                 exc.option,
                 exc,
             )
-
-
-async def _in_reload_thread(function: Callable[[], T]) -> T:
-    """Run blocking reload work in a thread of its own.
-
-    Never in asyncio's default executor, which sync work of workflows (hooks, file writes)
-    can fill: a token revoked by SIGHUP must not wait behind a hostile client's requests.
-    Reloads are rare enough for a thread each.
-    """
-    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aioserver-reload")
-    try:
-        return await asyncio.get_running_loop().run_in_executor(executor, function)
-    finally:
-        executor.shutdown(wait=False)  # the thread ends with its work; never wait for it on the loop
 
 
 def create_redirect_app(https_port: int, acme: StateDirectory | None = None) -> web.Application:

@@ -10,8 +10,10 @@ https://wiki.mozilla.org/Security/Server_Side_TLS#Intermediate_compatibility_.28
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import ssl
+import threading
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -109,6 +111,8 @@ def _load_cert_chain(context: ssl.SSLContext, files: TLSFiles, password: Passwor
         context.load_cert_chain(files.certfile, files.keyfile, password=lambda: password or "")
     except ssl.SSLError as exc:
         raise _diagnose(files, password, exc) from None
+    except OSError as exc:  # gone since the check above: a writer replacing it (rm, then cp)
+        raise TLSError("ssl_certfile", f"cannot read {files.certfile} or its key: {exc.strerror or exc}") from None
 
 
 def _diagnose(files: TLSFiles, password: Password | None, exc: ssl.SSLError) -> TLSError:
@@ -118,10 +122,12 @@ def _diagnose(files: TLSFiles, password: Password | None, exc: ssl.SSLError) -> 
         return TLSError(key_option, "the private key does not match the certificate")
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=files.certfile)
+        with open(files.keyfile or files.certfile, "rb") as file:
+            encrypted = b"ENCRYPTED" in file.read()
     except ssl.SSLError:
         return TLSError("ssl_certfile", f"{files.certfile} holds no PEM certificate")
-    with open(files.keyfile or files.certfile, "rb") as file:
-        encrypted = b"ENCRYPTED" in file.read()
+    except OSError as error:  # gone since it was loaded (a writer replacing it)
+        return TLSError(key_option, f"cannot read the certificate or key file: {error.strerror or error}")
     if encrypted and password:
         return TLSError(key_option, "cannot decrypt the private key: wrong password")
     if encrypted:
@@ -138,6 +144,8 @@ def _load_ca(context: ssl.SSLContext, path: str) -> None:
         context.load_verify_locations(cafile=path)
     except ssl.SSLError as exc:
         raise TLSError("ssl_ca_certs", f"{path} holds no CA certificate: {exc.reason or exc}") from None
+    except OSError as exc:  # gone since the check above: a writer replacing it
+        raise TLSError("ssl_ca_certs", f"cannot read {path}: {exc.strerror or exc}") from None
     if not context.get_ca_certs():
         raise TLSError("ssl_ca_certs", f"{path} holds no CA certificate")
 
@@ -180,6 +188,35 @@ def _restrict_groups(context: ssl.SSLContext, groups: str) -> None:
     context.set_ecdh_curve("prime256v1")
 
 
+# The files a context is made from, by the option naming each: what a fingerprint covers.
+Fingerprint = tuple[tuple[str, str, str], ...]  # (option, path, sha256 of its bytes) for each file given
+
+
+def fingerprint(files: TLSFiles) -> Fingerprint:
+    """What ``files`` hold on disk now (blocking): each one's sha256, or why it cannot be read.
+
+    A file that cannot be read has its error for a digest: it differs from any content, and
+    from another error.
+    """
+    given = (
+        ("ssl_certfile", files.certfile),
+        ("ssl_keyfile", files.keyfile),
+        ("ssl_ca_certs", files.ca_certs),
+        ("ssl_keyfile_password_file", files.password_file),
+    )
+    digests = []
+    for option, path in given:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as file:
+                digest = hashlib.sha256(file.read()).hexdigest()
+        except OSError as exc:
+            digest = f"unreadable: {exc.strerror or exc}"
+        digests.append((option, path, digest))
+    return tuple(digests)
+
+
 class ReloadableContext:
     """The context for new connections; :meth:`reload` replaces it, open connections keep theirs.
 
@@ -187,18 +224,38 @@ class ReloadableContext:
     :mod:`aioserver.connections`), so a reload also starts a new session cache and new ticket
     keys: no session from before it resumes, and a client certificate it no longer trusts
     needs a full handshake, which fails. Reloading the same files rotates the ticket keys.
+
+    ``fingerprint`` is what the files held when ``current`` was loaded from them, read just
+    before: a change during a load shows at the next look (:meth:`changed_on_disk`). It
+    belongs to the context, so a worker forked with its parent's context sees what changed
+    on disk since its parent loaded it.
     """
 
     def __init__(self, files: TLSFiles, load: bool = True) -> None:
         self.files = files
+        # Reloads come from SIGHUP, the file watcher and the hourly renewal of session keys,
+        # each in a thread: one at a time, so that ``current`` and ``fingerprint`` match.
+        self._lock = threading.Lock()
         # None until loaded, for files that do not exist yet (ACME's): no listener serves then.
+        self.fingerprint = fingerprint(files) if load else ()
         self.current: ssl.SSLContext | None = create_ssl_context(files) if load else None
 
     def reload(self, files: TLSFiles | None = None) -> None:
         """Load the files again (or new ones); raises TLSError and keeps the old context if they fail."""
-        files = files or self.files
-        self.current = create_ssl_context(files)
-        self.files = files
+        with self._lock:
+            files = files or self.files
+            loaded_from = fingerprint(files)
+            self.current = create_ssl_context(files)
+            self.files = files
+            self.fingerprint = loaded_from
+
+    def changed_on_disk(self) -> bool:
+        """Whether the files differ from what ``current`` was loaded from (blocking: reads them).
+
+        Their content decides, not their times: a rewrite with the same bytes is no change, and a
+        file that cannot be read is one (a reload then says why).
+        """
+        return fingerprint(self.files) != self.fingerprint
 
 
 def client_subject(request: web.BaseRequest) -> dict[str, str] | None:
