@@ -326,7 +326,7 @@ def test_configuration_errors(given: str, option: str, tmp_path: Path, pem_files
     if given == "with-ssl-certfile":
         args += ["--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key)]
     env = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
-    result = subprocess.run([PYTHON, "-m", "aioserver", *args], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([PYTHON, "-m", "aioserver", *args], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(option, lines[0]), result.stderr
@@ -340,7 +340,7 @@ def test_acme_without_its_extra_says_what_to_install(tmp_path: Path) -> None:
         *("--acme-directory", "https://127.0.0.1:9/dir", "--acme-state-dir", str(tmp_path / "state")),
         *("--redirect-http", "0", "--port", "0"),
     ]
-    result = subprocess.run([no_extras_python(), "-m", "aioserver", *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([no_extras_python(), "-m", "aioserver", *args], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result.stderr
     assert "pip install 'aioserver[acme]'" in result.stderr
     assert "Traceback" not in result.stderr
