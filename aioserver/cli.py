@@ -89,6 +89,15 @@ def build_parser() -> _Parser:
     )
     for option in OPTIONS:
         env = f" (env {option.env})" if option.env else ""
+        if option.paired:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{option.help} [default: {'on' if option.default else 'off'}]",
+            )
+            continue
         if option.switch:
             parser.add_argument(
                 option.flag,

@@ -26,6 +26,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 CERT_REQS = ("none", "optional", "required")
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LOOPS = ("auto", "asyncio", "uvloop")
+LOG_FORMATS = ("text", "json")
 
 
 # -- parsers: each takes a value from argv/env (str) or YAML (any) and returns it typed,
@@ -142,6 +143,12 @@ def https_url(value: Any) -> str:
     return value.strip()
 
 
+def log_format(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return value.lower()
+
+
 def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -168,11 +175,12 @@ class Option:
     key: str  # dotted key under the config file's ``server:`` section
     metavar: str
     switch: bool  # a flag without a value on the command line, giving the opposite of the default
+    paired: bool = False  # a switch spelled both ways, --metrics and --no-metrics (uvicorn's --access-log)
 
     @property
     def flag(self) -> str:
-        # A switch that is on by default turns it off: --no-schedules.
-        negation = "no-" if self.switch and self.default is True else ""
+        # A switch that is on by default turns it off: --no-schedules; a paired one is named as on.
+        negation = "no-" if self.switch and self.default is True and not self.paired else ""
         return "--" + negation + self.name.replace("_", "-")
 
 
@@ -185,6 +193,7 @@ def _option(
     key: str | None = None,
     metavar: str = "VALUE",
     flag_only: bool = False,
+    paired: bool = False,
 ) -> Any:
     spec = {
         "default": default,
@@ -193,7 +202,8 @@ def _option(
         "env": env,
         "key": key,
         "metavar": metavar,
-        "switch": flag_only,
+        "switch": flag_only or paired,
+        "paired": paired,
     }
     return field(default=default, metadata={"option": spec})
 
@@ -360,6 +370,18 @@ class Settings:
         metavar="SECONDS",
     )
     log_level: str = _option("info", log_level, "log level: " + ", ".join(LOG_LEVELS), env="LOG_LEVEL", metavar="LEVEL")
+    # Observability (issue 12, SPEC section 8).
+    access_log: bool = _option(True, boolean, "one line per request (shown at --log-level info or below)", paired=True)
+    log_format: str = _option(
+        "text", log_format, "log lines as text, or one JSON object each", env="LOG_FORMAT", metavar="FORMAT"
+    )
+    metrics: bool = _option(False, boolean, "serve GET /metrics in Prometheus's text format", paired=True)
+    shutdown_delay: float = _option(
+        0.0,
+        non_negative_float,
+        "on SIGTERM, answer GET /ready with 503 this long before the listeners close (for a balancer to notice)",
+        metavar="SECONDS",
+    )
     allowed_hosts: tuple[str, ...] = _option(
         (),
         parse_allowed_hosts,

@@ -43,6 +43,10 @@ SAMPLES = {
     "timeout_send": ("20", 20.0, "never"),
     "timeout_graceful_shutdown": ("4", 4.0, "0"),
     "log_level": ("DEBUG", "debug", "loud"),
+    "access_log": ("false", False, "maybe"),
+    "log_format": ("JSON", "json", "xml"),
+    "metrics": ("on", True, "2"),
+    "shutdown_delay": ("0", 0.0, "-1"),
     "allowed_hosts": ("Example.org, .corp.test", ("example.org", ".corp.test"), "example.org:80"),
 }
 
