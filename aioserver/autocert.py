@@ -27,6 +27,7 @@ import os
 import random
 import re
 import ssl
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from .errors import http_error
+from .files import read_small_file
 from .logtext import loggable
 from .tls import ReloadableContext, TLSError, TLSFiles
 
@@ -47,6 +49,10 @@ T = TypeVar("T")
 
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}", re.ASCII)  # base64url, RFC 8555 section 8.3
+# What a challenge file may hold: its token's key authorization, "<token>.<base64url thumbprint>"
+# (RFC 8555 section 8.1), and so nothing else that could be under that name.
+KEY_AUTHORIZATION = re.compile(rb"([A-Za-z0-9_-]{1,256})\.[A-Za-z0-9_-]{1,512}", re.ASCII)
+STATE_FILE_LIMIT = 1 << 20  # bytes: keys and chains are a few kilobytes
 # Retries of a failed order: 15 s, then three times longer each time, up to a day (Let's
 # Encrypt allows 5 failed validations per hostname an hour; this makes 4 in the first hour).
 RETRY_FIRST = 15.0
@@ -110,11 +116,14 @@ class StateDirectory:
         self.lock_file = os.path.join(path, "lock")
 
     def prepare(self) -> None:
-        """Make the directories (0700); raises OSError when they cannot be made or written."""
+        """Make the directories (0700); raises OSError when they cannot be made or written, or
+        when another user could change what is in them."""
         os.makedirs(self.path, mode=0o700, exist_ok=True)
+        _check_private(self.path)  # before anything is made in it
         for directory in (os.path.dirname(self.certificate_dir), self.certificate_dir, self.challenge_dir):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(directory, mode=0o700)
+            _check_private(directory)
         probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-")  # noqa: SIM115
         probe.close()
 
@@ -140,8 +149,7 @@ class StateDirectory:
 
     def read(self, path: str) -> bytes | None:
         try:
-            with open(path, "rb") as file:
-                return file.read()
+            return read_small_file(path, STATE_FILE_LIMIT)
         except FileNotFoundError:
             return None
 
@@ -159,12 +167,33 @@ class StateDirectory:
             self.drop_challenge(token)
 
     def challenge(self, token: str) -> bytes | None:
+        """The answer to ``token``'s challenge, if one was put: on the event loop, so it must
+        not block. A link (to a key, say), a FIFO or anything but a key authorization for this
+        token is no answer."""
         if not TOKEN.fullmatch(token):
             return None
         try:
-            return self.read(os.path.join(self.challenge_dir, token))
+            answer = read_small_file(os.path.join(self.challenge_dir, token), 1024, follow_symlinks=False)
         except OSError:
             return None
+        found = KEY_AUTHORIZATION.fullmatch(answer)
+        return answer if found and found.group(1) == token.encode("ascii") else None
+
+
+def _check_private(directory: str) -> None:
+    """Raise OSError unless ``directory`` is a directory that only this user can change: its
+    owner, or anyone who can write in it, could put there a link the challenge route follows,
+    or a certificate and key of their own for the server to serve."""
+    status = os.stat(directory)
+    if not stat.S_ISDIR(status.st_mode):
+        raise OSError(errno.ENOTDIR, f"{directory} is not a directory")
+    if status.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{directory} belongs to another user (uid {status.st_uid})")
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(
+            errno.EPERM,
+            f"{directory} is writable by other users (mode {stat.S_IMODE(status.st_mode):04o}): chmod 700 it",
+        )
 
 
 def _fsync_directory(path: str) -> None:
