@@ -23,7 +23,7 @@ from typing import Any
 import trustme
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -34,25 +34,31 @@ def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+DAY = datetime.timedelta(days=1)
+
+
 class HostileCA:
     """An ACME server on 127.0.0.1 that issues, for the CSR's key, a certificate naming ``names``
-    (default: the CSR's own), valid from ``not_before`` to ``not_after`` (default: now to 90 days);
+    (default: the CSR's own), valid over ``valid`` (from, to: offsets from the time of issue);
     or that answers ``problem`` (a problem document) with ``status`` and ``retry_after`` to new
-    orders instead."""
+    orders instead. ``directory_padding`` bytes of white space lead its directory (JSON still),
+    sent ``drip`` bytes a second if given. Each attribute may change while it runs."""
 
     def __init__(
         self,
         folder: Path,
         names: tuple[str, ...] | None = None,
-        not_before: datetime.datetime | None = None,
-        not_after: datetime.datetime | None = None,
+        valid: tuple[datetime.timedelta, datetime.timedelta] = (-datetime.timedelta(minutes=1), 90 * DAY),
         problem: dict[str, Any] | None = None,
         status: int = 400,
         retry_after: str | None = None,
+        directory_padding: int = 0,
+        drip: float | None = None,
     ) -> None:
         self.names = names
-        self.not_before = not_before
-        self.not_after = not_after
+        self.valid = valid
+        self.directory_padding = directory_padding
+        self.drip = drip
         self.problem = problem
         self.status = status
         self.retry_after = retry_after
@@ -109,16 +115,27 @@ class HostileCA:
         headers["Replay-Nonce"] = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode().rstrip("=")
         return web.json_response(body, status=status, headers=headers)
 
-    async def _directory(self, request: web.Request) -> web.Response:
-        return self._json(
-            {
-                "newNonce": self._url("/nonce"),
-                "newAccount": self._url("/account"),
-                "newOrder": self._url("/order"),
-                "revokeCert": self._url("/revoke"),
-                "keyChange": self._url("/key-change"),
-            }
-        )
+    async def _directory(self, request: web.Request) -> web.StreamResponse:
+        directory = {
+            "newNonce": self._url("/nonce"),
+            "newAccount": self._url("/account"),
+            "newOrder": self._url("/order"),
+            "revokeCert": self._url("/revoke"),
+            "keyChange": self._url("/key-change"),
+        }
+        if not self.directory_padding and self.drip is None:
+            return self._json(directory)
+        answer = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await answer.prepare(request)
+        if self.drip is not None:  # forever, unless the client gives up
+            while True:
+                await answer.write(b" ")
+                await asyncio.sleep(1 / self.drip)
+        for _ in range(self.directory_padding // 65536):
+            await answer.write(b" " * 65536)
+        await answer.write(json.dumps(directory).encode())
+        await answer.write_eof()
+        return answer
 
     async def _nonce(self, request: web.Request) -> web.Response:
         return self._json(None)
@@ -162,8 +179,7 @@ class HostileCA:
         requested = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = self.names or tuple(requested.get_values_for_type(x509.DNSName))
         now = datetime.datetime.now(datetime.UTC)
-        not_before = self.not_before or now - datetime.timedelta(minutes=1)
-        not_after = self.not_after or now + datetime.timedelta(days=90)
+        not_before, not_after = now + self.valid[0], now + self.valid[1]
         leaf = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -175,8 +191,6 @@ class HostileCA:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
             .sign(self._issuer_key, hashes.SHA256())
         )
-        from cryptography.hazmat.primitives import serialization
-
         self._chain = leaf.public_bytes(serialization.Encoding.PEM).decode()
         return self._json(self._order_body("valid"), Location=self._url("/order/1"))
 

@@ -9,16 +9,44 @@ hostile one where the CA is the attacker (hostileca.HostileCA).
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import os
+import re
+import signal
+import socket
+import ssl
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from acmeserver import Pebble
-from conftest import PYTHON
-from test_acme import DOMAIN, LOOPS, acme_args, acme_server, pebble, request  # noqa: F401 (pebble: a fixture)
+import pytest
+
+from acmeserver import Leaf, Pebble
+from conftest import PYTHON, TOKEN_HASH, Server, free_port
+from hostileca import DAY, HostileCA
+from test_acme import (
+    DOMAIN,
+    FAILED,
+    HTTPS,
+    LOOPS,
+    ORDERING,
+    acme_args,
+    acme_server,
+    log_of,
+    request,
+    wait_for_log,
+)
 
 CHALLENGE = "/.well-known/acme-challenge/"
+MINUTE = datetime.timedelta(minutes=1)
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    with Pebble(tmp_path / "pebble") as running:
+        yield running
 
 
 def fetch(port: int, path: str) -> tuple[int, bytes]:
@@ -45,9 +73,7 @@ def test_the_challenge_route_serves_no_file_but_a_challenge_answer(loop: str, tm
         challenges = state / "challenges"
         planted = {
             "link-to-the-account-key": lambda path: path.symlink_to(state / "account.key"),
-            "link-to-the-certificate-key": lambda path: path.symlink_to(
-                state / "certificates" / DOMAIN / "key.pem"
-            ),
+            "link-to-the-certificate-key": lambda path: path.symlink_to(state / "certificates" / DOMAIN / "key.pem"),
             "a-copy-of-the-key": lambda path: path.write_bytes((state / "account.key").read_bytes()),
             "a-fifo": lambda path: os.mkfifo(path),
             "a-directory": lambda path: path.mkdir(),
@@ -113,3 +139,138 @@ def test_a_state_directory_of_another_user_is_refused(tmp_path: Path, pebble: Pe
     assert result.returncode == 2, result.stderr
     assert f"{state} belongs to another user (uid {owner})" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- what the CA sends
+
+
+@contextmanager
+def hostile_server(ca: HostileCA, state: Path, loop: str, pattern: str = HTTPS) -> Iterator[Server]:
+    """aioserver with ACME from ``ca``, once ``pattern`` is logged (by default: once it serves HTTPS)."""
+    args = (
+        "--loop", loop,
+        "--acme-domain", DOMAIN,
+        "--acme-directory", ca.directory,
+        "--acme-ca-certs", str(ca.ca_file),
+        "--redirect-http", str(free_port()),
+        "--acme-state-dir", str(state),
+        "--port", str(free_port()),
+    )  # fmt: skip
+    with Server(*args, env={"TOKEN": TOKEN_HASH}, pattern=pattern) as server:
+        yield server
+
+
+def served(port: int) -> Leaf:
+    """The leaf certificate served for SNI = DOMAIN, whatever it is (the hostile CA is trusted by nobody)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=DOMAIN) as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return Leaf.from_der(der)
+
+
+@LOOPS
+@pytest.mark.parametrize("bad", ["other-names", "expired"])
+def test_a_renewal_bringing_a_bad_chain_keeps_the_certificate(loop: str, bad: str, tmp_path: Path) -> None:
+    """The CA's chain is checked before it replaces anything on disk: a SIGHUP (or the hourly
+    reload, or a restart) after a renewal that brought a chain for other names, or one
+    expired already, serves the certificate held, not that chain."""
+    # 200 s certificates issued 120 s back: the renewal comes 7 to 14 s after the first issue.
+    with HostileCA(tmp_path / "ca", valid=(-2 * MINUTE, 80 * datetime.timedelta(seconds=1))) as ca:
+        with hostile_server(ca, tmp_path / "state", loop) as server:
+            held = served(server.port)
+            assert held.names == (DOMAIN,)
+            if bad == "other-names":
+                ca.names, ca.valid = ("evil.example",), (-MINUTE, 90 * DAY)
+            else:
+                ca.valid = (-30 * DAY, -DAY)
+            failure = wait_for_log(server, FAILED, timeout=60)[0]
+            server.process.send_signal(signal.SIGHUP)
+            wait_for_log(server, "reloaded TLS certificate, key and CA")
+            assert served(server.port) == held
+            assert ("does not name " + DOMAIN if bad == "other-names" else "expired") in failure.group(1), failure[0]
+
+
+@LOOPS
+def test_a_problem_document_cannot_forge_log_lines(loop: str, tmp_path: Path) -> None:
+    """The CA's problem type and detail are its text, not ours: each control character is
+    written as an escape, on the failure's own line."""
+    problem = {
+        "type": "urn:ietf:params:acme:error:malformed\nFORGED by the type\x1b[2J",
+        "detail": "bad\nFORGED by the detail\x1b[31m",
+    }
+    with HostileCA(tmp_path / "ca", problem=problem) as ca:
+        with hostile_server(ca, tmp_path / "state", loop, pattern=ORDERING) as server:
+            failure = wait_for_log(server, FAILED)[0]
+            assert "FORGED by the type\\x1b[2J" in failure.group(1), failure[0]
+            log = log_of(server)
+            assert not [line for line in log.splitlines() if line.startswith("FORGED")], log
+            assert "\x1b" not in log
+
+
+@LOOPS
+@pytest.mark.parametrize(
+    ("retry_after", "least", "most"),
+    [
+        pytest.param("3600", 3600, 3600, id="an-hour"),
+        pytest.param("315360000", 86400, 86400 * 1.1, id="ten-years"),
+        pytest.param("Fri, 31 Dec 9999 23:59:59 GMT", 86400, 86400 * 1.1, id="a-date-in-9999"),
+    ],
+)
+def test_retry_after_is_respected_up_to_a_day(
+    loop: str, retry_after: str, least: float, most: float, tmp_path: Path
+) -> None:
+    """A CA saying "come back in ten years" would leave the certificate to expire: a failed
+    order is tried again a day later at most (as the backoff's own longest wait)."""
+    problem = {"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many orders"}
+    with HostileCA(tmp_path / "ca", problem=problem, status=429, retry_after=retry_after) as ca:
+        with hostile_server(ca, tmp_path / "state", loop, pattern=ORDERING) as server:
+            failure = wait_for_log(server, FAILED)[0]
+            assert "rateLimited" in failure.group(1)
+            assert least <= int(failure.group(2)) <= most, failure[0]
+
+
+@LOOPS
+def test_an_oversized_answer_from_the_ca_is_refused(loop: str, tmp_path: Path) -> None:
+    """An answer of 8 MiB (it could be endless) is not read whole: the order fails at 1 MiB."""
+    with HostileCA(tmp_path / "ca", directory_padding=8 << 20) as ca:
+        with hostile_server(ca, tmp_path / "state", loop, pattern=ORDERING) as server:
+            failure = wait_for_log(server, FAILED)[0]
+            assert "larger than 1048576 bytes" in failure.group(1), failure[0]
+
+
+@pytest.mark.parametrize("loop", ["uvloop"])  # the order runs in a thread: the loop plays no part
+def test_an_answer_that_never_ends_fails_the_order(loop: str, tmp_path: Path) -> None:
+    """A CA sending a byte every half second, for ever: each read is quick, the answer never
+    ends. It is given up after 30 s and the order fails, to be tried again."""
+    with HostileCA(tmp_path / "ca", drip=2) as ca:
+        with hostile_server(ca, tmp_path / "state", loop, pattern=ORDERING) as server:
+            failure = wait_for_log(server, FAILED, timeout=60)[0]
+            assert "did not answer in time" in failure.group(1), failure[0]
+
+
+@LOOPS
+def test_a_state_file_that_cannot_be_written_is_said_and_retried(loop: str, tmp_path: Path, pebble: Pebble) -> None:
+    """A directory where the key goes (a restore gone wrong): the order fails saying so, is
+    tried again, and succeeds once the way is clear; the certificate manager never dies silently."""
+    state = tmp_path / "state"
+    (state / "certificates" / DOMAIN / "key.pem").mkdir(parents=True, mode=0o700)
+    for directory in (state, state / "certificates", state / "certificates" / DOMAIN):
+        directory.chmod(0o700)
+    with ordering_server(pebble, state, loop) as server:
+        failure = wait_for_log(server, FAILED)[0]
+        assert "key.pem" in failure.group(1), failure[0]
+        (state / "certificates" / DOMAIN / "key.pem").rmdir()
+        wait_for_log(server, HTTPS, timeout=60)
+        assert pebble.served_certificate(int(re.findall(HTTPS, log_of(server))[0]), DOMAIN).names == (DOMAIN,)
+
+
+@contextmanager
+def ordering_server(pebble: Pebble, state: Path, loop: str) -> Iterator[Server]:
+    """aioserver with ACME from pebble, as soon as it orders."""
+    args = (*acme_args(pebble, state, loop), "--port", str(free_port()))
+    with Server(*args, env={"TOKEN": TOKEN_HASH}, pattern=ORDERING) as server:
+        yield server
