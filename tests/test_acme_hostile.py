@@ -274,3 +274,29 @@ def ordering_server(pebble: Pebble, state: Path, loop: str) -> Iterator[Server]:
     args = (*acme_args(pebble, state, loop), "--port", str(free_port()))
     with Server(*args, env={"TOKEN": TOKEN_HASH}, pattern=ORDERING) as server:
         yield server
+
+
+# -- workflows
+
+
+def test_a_retrieve_task_keeping_url_hosts_as_folders_may_not_hold_the_state(tmp_path: Path) -> None:
+    """With flatten: false a download goes to <directory>/<URL's host>/<path>: into
+    $STATE_DIRECTORY (retrieve's default), http://acme/certificates/<domain>/key.pem would
+    write over the certificate's key in $STATE_DIRECTORY/acme. Exit 2, as for a retrieve
+    directory inside the state."""
+    systemd_state = tmp_path / "state"
+    systemd_state.mkdir()
+    config = tmp_path / "config.yml"
+    config.write_text("workflow:\n  fetch:\n    tasks:\n      - {task: retrieve, flatten: false}\n")
+    command = [
+        *(PYTHON, "-m", "aioserver", "--check", "--config", str(config)),
+        *("--acme-domain", DOMAIN, "--redirect-http", "0", "--acme-directory", "https://127.0.0.1:9/dir"),
+    ]
+    env = {**os.environ, "STATE_DIRECTORY": str(systemd_state)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "workflow.fetch" in done.stderr and "flatten" in done.stderr, done.stderr
+    # Flattened, its files are named by the URL's last segment only: beside the state, never in it.
+    config.write_text("workflow:\n  fetch:\n    tasks:\n      - {task: retrieve}\n")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0, done.stderr
