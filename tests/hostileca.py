@@ -42,7 +42,9 @@ class HostileCA:
     (default: the CSR's own), valid over ``valid`` (from, to: offsets from the time of issue);
     or that answers ``problem`` (a problem document) with ``status`` and ``retry_after`` to new
     orders instead. ``directory_padding`` bytes of white space lead its directory (JSON still),
-    sent ``drip`` bytes a second if given. Each attribute may change while it runs."""
+    sent ``drip`` bytes a second if given. With ``window`` (from, to: offsets from now), it
+    offers ACME Renewal Information (RFC 9773) suggesting that window for every certificate.
+    Each attribute may change while it runs."""
 
     def __init__(
         self,
@@ -54,7 +56,9 @@ class HostileCA:
         retry_after: str | None = None,
         directory_padding: int = 0,
         drip: float | None = None,
+        window: tuple[datetime.timedelta, datetime.timedelta] | None = None,
     ) -> None:
+        self.window = window
         self.names = names
         self.valid = valid
         self.directory_padding = directory_padding
@@ -102,6 +106,7 @@ class HostileCA:
         app.router.add_post("/authz/1", self._authorization)
         app.router.add_post("/finalize/1", self._finalize)
         app.router.add_post("/certificate/1", self._certificate)
+        app.router.add_get("/renewal-info/{certificate}", self._renewal_info)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl).start()
@@ -123,6 +128,8 @@ class HostileCA:
             "revokeCert": self._url("/revoke"),
             "keyChange": self._url("/key-change"),
         }
+        if self.window is not None:
+            directory["renewalInfo"] = self._url("/renewal-info")
         if not self.directory_padding and self.drip is None:
             return self._json(directory)
         answer = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -136,6 +143,13 @@ class HostileCA:
         await answer.write(json.dumps(directory).encode())
         await answer.write_eof()
         return answer
+
+    async def _renewal_info(self, request: web.Request) -> web.Response:
+        assert self.window is not None
+        now = datetime.datetime.now(datetime.UTC)
+        start, end = (now + offset for offset in self.window)
+        iso = "%Y-%m-%dT%H:%M:%SZ"
+        return self._json({"suggestedWindow": {"start": start.strftime(iso), "end": end.strftime(iso)}})
 
     async def _nonce(self, request: web.Request) -> web.Response:
         return self._json(None)
@@ -189,6 +203,9 @@ class HostileCA:
             .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._issuer_key.public_key()), critical=False
+            )
             .sign(self._issuer_key, hashes.SHA256())
         )
         self._chain = leaf.public_bytes(serialization.Encoding.PEM).decode()

@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -274,6 +275,40 @@ def ordering_server(pebble: Pebble, state: Path, loop: str) -> Iterator[Server]:
     args = (*acme_args(pebble, state, loop), "--port", str(free_port()))
     with Server(*args, env={"TOKEN": TOKEN_HASH}, pattern=ORDERING) as server:
         yield server
+
+
+RENEWAL = rf"acme: certificate for {re.escape(DOMAIN)} valid until (\S+), renewal at (\S+)"
+
+
+def _time(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@LOOPS
+def test_a_renewal_window_in_the_past_does_not_order_without_end(loop: str, tmp_path: Path) -> None:
+    """A CA whose renewal window (RFC 9773) is always over, for every new certificate too:
+    one renewal, then not another until an hour later (a tenth of the lifetime at most), not
+    an order a second for ever."""
+    with HostileCA(tmp_path / "ca", window=(-3650 * DAY, -3649 * DAY)) as ca:
+        with hostile_server(ca, tmp_path / "state", loop) as server:
+            planned = wait_for_log(server, RENEWAL)[0]
+            time.sleep(5)  # an order takes a second here: some would have come by now
+            assert ca.orders == 1, log_of(server)
+            obtained = _time(planned.group(2)) - datetime.datetime.now(datetime.UTC)
+            assert datetime.timedelta(minutes=55) < obtained <= datetime.timedelta(hours=1), planned[0]
+
+
+@LOOPS
+def test_a_renewal_window_after_the_expiry_is_not_waited_for(loop: str, tmp_path: Path) -> None:
+    """A window ten years ahead for a certificate of an hour: it would expire, and be served
+    expired until the next look. Renewal comes before a tenth of the lifetime is left."""
+    lifetime = (-MINUTE, 59 * MINUTE)
+    with HostileCA(tmp_path / "ca", valid=lifetime, window=(3650 * DAY, 3651 * DAY)) as ca:
+        with hostile_server(ca, tmp_path / "state", loop) as server:
+            planned = wait_for_log(server, RENEWAL)[0]
+            not_after, due = _time(planned.group(1)), _time(planned.group(2))
+            assert due <= not_after - 6 * MINUTE, planned[0]
+            assert ca.orders == 1
 
 
 # -- workflows
