@@ -76,6 +76,11 @@ FOLLOW_INTERVAL = 2.0
 RENEW_WHEN_LEFT = 1 / 3
 JITTER = 1 / 30
 RECHECK = 6 * 3600.0  # ask again for the CA's renewal window (RFC 9773) at most this far apart
+# The CA's renewal time is kept inside the certificate's life: not after a tenth of it is left
+# (a window past the expiry would let it expire), not sooner than a tenth of it, an hour at
+# most, from now (a window over already, for each new certificate too, would order for ever).
+WINDOW_MARGIN = 1 / 10
+WINDOW_SPACING = datetime.timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,12 @@ class Held:
     def renew_at(self) -> datetime.datetime:
         lifetime = self.not_after - self.not_before
         return self.not_after - lifetime * (RENEW_WHEN_LEFT + random.uniform(0, JITTER))
+
+    def within_life(self, suggested: datetime.datetime, now: datetime.datetime) -> datetime.datetime:
+        """The CA's suggested renewal time, bounded by WINDOW_MARGIN and WINDOW_SPACING."""
+        lifetime = self.not_after - self.not_before
+        earliest = now + min(lifetime * WINDOW_MARGIN, WINDOW_SPACING)
+        return min(max(suggested, earliest), self.not_after - lifetime * WINDOW_MARGIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,7 +711,8 @@ class CertificateManager:
                         logger.info("acme: no renewal window from the CA (no answer): renewing by the lifetime")
                         window = None
                     fresh = plan is None or plan.chain != held.chain
-                    plan = _Plan(held.chain, window or held.renew_at(), now + datetime.timedelta(seconds=RECHECK))
+                    due = held.within_life(window, now) if window else held.renew_at()
+                    plan = _Plan(held.chain, due, now + datetime.timedelta(seconds=RECHECK))
                     if fresh:
                         logger.info(
                             "acme: certificate for %s valid until %s, renewal at %s%s",
