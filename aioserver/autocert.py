@@ -482,8 +482,7 @@ def _order(client: _Client, settings: AcmeSettings, state: StateDirectory, aband
     state.write(state.key_file, key_pem)
     state.write(state.chain_file, chain)
     state.write(state.directory_file, settings.directory.encode() + b"\n")
-    origin = settings.directory
-    return Held(examined[0], examined[1], origin, chain)
+    return Held(examined[0], examined[1], settings.directory, chain)
 
 
 def _unloadable(directory: str, chain: bytes, key: bytes) -> str | None:
