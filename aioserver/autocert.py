@@ -27,6 +27,7 @@ import os
 import random
 import re
 import ssl
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -36,8 +37,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from .errors import http_error
+from .files import read_small_file
 from .logtext import loggable
-from .tls import ReloadableContext, TLSError, TLSFiles
+from .tls import ReloadableContext, TLSError, TLSFiles, create_ssl_context
 
 if TYPE_CHECKING:
     from .systemd import Notifier
@@ -47,12 +49,26 @@ T = TypeVar("T")
 
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}", re.ASCII)  # base64url, RFC 8555 section 8.3
+# What a challenge file may hold: its token's key authorization, "<token>.<base64url thumbprint>"
+# (RFC 8555 section 8.1), and so nothing else that could be under that name.
+KEY_AUTHORIZATION = re.compile(rb"([A-Za-z0-9_-]{1,256})\.[A-Za-z0-9_-]{1,512}", re.ASCII)
+STATE_FILE_LIMIT = 1 << 20  # bytes: keys and chains are a few kilobytes
 # Retries of a failed order: 15 s, then three times longer each time, up to a day (Let's
 # Encrypt allows 5 failed validations per hostname an hour; this makes 4 in the first hour).
 RETRY_FIRST = 15.0
 RETRY_FACTOR = 3.0
 RETRY_MAX = 86400.0
 ORDER_DEADLINE = 90.0  # seconds for the CA to validate and issue, once the challenges are answered
+# Each answer of the CA: this long at most for its body (each read is bounded by the network
+# timeout, but a byte every few seconds would go on for ever), this large at most (an endless
+# one would fill the memory). A directory, an order or a chain is a few kilobytes.
+ANSWER_DEADLINE = 30.0
+ANSWER_LIMIT = 1 << 20
+NETWORK_TIMEOUT = 30  # seconds for a connection or a read (certbot's acme library: 45)
+# A whole order, or a look for the CA's renewal window, given up after this long (the CA could
+# send its headers a byte at a time): the thread is left to end, writing nothing.
+ORDER_TIMEOUT = 600.0
+RESTART_AFTER = 60.0  # seconds before the certificate work starts again after an unexpected error
 # A process that does not order looks at the files (and for the lock) this often.
 FOLLOW_INTERVAL = 2.0
 # Without a renewal window from the CA, renew when a third of the lifetime is left, a little
@@ -60,6 +76,11 @@ FOLLOW_INTERVAL = 2.0
 RENEW_WHEN_LEFT = 1 / 3
 JITTER = 1 / 30
 RECHECK = 6 * 3600.0  # ask again for the CA's renewal window (RFC 9773) at most this far apart
+# The CA's renewal time is kept inside the certificate's life: not after a tenth of it is left
+# (a window past the expiry would let it expire), not sooner than a tenth of it, an hour at
+# most, from now (a window over already, for each new certificate too, would order for ever).
+WINDOW_MARGIN = 1 / 10
+WINDOW_SPACING = datetime.timedelta(hours=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +109,12 @@ class Held:
         lifetime = self.not_after - self.not_before
         return self.not_after - lifetime * (RENEW_WHEN_LEFT + random.uniform(0, JITTER))
 
+    def within_life(self, suggested: datetime.datetime, now: datetime.datetime) -> datetime.datetime:
+        """The CA's suggested renewal time, bounded by WINDOW_MARGIN and WINDOW_SPACING."""
+        lifetime = self.not_after - self.not_before
+        earliest = now + min(lifetime * WINDOW_MARGIN, WINDOW_SPACING)
+        return min(max(suggested, earliest), self.not_after - lifetime * WINDOW_MARGIN)
+
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
@@ -110,11 +137,14 @@ class StateDirectory:
         self.lock_file = os.path.join(path, "lock")
 
     def prepare(self) -> None:
-        """Make the directories (0700); raises OSError when they cannot be made or written."""
+        """Make the directories (0700); raises OSError when they cannot be made or written, or
+        when another user could change what is in them."""
         os.makedirs(self.path, mode=0o700, exist_ok=True)
+        _check_private(self.path)  # before anything is made in it
         for directory in (os.path.dirname(self.certificate_dir), self.certificate_dir, self.challenge_dir):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(directory, mode=0o700)
+            _check_private(directory)
         probe = tempfile.NamedTemporaryFile(dir=self.path, prefix=".probe-")  # noqa: SIM115
         probe.close()
 
@@ -140,9 +170,8 @@ class StateDirectory:
 
     def read(self, path: str) -> bytes | None:
         try:
-            with open(path, "rb") as file:
-                return file.read()
-        except FileNotFoundError:
+            return read_small_file(path, STATE_FILE_LIMIT)
+        except OSError:  # missing, or a directory, a FIFO, a permission: made anew by the next order
             return None
 
     # -- what the CA asks for at /.well-known/acme-challenge/<token>
@@ -151,20 +180,42 @@ class StateDirectory:
         self.write(os.path.join(self.challenge_dir, token), answer.encode("ascii"))
 
     def drop_challenge(self, token: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already; or not a file, and never served
             os.unlink(os.path.join(self.challenge_dir, token))
 
     def drop_challenges(self) -> None:
-        for token in os.listdir(self.challenge_dir):
-            self.drop_challenge(token)
+        with contextlib.suppress(OSError):
+            for token in os.listdir(self.challenge_dir):
+                self.drop_challenge(token)
 
     def challenge(self, token: str) -> bytes | None:
+        """The answer to ``token``'s challenge, if one was put: on the event loop, so it must
+        not block. A link (to a key, say), a FIFO or anything but a key authorization for this
+        token is no answer."""
         if not TOKEN.fullmatch(token):
             return None
         try:
-            return self.read(os.path.join(self.challenge_dir, token))
+            answer = read_small_file(os.path.join(self.challenge_dir, token), 1024, follow_symlinks=False)
         except OSError:
             return None
+        found = KEY_AUTHORIZATION.fullmatch(answer)
+        return answer if found and found.group(1) == token.encode("ascii") else None
+
+
+def _check_private(directory: str) -> None:
+    """Raise OSError unless ``directory`` is a directory that only this user can change: its
+    owner, or anyone who can write in it, could put there a link the challenge route follows,
+    or a certificate and key of their own for the server to serve."""
+    status = os.stat(directory)
+    if not stat.S_ISDIR(status.st_mode):
+        raise OSError(errno.ENOTDIR, f"{directory} is not a directory")
+    if status.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"{directory} belongs to another user (uid {status.st_uid})")
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(
+            errno.EPERM,
+            f"{directory} is writable by other users (mode {stat.S_IMODE(status.st_mode):04o}): chmod 700 it",
+        )
 
 
 def _fsync_directory(path: str) -> None:
@@ -183,46 +234,52 @@ def load_held(state: StateDirectory, domains: tuple[str, ...]) -> Held | None:
 
     Usable: a chain whose leaf names every domain and has not expired, and the key that matches it.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
     chain, key = state.read(state.chain_file), state.read(state.key_file)
     if chain is None or key is None:
         return None
+    examined = examine(chain, key, domains)
+    if isinstance(examined, Unusable):
+        log = logger.warning if examined.damaged else logger.info
+        log("acme: the certificate held in %s %s: ordering a new one", state.certificate_dir, examined.reason)
+        return None
+    origin = state.read(state.directory_file)
+    return Held(examined[0], examined[1], origin.decode("utf-8", "replace").strip() if origin else None, chain)
+
+
+@dataclass(frozen=True, slots=True)
+class Unusable:
+    """Why a certificate chain and key cannot serve: ``reason`` follows "the certificate"."""
+
+    reason: str
+    damaged: bool  # unreadable or mismatched, rather than for other names or expired
+
+
+def examine(
+    chain: bytes, key: bytes, domains: tuple[str, ...]
+) -> tuple[datetime.datetime, datetime.datetime] | Unusable:
+    """The leaf's (not before, not after) if ``chain`` and ``key`` can serve ``domains`` now."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         leaf = x509.load_pem_x509_certificate(chain)
         private = serialization.load_pem_private_key(key, password=None)
-    except ValueError:
-        logger.warning("acme: the certificate or key in %s is unreadable: ordering a new one", state.certificate_dir)
-        return None
-    public = private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if public != leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
-        logger.warning("acme: the key in %s does not match its certificate: ordering a new one", state.certificate_dir)
-        return None
-    try:
-        names = set(
-            leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
-        )
-    except x509.ExtensionNotFound:
-        names = set()
+        try:
+            alternative = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = set(alternative.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            names = set()
+    except ValueError:  # cryptography's word for bytes that are not what they should be
+        return Unusable("or its key is unreadable", damaged=True)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        return Unusable("does not match its key", damaged=True)
     missing = [domain for domain in domains if domain not in names]
     if missing:
-        logger.info("acme: the certificate held does not name %s: ordering a new one", ", ".join(missing))
-        return None
+        return Unusable(f"does not name {', '.join(missing)}", damaged=False)
     if leaf.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
-        logger.info("acme: the certificate held expired at %s: ordering a new one", _iso(leaf.not_valid_after_utc))
-        return None
-    origin = state.read(state.directory_file)
-    return Held(
-        leaf.not_valid_before_utc,
-        leaf.not_valid_after_utc,
-        origin.decode("utf-8", "replace").strip() if origin else None,
-        chain,
-    )
+        return Unusable(f"expired at {_iso(leaf.not_valid_after_utc)}", damaged=False)
+    return leaf.not_valid_before_utc, leaf.not_valid_after_utc
 
 
 class OrderFailed(Exception):
@@ -234,32 +291,37 @@ class OrderFailed(Exception):
         self.retry_after = retry_after
 
 
-def order(settings: AcmeSettings, state: StateDirectory) -> Held:
+def order(settings: AcmeSettings, state: StateDirectory, abandoned: threading.Event | None = None) -> Held:
     """Obtain a certificate for ``settings.domains`` and store it with its new key; raises OrderFailed.
 
     Account (its key made once, ECDSA P-256, terms of service agreed), order, http-01
     challenges answered from ``state`` by whichever process the CA reaches, finalize with a
-    new ECDSA P-256 key, download the chain.
+    new ECDSA P-256 key, download the chain; the chain is checked before anything is
+    replaced. Once ``abandoned`` is set (the order took too long), nothing is written.
     """
     import requests
     from acme import errors as acme_errors
     from acme import messages
 
-    client = _client(settings, state)
+    client: _Client | None = None
     try:
-        return _order(client, settings, state)
+        client = _client(settings, state)
+        return _order(client, settings, state, abandoned or threading.Event())
     except OrderFailed:
         raise
     except acme_errors.ValidationError as exc:
         raise OrderFailed(_validation_problems(exc)) from None
     except messages.Error as exc:
-        raise OrderFailed(_problem(exc), client.net.retry_after) from None
+        raise OrderFailed(_problem(exc), client.net.retry_after if client else None) from None
     except acme_errors.TimeoutError:
         raise OrderFailed(f"the CA did not validate and issue within {ORDER_DEADLINE:g}s") from None
     except requests.RequestException as exc:
         raise OrderFailed(_network_problem(exc)) from None
     except (acme_errors.Error, ValueError) as exc:  # unexpected answers (jose's errors are ValueErrors)
         raise OrderFailed(f"{type(exc).__name__}: {loggable(str(exc))}") from None
+    except OSError as exc:  # the state directory's (requests' errors, OSErrors too, are above)
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise OrderFailed(f"cannot write in the state directory: {where}{exc.strerror or exc}") from None
 
 
 class _Client:
@@ -281,6 +343,12 @@ def _client(settings: AcmeSettings, state: StateDirectory, account: bool = True)
     class Network(client.ClientNetwork):
         retry_after: float | None = None
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            adapter = _bounded_adapter()
+            self.session.mount("https://", adapter)
+            self.session.mount("http://", adapter)
+
         def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
             response = super()._send_request(method, url, *args, **kwargs)
             if response.status_code >= 400:  # rateLimited and the like say when to come back
@@ -292,7 +360,9 @@ def _client(settings: AcmeSettings, state: StateDirectory, account: bool = True)
     key = josepy.jwk.JWKEC(key=_account_key(state))
     # requests takes a CA file for verify=, which the library passes through as it is.
     trust: Any = _trust(settings)
-    net = Network(key, alg=josepy.jwa.ES256, verify_ssl=trust, user_agent=f"aioserver/{__version__}")
+    net = Network(
+        key, alg=josepy.jwa.ES256, verify_ssl=trust, user_agent=f"aioserver/{__version__}", timeout=NETWORK_TIMEOUT
+    )
     try:
         directory = client.ClientV2.get_directory(settings.directory, net)
         acme = client.ClientV2(directory, net)
@@ -312,7 +382,61 @@ def _client(settings: AcmeSettings, state: StateDirectory, account: bool = True)
     return _Client(acme, net)
 
 
-def _order(client: _Client, settings: AcmeSettings, state: StateDirectory) -> Held:
+class _AnswerTooLarge(Exception):
+    """An answer of the CA over ANSWER_LIMIT (raised as a requests error too, by _bounded_adapter)."""
+
+
+def _bounded_adapter() -> Any:
+    """requests' transport, reading each answer's body within ANSWER_DEADLINE and ANSWER_LIMIT."""
+    import time
+
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    class TooLarge(_AnswerTooLarge, requests.RequestException):
+        pass
+
+    class BoundedAdapter(HTTPAdapter):
+        def send(
+            self,
+            request: requests.PreparedRequest,
+            stream: bool = False,
+            timeout: Any = None,
+            verify: bool | str = True,
+            cert: Any = None,
+            proxies: Any = None,
+        ) -> requests.Response:
+            response = super().send(request, True, timeout, verify, cert, proxies)
+            if stream:
+                return response
+            deadline = time.monotonic() + ANSWER_DEADLINE
+            chunks, size = [], 0
+            try:
+                while True:
+                    if time.monotonic() > deadline:
+                        raise requests.exceptions.ReadTimeout(f"no whole answer within {ANSWER_DEADLINE:g}s")
+                    # At most one read of the socket (each bounded by NETWORK_TIMEOUT), decoded.
+                    chunk = response.raw.read1(65536, decode_content=True)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > ANSWER_LIMIT:
+                        raise TooLarge(f"the ACME server's answer is larger than {ANSWER_LIMIT} bytes")
+                    chunks.append(chunk)
+            except BaseException:
+                response.close()
+                raise
+            # What requests itself does once it has read a body: the bytes kept, the connection
+            # back to its pool.
+            response._content = b"".join(chunks)
+            response._content_consumed = True
+            response.raw.release_conn()
+            return response
+
+    return BoundedAdapter()
+
+
+def _order(client: _Client, settings: AcmeSettings, state: StateDirectory, abandoned: threading.Event) -> Held:
     from acme import challenges, crypto_util, messages
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -329,7 +453,8 @@ def _order(client: _Client, settings: AcmeSettings, state: StateDirectory) -> He
                 continue
             challenge = next((c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
             if challenge is None:
-                raise OrderFailed(f"the CA offers no http-01 challenge for {authorization.body.identifier.value}")
+                name = loggable(str(authorization.body.identifier.value))
+                raise OrderFailed(f"the CA offers no http-01 challenge for {name}")
             response, validation = challenge.response_and_validation(client.net.key)
             token = challenge.chall.encode("token")
             state.put_challenge(token, validation)
@@ -341,15 +466,38 @@ def _order(client: _Client, settings: AcmeSettings, state: StateDirectory) -> He
         for token in answered:
             state.drop_challenge(token)
     chain = done.fullchain_pem.encode("ascii")
+    # Checked before it replaces anything: a chain for other names, expired, or that OpenSSL
+    # cannot load would be served by the next reload (SIGHUP, the hourly one), and a restart
+    # would find no certificate at all.
+    examined = examine(chain, key_pem, settings.domains)
+    if isinstance(examined, Unusable):
+        raise OrderFailed(f"the CA's certificate {examined.reason}")
+    problem = _unloadable(state.certificate_dir, chain, key_pem)
+    if problem:
+        raise OrderFailed(f"the CA's certificate chain cannot be served: {problem}")
+    if abandoned.is_set():
+        raise OrderFailed("abandoned: it took too long")
     # The key first: a process loading between the two sees a mismatched pair, keeps what it
     # serves and tries again; never a new certificate with no key.
     state.write(state.key_file, key_pem)
     state.write(state.chain_file, chain)
     state.write(state.directory_file, settings.directory.encode() + b"\n")
-    held = load_held(state, settings.domains)
-    if held is None:
-        raise OrderFailed("the CA's certificate does not name every domain ordered")
-    return held
+    return Held(examined[0], examined[1], settings.directory, chain)
+
+
+def _unloadable(directory: str, chain: bytes, key: bytes) -> str | None:
+    """Why OpenSSL would not load ``chain`` with ``key``, or None (blocking: it loads copies of
+    them, in a private scratch directory beside where they go)."""
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".check-") as scratch:  # mode 0700
+        paths = os.path.join(scratch, "fullchain.pem"), os.path.join(scratch, "key.pem")
+        for path, data in zip(paths, (chain, key), strict=True):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+                file.write(data)
+        try:
+            create_ssl_context(TLSFiles(*paths))
+        except TLSError as exc:
+            return str(exc).replace(scratch + os.sep, "")
+    return None
 
 
 def renewal_window(settings: AcmeSettings, state: StateDirectory, held: Held) -> datetime.datetime | None:
@@ -420,8 +568,8 @@ def _seconds(retry_after: str | None) -> float | None:
 
 def _problem(error: Any) -> str:
     """An RFC 7807 problem document as one line: its type and detail."""
-    detail = f": {loggable(error.detail)}" if error.detail else ""
-    return f"{error.typ}{detail}"
+    detail = f": {loggable(str(error.detail))}" if error.detail else ""
+    return f"{loggable(str(error.typ))}{detail}"
 
 
 def _validation_problems(exc: Any) -> str:
@@ -429,7 +577,8 @@ def _validation_problems(exc: Any) -> str:
     for authorization in exc.failed_authzrs:
         for challenge in authorization.body.challenges:
             if challenge.error is not None:
-                problems.append(f"{authorization.body.identifier.value}: {_problem(challenge.error)}")
+                name = loggable(str(authorization.body.identifier.value))
+                problems.append(f"{name}: {_problem(challenge.error)}")
     return "; ".join(problems) or "validation failed"
 
 
@@ -453,6 +602,8 @@ def _network_problem(exc: BaseException) -> str:
             cause = None
     if isinstance(exc, requests.Timeout):
         return "the ACME server did not answer in time"
+    if isinstance(exc, _AnswerTooLarge):
+        return str(exc)
     if isinstance(exc, requests.exceptions.SSLError):
         return "TLS with the ACME server failed"
     return f"cannot reach the ACME server ({type(exc).__name__})"
@@ -482,23 +633,37 @@ class CertificateManager:
         self._lock: int | None = None
 
     async def run(self) -> None:
-        """Follow the files until this process gets the lock, then order and renew; forever."""
+        """Follow the files until this process gets the lock, then order and renew; forever.
+
+        An unexpected error is logged and the work starts again a minute later: the task
+        must not end in silence, leaving the certificate to expire.
+        """
         try:
-            following = False
-            while not self._take_lock():
-                if not following:
-                    await self._in_thread(self._follow)  # what is there already, at once
-                    if not self.ready.is_set():
-                        logger.info("acme: another process orders the certificate: waiting for it")
-                    following = True
-                await asyncio.sleep(FOLLOW_INTERVAL)
-                await self._in_thread(self._follow)
-            await self._lead()
+            while True:
+                try:
+                    await self._run()
+                except Exception:
+                    logger.exception("acme: certificate work failed: starting again in %gs", RESTART_AFTER)
+                    await asyncio.sleep(RESTART_AFTER)
         finally:
             if self._lock is not None:
                 os.close(self._lock)  # and so the lock: another process may take it
 
+    async def _run(self) -> None:
+        following = False
+        while not self._take_lock():
+            if not following:
+                await self._in_thread(self._follow)  # what is there already, at once
+                if not self.ready.is_set():
+                    logger.info("acme: another process orders the certificate: waiting for it")
+                following = True
+            await asyncio.sleep(FOLLOW_INTERVAL)
+            await self._in_thread(self._follow)
+        await self._lead()
+
     def _take_lock(self) -> bool:
+        if self._lock is not None:  # taken before an error started the work again
+            return True
         descriptor = os.open(self.state.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -538,9 +703,15 @@ class CertificateManager:
             due = now
             if held is not None and held.directory in (None, self.settings.directory):
                 if plan is None or plan.chain != held.chain or now >= plan.recheck_at:
-                    window = await self._in_thread(renewal_window, self.settings, self.state, held)
+                    try:
+                        async with asyncio.timeout(ORDER_TIMEOUT):
+                            window = await self._in_thread(renewal_window, self.settings, self.state, held)
+                    except TimeoutError:
+                        logger.info("acme: no renewal window from the CA (no answer): renewing by the lifetime")
+                        window = None
                     fresh = plan is None or plan.chain != held.chain
-                    plan = _Plan(held.chain, window or held.renew_at(), now + datetime.timedelta(seconds=RECHECK))
+                    due = held.within_life(window, now) if window else held.renew_at()
+                    plan = _Plan(held.chain, due, now + datetime.timedelta(seconds=RECHECK))
                     if fresh:
                         logger.info(
                             "acme: certificate for %s valid until %s, renewal at %s%s",
@@ -566,11 +737,17 @@ class CertificateManager:
                 "acme: ordering a certificate for %s from %s", ", ".join(self.settings.domains), self.settings.directory
             )
             self._status(f"acme: ordering a certificate for {name}")
+            abandoned = threading.Event()
             try:
-                held = await self._in_thread(order, self.settings, self.state)
-            except OrderFailed as failure:
+                async with asyncio.timeout(ORDER_TIMEOUT):
+                    held = await self._in_thread(order, self.settings, self.state, abandoned)
+            except (OrderFailed, TimeoutError) as exc:
+                abandoned.set()  # an order still running in its thread writes nothing now
+                failure = exc if isinstance(exc, OrderFailed) else OrderFailed(f"not done within {ORDER_TIMEOUT:g}s")
                 delay = min(RETRY_MAX, RETRY_FIRST * RETRY_FACTOR**failures) * random.uniform(1, 1.1)
-                delay = max(delay, failure.retry_after or 0)
+                # The CA's Retry-After is respected up to the longest wait of our own: "ten
+                # years" (a broken CA, or a hostile one) would leave the certificate to expire.
+                delay = max(delay, min(failure.retry_after or 0, RETRY_MAX))
                 failures += 1
                 logger.error("acme: order for %s failed: %s; retrying in %ds", name, failure.reason, round(delay))
                 self._status(f"acme: order for {name} failed, retrying in {round(delay)}s")

@@ -9,16 +9,18 @@ directly. Display only: what OpenSSL will serve is decided by OpenSSL when it lo
 from __future__ import annotations
 
 import ipaddress
-import re
 import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from .files import read_small_file
 from .logtext import loggable
+from .tls import TLS_FILE_LIMIT
 
 WARN_BEFORE = timedelta(days=14)  # an expiry nearer than this is a WARNING line
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----", re.DOTALL)
+_BEGIN, _END = b"-----BEGIN CERTIFICATE-----", b"-----END CERTIFICATE-----"
+_OID_ARC_BITS = 160  # an arc longer is no OID one meets (a UUID's, 2.25.N, has 128 bits)
 
 # The attribute types of names one meets (RFC 4519, RFC 4514's short names); others show as OIDs.
 _ATTRIBUTES = {
@@ -65,12 +67,11 @@ class CertificateFileError(Exception):
 def read_certificates(path: str) -> list[CertificateInfo]:
     """The certificates of a PEM file, in its order (blocking); raises CertificateFileError."""
     try:
-        with open(path, "rb") as file:
-            pem = file.read()
+        pem = read_small_file(path, TLS_FILE_LIMIT)  # a FIFO, a device: refused, not waited for
     except OSError as exc:
         raise CertificateFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     certificates = []
-    for number, block in enumerate(_PEM_BLOCK.findall(pem), 1):
+    for number, block in enumerate(_pem_blocks(pem), 1):
         try:
             certificates.append(decode_certificate(ssl.PEM_cert_to_DER_cert(block.decode("ascii"))))
         except (ValueError, IndexError) as exc:
@@ -78,6 +79,27 @@ def read_certificates(path: str) -> list[CertificateInfo]:
     if not certificates:
         raise CertificateFileError(f"{path} holds no PEM certificate")
     return certificates
+
+
+def _pem_blocks(pem: bytes) -> list[bytes]:
+    """Each BEGIN CERTIFICATE ... END CERTIFICATE block, in one pass over ``pem``.
+
+    Not a regular expression: a lazy one looks for each BEGIN's END to the end of the file,
+    and a file of BEGIN lines without an END took minutes.
+    """
+    blocks = []
+    position = 0
+    while (start := pem.find(_BEGIN, position)) >= 0:
+        after = start + len(_BEGIN)
+        if not pem[after : after + 1].isspace():
+            position = after
+            continue
+        end = pem.find(_END, after)
+        if end < 0:
+            break  # no END after this BEGIN, nor after any later one
+        blocks.append(pem[start : end + len(_END)])
+        position = end + len(_END)
+    return blocks
 
 
 def describe_certificates(path: str, now: datetime | None = None) -> list[str]:
@@ -180,6 +202,8 @@ def _oid(content: bytes) -> str:
     numbers, value = [], 0
     for byte in content:
         value = value << 7 | byte & 0x7F
+        if value >> _OID_ARC_BITS:  # else each shift copies an ever longer number: quadratic
+            raise ValueError(f"an OID arc of more than {_OID_ARC_BITS} bits")
         if not byte & 0x80:
             numbers.append(value)
             value = 0

@@ -275,12 +275,24 @@ def _keep_workflows_out(acme: AcmeSettings, safeopen: SafeOpen, workflows: Mappi
     for name, workflow in workflows.items():
         for task in workflow.tasks:
             for action in task.actions:
-                target = getattr(action.function, "directory", None)
-                if isinstance(action.function, Retrieve) and target is not None and Path(target).is_relative_to(state):
+                function = action.function
+                if not isinstance(function, Retrieve):
+                    continue
+                target = Path(function.directory)
+                if target.is_relative_to(state):
                     raise ConfigError(
                         source,
                         f"workflow.{name}",
                         f"a retrieve task writes in the ACME state directory {state}: choose another directory",
+                    )
+                # Unflattened, a download goes to <directory>/<URL's host>/<path>: a URL whose
+                # host is the state directory's name would write in it.
+                if not function.flatten and state.is_relative_to(target):
+                    raise ConfigError(
+                        source,
+                        f"workflow.{name}",
+                        f"a retrieve task with flatten: false writes in folders named by URLs under {target},"
+                        f" which holds the ACME state directory {state}: choose another directory",
                     )
 
 

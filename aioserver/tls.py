@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .files import read_small_file
+
 logger = logging.getLogger("aioserver.tls")
 
 TLS12_CIPHERS = ":".join(
@@ -32,6 +34,9 @@ TLS12_CIPHERS = ":".join(
 )
 GROUPS = "X25519:prime256v1:secp384r1"
 CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+# Certificates, keys and CA bundles are kilobytes (the largest public bundles, some hundreds):
+# a larger file is refused rather than read at every look of the file watcher.
+TLS_FILE_LIMIT = 10 << 20
 
 
 class TLSError(Exception):
@@ -94,8 +99,7 @@ def create_ssl_context(files: TLSFiles) -> ssl.SSLContext:
 
 def _read_password(path: str) -> Password:
     try:
-        with open(path, encoding="utf-8") as file:
-            return Password(file.read().rstrip("\r\n"))
+        return Password(read_small_file(path, TLS_FILE_LIMIT).decode("utf-8").rstrip("\r\n"))
     except (OSError, UnicodeDecodeError) as exc:
         raise TLSError(
             "ssl_keyfile_password_file", f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
@@ -122,8 +126,7 @@ def _diagnose(files: TLSFiles, password: Password | None, exc: ssl.SSLError) -> 
         return TLSError(key_option, "the private key does not match the certificate")
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=files.certfile)
-        with open(files.keyfile or files.certfile, "rb") as file:
-            encrypted = b"ENCRYPTED" in file.read()
+        encrypted = b"ENCRYPTED" in read_small_file(files.keyfile or files.certfile, TLS_FILE_LIMIT)
     except ssl.SSLError:
         return TLSError("ssl_certfile", f"{files.certfile} holds no PEM certificate")
     except OSError as error:  # gone since it was loaded (a writer replacing it)
@@ -151,9 +154,10 @@ def _load_ca(context: ssl.SSLContext, path: str) -> None:
 
 
 def _check_readable(option: str, path: str) -> None:
+    """Raise TLSError unless ``path`` is a regular file we can read: OpenSSL would block on a
+    FIFO for good (a reload thread, holding the context's lock) or read /dev/zero for ever."""
     try:
-        with open(path, "rb"):
-            pass
+        read_small_file(path, TLS_FILE_LIMIT)
     except OSError as exc:
         raise TLSError(option, f"cannot read {path}: {exc.strerror or exc}") from None
 
@@ -209,8 +213,7 @@ def fingerprint(files: TLSFiles) -> Fingerprint:
         if path is None:
             continue
         try:
-            with open(path, "rb") as file:
-                digest = hashlib.sha256(file.read()).hexdigest()
+            digest = hashlib.sha256(read_small_file(path, TLS_FILE_LIMIT)).hexdigest()
         except OSError as exc:
             digest = f"unreadable: {exc.strerror or exc}"
         digests.append((option, path, digest))

@@ -172,7 +172,7 @@ def test_a_key_of_another_certificate_holds_nothing(state: StateDirectory, caplo
     hold(state, chain, other)
     with caplog.at_level(logging.INFO, "aioserver.acme"):
         assert load_held(state, DOMAINS) is None
-    assert "does not match its certificate" in caplog.text
+    assert "does not match its key" in caplog.text
 
 
 def test_a_certificate_missing_a_name_holds_nothing(state: StateDirectory, caplog: pytest.LogCaptureFixture) -> None:
