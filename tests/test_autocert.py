@@ -563,6 +563,11 @@ def looped() -> BaseException:
             lambda: requests.exceptions.SSLError(ssl.SSLError("read error: SysCallError(-1, 'Unexpected EOF')")),
             "TLS with the ACME server failed: read error: SysCallError(-1, 'Unexpected EOF')",
         ),
+        (
+            lambda: requests.exceptions.SSLError(ssl.SSLError(1, "[SSL: BAD_RECORD_MAC] bad record mac")),
+            "TLS with the ACME server failed: [SSL: BAD_RECORD_MAC] bad record mac",
+        ),
+        (lambda: requests.exceptions.SSLError(ssl.SSLError()), "TLS with the ACME server failed: SSLError"),
         (lambda: requests.TooManyRedirects("30 redirects"), "cannot reach the ACME server (TooManyRedirects)"),
     ],
 )
