@@ -445,11 +445,11 @@ def _network_problem(exc: BaseException) -> str:
         seen.add(id(cause))
         if isinstance(cause, ssl.SSLError):
             # _ssl sets reason; urllib3's pyopenssl raises ssl.SSLError("read error: ...") without.
-            detail = getattr(cause, "reason", None) or cause.strerror or "".join(map(str, cause.args[:1]))
+            detail = getattr(cause, "reason", None) or cause.strerror or (str(cause.args[0]) if cause.args else "")
             return f"TLS with the ACME server failed: {detail or type(cause).__name__}"
         if isinstance(cause, OSError) and cause.errno is not None:
             return f"cannot reach the ACME server: {cause.strerror or errno.errorcode.get(cause.errno)}"
-        nested = [a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)]
+        nested = [a for a in cause.args if isinstance(a, BaseException)]
         cause = (
             cause.__cause__ or cause.__context__ or getattr(cause, "reason", None) or (nested[0] if nested else None)
         )
