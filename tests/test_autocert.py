@@ -32,6 +32,7 @@ from aioserver.autocert import AcmeSettings, CertificateManager, Held, StateDire
 from aioserver.config import build_config
 from aioserver.errors import ConfigError
 from aioserver.server import create_redirect_app
+from aioserver.systemd import Notifier
 from aioserver.tls import ReloadableContext, TLSFiles
 
 DOMAINS = ("api.aioserver.test", "www.aioserver.test")
@@ -444,6 +445,77 @@ def test_one_manager_at_a_time_holds_the_state_directory(state: StateDirectory) 
     assert second._take_lock()
     assert second._lock is not None
     os.close(second._lock)
+
+
+# -- a process that does not order: it follows the files
+
+
+def test_a_follower_serves_what_is_written_once_it_is_usable(state: StateDirectory) -> None:
+    follower = manager(state)
+    follower._follow()  # nothing yet
+    assert follower.tls.current is None and not follower.ready.is_set()
+
+    chain, key = certificate()
+    _, other_key = certificate()
+    hold(state, chain, other_key)  # a pair half-replaced: not usable
+    follower._follow()
+    assert follower.tls.current is None and not follower.ready.is_set()
+
+    state.write(state.key_file, key)
+    follower._follow()
+    assert follower.tls.current is not None and follower.ready.is_set()
+    served = follower.tls.current
+    follower._follow()  # nothing changed: nothing loaded again
+    assert follower.tls.current is served
+
+    renewed, renewed_key = certificate()
+    state.write(state.key_file, renewed_key)  # the key first, as order() writes them
+    follower._follow()
+    assert follower.tls.current is served
+    state.write(state.chain_file, renewed)
+    follower._follow()
+    assert follower.tls.current is not served
+    assert not follower.tls.changed_on_disk()
+
+
+def test_a_follower_keeps_what_it_serves_when_the_files_do_not_load(
+    state: StateDirectory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """load_held reads the leaf; OpenSSL reads the whole chain, here cut short after it (a full disk)."""
+    follower = manager(state)
+    chain, key = certificate()
+    intermediate, _ = certificate()
+    hold(state, chain + intermediate[: len(intermediate) // 2], key)
+    with caplog.at_level(logging.INFO, "aioserver.acme"):
+        follower._follow()
+    assert follower.tls.current is None and not follower.ready.is_set()
+    assert said(caplog) == [
+        f"acme: the certificate files do not load yet ({state.chain_file} holds no PEM certificate): trying again"
+    ]
+    state.write(state.chain_file, chain)
+    follower._follow()
+    assert follower.tls.current is not None and follower.ready.is_set()
+
+
+def test_systemd_is_told_to_wait_and_why_until_a_certificate_serves(state: StateDirectory) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, theirs:
+        theirs.setblocking(False)
+        settings = AcmeSettings(DOMAINS, None, "https://ca.test/dir", None, state.path)
+        certificates = CertificateManager(
+            settings, ReloadableContext(state.files(None, None), load=False), Notifier(sock=ours)
+        )
+        certificates.extend_start_timeout(92.5)
+        assert theirs.recv(100) == b"EXTEND_TIMEOUT_USEC=92500000"
+        certificates._status("acme: ordering a certificate for api.aioserver.test")
+        assert theirs.recv(100) == b"STATUS=acme: ordering a certificate for api.aioserver.test"
+        certificates.ready.set()
+        certificates._status("acme: order for api.aioserver.test failed, retrying in 15s")  # serving: it says so
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)
+    quiet = manager(state)  # no systemd: nothing to say, no error
+    quiet.extend_start_timeout(90)
+    quiet._status("acme: ordering")
 
 
 def test_renewal_comes_when_a_third_of_the_lifetime_is_left_a_little_earlier_at_random() -> None:
