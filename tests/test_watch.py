@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import http.client
 import json
 import logging
@@ -11,6 +12,7 @@ import re
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ import trustme
 
 from aioserver import tls as tls_module
 from aioserver.tls import ReloadableContext, TLSError, TLSFiles
-from aioserver.watch import FileWatch, watch_tls_files
+from aioserver.watch import FileWatch, in_reload_thread, watch_tls_files
 
 from conftest import PemFiles, Server
 
@@ -331,13 +333,23 @@ def test_a_failure_is_said_once_after_two_looks(
 ) -> None:
     watch = FileWatch()
     caplog.set_level(logging.DEBUG, "aioserver.watch")
+    watch.reload_if_changed(context)  # nothing changed: nothing to say
+    assert caplog.records == []
     files.install("second", key=False)
+    with pytest.raises(TLSError) as caught:
+        tls_module.create_ssl_context(context.files)
+    problem = caught.value
     watch.reload_if_changed(context)  # mid-update, maybe (certbot's links): not an error yet
-    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("DEBUG", f"TLS files changed on disk (certificate {files.cert}) but do not load yet: {problem}")
+    ]
     for _ in range(3):
         watch.reload_if_changed(context)
     assert [r.levelname for r in caplog.records] == ["DEBUG", "ERROR"]
-    assert f"(certificate {files.cert})" in caplog.records[1].getMessage()
+    assert caplog.records[1].getMessage() == (
+        f"TLS files changed on disk (certificate {files.cert}) but do not load, keeping the current certificate"
+        f" until they change again: {problem.option}: {problem}"
+    )
 
     files.install("first", cert=True, key=False)  # back to what is loaded: nothing to load
     watch.reload_if_changed(context)
@@ -356,6 +368,22 @@ def test_a_failure_is_said_once_after_two_looks(
         == f"reloaded TLS files changed on disk: certificate {files.cert}, key {files.key}"
     )
     assert not context.changed_on_disk()
+    count = len(caplog.records)
+    watch.reload_if_changed(context)  # loaded: nothing more to say
+    assert len(caplog.records) == count
+
+
+def test_a_reload_at_the_first_look_leaves_nothing_to_say_after(
+    context: ReloadableContext, files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    watch = FileWatch()
+    caplog.set_level(logging.DEBUG, "aioserver.watch")
+    files.install("second")
+    watch.reload_if_changed(context)
+    watch.reload_if_changed(context)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reloaded TLS files changed on disk: certificate {files.cert}, key {files.key}"
+    ]
 
 
 async def test_the_watcher_reloads_off_the_loop(context: ReloadableContext, files: Files) -> None:
@@ -371,3 +399,41 @@ async def test_the_watcher_reloads_off_the_loop(context: ReloadableContext, file
     finally:
         watching.cancel()
     assert not context.changed_on_disk()
+
+
+async def test_a_reload_runs_in_a_thread_of_its_own_whatever_fills_the_default_executor() -> None:
+    """SIGHUP's reload must not wait behind workflows' sync work in asyncio's default executor."""
+    loop = asyncio.get_running_loop()
+    busy = concurrent.futures.ThreadPoolExecutor(1)
+    loop.set_default_executor(busy)
+    release = threading.Event()
+    blocked = loop.run_in_executor(None, release.wait, 30)
+    try:
+        async with asyncio.timeout(10):
+            name = await in_reload_thread(lambda: threading.current_thread().name)
+        assert name.startswith("aioserver-reload")
+    finally:
+        release.set()
+        await blocked
+
+
+async def test_a_reload_given_up_does_not_hold_the_loop() -> None:
+    """Cancelled (a stop while a reload runs): the loop goes on at once; the thread ends on its own."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def reload() -> None:
+        started.set()
+        release.wait(10)
+        finished.set()
+
+    reloading = asyncio.create_task(in_reload_thread(reload))
+    try:
+        async with asyncio.timeout(10):
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+        reloading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reloading
+        assert not finished.is_set()  # the loop did not wait for the thread
+    finally:
+        release.set()
