@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import http.client
 import json
 import logging
@@ -324,8 +325,34 @@ def test_a_file_gone_during_a_load_is_a_tls_error(
     naming it, never an OSError that would end the watcher."""
     monkeypatch.setattr(tls_module, "_check_readable", lambda option, path: None)
     getattr(files, missing).unlink()
-    with pytest.raises(TLSError, match="cannot read"):
+    with pytest.raises(TLSError) as caught:
         context.reload()
+    gone = os.strerror(errno.ENOENT)
+    said = {
+        "cert": ("ssl_certfile", f"cannot read {files.cert} or its key: {gone}"),
+        "key": ("ssl_certfile", f"cannot read {files.cert} or its key: {gone}"),  # OpenSSL does not say which
+        "ca_file": ("ssl_ca_certs", f"cannot read {files.ca_file}: {gone}"),
+    }
+    assert (caught.value.option, str(caught.value)) == said[missing]
+
+
+def test_a_file_gone_while_a_failed_load_is_diagnosed_is_a_tls_error(
+    context: ReloadableContext, files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    diagnose = tls_module._diagnose
+
+    def replaced_meanwhile(given: TLSFiles, password: object, exc: ssl.SSLError) -> TLSError:
+        files.cert.unlink()  # rm, then cp
+        return diagnose(given, password, exc)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tls_module, "_diagnose", replaced_meanwhile)
+    files.key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(TLSError) as caught:
+        context.reload()
+    assert (caught.value.option, str(caught.value)) == (
+        "ssl_keyfile",
+        f"cannot read the certificate or key file: {os.strerror(errno.ENOENT)}",
+    )
 
 
 def test_a_failure_is_said_once_after_two_looks(
@@ -371,6 +398,22 @@ def test_a_failure_is_said_once_after_two_looks(
     count = len(caplog.records)
     watch.reload_if_changed(context)  # loaded: nothing more to say
     assert len(caplog.records) == count
+
+
+def test_the_watcher_names_each_file_that_changed(
+    context: ReloadableContext, files: Files, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    watch = FileWatch()
+    caplog.set_level(logging.INFO, "aioserver.watch")
+    password = tmp_path / "password"
+    password.write_text("still unused\n")
+    watch.reload_if_changed(context)
+    trustme.CA().cert_pem.write_to_path(files.ca_file)
+    watch.reload_if_changed(context)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reloaded TLS files changed on disk: key password {password}",
+        f"reloaded TLS files changed on disk: CA certificates {files.ca_file}",
+    ]
 
 
 def test_a_reload_at_the_first_look_leaves_nothing_to_say_after(
