@@ -152,9 +152,11 @@ class StateDirectory:
         return TLSFiles(self.chain_file, self.key_file, ca_certs=ca_certs, cert_reqs=cert_reqs)
 
     def write(self, path: str, data: bytes) -> None:
-        """Replace ``path`` with ``data`` atomically (temp file, fsync, rename), mode 0600."""
+        """Replace ``path`` (one of the state directory's files) with ``data`` atomically (temp
+        file, fsync, rename), mode 0600."""
         directory = os.path.dirname(path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not os.path.isdir(directory):  # removed since start-up: made again, each 0700
+            self.prepare()  # (os.makedirs would give the directories above the umask's mode)
         descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
         try:
             with os.fdopen(descriptor, "wb") as file:  # mkstemp makes it 0600
@@ -591,10 +593,12 @@ def _network_problem(exc: BaseException) -> str:
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         if isinstance(cause, ssl.SSLError):
-            return f"TLS with the ACME server failed: {cause.reason or cause}"
+            # _ssl sets reason; urllib3's pyopenssl raises ssl.SSLError("read error: ...") without.
+            detail = getattr(cause, "reason", None) or cause.strerror or (str(cause.args[0]) if cause.args else "")
+            return f"TLS with the ACME server failed: {detail or type(cause).__name__}"
         if isinstance(cause, OSError) and cause.errno is not None:
             return f"cannot reach the ACME server: {cause.strerror or errno.errorcode.get(cause.errno)}"
-        nested = [a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)]
+        nested = [a for a in cause.args if isinstance(a, BaseException)]
         cause = (
             cause.__cause__ or cause.__context__ or getattr(cause, "reason", None) or (nested[0] if nested else None)
         )

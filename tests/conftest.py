@@ -97,6 +97,20 @@ DEPLOYMENTS = (AS_INSTALLED, WITH_SPEED)
 
 # The current test's deployment, set by the autouse fixture below while a test runs.
 _deployment: Deployment | None = None
+
+
+def _current_deployment() -> Deployment | None:
+    """The deployment set by the conftest of the running session.
+
+    pytest imports conftest.py anew for each session, while test modules imported in an earlier
+    session of the same process keep the conftest they imported (``from conftest import
+    Server``): mutmut runs several sessions in one process, and forks each mutant's run from one
+    that collected already. Their Server must see what this session's fixture set.
+    """
+    current: Deployment | None = sys.modules[__name__]._deployment
+    return current
+
+
 _no_extras: str | BaseException | None = None
 
 
@@ -169,7 +183,7 @@ class Server:
         pattern: str = r"serving on https?://127\.0\.0\.1:(\d+)",  # a group: the port, if any
         deployment: Deployment | None = None,
     ) -> None:
-        deployment = deployment or _deployment
+        deployment = deployment or _current_deployment()
         loop = _given(args, "--loop")
         if deployment is None and loop is None:
             raise AssertionError(
@@ -269,12 +283,11 @@ def aioserver_command(*args: str) -> list[str]:
     For a test that starts the server its own way (under systemd-socket-activate, say): it is
     run in each deployment as a Server-starting test is, and should check the loop line itself.
     """
-    if _deployment is None:
+    deployment = _current_deployment()
+    if deployment is None:
         raise AssertionError("aioserver_command() outside a deployment: see Server")
-    options = (
-        ("--workers", str(_deployment.workers)) if _deployment.workers > 1 and not _given(args, "--workers") else ()
-    )
-    return [*_deployment.command(), *options, *args]
+    options = ("--workers", str(deployment.workers)) if deployment.workers > 1 and not _given(args, "--workers") else ()
+    return [*deployment.command(), *options, *args]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -306,9 +319,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _starts_server(thing: Any, seen: set[int]) -> bool:
     """Whether ``thing`` starts a Server: names it, or calls a function or class of the tests that does."""
-    if thing is Server or thing is aioserver_command:
+    if _one_of_ours(thing, "Server") or _one_of_ours(thing, "aioserver_command"):
         return True
-    if id(thing) in seen or thing is _starts_server:  # this one names Server without starting it
+    if id(thing) in seen or _one_of_ours(thing, "_starts_server"):  # this one names Server without starting it
         return False
     seen.add(id(thing))
     if isinstance(thing, (staticmethod, classmethod)):
@@ -330,6 +343,12 @@ def _starts_server(thing: Any, seen: set[int]) -> bool:
         for name in names
     ]
     return any(_starts_server(value, seen) for value in named)
+
+
+def _one_of_ours(thing: Any, name: str) -> bool:
+    """Whether ``thing`` is this module's ``name``, from this session's import of it or an earlier
+    one's (see :func:`_current_deployment`)."""
+    return getattr(thing, "__module__", None) == __name__ and getattr(thing, "__qualname__", None) == name
 
 
 def _ours(path: str | None) -> bool:

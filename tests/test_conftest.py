@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
@@ -63,3 +64,18 @@ def test_a_command_of_ones_own_runs_in_the_deployment(deployment: Deployment) ->
         process.kill()
         process.communicate()
     assert first.rstrip().endswith(f"INFO aioserver: event loop: {deployment.loop}")
+
+
+def test_server_level_tests_run_in_their_deployments_in_a_later_session_of_the_process() -> None:
+    """As under mutmut: a second pytest session imports conftest anew, while the test modules of
+    the first keep theirs; their servers still run in the deployments of the second."""
+    test = "tests/test_conftest.py::test_a_command_of_ones_own_runs_in_the_deployment"
+    script = (
+        "import sys, pytest\n"
+        "options = ['-p', 'no:cacheprovider', '-n', '0', '-q']\n"
+        f"assert pytest.main([*options, '--collect-only', {test!r}]) == 0\n"
+        f"sys.exit(pytest.main([*options, {test + '[uvloop]'!r}]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 passed" in run.stdout

@@ -541,6 +541,52 @@ def test_reload_swaps_the_certificate_for_new_handshakes(
     assert _handshake(context.current, client_ssl_ctx)["commonName"] == "reloaded"
 
 
+def test_a_context_not_loaded_yet_has_everything_to_load(pem_files: PemFiles, tmp_path: Path) -> None:
+    """ACME's: made before its files exist, it serves nothing, and any file there is news."""
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "key.pem"
+    context = ReloadableContext(TLSFiles(str(cert), str(key)), load=False)
+    assert context.current is None and context.fingerprint == ()
+    assert context.changed_on_disk()
+    shutil.copy(pem_files.cert, cert)
+    shutil.copy(pem_files.key, key)
+    assert context.changed_on_disk()
+    context.reload()
+    assert context.current is not None and not context.changed_on_disk()
+
+
+def test_the_fingerprint_covers_every_file_given(pem_files: PemFiles, tmp_path: Path) -> None:
+    """The key in the certificate's file (no ssl_keyfile): the CA and password files still count."""
+    combined, ca, password = tmp_path / "combined.pem", tmp_path / "ca.pem", tmp_path / "password"
+    shutil.copy(pem_files.client, combined)  # a certificate and its key, in one file
+    shutil.copy(pem_files.ca, ca)
+    password.write_text("unused\n")
+    files = TLSFiles(str(combined), ca_certs=str(ca), password_file=str(password))
+    assert [(option, path) for option, path, _ in tls.fingerprint(files)] == [
+        ("ssl_certfile", str(combined)),
+        ("ssl_ca_certs", str(ca)),
+        ("ssl_keyfile_password_file", str(password)),
+    ]
+    context = ReloadableContext(files)
+    for path in (ca, password):
+        before = path.read_bytes()
+        path.write_bytes(before + b"\n")
+        assert context.changed_on_disk(), path
+        path.write_bytes(before)
+        assert not context.changed_on_disk(), path
+
+
+def test_files_that_cannot_be_read_differ_by_why(tmp_path: Path) -> None:
+    path = tmp_path / "cert.pem"
+    files = TLSFiles(str(path))
+    gone = tls.fingerprint(files)
+    path.mkdir()  # a directory where the file should be
+    a_directory = tls.fingerprint(files)
+    path.rmdir()
+    path.write_bytes(b"")
+    empty = tls.fingerprint(files)
+    assert len({gone, a_directory, empty}) == 3
+
+
 def test_sslkeylogfile_is_ignored(
     pem_files: PemFiles, tmp_path: Path, client_ssl_ctx: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:

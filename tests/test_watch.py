@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import errno
 import http.client
 import json
 import logging
@@ -11,6 +13,7 @@ import re
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +23,7 @@ import trustme
 
 from aioserver import tls as tls_module
 from aioserver.tls import ReloadableContext, TLSError, TLSFiles
-from aioserver.watch import FileWatch, watch_tls_files
+from aioserver.watch import FileWatch, in_reload_thread, watch_tls_files
 
 from conftest import PemFiles, Server
 
@@ -322,8 +325,34 @@ def test_a_file_gone_during_a_load_is_a_tls_error(
     naming it, never an OSError that would end the watcher."""
     monkeypatch.setattr(tls_module, "_check_readable", lambda option, path: None)
     getattr(files, missing).unlink()
-    with pytest.raises(TLSError, match="cannot read"):
+    with pytest.raises(TLSError) as caught:
         context.reload()
+    gone = os.strerror(errno.ENOENT)
+    said = {
+        "cert": ("ssl_certfile", f"cannot read {files.cert} or its key: {gone}"),
+        "key": ("ssl_certfile", f"cannot read {files.cert} or its key: {gone}"),  # OpenSSL does not say which
+        "ca_file": ("ssl_ca_certs", f"cannot read {files.ca_file}: {gone}"),
+    }
+    assert (caught.value.option, str(caught.value)) == said[missing]
+
+
+def test_a_file_gone_while_a_failed_load_is_diagnosed_is_a_tls_error(
+    context: ReloadableContext, files: Files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    diagnose = tls_module._diagnose
+
+    def replaced_meanwhile(given: TLSFiles, password: object, exc: ssl.SSLError) -> TLSError:
+        files.cert.unlink()  # rm, then cp
+        return diagnose(given, password, exc)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tls_module, "_diagnose", replaced_meanwhile)
+    files.key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(TLSError) as caught:
+        context.reload()
+    assert (caught.value.option, str(caught.value)) == (
+        "ssl_keyfile",
+        f"cannot read the certificate or key file: {os.strerror(errno.ENOENT)}",
+    )
 
 
 def test_a_failure_is_said_once_after_two_looks(
@@ -331,13 +360,23 @@ def test_a_failure_is_said_once_after_two_looks(
 ) -> None:
     watch = FileWatch()
     caplog.set_level(logging.DEBUG, "aioserver.watch")
+    watch.reload_if_changed(context)  # nothing changed: nothing to say
+    assert caplog.records == []
     files.install("second", key=False)
+    with pytest.raises(TLSError) as caught:
+        tls_module.create_ssl_context(context.files)
+    problem = caught.value
     watch.reload_if_changed(context)  # mid-update, maybe (certbot's links): not an error yet
-    assert [r.levelname for r in caplog.records] == ["DEBUG"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("DEBUG", f"TLS files changed on disk (certificate {files.cert}) but do not load yet: {problem}")
+    ]
     for _ in range(3):
         watch.reload_if_changed(context)
     assert [r.levelname for r in caplog.records] == ["DEBUG", "ERROR"]
-    assert f"(certificate {files.cert})" in caplog.records[1].getMessage()
+    assert caplog.records[1].getMessage() == (
+        f"TLS files changed on disk (certificate {files.cert}) but do not load, keeping the current certificate"
+        f" until they change again: {problem.option}: {problem}"
+    )
 
     files.install("first", cert=True, key=False)  # back to what is loaded: nothing to load
     watch.reload_if_changed(context)
@@ -356,6 +395,38 @@ def test_a_failure_is_said_once_after_two_looks(
         == f"reloaded TLS files changed on disk: certificate {files.cert}, key {files.key}"
     )
     assert not context.changed_on_disk()
+    count = len(caplog.records)
+    watch.reload_if_changed(context)  # loaded: nothing more to say
+    assert len(caplog.records) == count
+
+
+def test_the_watcher_names_each_file_that_changed(
+    context: ReloadableContext, files: Files, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    watch = FileWatch()
+    caplog.set_level(logging.INFO, "aioserver.watch")
+    password = tmp_path / "password"
+    password.write_text("still unused\n")
+    watch.reload_if_changed(context)
+    trustme.CA().cert_pem.write_to_path(files.ca_file)
+    watch.reload_if_changed(context)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reloaded TLS files changed on disk: key password {password}",
+        f"reloaded TLS files changed on disk: CA certificates {files.ca_file}",
+    ]
+
+
+def test_a_reload_at_the_first_look_leaves_nothing_to_say_after(
+    context: ReloadableContext, files: Files, caplog: pytest.LogCaptureFixture
+) -> None:
+    watch = FileWatch()
+    caplog.set_level(logging.DEBUG, "aioserver.watch")
+    files.install("second")
+    watch.reload_if_changed(context)
+    watch.reload_if_changed(context)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reloaded TLS files changed on disk: certificate {files.cert}, key {files.key}"
+    ]
 
 
 async def test_the_watcher_reloads_off_the_loop(context: ReloadableContext, files: Files) -> None:
@@ -371,3 +442,41 @@ async def test_the_watcher_reloads_off_the_loop(context: ReloadableContext, file
     finally:
         watching.cancel()
     assert not context.changed_on_disk()
+
+
+async def test_a_reload_runs_in_a_thread_of_its_own_whatever_fills_the_default_executor() -> None:
+    """SIGHUP's reload must not wait behind workflows' sync work in asyncio's default executor."""
+    loop = asyncio.get_running_loop()
+    busy = concurrent.futures.ThreadPoolExecutor(1)
+    loop.set_default_executor(busy)
+    release = threading.Event()
+    blocked = loop.run_in_executor(None, release.wait, 30)
+    try:
+        async with asyncio.timeout(10):
+            name = await in_reload_thread(lambda: threading.current_thread().name)
+        assert name.startswith("aioserver-reload")
+    finally:
+        release.set()
+        await blocked
+
+
+async def test_a_reload_given_up_does_not_hold_the_loop() -> None:
+    """Cancelled (a stop while a reload runs): the loop goes on at once; the thread ends on its own."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def reload() -> None:
+        started.set()
+        release.wait(10)
+        finished.set()
+
+    reloading = asyncio.create_task(in_reload_thread(reload))
+    try:
+        async with asyncio.timeout(10):
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+        reloading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reloading
+        assert not finished.is_set()  # the loop did not wait for the thread
+    finally:
+        release.set()
