@@ -29,8 +29,8 @@ import re
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
@@ -123,22 +123,42 @@ class StateDirectory:
 
     def write(self, path: str, data: bytes) -> None:
         """Replace ``path`` with ``data`` atomically (temp file, fsync, rename), mode 0600."""
+        self.replace(self.stage(path, data))
+
+    def stage(self, path: str, data: bytes, staged: Staged | None = None) -> Staged:
+        """Write ``data`` whole beside ``path`` (mode 0600, fsync'ed), to :meth:`replace` it with later.
+
+        A disk that is full or read-only fails here, before anything is replaced. On failure,
+        every file of ``staged`` (to which this one is added) is removed.
+        """
+        staged = staged if staged is not None else Staged()
         directory = os.path.dirname(path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
         try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+            staged.files.append((temporary, path))
             with os.fdopen(descriptor, "wb") as file:  # mkstemp makes it 0600
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, path)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+            staged.discard()
             raise
-        _fsync_directory(directory)
+        return staged
+
+    def replace(self, staged: Staged) -> None:
+        """Put the staged files in place, one rename each, the first staged first."""
+        try:
+            for temporary, path in staged.files:
+                os.replace(temporary, path)
+        except BaseException:
+            staged.discard()
+            raise
+        for directory in dict.fromkeys(os.path.dirname(path) for _, path in staged.files):
+            _fsync_directory(directory)
 
     def read(self, path: str) -> bytes | None:
+        """The file's bytes; None when it does not exist. Raises OSError when it cannot be read."""
         try:
             with open(path, "rb") as file:
                 return file.read()
@@ -151,11 +171,17 @@ class StateDirectory:
         self.write(os.path.join(self.challenge_dir, token), answer.encode("ascii"))
 
     def drop_challenge(self, token: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        # Gone already, or a directory that became read-only: an answer left is harmless (a
+        # key authorization is no secret), and the next process to lead drops it.
+        with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.challenge_dir, token))
 
     def drop_challenges(self) -> None:
-        for token in os.listdir(self.challenge_dir):
+        try:
+            tokens = os.listdir(self.challenge_dir)
+        except OSError:  # made again by the next answer written
+            return
+        for token in tokens:
             self.drop_challenge(token)
 
     def challenge(self, token: str) -> bytes | None:
@@ -165,6 +191,19 @@ class StateDirectory:
             return self.read(os.path.join(self.challenge_dir, token))
         except OSError:
             return None
+
+
+@dataclass
+class Staged:
+    """Files written whole beside the ones they are to replace: (temporary, final path) pairs."""
+
+    files: list[tuple[str, str]] = field(default_factory=list)
+
+    def discard(self) -> None:
+        for temporary, _ in self.files:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        self.files.clear()
 
 
 def _fsync_directory(path: str) -> None:
@@ -186,7 +225,11 @@ def load_held(state: StateDirectory, domains: tuple[str, ...]) -> Held | None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    chain, key = state.read(state.chain_file), state.read(state.key_file)
+    try:
+        chain, key = state.read(state.chain_file), state.read(state.key_file)
+    except OSError as exc:
+        logger.warning("acme: cannot read the certificate or key in %s: %s", state.certificate_dir, exc.strerror or exc)
+        return None
     if chain is None or key is None:
         return None
     try:
@@ -216,7 +259,10 @@ def load_held(state: StateDirectory, domains: tuple[str, ...]) -> Held | None:
     if leaf.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
         logger.info("acme: the certificate held expired at %s: ordering a new one", _iso(leaf.not_valid_after_utc))
         return None
-    origin = state.read(state.directory_file)
+    try:
+        origin = state.read(state.directory_file)
+    except OSError:
+        origin = None
     return Held(
         leaf.not_valid_before_utc,
         leaf.not_valid_after_utc,
@@ -321,35 +367,56 @@ def _order(client: _Client, settings: AcmeSettings, state: StateDirectory) -> He
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    pending = client.acme.new_order(crypto_util.make_csr(key_pem, list(settings.domains)))
-    answered: list[str] = []
+    # The new key is written (beside the old one) before the CA is asked: a state directory that
+    # cannot take it (a full disk, read-only) fails the order here, not once the CA has issued a
+    # certificate that would then be lost, and counted against its rate limits.
+    with _writing(state):
+        staged = state.stage(state.key_file, key_pem)
     try:
-        for authorization in pending.authorizations:
-            if authorization.body.status == messages.STATUS_VALID:  # validated lately: reused
-                continue
-            challenge = next((c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)), None)
-            if challenge is None:
-                raise OrderFailed(f"the CA offers no http-01 challenge for {authorization.body.identifier.value}")
-            response, validation = challenge.response_and_validation(client.net.key)
-            token = challenge.chall.encode("token")
-            state.put_challenge(token, validation)
-            answered.append(token)
-            client.acme.answer_challenge(challenge, response)
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_DEADLINE)
-        done = client.acme.poll_and_finalize(pending, deadline)
+        pending = client.acme.new_order(crypto_util.make_csr(key_pem, list(settings.domains)))
+        answered: list[str] = []
+        try:
+            for authorization in pending.authorizations:
+                if authorization.body.status == messages.STATUS_VALID:  # validated lately: reused
+                    continue
+                challenge = next(
+                    (c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)), None
+                )
+                if challenge is None:
+                    raise OrderFailed(f"the CA offers no http-01 challenge for {authorization.body.identifier.value}")
+                response, validation = challenge.response_and_validation(client.net.key)
+                token = challenge.chall.encode("token")
+                with _writing(state):
+                    state.put_challenge(token, validation)
+                answered.append(token)
+                client.acme.answer_challenge(challenge, response)
+            deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_DEADLINE)
+            done = client.acme.poll_and_finalize(pending, deadline)
+        finally:
+            for token in answered:
+                state.drop_challenge(token)
+        # Every file written whole before any is replaced: a disk filling up now leaves the
+        # pair in force as it was. The key first: a process loading between the renames sees
+        # a mismatched pair, keeps what it serves and tries again; never a certificate with no key.
+        with _writing(state):
+            state.stage(state.chain_file, done.fullchain_pem.encode("ascii"), staged)
+            state.stage(state.directory_file, settings.directory.encode() + b"\n", staged)
+            state.replace(staged)
     finally:
-        for token in answered:
-            state.drop_challenge(token)
-    chain = done.fullchain_pem.encode("ascii")
-    # The key first: a process loading between the two sees a mismatched pair, keeps what it
-    # serves and tries again; never a new certificate with no key.
-    state.write(state.key_file, key_pem)
-    state.write(state.chain_file, chain)
-    state.write(state.directory_file, settings.directory.encode() + b"\n")
+        staged.discard()  # what was not put in place
     held = load_held(state, settings.domains)
     if held is None:
         raise OrderFailed("the CA's certificate does not name every domain ordered")
     return held
+
+
+@contextlib.contextmanager
+def _writing(state: StateDirectory) -> Iterator[None]:
+    """The state directory's OSErrors as an order's failure (a full disk, a read-only one): said, retried."""
+    try:
+        yield
+    except OSError as exc:
+        raise OrderFailed(f"the state directory {state.path}: {exc.strerror or exc}") from None
 
 
 def renewal_window(settings: AcmeSettings, state: StateDirectory, held: Held) -> datetime.datetime | None:
@@ -376,7 +443,8 @@ def _account_key(state: StateDirectory) -> Any:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    pem = state.read(state.account_key_file)
+    with _writing(state):
+        pem = state.read(state.account_key_file)
     if pem is not None:
         try:
             key = serialization.load_pem_private_key(pem, password=None)
@@ -386,10 +454,13 @@ def _account_key(state: StateDirectory) -> Any:
             pass
         logger.warning("acme: %s is unreadable: making a new account key", state.account_key_file)
     key = ec.generate_private_key(ec.SECP256R1())
-    state.write(
-        state.account_key_file,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
+    with _writing(state):
+        state.write(
+            state.account_key_file,
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
     return key
 
 
@@ -480,12 +551,25 @@ class CertificateManager:
         self.notifier = notifier
         self.ready = asyncio.Event()
         self._lock: int | None = None
+        self._lock_failed = False  # said once, until it opens again
 
     async def run(self) -> None:
-        """Follow the files until this process gets the lock, then order and renew; forever."""
+        """Follow the files until this process gets the lock, then order and renew; forever.
+
+        Whatever goes wrong is logged and started over: this task ending would leave the
+        certificate to expire, in a server that otherwise looks healthy.
+        """
+        while True:
+            try:
+                await self._run()
+            except Exception:
+                logger.exception("acme: certificate management failed: starting over in %ds", RETRY_FIRST)
+                await asyncio.sleep(RETRY_FIRST)
+
+    async def _run(self) -> None:
         try:
             following = False
-            while not self._take_lock():
+            while not await self._in_thread(self._take_lock):
                 if not following:
                     await self._in_thread(self._follow)  # what is there already, at once
                     if not self.ready.is_set():
@@ -497,9 +581,21 @@ class CertificateManager:
         finally:
             if self._lock is not None:
                 os.close(self._lock)  # and so the lock: another process may take it
+                self._lock = None
 
     def _take_lock(self) -> bool:
-        descriptor = os.open(self.state.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """Whether this process holds the state directory's lock now (blocking)."""
+        try:
+            descriptor = os.open(self.state.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            try:  # a read-only directory: flock needs no write access, ordering says what fails
+                descriptor = os.open(self.state.lock_file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if not self._lock_failed:
+                    logger.error("acme: cannot open %s: %s: trying again", self.state.lock_file, exc.strerror or exc)
+                self._lock_failed = True
+                return False
+        self._lock_failed = False
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -9,6 +9,7 @@ ACME needs the ``acme`` extra, which the test venv holds: the tests choose their
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
@@ -63,12 +64,19 @@ def acme_args(pebble: Pebble, state: Path | None, loop: str) -> tuple[str, ...]:
 
 @contextmanager
 def acme_server(
-    pebble: Pebble, state: Path | None, loop: str, *extra: str, env: dict[str, str] | None = None, listeners: int = 1
+    pebble: Pebble,
+    state: Path | None,
+    loop: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    listeners: int = 1,
+    prefix: tuple[str, ...] = (),
 ) -> Iterator[Server]:
     """aioserver with ACME for DOMAIN (a token set: no Host guard), once it serves HTTPS; ``.port`` is that port."""
     port = free_port()
     args = (*acme_args(pebble, state, loop), "--port", str(port), *extra)
-    with Server(*args, env={"TOKEN": TOKEN_HASH, **(env or {})}, listeners=listeners, pattern=HTTPS) as server:
+    environment = {"TOKEN": TOKEN_HASH, **(env or {})}
+    with Server(*args, env=environment, listeners=listeners, pattern=HTTPS, prefix=prefix) as server:
         assert server.port == port
         yield server
 
@@ -209,6 +217,50 @@ def test_a_failed_renewal_keeps_the_certificate_and_retries(loop: str, tmp_path:
         new = pebble.served_certificate(server.port, DOMAIN, root=new_root)
         assert new.serial != old.serial and new.names == (DOMAIN,)
         assert len(re.findall(FAILED, log_of(server))) == 1
+
+
+@contextmanager
+def small_disk(state: Path, size: str = "256k") -> Iterator[tuple[tuple[str, ...], Callable[[int], Path]]]:
+    """A prefix that runs aioserver with ``state`` on a tmpfs of ``size``, in a mount namespace of
+    its own (gone with the process), and the path through which the test sees it: ``/proc/PID/root``."""
+    state.mkdir(parents=True, exist_ok=True)
+    mount = 'mount -t tmpfs -o size="$1",mode=0700 aioserver-state "$2" && shift 2 && exec "$@"'
+    prefix = ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", mount, "sh", size, str(state))
+    yield prefix, lambda pid: Path(f"/proc/{pid}/root") / str(state).lstrip("/")
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` up with one file, until it has no room left."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+@LOOPS
+def test_a_full_state_directory_keeps_the_certificate_and_retries(
+    loop: str, tmp_path: Path, short_lived: Pebble
+) -> None:
+    """The state directory's disk full when the renewal is due: the old certificate serves on,
+    the log says why (not silence, and no renewal ever again); room again, the retry renews."""
+    pebble = short_lived
+    with small_disk(tmp_path / "state") as (prefix, seen):
+        with acme_server(pebble, tmp_path / "state", loop, prefix=prefix) as server:
+            old = pebble.served_certificate(server.port, DOMAIN)
+            filler = fill(seen(server.process.pid))
+
+            failure = wait_for_log(server, FAILED, timeout=90)[0]
+            assert "No space left on device" in failure.group(1), failure.group(0)
+            assert pebble.served_certificate(server.port, DOMAIN) == old
+
+            filler.unlink()
+            wait_for_log(server, OBTAINED, count=2, timeout=60)
+            eventually(lambda: pebble.served_certificate(server.port, DOMAIN).serial != old.serial)
+            assert "Traceback" not in log_of(server)
 
 
 def _verifies(pebble: Pebble, port: int, root: str) -> bool:

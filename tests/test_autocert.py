@@ -4,6 +4,7 @@ the configuration rules. The orders themselves run against a real pebble in test
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import os
 import stat
@@ -113,6 +114,31 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(
     assert os.listdir(state.certificate_dir) == ["key.pem"]
 
 
+def test_files_staged_together_replace_nothing_until_all_are_written(
+    state: StateDirectory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new key and chain: a disk filling up between the two leaves the pair in force whole."""
+    state.write(state.key_file, b"old key")
+    state.write(state.chain_file, b"old chain")
+    staged = state.stage(state.key_file, b"new key")
+    written = []
+
+    def full_disk(descriptor: int) -> None:
+        written.append(descriptor)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(autocert.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        state.stage(state.chain_file, b"new chain", staged)
+    assert written and staged.files == []
+    assert Path(state.key_file).read_bytes() == b"old key" and Path(state.chain_file).read_bytes() == b"old chain"
+    assert sorted(os.listdir(state.certificate_dir)) == ["fullchain.pem", "key.pem"]  # no temporary left
+    monkeypatch.undo()
+    state.replace(state.stage(state.chain_file, b"new chain", state.stage(state.key_file, b"new key")))
+    assert Path(state.key_file).read_bytes() == b"new key" and Path(state.chain_file).read_bytes() == b"new chain"
+    assert sorted(os.listdir(state.certificate_dir)) == ["fullchain.pem", "key.pem"]
+
+
 @pytest.mark.parametrize("token", ["", "../account.key", "a/b", "a.b", "%2e%2e", "x" * 257, "tok en"])
 def test_a_challenge_token_that_is_not_base64url_reads_nothing(state: StateDirectory, token: str) -> None:
     Path(state.path, "account.key").write_bytes(b"secret")
@@ -164,6 +190,19 @@ def test_a_corrupt_file_holds_nothing_and_says_so(
     with caplog.at_level(logging.INFO, "aioserver.acme"):
         assert load_held(state, DOMAINS) is None
     assert "unreadable: ordering a new one" in caplog.text
+
+
+def test_a_file_that_cannot_be_read_holds_nothing_and_says_so(
+    state: StateDirectory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O error (here a directory where the chain should be) is no crash: the manager would
+    stop there, and renew nothing ever again."""
+    _, key = certificate()
+    state.write(state.key_file, key)
+    os.mkdir(state.chain_file)
+    with caplog.at_level(logging.INFO, "aioserver.acme"):
+        assert load_held(state, DOMAINS) is None
+    assert f"cannot read the certificate or key in {state.certificate_dir}: Is a directory" in caplog.text
 
 
 def test_a_key_of_another_certificate_holds_nothing(state: StateDirectory, caplog: pytest.LogCaptureFixture) -> None:
