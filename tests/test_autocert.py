@@ -246,7 +246,8 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert autocert._seconds("120") == 120
     assert autocert._seconds(None) is None
     assert autocert._seconds("soon") is None
-    later = (NOW + datetime.timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    # From now, not from NOW (the module's import): under xdist this test may run minutes later.
+    later = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     assert 3500 < (autocert._seconds(later) or 0) <= 3600
 
 
