@@ -29,6 +29,7 @@ import re
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,6 +54,7 @@ RETRY_FIRST = 15.0
 RETRY_FACTOR = 3.0
 RETRY_MAX = 86400.0
 ORDER_DEADLINE = 90.0  # seconds for the CA to validate and issue, once the challenges are answered
+STALE_CHALLENGE = 600.0  # an answer this old (seconds) belongs to no order under way
 # A process that does not order looks at the files (and for the lock) this often.
 FOLLOW_INTERVAL = 2.0
 # Without a renewal window from the CA, renew when a third of the lifetime is left, a little
@@ -107,7 +109,9 @@ class StateDirectory:
         self.key_file = os.path.join(self.certificate_dir, "key.pem")
         self.directory_file = os.path.join(self.certificate_dir, "directory")
         self.challenge_dir = os.path.join(path, "challenges")
-        self.lock_file = os.path.join(path, "lock")
+        # One lock per certificate, not per directory: services for other names may share the
+        # directory (two copies of a unit share its StateDirectory=), each ordering its own.
+        self.lock_file = os.path.join(self.certificate_dir, "lock")
 
     def prepare(self) -> None:
         """Make the directories (0700); raises OSError when they cannot be made or written."""
@@ -176,13 +180,20 @@ class StateDirectory:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.challenge_dir, token))
 
-    def drop_challenges(self) -> None:
+    def drop_stale_challenges(self) -> None:
+        """Drop the answers left by a process stopped mid-order: those older than any order lasts.
+
+        Fresher ones may be another certificate's, whose order is under way in another process.
+        """
         try:
-            tokens = os.listdir(self.challenge_dir)
+            entries = list(os.scandir(self.challenge_dir))
         except OSError:  # made again by the next answer written
             return
-        for token in tokens:
-            self.drop_challenge(token)
+        stale = time.time() - STALE_CHALLENGE
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.stat().st_mtime < stale:
+                    self.drop_challenge(entry.name)
 
     def challenge(self, token: str) -> bytes | None:
         if not TOKEN.fullmatch(token):
@@ -454,13 +465,23 @@ def _account_key(state: StateDirectory) -> Any:
             pass
         logger.warning("acme: %s is unreadable: making a new account key", state.account_key_file)
     key = ec.generate_private_key(ec.SECP256R1())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     with _writing(state):
-        state.write(
-            state.account_key_file,
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        )
+        if pem is not None:  # unreadable: replaced
+            state.write(state.account_key_file, key_pem)
+            return key
+        # None yet: made only if no other process (ordering another certificate of the
+        # directory) made one meanwhile, else that one is the account's.
+        staged = state.stage(state.account_key_file, key_pem)
+        try:
+            os.link(staged.files[0][0], state.account_key_file)
+        except FileExistsError:
+            return _account_key(state)
+        finally:
+            staged.discard()
+        _fsync_directory(state.path)
     return key
 
 
@@ -586,6 +607,7 @@ class CertificateManager:
     def _take_lock(self) -> bool:
         """Whether this process holds the state directory's lock now (blocking)."""
         try:
+            os.makedirs(self.state.certificate_dir, mode=0o700, exist_ok=True)  # removed to order anew, say
             descriptor = os.open(self.state.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
             try:  # a read-only directory: flock needs no write access, ordering says what fails
@@ -626,7 +648,6 @@ class CertificateManager:
         name = self.settings.name
         failures = 0
         plan: _Plan | None = None  # when to renew the certificate held
-        await self._in_thread(self.state.drop_challenges)  # left by a process stopped mid-order
         while True:
             await self._in_thread(self._follow)  # what is on disk, if it changed and serves
             held = await self._in_thread(load_held, self.state, self.settings.domains)
@@ -662,6 +683,7 @@ class CertificateManager:
                 "acme: ordering a certificate for %s from %s", ", ".join(self.settings.domains), self.settings.directory
             )
             self._status(f"acme: ordering a certificate for {name}")
+            await self._in_thread(self.state.drop_stale_challenges)
             try:
                 held = await self._in_thread(order, self.settings, self.state)
             except OrderFailed as failure:

@@ -352,6 +352,27 @@ def test_one_worker_orders_every_worker_serves(loop: str, tmp_path: Path, pebble
             assert pebble.served_certificate(server.port, DOMAIN) == chain
 
 
+@LOOPS
+def test_services_for_other_names_share_a_state_directory(loop: str, tmp_path: Path, pebble: Pebble) -> None:
+    """Two services on one host, one state directory (two copies of the unit share its
+    StateDirectory=): each one orders its own certificate, neither waits for the other's.
+
+    pebble validates every name on one port: the first's plain listener answers the second's
+    challenges too, from the directory they share, as each would on its own address."""
+    state = tmp_path / "state"
+    other = "admin.aioserver.test"
+    with acme_server(pebble, state, loop) as first:
+        args = [
+            *acme_args(pebble, state, loop),
+            *("--acme-domain", other, "--redirect-http", str(free_port()), "--port", str(free_port())),
+        ]
+        with Server(*args, env={"TOKEN": TOKEN_HASH}, pattern=HTTPS) as second:
+            assert pebble.served_certificate(second.port, other).names == (other,)
+            assert pebble.served_certificate(first.port, DOMAIN).names == (DOMAIN,)
+            assert "another process orders" not in log_of(second)
+    assert (state / "certificates" / other / "fullchain.pem").exists()
+
+
 # -- configuration errors: exit 2, one line naming the option
 
 
