@@ -735,3 +735,69 @@ def test_the_start_waits_for_the_first_certificate(
         assert time.monotonic() - service.started > 20
         assert pebble.served_certificate(service.ports["443"], ACME_DOMAIN).names == (ACME_DOMAIN,)
         assert service.stop() == 0
+
+
+def _activated(prefix: tuple[str, ...], args: tuple[str, ...], trigger: int, log: Path) -> subprocess.Popen[bytes]:
+    """aioserver under systemd-socket-activate, started by a first connection to ``trigger``."""
+    process = start(*args, env={"TOKEN": TOKEN_HASH}, log=log, prefix=(*prefix, "-E", "PYTHONPATH", "-E", "TOKEN"))
+    deadline = time.monotonic() + 10
+    while True:  # until systemd-socket-activate listens; the first connection starts us
+        try:
+            socket.create_connection(("127.0.0.1", trigger), timeout=5).close()
+            return process
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.05)
+
+
+def _acme_options(pebble: Pebble, state: Path, loop: str) -> tuple[str, ...]:
+    return (
+        *("--loop", loop, "--acme-domain", ACME_DOMAIN, "--acme-directory", pebble.directory),
+        *("--acme-ca-certs", str(pebble.ca_file), "--acme-state-dir", str(state)),
+        *("--redirect-http", "80"),  # the port of the socket named "redirect", whatever this says
+    )
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_acme_on_sockets_passed_by_systemd_socket_activate(loop: str, tmp_path: Path, acme_pebble: Pebble) -> None:
+    """The two sockets as systemd passes them (one named redirect): challenges on one, HTTPS on the other."""
+    https = free_port()
+    listen = ("-l", f"127.0.0.1:{https}", "-l", f"127.0.0.1:{acme_pebble.http_port}", "--fdname=https:redirect")
+    log = tmp_path / "log"
+    options = _acme_options(acme_pebble, tmp_path / "state", loop)
+    process = _activated(("systemd-socket-activate", *listen), options, acme_pebble.http_port, log)
+    try:
+        deadline = time.monotonic() + 30
+        while f"serving on https://127.0.0.1:{https}" not in log.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert acme_pebble.served_certificate(https, ACME_DOMAIN).names == (ACME_DOMAIN,)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        process.kill()
+        process.wait()
+    assert f"serving on http://127.0.0.1:{acme_pebble.http_port}" in log.read_text()
+
+
+@pytest.mark.parametrize("names", ["https", "https:http"])
+def test_acme_without_a_socket_named_redirect_is_a_configuration_error(names: str, tmp_path: Path) -> None:
+    """Port 80 in the HTTPS socket's unit (its name then "https"), or a name mistyped: no plain
+    listener would answer the CA, and the start would wait for a certificate forever."""
+    ports = [free_port() for _ in names.split(":")]
+    listen = [arg for port in ports for arg in ("-l", f"127.0.0.1:{port}")]
+    options = (
+        *("--acme-domain", ACME_DOMAIN, "--acme-directory", "https://127.0.0.1:9/dir"),  # never reached
+        *("--acme-state-dir", str(tmp_path / "state"), "--redirect-http", "80"),
+    )
+    log = tmp_path / "log"
+    process = _activated(("systemd-socket-activate", *listen, f"--fdname={names}"), options, ports[0], log)
+    try:
+        assert process.wait(timeout=30) == 2, log.read_text()
+    finally:
+        process.kill()
+        process.wait()
+    assert log.read_text().splitlines()[-1] == (
+        "aioserver: error: environment: LISTEN_FDNAMES: ACME answers the CA's http-01 challenges on the"
+        f" socket named redirect (FileDescriptorName=redirect); systemd passed {names.replace(':', ', ')}"
+    )
