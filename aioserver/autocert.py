@@ -627,10 +627,15 @@ class CertificateManager:
         return True
 
     def _follow(self) -> None:
-        """Load the files when they changed and serve ``domains`` (blocking)."""
+        """Load the files when they changed and hold a certificate that serves now (blocking).
+
+        Whether or not it names every domain, or comes from the directory given: a name just
+        added (its DNS not ready, perhaps) or a move from staging to production orders a new
+        one, and until it comes the names it has keep being served.
+        """
         if self.tls.current is not None and not self.tls.changed_on_disk():
             return
-        if load_held(self.state, self.settings.domains) is not None:
+        if load_held(self.state, ()) is not None:
             self._load()
 
     def _load(self) -> None:

@@ -169,6 +169,23 @@ def test_a_restart_reuses_the_certificate(loop: str, tmp_path: Path, pebble: Peb
         assert "acme: ordering" not in log_of(server)
 
 
+@LOOPS
+def test_a_name_added_keeps_the_certificate_held_serving(loop: str, tmp_path: Path, pebble: Pebble) -> None:
+    """A second name whose DNS does not point at the server yet: the certificate held serves
+    the first name on at once (HTTPS, READY=1) while the order for both fails, said and retried."""
+    state = tmp_path / "state"
+    with acme_server(pebble, state, loop) as server:
+        first = pebble.served_certificate(server.port, DOMAIN)
+    added = "www.aioserver.test"
+    pebble.unresolvable(added)
+    with acme_server(pebble, state, loop, "--acme-domain", f"{DOMAIN},{added}") as server:
+        assert pebble.served_certificate(server.port, DOMAIN).serial == first.serial
+        failure = wait_for_log(server, FAILED)[0]
+        assert added in failure.group(1), failure.group(0)
+        assert pebble.served_certificate(server.port, DOMAIN).serial == first.serial
+        assert len(re.findall(rf"does not name {re.escape(added)}", log_of(server))) == 1  # said once
+
+
 # -- renewal
 
 
