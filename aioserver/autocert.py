@@ -634,6 +634,10 @@ class CertificateManager:
         one, and until it comes the names it has keep being served.
         """
         if self.tls.current is not None and not self.tls.changed_on_disk():
+            # Loaded before this process began: a worker forked after its parent reread the
+            # files (SIGHUP) starts with them. Held, it serves.
+            if not self.ready.is_set() and load_held(self.state, ()) is not None:
+                self.ready.set()
             return
         if load_held(self.state, ()) is not None:
             self._load()

@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -388,6 +389,26 @@ def test_services_for_other_names_share_a_state_directory(loop: str, tmp_path: P
             assert pebble.served_certificate(first.port, DOMAIN).names == (DOMAIN,)
             assert "another process orders" not in log_of(second)
     assert (state / "certificates" / other / "fullchain.pem").exists()
+
+
+@LOOPS
+def test_a_worker_replaced_after_a_reload_serves_https(loop: str, tmp_path: Path, pebble: Pebble) -> None:
+    """systemctl reload (the parent reads the certificate too), then workers die: each one
+    forked to replace them serves HTTPS, not only the plain listener."""
+    with acme_server(pebble, tmp_path / "state", loop, "--workers", "2", listeners=2) as server:
+        served = pebble.served_certificate(server.port, DOMAIN)
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_log(server, r"reloaded TLS certificate", count=2)
+        workers = [
+            int(pid)
+            for pid in Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+        ]
+        for number, pid in enumerate(workers, start=1):  # one after the other: the lock's holder among them
+            os.kill(pid, signal.SIGKILL)
+            wait_for_log(server, r"worker \d+ started", count=2 + number)
+        wait_for_log(server, HTTPS, count=4)
+        for _ in range(6):  # whichever worker accepts
+            assert pebble.served_certificate(server.port, DOMAIN) == served
 
 
 # -- configuration errors: exit 2, one line naming the option
