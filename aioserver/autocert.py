@@ -4,9 +4,9 @@
 - :class:`StateDirectory`: the account key, each certificate chain and its key, and the pending
   http-01 answers, in ``--acme-state-dir``; every file mode 0600, written atomically.
 - :func:`order`: one whole order with certbot's ``acme`` library (blocking: run in a thread).
-- :class:`CertificateManager`: in every serving process. The one that holds the state
-  directory's lock orders and renews (one per host, whatever ``--workers``: the lock is
-  taken by one worker, and another takes it when that one dies); the others follow the files.
+- :class:`CertificateManager`: in every serving process. The one that holds its certificate's
+  lock in the state directory orders and renews (one per host, whatever ``--workers``: the lock
+  is taken by one worker, and another takes it when that one dies); the others follow the files.
 - :func:`add_challenge_route`: the plain-HTTP listener answers
   ``/.well-known/acme-challenge/<token>`` from the state directory, so that any worker (or any
   process sharing the directory) answers the CA's validation.
@@ -158,7 +158,9 @@ class StateDirectory:
         except BaseException:
             staged.discard()
             raise
-        for directory in dict.fromkeys(os.path.dirname(path) for _, path in staged.files):
+        directories = dict.fromkeys(os.path.dirname(path) for _, path in staged.files)
+        staged.files.clear()  # in place: nothing left to discard
+        for directory in directories:
             _fsync_directory(directory)
 
     def read(self, path: str) -> bytes | None:
@@ -176,7 +178,7 @@ class StateDirectory:
 
     def drop_challenge(self, token: str) -> None:
         # Gone already, or a directory that became read-only: an answer left is harmless (a
-        # key authorization is no secret), and the next process to lead drops it.
+        # key authorization is no secret), and a later order drops it (drop_stale_challenges).
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.challenge_dir, token))
 
@@ -560,8 +562,8 @@ def _iso(moment: datetime.datetime) -> str:
 class CertificateManager:
     """Brings the certificate to ``tls``, then keeps it fresh, in every serving process.
 
-    ``ready`` is set once ``tls`` serves a usable certificate. The process holding the state
-    directory's lock (``fcntl.flock``, released by the kernel when it dies) orders and renews;
+    ``ready`` is set once ``tls`` serves a usable certificate. The process holding the
+    certificate's lock (``fcntl.flock``, released by the kernel when it dies) orders and renews;
     the others load what it writes.
     """
 
@@ -605,7 +607,7 @@ class CertificateManager:
                 self._lock = None
 
     def _take_lock(self) -> bool:
-        """Whether this process holds the state directory's lock now (blocking)."""
+        """Whether this process holds the lock of its certificate now (blocking)."""
         try:
             os.makedirs(self.state.certificate_dir, mode=0o700, exist_ok=True)  # removed to order anew, say
             descriptor = os.open(self.state.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
