@@ -30,6 +30,7 @@ import ssl
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -68,6 +69,7 @@ NETWORK_TIMEOUT = 30  # seconds for a connection or a read (certbot's acme libra
 # A whole order, or a look for the CA's renewal window, given up after this long (the CA could
 # send its headers a byte at a time): the thread is left to end, writing nothing.
 ORDER_TIMEOUT = 600.0
+STALE_CHALLENGE = 600.0  # an answer this old (seconds) belongs to no order under way
 RESTART_AFTER = 60.0  # seconds before the certificate work starts again after an unexpected error
 # A process that does not order looks at the files (and for the lock) this often.
 FOLLOW_INTERVAL = 2.0
@@ -134,7 +136,9 @@ class StateDirectory:
         self.key_file = os.path.join(self.certificate_dir, "key.pem")
         self.directory_file = os.path.join(self.certificate_dir, "directory")
         self.challenge_dir = os.path.join(path, "challenges")
-        self.lock_file = os.path.join(path, "lock")
+        # One lock per certificate, not per directory: services for other names may share the
+        # directory (two copies of a unit share its StateDirectory=), each ordering its own.
+        self.lock_file = os.path.join(self.certificate_dir, "lock")
 
     def prepare(self) -> None:
         """Make the directories (0700); raises OSError when they cannot be made or written, or
@@ -154,6 +158,10 @@ class StateDirectory:
     def write(self, path: str, data: bytes) -> None:
         """Replace ``path`` (one of the state directory's files) with ``data`` atomically (temp
         file, fsync, rename), mode 0600."""
+        self.put_in_place(self.write_temporary(path, data), path)
+
+    def write_temporary(self, path: str, data: bytes) -> str:
+        """``data`` in a new file beside ``path`` (mode 0600, synced), to be put in place: its path."""
         directory = os.path.dirname(path)
         if not os.path.isdir(directory):  # removed since start-up: made again, each 0700
             self.prepare()  # (os.makedirs would give the directories above the umask's mode)
@@ -163,18 +171,36 @@ class StateDirectory:
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        return temporary
+
+    def put_in_place(self, temporary: str, path: str) -> None:
+        try:
             os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        _fsync_directory(directory)
+        _fsync_directory(os.path.dirname(path))
 
     def read(self, path: str) -> bytes | None:
         try:
             return read_small_file(path, STATE_FILE_LIMIT)
         except OSError:  # missing, or a directory, a FIFO, a permission: made anew by the next order
             return None
+
+    def unreadable(self, path: str) -> str | None:
+        """Why ``path`` cannot be read, if it exists (blocking)."""
+        try:
+            read_small_file(path, STATE_FILE_LIMIT)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None
 
     # -- what the CA asks for at /.well-known/acme-challenge/<token>
 
@@ -185,10 +211,20 @@ class StateDirectory:
         with contextlib.suppress(OSError):  # gone already; or not a file, and never served
             os.unlink(os.path.join(self.challenge_dir, token))
 
-    def drop_challenges(self) -> None:
-        with contextlib.suppress(OSError):
-            for token in os.listdir(self.challenge_dir):
-                self.drop_challenge(token)
+    def drop_stale_challenges(self) -> None:
+        """Drop the answers left by a process stopped mid-order: those older than any order lasts.
+
+        Fresher ones may be another certificate's, whose order is under way in another process.
+        """
+        try:
+            entries = list(os.scandir(self.challenge_dir))
+        except OSError:  # made again by the next answer written
+            return
+        stale = time.time() - STALE_CHALLENGE
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < stale:
+                    self.drop_challenge(entry.name)
 
     def challenge(self, token: str) -> bytes | None:
         """The answer to ``token``'s challenge, if one was put: on the event loop, so it must
@@ -238,6 +274,9 @@ def load_held(state: StateDirectory, domains: tuple[str, ...]) -> Held | None:
     """
     chain, key = state.read(state.chain_file), state.read(state.key_file)
     if chain is None or key is None:
+        problem = state.unreadable(state.chain_file) or state.unreadable(state.key_file)
+        if problem:  # not merely missing: a directory in the way, a permission, a FIFO
+            logger.warning("acme: cannot read the certificate or key in %s: %s", state.certificate_dir, problem)
         return None
     examined = examine(chain, key, domains)
     if isinstance(examined, Unusable):
@@ -439,7 +478,6 @@ def _bounded_adapter() -> Any:
 
 
 def _order(client: _Client, settings: AcmeSettings, state: StateDirectory, abandoned: threading.Event) -> Held:
-    from acme import challenges, crypto_util, messages
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -447,6 +485,27 @@ def _order(client: _Client, settings: AcmeSettings, state: StateDirectory, aband
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+    # On disk before the CA is asked: a full or read-only state directory fails the order
+    # now, not once a certificate is issued, only to be lost (and ordered again at each retry:
+    # a CA counts duplicate certificates, Let's Encrypt allows 5 a week).
+    key_temporary = state.write_temporary(state.key_file, key_pem)
+    try:
+        return _order_with_key(client, settings, state, abandoned, key_pem, key_temporary)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # not put in place
+            os.unlink(key_temporary)
+
+
+def _order_with_key(
+    client: _Client,
+    settings: AcmeSettings,
+    state: StateDirectory,
+    abandoned: threading.Event,
+    key_pem: bytes,
+    key_temporary: str,
+) -> Held:
+    from acme import challenges, crypto_util, messages
+
     pending = client.acme.new_order(crypto_util.make_csr(key_pem, list(settings.domains)))
     answered: list[str] = []
     try:
@@ -481,7 +540,7 @@ def _order(client: _Client, settings: AcmeSettings, state: StateDirectory, aband
         raise OrderFailed("abandoned: it took too long")
     # The key first: a process loading between the two sees a mismatched pair, keeps what it
     # serves and tries again; never a new certificate with no key.
-    state.write(state.key_file, key_pem)
+    state.put_in_place(key_temporary, state.key_file)
     state.write(state.chain_file, chain)
     state.write(state.directory_file, settings.directory.encode() + b"\n")
     return Held(examined[0], examined[1], settings.directory, chain)
@@ -536,10 +595,22 @@ def _account_key(state: StateDirectory) -> Any:
             pass
         logger.warning("acme: %s is unreadable: making a new account key", state.account_key_file)
     key = ec.generate_private_key(ec.SECP256R1())
-    state.write(
-        state.account_key_file,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+    if pem is not None:  # unreadable: replaced
+        state.write(state.account_key_file, key_pem)
+        return key
+    # None yet: made only if no other process (ordering another certificate of the directory)
+    # made one meanwhile, else that one is the account's: a link fails where a rename replaces.
+    temporary = state.write_temporary(state.account_key_file, key_pem)
+    try:
+        os.link(temporary, state.account_key_file)
+    except FileExistsError:
+        return _account_key(state)
+    finally:
+        os.unlink(temporary)
+    _fsync_directory(state.path)
     return key
 
 
@@ -635,6 +706,7 @@ class CertificateManager:
         self.notifier = notifier
         self.ready = asyncio.Event()
         self._lock: int | None = None
+        self._lock_failed = False  # said once, until the lock file opens again
 
     async def run(self) -> None:
         """Follow the files until this process gets the lock, then order and renew; forever.
@@ -655,7 +727,7 @@ class CertificateManager:
 
     async def _run(self) -> None:
         following = False
-        while not self._take_lock():
+        while not await self._in_thread(self._take_lock):
             if not following:
                 await self._in_thread(self._follow)  # what is there already, at once
                 if not self.ready.is_set():
@@ -666,9 +738,21 @@ class CertificateManager:
         await self._lead()
 
     def _take_lock(self) -> bool:
+        """Whether this process holds the lock of its certificate now (blocking)."""
         if self._lock is not None:  # taken before an error started the work again
             return True
-        descriptor = os.open(self.state.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.makedirs(self.state.certificate_dir, mode=0o700, exist_ok=True)  # removed to order anew, say
+            descriptor = os.open(self.state.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            try:  # a read-only directory: flock needs no write access, ordering says what fails
+                descriptor = os.open(self.state.lock_file, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if not self._lock_failed:
+                    logger.error("acme: cannot open %s: %s: trying again", self.state.lock_file, exc.strerror or exc)
+                self._lock_failed = True
+                return False
+        self._lock_failed = False
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -678,10 +762,19 @@ class CertificateManager:
         return True
 
     def _follow(self) -> None:
-        """Load the files when they changed and serve ``domains`` (blocking)."""
+        """Load the files when they changed and hold a certificate that serves now (blocking).
+
+        Whether or not it names every domain, or comes from the directory given: a name just
+        added (its DNS not ready, perhaps) or a move from staging to production orders a new
+        one, and until it comes the names it has keep being served.
+        """
         if self.tls.current is not None and not self.tls.changed_on_disk():
+            # Loaded before this process began: a worker forked after its parent reread the
+            # files (SIGHUP) starts with them. Held, it serves.
+            if not self.ready.is_set() and load_held(self.state, ()) is not None:
+                self.ready.set()
             return
-        if load_held(self.state, self.settings.domains) is not None:
+        if load_held(self.state, ()) is not None:
             self._load()
 
     def _load(self) -> None:
@@ -699,7 +792,7 @@ class CertificateManager:
         name = self.settings.name
         failures = 0
         plan: _Plan | None = None  # when to renew the certificate held
-        await self._in_thread(self.state.drop_challenges)  # left by a process stopped mid-order
+        await self._in_thread(self.state.drop_stale_challenges)
         while True:
             await self._in_thread(self._follow)  # what is on disk, if it changed and serves
             held = await self._in_thread(load_held, self.state, self.settings.domains)

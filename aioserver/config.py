@@ -239,6 +239,14 @@ def _acme(settings: Settings, origins: dict[str, Origin], env: Mapping[str, str]
             *where,
             "needs redirect_http: the CA's http-01 challenges are answered on that plain-HTTP port (80 in production)",
         )
+    names = systemd.activated_names(env)
+    if names and systemd.REDIRECT_NAME not in names:  # sockets passed: --redirect-http binds none
+        raise ConfigError(
+            "environment",
+            "LISTEN_FDNAMES",
+            f"ACME answers the CA's http-01 challenges on the socket named {systemd.REDIRECT_NAME}"
+            f" (FileDescriptorName={systemd.REDIRECT_NAME}); systemd passed {', '.join(names)}",
+        )
     # Under systemd, a directory of its own in StateDirectory=, where retrieve tasks write
     # (by default) files named by their URLs: never over the account key.
     systemd_state = env.get("STATE_DIRECTORY", "").split(":")[0]

@@ -47,7 +47,8 @@ def open_listeners(config: Config) -> list[Listener]:
         raise StartupError(f"cannot use the sockets passed by systemd: {exc.strerror or exc}") from None
     if activated:
         return [
-            Listener(a.sock, REDIRECT if a.name == REDIRECT and config.tls else MAIN, passed=True) for a in activated
+            Listener(a.sock, REDIRECT if a.name == systemd.REDIRECT_NAME and config.tls else MAIN, passed=True)
+            for a in activated
         ]
     settings = config.settings
     listeners = [bind_unix(settings.uds)] if settings.uds else bind_tcp(settings.host, settings.port)

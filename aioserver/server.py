@@ -399,13 +399,17 @@ async def _until_certificate(
     (EXTEND_TIMEOUT_USEC): READY=1 is for a server that serves HTTPS.
     """
     ready = asyncio.ensure_future(certificates.ready.wait())
+    # At once, then every EXTEND_EVERY seconds: systemd heeds an extension only if the first one
+    # comes before TimeoutStartSec= is over (sd_notify(3)), which may be shorter than EXTEND_EVERY.
+    certificates.extend_start_timeout(2 * EXTEND_EVERY)
     try:
         while not ready.done():
             signalled = asyncio.ensure_future(received.get())
             done, _ = await asyncio.wait({ready, signalled}, timeout=EXTEND_EVERY, return_when=asyncio.FIRST_COMPLETED)
             if signalled not in done:
                 signalled.cancel()
-                certificates.extend_start_timeout(2 * EXTEND_EVERY)
+                if not ready.done():  # READY=1 comes next
+                    certificates.extend_start_timeout(2 * EXTEND_EVERY)
                 continue
             sig = signalled.result()
             if sig in STOP_SIGNALS:

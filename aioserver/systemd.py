@@ -24,6 +24,8 @@ LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 # ignores them): a stopping worker tells its parent that it accepts no more connections.
 NOT_ACCEPTING = "X_ACCEPTING=0"
 ACTIVATION_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+# The FileDescriptorName= of a passed socket that answers plain HTTP: 308 to HTTPS, and ACME's challenges.
+REDIRECT_NAME = "redirect"
 
 
 class Notifier:
@@ -128,6 +130,11 @@ def _activated_fds(env: Mapping[str, str]) -> list[tuple[int, str]]:
         (fd, names[i] if i < len(names) else "unknown")
         for i, fd in enumerate(range(LISTEN_FDS_START, LISTEN_FDS_START + max(count, 0)))
     ]
+
+
+def activated_names(env: Mapping[str, str] | None = None) -> list[str]:
+    """The names (``FileDescriptorName=``) of the sockets passed to us, ``unknown`` for one without."""
+    return [name for _, name in _activated_fds(os.environ if env is None else env)]
 
 
 def activated_addresses(env: Mapping[str, str] | None = None) -> list[tuple[int, Any]]:

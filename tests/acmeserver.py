@@ -224,6 +224,17 @@ class Pebble:
             body: bytes = response.read()
             return body
 
+    def unresolvable(self, host: str) -> None:
+        """Have the DNS server fail every query for ``host`` (SERVFAIL): pebble cannot validate it,
+        as a name whose DNS does not point at the server yet."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.dns_management_port}/set-servfail",
+            data=json.dumps({"host": host}).encode(),
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200, response.status
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 

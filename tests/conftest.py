@@ -182,6 +182,7 @@ class Server:
         listeners: int = 1,
         pattern: str = r"serving on https?://127\.0\.0\.1:(\d+)",  # a group: the port, if any
         deployment: Deployment | None = None,
+        prefix: tuple[str, ...] = (),  # a command that runs it (it must exec, keeping the pid)
     ) -> None:
         deployment = deployment or _current_deployment()
         loop = _given(args, "--loop")
@@ -208,7 +209,7 @@ class Server:
         self.pattern = pattern
         self.ports: list[int] = []
         self.process = subprocess.Popen(
-            [*command, "--port", "0", *options, *args],
+            [*prefix, *command, "--port", "0", *options, *args],
             env=environment,
             stderr=subprocess.PIPE,
             text=True,

@@ -9,10 +9,12 @@ ACME needs the ``acme`` extra, which the test venv holds: the tests choose their
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -63,12 +65,19 @@ def acme_args(pebble: Pebble, state: Path | None, loop: str) -> tuple[str, ...]:
 
 @contextmanager
 def acme_server(
-    pebble: Pebble, state: Path | None, loop: str, *extra: str, env: dict[str, str] | None = None, listeners: int = 1
+    pebble: Pebble,
+    state: Path | None,
+    loop: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    listeners: int = 1,
+    prefix: tuple[str, ...] = (),
 ) -> Iterator[Server]:
     """aioserver with ACME for DOMAIN (a token set: no Host guard), once it serves HTTPS; ``.port`` is that port."""
     port = free_port()
     args = (*acme_args(pebble, state, loop), "--port", str(port), *extra)
-    with Server(*args, env={"TOKEN": TOKEN_HASH, **(env or {})}, listeners=listeners, pattern=HTTPS) as server:
+    environment = {"TOKEN": TOKEN_HASH, **(env or {})}
+    with Server(*args, env=environment, listeners=listeners, pattern=HTTPS, prefix=prefix) as server:
         assert server.port == port
         yield server
 
@@ -161,6 +170,23 @@ def test_a_restart_reuses_the_certificate(loop: str, tmp_path: Path, pebble: Peb
         assert "acme: ordering" not in log_of(server)
 
 
+@LOOPS
+def test_a_name_added_keeps_the_certificate_held_serving(loop: str, tmp_path: Path, pebble: Pebble) -> None:
+    """A second name whose DNS does not point at the server yet: the certificate held serves
+    the first name on at once (HTTPS, READY=1) while the order for both fails, said and retried."""
+    state = tmp_path / "state"
+    with acme_server(pebble, state, loop) as server:
+        first = pebble.served_certificate(server.port, DOMAIN)
+    added = "www.aioserver.test"
+    pebble.unresolvable(added)
+    with acme_server(pebble, state, loop, "--acme-domain", f"{DOMAIN},{added}") as server:
+        assert pebble.served_certificate(server.port, DOMAIN).serial == first.serial
+        failure = wait_for_log(server, FAILED)[0]
+        assert added in failure.group(1), failure.group(0)
+        assert pebble.served_certificate(server.port, DOMAIN).serial == first.serial
+        assert len(re.findall(rf"does not name {re.escape(added)}", log_of(server))) == 1  # said once
+
+
 # -- renewal
 
 
@@ -209,6 +235,50 @@ def test_a_failed_renewal_keeps_the_certificate_and_retries(loop: str, tmp_path:
         new = pebble.served_certificate(server.port, DOMAIN, root=new_root)
         assert new.serial != old.serial and new.names == (DOMAIN,)
         assert len(re.findall(FAILED, log_of(server))) == 1
+
+
+@contextmanager
+def small_disk(state: Path, size: str = "256k") -> Iterator[tuple[tuple[str, ...], Callable[[int], Path]]]:
+    """A prefix that runs aioserver with ``state`` on a tmpfs of ``size``, in a mount namespace of
+    its own (gone with the process), and the path through which the test sees it: ``/proc/PID/root``."""
+    state.mkdir(parents=True, exist_ok=True)
+    mount = 'mount -t tmpfs -o size="$1",mode=0700 aioserver-state "$2" && shift 2 && exec "$@"'
+    prefix = ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", mount, "sh", size, str(state))
+    yield prefix, lambda pid: Path(f"/proc/{pid}/root") / str(state).lstrip("/")
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` up with one file, until it has no room left."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        try:
+            while True:
+                file.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+@LOOPS
+def test_a_full_state_directory_keeps_the_certificate_and_retries(
+    loop: str, tmp_path: Path, short_lived: Pebble
+) -> None:
+    """The state directory's disk full when the renewal is due: the old certificate serves on,
+    the log says why (not silence, and no renewal ever again); room again, the retry renews."""
+    pebble = short_lived
+    with small_disk(tmp_path / "state") as (prefix, seen):
+        with acme_server(pebble, tmp_path / "state", loop, prefix=prefix) as server:
+            old = pebble.served_certificate(server.port, DOMAIN)
+            filler = fill(seen(server.process.pid))
+
+            failure = wait_for_log(server, FAILED, timeout=90)[0]
+            assert "No space left on device" in failure.group(1), failure.group(0)
+            assert pebble.served_certificate(server.port, DOMAIN) == old
+
+            filler.unlink()
+            wait_for_log(server, OBTAINED, count=2, timeout=60)
+            eventually(lambda: pebble.served_certificate(server.port, DOMAIN).serial != old.serial)
+            assert "Traceback" not in log_of(server)
 
 
 def _verifies(pebble: Pebble, port: int, root: str) -> bool:
@@ -298,6 +368,47 @@ def test_one_worker_orders_every_worker_serves(loop: str, tmp_path: Path, pebble
         chain = Leaf.from_pem(state_files(tmp_path / "state")["chain"].read_text())
         for _ in range(8):  # whichever worker accepts
             assert pebble.served_certificate(server.port, DOMAIN) == chain
+
+
+@LOOPS
+def test_services_for_other_names_share_a_state_directory(loop: str, tmp_path: Path, pebble: Pebble) -> None:
+    """Two services on one host, one state directory (two copies of the unit share its
+    StateDirectory=): each one orders its own certificate, neither waits for the other's.
+
+    pebble validates every name on one port: the first's plain listener answers the second's
+    challenges too, from the directory they share, as each would on its own address."""
+    state = tmp_path / "state"
+    other = "admin.aioserver.test"
+    with acme_server(pebble, state, loop) as first:
+        args = [
+            *acme_args(pebble, state, loop),
+            *("--acme-domain", other, "--redirect-http", str(free_port()), "--port", str(free_port())),
+        ]
+        with Server(*args, env={"TOKEN": TOKEN_HASH}, pattern=HTTPS) as second:
+            assert pebble.served_certificate(second.port, other).names == (other,)
+            assert pebble.served_certificate(first.port, DOMAIN).names == (DOMAIN,)
+            assert "another process orders" not in log_of(second)
+    assert (state / "certificates" / other / "fullchain.pem").exists()
+
+
+@LOOPS
+def test_a_worker_replaced_after_a_reload_serves_https(loop: str, tmp_path: Path, pebble: Pebble) -> None:
+    """systemctl reload (the parent reads the certificate too), then workers die: each one
+    forked to replace them serves HTTPS, not only the plain listener."""
+    with acme_server(pebble, tmp_path / "state", loop, "--workers", "2", listeners=2) as server:
+        served = pebble.served_certificate(server.port, DOMAIN)
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_log(server, r"reloaded TLS certificate", count=2)
+        workers = [
+            int(pid)
+            for pid in Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+        ]
+        for number, pid in enumerate(workers, start=1):  # one after the other: the lock's holder among them
+            os.kill(pid, signal.SIGKILL)
+            wait_for_log(server, r"worker \d+ started", count=2 + number)
+        wait_for_log(server, HTTPS, count=4)
+        for _ in range(6):  # whichever worker accepts
+            assert pebble.served_certificate(server.port, DOMAIN) == served
 
 
 # -- configuration errors: exit 2, one line naming the option

@@ -178,7 +178,8 @@ def test_the_state_directory_is_laid_out_as_documented(tmp_path: Path) -> None:
     )
     assert manager._take_lock() and manager._lock is not None
     try:
-        assert os.path.samestat(os.fstat(manager._lock), os.stat(root / "lock"))
+        # One lock per certificate: services for other names may share the directory.
+        assert os.path.samestat(os.fstat(manager._lock), os.stat(certificates / "lock"))
     finally:
         os.close(manager._lock)
 
@@ -247,7 +248,7 @@ def test_a_temporary_is_made_beside_its_file_and_is_never_answered_as_a_challeng
 def test_a_failed_write_raises_its_own_error_when_its_temporary_is_gone_already(
     state: StateDirectory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Another process's drop_challenges() may remove a temporary in the challenge directory."""
+    """Another process's drop_stale_challenges() may remove a temporary in the challenge directory."""
 
     def dropped_then_full(source: str, target: str) -> None:
         os.unlink(source)
@@ -314,6 +315,19 @@ def test_a_corrupt_file_holds_nothing_and_says_so(
     assert said(caplog) == [
         f"acme: the certificate held in {state.certificate_dir} or its key is unreadable: ordering a new one"
     ]
+
+
+def test_a_file_that_cannot_be_read_holds_nothing_and_says_so(
+    state: StateDirectory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An I/O error (here a directory where the chain should be) is no crash: the manager would
+    stop there, and renew nothing ever again."""
+    _, key = certificate()
+    state.write(state.key_file, key)
+    os.mkdir(state.chain_file)
+    with caplog.at_level(logging.INFO, "aioserver.acme"):
+        assert load_held(state, DOMAINS) is None
+    assert f"cannot read the certificate or key in {state.certificate_dir}: not a regular file" in caplog.text
 
 
 def test_a_key_of_another_certificate_holds_nothing(state: StateDirectory, caplog: pytest.LogCaptureFixture) -> None:
@@ -537,7 +551,8 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert autocert._seconds("120") == 120
     assert autocert._seconds(None) is None
     assert autocert._seconds("soon") is None
-    later = (NOW + datetime.timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    # From now, not from NOW (the module's import): under xdist this test may run minutes later.
+    later = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     assert 3500 < (autocert._seconds(later) or 0) <= 3600
     earlier = (NOW - datetime.timedelta(hours=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     assert autocert._seconds(earlier) == 0

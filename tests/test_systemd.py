@@ -9,15 +9,18 @@ import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -25,8 +28,9 @@ import pytest
 from aioserver import systemd
 from aioserver.options import Settings
 
+from acmeserver import Pebble
 from conftest import PYTHON, TESTS, TOKEN, TOKEN_HASH, PemFiles, free_port
-from unitfiles import Installed, UnitFile, running, service_unit, socket_unit
+from unitfiles import Installed, Running, UnitFile, running, service_unit, socket_unit
 
 CONF = TESTS.parent / "conf"
 # The systemd Debian package's tools; no running systemd is needed (.ci/run installs them).
@@ -285,15 +289,30 @@ def test_credentials_directory_supplies_token_and_key(
 
 def test_units_verify(tmp_path: Path) -> None:
     """The units and their drop-ins for nginx (systemd-analyze reads X.d/*.conf beside X)."""
+    files = [
+        "aioserver.socket",
+        "aioserver.service",
+        "aioserver.socket.d/nginx.conf",
+        "aioserver.service.d/nginx.conf",
+    ]
+    _verify(tmp_path, files, ["aioserver.socket", "aioserver.service"])
+
+
+def test_acme_units_verify(tmp_path: Path) -> None:
+    """Automatic HTTPS: the port-80 socket and the service's drop-in, which names it in Sockets= and Requires=."""
+    files = ["aioserver.socket", "aioserver-redirect.socket", "aioserver.service", "aioserver.service.d/acme.conf"]
+    _verify(tmp_path, files, ["aioserver.socket", "aioserver-redirect.socket", "aioserver.service"])
+
+
+def _verify(folder: Path, files: list[str], units: list[str]) -> None:
     # verify checks that ExecStart's program exists: point it at this venv's console script.
-    files = ["aioserver.socket", "aioserver.service", "aioserver.socket.d/nginx.conf", "aioserver.service.d/nginx.conf"]
     for name in files:
         text = (CONF / name).read_text()
-        assert name.startswith("aioserver.socket") or INSTALLED in text
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text(text.replace(INSTALLED, str(Path(sys.executable).parent / "aioserver")))
+        assert ".socket" in name or INSTALLED in text
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(text.replace(INSTALLED, str(Path(sys.executable).parent / "aioserver")))
     done = subprocess.run(
-        [ANALYZE, "verify", "--man=no", str(tmp_path / "aioserver.socket"), str(tmp_path / "aioserver.service")],
+        [ANALYZE, "verify", "--man=no", *(str(folder / unit) for unit in units)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -588,3 +607,197 @@ def test_a_replaced_worker_serves_the_rotated_files(
             assert shout(service.port, client_ssl_ctx, TOKEN) == 401
             assert shout(service.port, client_ssl_ctx, ROTATED_TOKEN) == 200
         assert service.stop() == 0
+
+
+# -- automatic HTTPS under the units: aioserver-redirect.socket and aioserver.service.d/acme.conf, against pebble
+
+ACME_DOMAIN = "api.aioserver.test"
+OBTAINED = rf"acme: certificate for {re.escape(ACME_DOMAIN)} obtained"
+ACME_FAILED = rf"acme: order for {re.escape(ACME_DOMAIN)} failed: .*; retrying in \d+s"
+
+
+@pytest.fixture
+def acme_installed() -> Iterator[Installed]:
+    """The README's "Automatic HTTPS under systemd" done: no certificate or key in /etc/aioserver."""
+    root = Installed()
+    root.install(CONF / "config.yml", "/etc/aioserver/config.yml")
+    root.install(f"{TOKEN_HASH} ops\n", "/etc/aioserver/token", 0o640, group=True)
+    yield root
+    root.remove()
+
+
+@pytest.fixture
+def acme_pebble(tmp_path: Path) -> Iterator[Pebble]:
+    """pebble validating http-01 on the port that stands in for the redirect socket's 80."""
+    with Pebble(tmp_path / "pebble", http_port=free_port()) as running:
+        yield running
+
+
+def acme_service(
+    installed: Installed, pebble: Pebble, *extra: str, unit: UnitFile | None = None
+) -> AbstractContextManager[Running]:
+    """The units with the ACME drop-in, its names and CA given as an operator edits them (pebble's here)."""
+    ca = installed.install(pebble.ca_file, "/etc/aioserver/acme-ca.pem")
+    env = {"ACME_DOMAINS": ACME_DOMAIN, "ACME_DIRECTORY": pebble.directory, "ACME_CA_CERTS": str(ca)}
+    sockets = [socket_unit(), socket_unit(name="aioserver-redirect.socket")]
+    return running(
+        installed, unit or service_unit("acme.conf"), sockets, extra=extra, env=env, ports={"80": pebble.http_port}
+    )
+
+
+def test_the_acme_drop_in_names_the_certificate_and_the_contact() -> None:
+    """What the README tells an operator to edit: the names and the address, in the drop-in's environment."""
+    environment = dict(
+        assignment.split("=", 1)
+        for value in service_unit("acme.conf").values("Service", "Environment")
+        for assignment in shlex.split(value)
+    )
+    assert environment["ACME_DOMAINS"] == "api.example.com" and environment["ACME_EMAIL"] == "ops@example.com"
+    assert "--ssl-certfile" not in (service_unit("acme.conf").value("Service", "ExecStart") or "")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_automatic_https_under_the_units(
+    loop: str, workers: int, acme_installed: Installed, acme_pebble: Pebble
+) -> None:
+    """Port 80 answers the CA, READY=1 once HTTPS serves pebble's certificate; the state is the
+    service user's, private; reload and restart keep the certificate."""
+    installed, pebble = acme_installed, acme_pebble
+    extra = ("--loop", loop, "--workers", str(workers))
+    with acme_service(installed, pebble, *extra) as service:
+        service.ready(timeout=60)
+        https = service.ports["443"]
+        first = pebble.served_certificate(https, ACME_DOMAIN)  # verified against pebble's root, SNI
+        assert first.names == (ACME_DOMAIN,)
+        assert len(service.wait_for(OBTAINED)) == 1  # one order, whatever the workers
+        plain = http.client.HTTPConnection("127.0.0.1", service.ports["80"], timeout=10)
+        plain.request("GET", "/health", headers={"Host": ACME_DOMAIN})
+        answer = plain.getresponse()
+        # To the HTTPS socket's port (443 but here).
+        assert (answer.status, answer.getheader("Location")) == (308, f"https://{ACME_DOMAIN}:{https}/health")
+        plain.close()
+
+        service.reload()
+        service.wait_for(r"reloaded TLS certificate", count=workers)
+        service.wait_for(r"reloaded tokens", count=workers)
+        assert pebble.served_certificate(https, ACME_DOMAIN) == first
+        assert service.stop() == 0
+
+    state = installed.path("/var/lib/aioserver")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700  # StateDirectoryMode=
+    acme = state / "acme"
+    for path in [acme, *acme.rglob("*")]:
+        assert (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode)) == (
+            installed.uid,
+            0o700 if path.is_dir() else 0o600,
+        ), path
+    assert (acme / "certificates" / ACME_DOMAIN / "fullchain.pem").exists()
+
+    with acme_service(installed, pebble, *extra) as service:  # systemctl restart
+        service.ready()
+        assert pebble.served_certificate(service.ports["443"], ACME_DOMAIN).serial == first.serial
+        assert "acme: ordering" not in service.text()
+        assert service.stop() == 0
+
+
+@pytest.mark.parametrize(("loop", "workers"), [("asyncio", 1), ("uvloop", 2)])
+def test_the_start_waits_for_the_first_certificate(
+    loop: str, workers: int, acme_installed: Installed, acme_pebble: Pebble
+) -> None:
+    """The CA down at boot: no READY=1 but EXTEND_TIMEOUT_USEC at once and every 30 s (forwarded
+    by a workers' parent) and a STATUS= saying why, so that a start timeout shorter than the wait,
+    shorter even than 30 s (here 20 s), does not fail the start; the CA back, READY=1 once HTTPS
+    serves."""
+    installed, pebble = acme_installed, acme_pebble
+    unit = service_unit("acme.conf")
+    unit.sections["Service"]["TimeoutStartSec"] = ["20s"]  # as a drop-in would set it
+    pebble.stop()
+    with acme_service(installed, pebble, "--loop", loop, "--workers", str(workers), unit=unit) as service:
+        service.wait_for(ACME_FAILED)
+        deadline = time.monotonic() + 15
+        while not (
+            any(line.startswith("EXTEND_TIMEOUT_USEC=") for line in service.messages)
+            and any(line.startswith("STATUS=acme: order for") for line in service.messages)
+        ):
+            assert time.monotonic() < deadline and service.process.poll() is None, (service.messages, service.text())
+            assert time.monotonic() < service.start_deadline(), service.text()
+            service._receive(0.5)
+        assert "READY=1" not in service.messages
+        extended = [int(line.partition("=")[2]) for line in service.messages if line.startswith("EXTEND_TIMEOUT")]
+        assert all(usec >= 30_000_000 for usec in extended)  # more than the 30 s until the next one
+        while time.monotonic() - service.started < 25:  # the CA back once the unit's timeout is past
+            assert service.process.poll() is None and time.monotonic() < service.start_deadline(), service.text()
+            service._receive(0.5)
+        assert "READY=1" not in service.messages
+        pebble.start()
+        service.ready(timeout=120)  # fails if the start would have timed out: 20 s, as extended
+        assert time.monotonic() - service.started > 20
+        assert pebble.served_certificate(service.ports["443"], ACME_DOMAIN).names == (ACME_DOMAIN,)
+        assert service.stop() == 0
+
+
+def _activated(prefix: tuple[str, ...], args: tuple[str, ...], trigger: int, log: Path) -> subprocess.Popen[bytes]:
+    """aioserver under systemd-socket-activate, started by a first connection to ``trigger``."""
+    process = start(*args, env={"TOKEN": TOKEN_HASH}, log=log, prefix=(*prefix, "-E", "PYTHONPATH", "-E", "TOKEN"))
+    deadline = time.monotonic() + 10
+    while True:  # until systemd-socket-activate listens; the first connection starts us
+        try:
+            socket.create_connection(("127.0.0.1", trigger), timeout=5).close()
+            return process
+        except ConnectionRefusedError:
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.05)
+
+
+def _acme_options(pebble: Pebble, state: Path, loop: str) -> tuple[str, ...]:
+    return (
+        *("--loop", loop, "--acme-domain", ACME_DOMAIN, "--acme-directory", pebble.directory),
+        *("--acme-ca-certs", str(pebble.ca_file), "--acme-state-dir", str(state)),
+        *("--redirect-http", "80"),  # the port of the socket named "redirect", whatever this says
+    )
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_acme_on_sockets_passed_by_systemd_socket_activate(loop: str, tmp_path: Path, acme_pebble: Pebble) -> None:
+    """The two sockets as systemd passes them (one named redirect): challenges on one, HTTPS on the other."""
+    https = free_port()
+    listen = ("-l", f"127.0.0.1:{https}", "-l", f"127.0.0.1:{acme_pebble.http_port}", "--fdname=https:redirect")
+    log = tmp_path / "log"
+    options = _acme_options(acme_pebble, tmp_path / "state", loop)
+    process = _activated(("systemd-socket-activate", *listen), options, acme_pebble.http_port, log)
+    try:
+        deadline = time.monotonic() + 30
+        while f"serving on https://127.0.0.1:{https}" not in log.read_text():
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert acme_pebble.served_certificate(https, ACME_DOMAIN).names == (ACME_DOMAIN,)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        process.kill()
+        process.wait()
+    assert f"serving on http://127.0.0.1:{acme_pebble.http_port}" in log.read_text()
+
+
+@pytest.mark.parametrize("names", ["https", "https:http"])
+def test_acme_without_a_socket_named_redirect_is_a_configuration_error(names: str, tmp_path: Path) -> None:
+    """Port 80 in the HTTPS socket's unit (its name then "https"), or a name mistyped: no plain
+    listener would answer the CA, and the start would wait for a certificate forever."""
+    ports = [free_port() for _ in names.split(":")]
+    listen = [arg for port in ports for arg in ("-l", f"127.0.0.1:{port}")]
+    options = (
+        *("--acme-domain", ACME_DOMAIN, "--acme-directory", "https://127.0.0.1:9/dir"),  # never reached
+        *("--acme-state-dir", str(tmp_path / "state"), "--redirect-http", "80"),
+    )
+    log = tmp_path / "log"
+    process = _activated(("systemd-socket-activate", *listen, f"--fdname={names}"), options, ports[0], log)
+    try:
+        assert process.wait(timeout=30) == 2, log.read_text()
+    finally:
+        process.kill()
+        process.wait()
+    assert log.read_text().splitlines()[-1] == (
+        "aioserver: error: environment: LISTEN_FDNAMES: ACME answers the CA's http-01 challenges on the"
+        f" socket named redirect (FileDescriptorName=redirect); systemd passed {names.replace(':', ', ')}"
+    )

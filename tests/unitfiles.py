@@ -4,13 +4,18 @@ No service manager is PID 1 on a test machine, so this reads ``conf/aioserver.se
 ``conf/aioserver.socket`` (and drop-ins) and does what systemd does for the settings they use:
 
 - ``ListenStream=``: binds each socket before the service starts (a port becomes 127.0.0.1 on a
-  free port; a path is made with ``SocketMode=``, ``SocketUser=``/``SocketGroup=``), and passes
-  them from fd 3 on with ``LISTEN_FDS``/``LISTEN_PID``/``LISTEN_FDNAMES`` (``FileDescriptorName=``);
-- ``Type=notify``: the start is done at READY=1 on ``NOTIFY_SOCKET``, or fails when the process exits;
+  free port, or the one the test asks for; a path is made with ``SocketMode=``,
+  ``SocketUser=``/``SocketGroup=``), and passes them from fd 3 on with
+  ``LISTEN_FDS``/``LISTEN_PID``/``LISTEN_FDNAMES`` (each unit's ``FileDescriptorName=``), for every
+  socket unit that triggers the service (``Service=``, by default the same name) or that the
+  service lists in ``Sockets=``;
+- ``Type=notify``: the start is done at READY=1 on ``NOTIFY_SOCKET``, or fails when the process exits
+  or ``TimeoutStartSec=`` (default 90 s) passes, which ``EXTEND_TIMEOUT_USEC=`` pushes back;
 - ``LoadCredential=``: each file is copied once, at start, into ``$CREDENTIALS_DIRECTORY``, owned by
   the service user and read-only; the copy never changes while the service runs (a reload
   included), as systemd.io/CREDENTIALS says;
-- ``StateDirectory=``: made under /var/lib, owned by the service user, named in ``$STATE_DIRECTORY``;
+- ``StateDirectory=``: made under /var/lib (``StateDirectoryMode=``, 0755 by default), owned by the
+  service user, named in ``$STATE_DIRECTORY``;
 - ``ProtectSystem=strict``: the whole installed tree is read-only but for the state directories;
 - ``User=``/``Group=``: the service runs as an unprivileged user and group (``SERVICE_ID``), so
   that a file the README installs ``-g aioserver`` is readable through its group bits only;
@@ -37,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +93,8 @@ def service_unit(*dropins: str) -> UnitFile:
     return UnitFile(CONF / "aioserver.service", *(CONF / "aioserver.service.d" / d for d in dropins))
 
 
-def socket_unit(*dropins: str) -> UnitFile:
-    return UnitFile(CONF / "aioserver.socket", *(CONF / "aioserver.socket.d" / d for d in dropins))
+def socket_unit(*dropins: str, name: str = "aioserver.socket") -> UnitFile:
+    return UnitFile(CONF / name, *(CONF / f"{name}.d" / d for d in dropins))
 
 
 def service_ids() -> tuple[int, int]:
@@ -183,6 +188,9 @@ class Running:
     notify: socket.socket
     sockets: list[socket.socket] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    timeout_start: float = 90.0  # TimeoutStartSec=, systemd's DefaultTimeoutStartSec by default
+    started: float = field(default_factory=time.monotonic)
+    _extended: list[float] = field(default_factory=list)  # deadlines EXTEND_TIMEOUT_USEC= asked for
 
     @property
     def port(self) -> int:
@@ -192,19 +200,36 @@ class Running:
         return self.log.read_text(errors="replace")
 
     def ready(self, timeout: float = 30) -> None:
-        """Wait for READY=1, as systemd does for Type=notify; fail if the process exits first."""
+        """Wait for READY=1, as systemd does for Type=notify; fail if the process exits first, or
+        when systemd would have given up on the start (TimeoutStartSec=, as extended)."""
         deadline = time.monotonic() + timeout
         while "READY=1" not in self.messages:
             assert self.process.poll() is None, f"exited {self.process.returncode} before READY=1:\n{self.text()}"
             assert time.monotonic() < deadline, f"no READY=1 within {timeout}s:\n{self.text()}"
+            assert time.monotonic() < self.start_deadline(), f"start timed out (TimeoutStartSec=):\n{self.text()}"
             self._receive(0.1)
+
+    def start_deadline(self) -> float:
+        """When systemd fails the start: TimeoutStartSec= after it began, or later when extended.
+
+        An EXTEND_TIMEOUT_USEC=N received at t moves the deadline to t + N when that is later
+        (sd_notify(3)), so a service that asks in time, again and again, may start for as long as it needs.
+        """
+        return max([self.started + self.timeout_start, *self._extended])
 
     def _receive(self, wait: float) -> None:
         self.notify.settimeout(wait)
         try:
-            self.messages.extend(self.notify.recv(4096).decode().splitlines())
+            lines = self.notify.recv(4096).decode().splitlines()
         except TimeoutError:
-            pass
+            return
+        now = time.monotonic()
+        if "READY=1" not in self.messages:  # only the start is extended here
+            for line in lines:
+                if line.startswith("EXTEND_TIMEOUT_USEC="):
+                    assert now < self.start_deadline(), "extended after the start timed out: too late"
+                    self._extended.append(now + int(line.partition("=")[2]) / 1_000_000)
+        self.messages.extend(lines)
 
     def wait_for(self, pattern: str, timeout: float = 15, count: int = 1) -> list[str]:
         """The log lines matching ``pattern``, once there are ``count`` of them."""
@@ -233,8 +258,10 @@ class Running:
             sock.close()
 
 
-def _listen(value: str, installed: Installed, unit: UnitFile) -> tuple[socket.socket, int | None, Path | None]:
-    """One ListenStream= socket, bound and listening as systemd makes it."""
+def _listen(
+    value: str, installed: Installed, unit: UnitFile, port: int = 0
+) -> tuple[socket.socket, int | None, Path | None]:
+    """One ListenStream= socket, bound and listening as systemd makes it (a port on ``port``, 0: any free one)."""
     backlog = int(unit.value("Socket", "Backlog", "4096") or 4096)
     if value.startswith("/"):
         path = installed.path(value)
@@ -250,7 +277,7 @@ def _listen(value: str, installed: Installed, unit: UnitFile) -> tuple[socket.so
     # [address:]port: here on 127.0.0.1, on a free port (the test's stand-in for 443 or 80).
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(backlog)
     return sock, sock.getsockname()[1], None
 
@@ -264,25 +291,35 @@ def _id(name: str, database: str) -> int:
 def start(
     installed: Installed,
     service: UnitFile,
-    sockets: UnitFile | None = None,
+    sockets: UnitFile | Sequence[UnitFile] | None = None,
     *,
     extra: Iterable[str] = (),
     env: dict[str, str] | None = None,
+    ports: Mapping[str, int] | None = None,
 ) -> Running:
-    """Start the service as systemd would (sockets first); ``extra`` arguments go after ExecStart's."""
+    """Start the service as systemd would (sockets first); ``extra`` arguments go after ExecStart's.
+
+    ``ports`` binds a ListenStream= port on 127.0.0.1 on the port given (``{"80": 5002}``), not a free one.
+    """
     name = service.path.name
-    ports: dict[str, int] = {}
+    socket_units = [sockets] if isinstance(sockets, UnitFile) else list(sockets or ())
+    listed = {unit for value in service.values("Service", "Sockets") for unit in value.split()}
+    bound_ports: dict[str, int] = {}
     paths: dict[str, Path] = {}
     bound: list[socket.socket] = []
     names: list[str] = []
-    for value in sockets.values("Socket", "ListenStream") if sockets else ():
-        sock, port, path = _listen(value, installed, sockets)  # type: ignore[arg-type]
-        bound.append(sock)
-        names.append(sockets.value("Socket", "FileDescriptorName", sockets.path.stem) or "")  # type: ignore[union-attr]
-        if port is not None:
-            ports[value] = port
-        if path is not None:
-            paths[value] = path
+    for unit in socket_units:
+        triggers = unit.value("Socket", "Service", unit.path.stem + ".service")
+        # systemd passes a socket unit's fds to the service it triggers and to those listing it.
+        assert triggers == name or unit.path.name in listed, f"{unit.path.name} is not {name}'s"
+        for value in unit.values("Socket", "ListenStream"):
+            sock, port, path = _listen(value, installed, unit, (ports or {}).get(value, 0))
+            bound.append(sock)
+            names.append(unit.value("Socket", "FileDescriptorName", unit.path.stem) or "")
+            if port is not None:
+                bound_ports[value] = port
+            if path is not None:
+                paths[value] = path
 
     environment = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -320,8 +357,9 @@ def start(
         environment["CREDENTIALS_DIRECTORY"] = str(directory)
     state = [installed.path(f"/var/lib/{d}") for v in service.values("Service", "StateDirectory") for d in v.split()]
     for directory in state:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+        directory.mkdir(parents=True, exist_ok=True)
         os.chown(directory, installed.uid, installed.gid)
+        directory.chmod(int(service.value("Service", "StateDirectoryMode", "0755") or "0755", 8))
     if state:
         environment["STATE_DIRECTORY"] = ":".join(map(str, state))
     environment.update(env or {})
@@ -351,7 +389,17 @@ def start(
             pass_fds=spec["fds"],
             start_new_session=True,
         )
-    return Running(process, log, ports, paths, signal.Signals["SIG" + reload[1].lstrip("-")], notify, bound)
+    timeout = service.value("Service", "TimeoutStartSec")
+    return Running(
+        process,
+        log,
+        bound_ports,
+        paths,
+        signal.Signals["SIG" + reload[1].lstrip("-")],
+        notify,
+        bound,
+        timeout_start=_seconds(timeout) if timeout else 90.0,
+    )
 
 
 def _mounts(installed: Installed, service: UnitFile, state: list[Path]) -> list[tuple[str, str | None, str]]:
@@ -376,11 +424,11 @@ def _mounts(installed: Installed, service: UnitFile, state: list[Path]) -> list[
     covers: list[tuple[str, str | None, str]] = []
     for number, directory in enumerate(covered):
         stage = installed.path(f"/.covered{number}")
-        stage.mkdir(mode=0o755)
+        stage.mkdir(mode=0o755, exist_ok=True)  # made by an earlier start in the same root (a restart)
         for path in needed:
             if path.is_relative_to(directory):
                 through = stage / path.relative_to(directory)
-                through.mkdir(parents=True)
+                through.mkdir(parents=True, exist_ok=True)
                 for made in [through, *through.parents]:
                     if made.is_relative_to(stage):
                         made.chmod(0o755)
@@ -403,7 +451,7 @@ def _seconds(value: str) -> float:
 
 @contextmanager
 def running(
-    installed: Installed, service: UnitFile, sockets: UnitFile | None = None, **kwargs: Any
+    installed: Installed, service: UnitFile, sockets: UnitFile | Sequence[UnitFile] | None = None, **kwargs: Any
 ) -> Iterator[Running]:
     """A started service, closed (its whole process group killed) at the end."""
     service_process = start(installed, service, sockets, **kwargs)
