@@ -14,6 +14,7 @@ from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
 from .plugins import dependencies_middleware
 from .proxy import TrustedProxies, UntrustedForwarding
+from .readiness import READINESS, Readiness, ready
 from .workflow.runtime import setup_workflow_runtime
 from .workflow.schedules import HostSchedules
 
@@ -64,6 +65,7 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
+    app[READINESS] = Readiness()  # starting: serve() says when every listener serves, and when the stop begins
     setup_workflow_runtime(app, schedules)
 
     async def count_repeated_errors(app: web.Application) -> None:
@@ -71,6 +73,7 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
 
     app.on_cleanup.append(count_repeated_errors)
     app.router.add_get("/health", views.health)  # HEAD too: 200, no body
+    app.router.add_get("/ready", ready)  # 503 while starting or stopping
     app.router.add_post("/workflow", views.run_workflow)
     for extension in config.extensions:
         extension(app)

@@ -31,7 +31,7 @@ from aiohttp.typedefs import Handler
 from .errors import ConfigError, http_error
 
 REALM = 'Bearer realm="aioserver"'
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ready"})
 # GET, and HEAD, which is GET without the body (RFC 9110 section 9.3.2): a balancer's probe.
 OPEN_METHODS = frozenset({"GET", "HEAD"})
 # Routes (method, path as registered) whose handler checks a scoped token itself:
@@ -207,7 +207,7 @@ def _challenge(cls: type[web.HTTPException], message: str, error: str | None) ->
 
 
 def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
-    """The middleware checking every request but ``GET /health`` (and HEAD) against ``store``.
+    """The middleware checking every request but ``GET /health`` and ``GET /ready`` (and HEAD) against ``store``.
 
     With no token in ``store`` the service is open, as txtai's is without ``TOKEN``.
     """

@@ -366,7 +366,7 @@ class Settings:
     timeout_graceful_shutdown: float = _option(
         30.0,
         positive_float,
-        "on SIGTERM/SIGINT, wait this long for in-flight requests before closing them",
+        "on SIGTERM/SIGINT, wait this long for in-flight requests before closing them (after --shutdown-delay)",
         metavar="SECONDS",
     )
     log_level: str = _option("info", log_level, "log level: " + ", ".join(LOG_LEVELS), env="LOG_LEVEL", metavar="LEVEL")
@@ -379,7 +379,8 @@ class Settings:
     shutdown_delay: float = _option(
         0.0,
         non_negative_float,
-        "on SIGTERM, answer GET /ready with 503 this long before the listeners close (for a balancer to notice)",
+        "on SIGTERM/SIGINT, answer GET /ready with 503 and serve on this long before the listeners close"
+        " (for a balancer to notice); --timeout-graceful-shutdown comes after it",
         metavar="SECONDS",
     )
     allowed_hosts: tuple[str, ...] = _option(

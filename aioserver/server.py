@@ -25,6 +25,7 @@ from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners, stop_
 from .listeners import close as close_listeners
 from .logs import AccessLogger, flush_access_log
 from .logtext import loggable
+from .readiness import READINESS
 from .systemd import Notifier
 from .tls import ReloadableContext, TLSError
 from .watch import in_reload_thread, watch_tls_files
@@ -112,10 +113,11 @@ async def _serve(
     sites: list[tuple[web.BaseSite, Listener]] = []
     background: list[asyncio.Task[None]] = []
     grace = config.settings.timeout_graceful_shutdown
-    deadline: float | None = None  # of the stop: the grace period from its signal on
+    deadline: float | None = None  # of the stop: the grace period from the end of --shutdown-delay on
     # With ACME, this process's part in obtaining the certificate and keeping it fresh.
     certificates = CertificateManager(config.acme, config.tls, notifier) if config.acme and config.tls else None
     stop: signal.Signals | None = None
+    hurried = False  # a second SIGINT during --shutdown-delay: cut the requests off at once
     try:
         await runners[0].setup()
         main = [listener for listener in sockets if listener.role == MAIN]
@@ -146,14 +148,22 @@ async def _serve(
                 # ACME's files are followed by the certificate manager itself.
                 watching = watch_tls_files(config.tls, config.settings.ssl_watch_interval)
                 background.append(asyncio.create_task(watching))
+            app[READINESS].serving()
             stop = await _handle_signals(received, app, config, notifier)
+            app[READINESS].stopping()  # from the signal on: a balancer polling /ready stops sending
+            notifier.stopping()
+            hurried = await _shutdown_delay(received, stop, config.settings.shutdown_delay)
+        else:  # stopped before serving HTTPS (ACME): never ready, no balancer to wait for
+            app[READINESS].stopping()
+            notifier.stopping()
+        # The grace period counts from here, after the delay: it is the time of the requests in
+        # flight, as without a delay (as a Kubernetes preStop sleep comes before SIGTERM).
         deadline = asyncio.get_running_loop().time() + grace
         await _stop_accepting(runners, sites, owned)
-        notifier.stopping()
         notifier.notify(systemd.NOT_ACCEPTING)  # for a parent: the sockets may stop listening
         flush_access_log()  # the lines of the requests so far come before this one
         logger.info("shutting down (%s): no new connections, up to %gs for requests in flight", stop.name, grace)
-        deadline = await _drain(runners, connections, received, deadline, grace)
+        deadline = await _drain(runners, connections, received, deadline, grace, hurried)
     finally:
         try:
             await _close_down(runners, deadline, grace)
@@ -169,6 +179,34 @@ async def _serve(
             for listener in sockets:
                 listener.sock.close()
     logger.info("stopped")
+
+
+async def _shutdown_delay(received: asyncio.Queue[signal.Signals], stop: signal.Signals, delay: float) -> bool:
+    """Go on serving for ``delay`` seconds (--shutdown-delay) while GET /ready answers 503, so
+    that a balancer polling it stops sending requests here before the listeners close.
+
+    Returns True when a SIGINT (Ctrl-C again) ended it early: stop now.
+    """
+    if delay <= 0:
+        return False
+    logger.info(
+        "stopping in %gs (%s, --shutdown-delay): GET /ready answers 503, requests are served until then",
+        delay,
+        stop.name,
+    )
+    loop = asyncio.get_running_loop()
+    end = loop.time() + delay
+    while loop.time() < end:
+        try:
+            async with asyncio.timeout_at(end):
+                sig = await received.get()
+        except TimeoutError:
+            break
+        if sig == signal.SIGINT:
+            logger.warning("second SIGINT: stopping now, without the rest of --shutdown-delay")
+            return True
+        _ignored(sig)
+    return False
 
 
 async def _stop_accepting(
@@ -201,13 +239,14 @@ async def _drain(
     received: asyncio.Queue[signal.Signals],
     deadline: float,
     grace: float,
+    hurried: bool = False,
 ) -> float:
     """Let the requests in flight finish until the stop's deadline nears, then cut them off.
 
     The apps' on_shutdown hooks run first, as in aiohttp's own drain: what they tell to end
     (a long-lived answer, a scheduled run) has the same time as the requests. A second SIGINT
-    (Ctrl-C again) cuts the requests off at once. Returns the deadline for the rest of the
-    stop (sooner after a second SIGINT).
+    (Ctrl-C again; ``hurried``: it came during --shutdown-delay) cuts the requests off at
+    once. Returns the deadline for the rest of the stop (sooner after a second SIGINT).
     """
     loop = asyncio.get_running_loop()
     reserve = min(CUT_OFF_TIME, grace / 5)
@@ -219,6 +258,10 @@ async def _drain(
                 await runner.shutdown()
     except TimeoutError:
         logger.warning("on_shutdown hooks still running at the end of the grace period: cancelled")
+    if hurried:
+        reason = "second SIGINT: stopping now"
+        cut_at = min(cut_at, loop.time())
+        deadline = cut_at + reserve
     while connections.in_flight() and loop.time() < cut_at:
         try:
             async with asyncio.timeout(min(DRAIN_POLL, cut_at - loop.time())):

@@ -202,31 +202,46 @@ class Supervisor:
             notifier.status(f"worker {worker.slot} died, restarting")
 
     def stop(self, notifier: Notifier) -> int:
-        """Stop every worker within the grace period; 0 when each one stopped cleanly.
+        """Stop every worker within --shutdown-delay and the grace period; 0 when each one stopped cleanly.
 
-        SIGTERM goes to each worker, which stops accepting and finishes its requests in flight,
-        and the sockets stop listening, so that new connections are refused at once (they would
-        wait in the backlog until the exit, then be reset). A second SIGINT
-        is passed on: the workers cut off their requests at once. A worker still running after
-        the grace period, or whose event loop is stuck, is killed.
+        SIGTERM goes to each worker, which answers GET /ready 503 and serves on for
+        --shutdown-delay, then stops accepting and finishes its requests in flight; the sockets
+        stop listening at the end of the delay, so that new connections are refused at once
+        (they would wait in the backlog until the exit, then be reset). A second SIGINT is
+        passed on (the workers end the delay and cut off their requests at once) and ends the
+        delay here too. A worker still running after the delay and the grace period, or whose
+        event loop is stuck, is killed.
         """
         notifier.stopping()
         grace = self.config.settings.timeout_graceful_shutdown
-        logger.info("stopping %d workers: up to %gs for their requests in flight", len(self.workers), grace)
-        deadline = time.monotonic() + grace + STOP_SLACK
+        delay = self.config.settings.shutdown_delay
+        # Taken before the workers are signalled: their delay ends a little after ours, so that
+        # the sockets stop listening while the workers still accept (see below).
+        listening_until = time.monotonic() + delay
+        deadline = listening_until + grace + STOP_SLACK
         self.restarts.clear()
         for worker in self.workers.values():
             os.kill(worker.pid, signal.SIGTERM)
-        # While the workers still accept: only the connections of this very instant are in the
-        # backlog, to be reset. Each worker stops reading the sockets a turn of its loop later.
-        stop_listening(self.listeners)
-        again, hurried, clean = True, False, True
+        if delay > 0:
+            logger.info(
+                "stopping %d workers in %gs (--shutdown-delay): GET /ready answers 503, requests are served until then",
+                len(self.workers),
+                delay,
+            )
+        listening, again, hurried, clean = True, True, False, True
         while self.workers:
-            if again and not any(worker.accepting for worker in self.workers.values()):
+            if listening and (hurried or time.monotonic() >= listening_until):
+                logger.info("stopping %d workers: up to %gs for their requests in flight", len(self.workers), grace)
+                # While the workers still accept: only the connections of this very instant are in
+                # the backlog, to be reset. Each worker stops reading the sockets a moment later.
+                stop_listening(self.listeners)
+                listening = False
+            if not listening and again and not any(worker.accepting for worker in self.workers.values()):
                 # A worker still starting when the stop came may have made them listen again.
                 stop_listening(self.listeners)
                 again = False
-            info = signal.sigtimedwait(SIGNALS, TICK)
+            wait = min(TICK, max(0.0, listening_until - time.monotonic())) if listening else TICK
+            info = signal.sigtimedwait(SIGNALS, wait)
             self.read_messages()
             if info is not None and info.si_signo == signal.SIGINT and not hurried:
                 logger.warning("second SIGINT: stopping now, the workers cut off their requests in flight")
@@ -235,6 +250,8 @@ class Supervisor:
                     os.kill(worker.pid, signal.SIGINT)
             elif info is not None and info.si_signo == signal.SIGUSR1:
                 logger.info("SIGUSR1 ignored (logs go to stderr: nothing to reopen)")
+            elif info is not None and info.si_signo in (signal.SIGTERM, signal.SIGHUP):
+                logger.info("%s ignored: shutting down already", signal.Signals(info.si_signo).name)
             clean = self.collect() and clean
             now = time.monotonic()
             self.kill_stuck(now)
@@ -245,7 +262,7 @@ class Supervisor:
                             "worker %d (pid %d) still running %gs after SIGTERM: killing it",
                             worker.slot,
                             worker.pid,
-                            grace + STOP_SLACK,
+                            delay + grace + STOP_SLACK,
                         )
                         self.kill(worker)
             self.ping(notifier, now)

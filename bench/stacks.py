@@ -7,8 +7,10 @@ process group) however the run ends. Servers listen on 127.0.0.1 only, on free p
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -39,6 +41,7 @@ AIOSERVER_ENV = (
     "TRUSTED_PROXIES",
     "WORKERS",
     "LOG_LEVEL",
+    "LOG_FORMAT",
     "TOKEN",
     "TOKEN_FILE",
     "DEPENDENCIES",
@@ -168,6 +171,8 @@ class Stack:
     launch: Launcher
     denials: frozenset[int] = frozenset({401})  # acceptable answers without credentials
     note: str = ""
+    # What else it must show once started (the options it is measured with do act); problems.
+    verify: Callable[[Context, Server], list[str]] | None = None
 
 
 def _uvicorn(ctx: Context, name: str, scheme: str, cpus: str | None) -> tuple[int, subprocess.Popen[bytes]]:
@@ -269,11 +274,28 @@ def launch_floor(ctx: Context, scheme: str, cpus: str | None) -> Server:
     return Server(f"{scheme}://{HOST}:{port}", (name,), (process,))
 
 
-def aioserver_launcher(workers: int) -> Launcher:
-    """A launcher of ``python -m aioserver`` with ``workers`` workers, on its default config."""
+# Options of aioserver's that need a library of an extra: the module, and the extra.
+NEEDS = {"--metrics": ("prometheus_client", "metrics")}
+
+
+def aioserver_launcher(workers: int, *options: str) -> Launcher:
+    """A launcher of ``python -m aioserver`` with ``workers`` workers and ``options``, on its default config.
+
+    An option this build does not list in its ``--help`` (or whose library is missing) makes
+    the stack Unavailable, with the reason.
+    """
 
     def launch(ctx: Context, scheme: str, cpus: str | None) -> Server:
-        command = [ctx.python, "-m", "aioserver", "--host", HOST]
+        for option in options:
+            if option not in ctx.aioserver_flags:
+                raise Unavailable(f"this aioserver has no {option} option yet (SPEC §8)")
+            if option in NEEDS and importlib.util.find_spec(NEEDS[option][0]) is None:
+                module, extra = NEEDS[option]
+                raise Unavailable(
+                    f"{option} needs {module}, which bench/.venv installs with aioserver's {extra!r} extra:"
+                    f" not installed (setup.cfg declares no {extra!r} extra yet, or --no-install)"
+                )
+        command = [ctx.python, "-m", "aioserver", "--host", HOST, *options]
         if scheme == "https":
             for flag in ("--ssl-certfile", "--ssl-keyfile"):
                 if flag not in ctx.aioserver_flags:
@@ -285,7 +307,8 @@ def aioserver_launcher(workers: int) -> Launcher:
             command += ["--workers", str(workers)]
         port = free_port()
         command += ["--port", str(port)]
-        name = f"aioserver-w{workers}-{'pinned' if cpus else 'unpinned'}-{scheme}"
+        variant = "".join(option.replace("--", "-") for option in options)
+        name = f"aioserver-w{workers}{variant}-{'pinned' if cpus else 'unpinned'}-{scheme}"
         process = ctx.processes.start(name, command, ctx.server_env(), cpus)
         return Server(f"{scheme}://{HOST}:{port}", (name,), (process,))
 
@@ -309,8 +332,11 @@ def wait_until_listening(ctx: Context, server: Server, timeout: float = 30.0) ->
             time.sleep(0.1)
 
 
-def post(url: str, headers: dict[str, str], cafile: Path, attempts: int = 20) -> tuple[int, bytes]:
-    """POST the echo request; retry while the server is still warming up (502 from a proxy)."""
+def post(
+    url: str, headers: dict[str, str], cafile: Path, attempts: int = 20, method: str = "POST", path: str = "/workflow"
+) -> tuple[int, bytes]:
+    """POST the echo request (or ``method path`` without a body); retry while the server is
+    still warming up (502 from a proxy)."""
     parts = urlsplit(url)
     for attempt in range(attempts):
         if parts.scheme == "https":
@@ -321,7 +347,10 @@ def post(url: str, headers: dict[str, str], cafile: Path, attempts: int = 20) ->
         else:
             connection = http.client.HTTPConnection(parts.hostname or HOST, parts.port, timeout=10)
         try:
-            connection.request("POST", "/workflow", REQUEST_BODY, {"Content-Type": "application/json", **headers})
+            if method == "POST":
+                connection.request(method, path, REQUEST_BODY, {"Content-Type": "application/json", **headers})
+            else:
+                connection.request(method, path, headers=headers)
             response = connection.getresponse()
             status, body = response.status, response.read()
         except (ConnectionError, http.client.RemoteDisconnected):
@@ -350,7 +379,38 @@ def check(ctx: Context, stack: Stack, server: Server) -> list[str]:
     status, body = post(server.url, {"Authorization": "Bearer not-the-token"}, ctx.cafile)
     if status != 401:
         problems.append(f"with a wrong token: {status}, expected 401")
+    if stack.verify is not None:
+        problems += stack.verify(ctx, server)
     return problems
+
+
+def auth_only(problems: list[str]) -> bool:
+    """Whether every problem :func:`check` found is a missing token check (--allow-missing-auth)."""
+    return bool(problems) and all(problem.startswith(("without a token", "with a wrong token")) for problem in problems)
+
+
+# An access line of aioserver's, text (``"POST /workflow HTTP/1.1" 200``) or JSON (``"path": "/workflow"``).
+ACCESS_LINE = re.compile(r'"POST /workflow HTTP/1\.[01]"|"path": ?"/workflow"')
+
+
+def access_lines(log: str) -> int:
+    """How many access lines of the check's POSTs a server's log holds."""
+    return len(ACCESS_LINE.findall(log))
+
+
+def no_access_lines(ctx: Context, server: Server) -> list[str]:
+    """--no-access-log acts: the check's requests left no access line in the log."""
+    time.sleep(0.5)  # access lines are written in batches, at most 0.1 s late
+    found = access_lines(ctx.processes.log_tail(server.names[0], lines=1000))
+    return [f"--no-access-log did not act: {found} access lines in its log"] if found else []
+
+
+def serves_metrics(ctx: Context, server: Server) -> list[str]:
+    """--metrics acts: GET /metrics with the token answers 200 with aioserver's counters."""
+    status, body = post(server.url, {"Authorization": f"Bearer {ctx.token}"}, ctx.cafile, method="GET", path="/metrics")
+    if status != 200 or b"aioserver_requests_total" not in body:
+        return [f"--metrics did not act: GET /metrics answered {status} {body[:100]!r}"]
+    return []
 
 
 def aioserver_flags(python: str) -> frozenset[str]:

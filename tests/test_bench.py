@@ -224,3 +224,73 @@ def test_run_defaults_measure_every_mode_three_times() -> None:
     args = run_script.parse_args([])
     assert args.repetitions == 3
     assert args.modes.split(",") == ["http", "https", "https-close"]
+
+
+# -- the observability stacks (issue 12): their options detected, their effect checked
+
+stacks = _load("stacks")
+
+
+@pytest.mark.parametrize(
+    "extras, expected",
+    [
+        ("speed =\n    uvloop\ntest =\n    pytest\n", ["speed"]),
+        ("speed =\n    uvloop\nmetrics =\n    prometheus-client\n", ["speed", "metrics"]),
+        ("acme =\n    acme\n", []),
+    ],
+)
+def test_the_bench_venv_installs_the_extras_setup_cfg_declares(extras: str, expected: list[str]) -> None:
+    setup_cfg = f"[metadata]\nname = aioserver\n\n[options.extras_require]\n{extras}"
+    assert run_script.declared_extras(setup_cfg) == expected
+    assert run_script.declared_extras("[metadata]\nname = aioserver\n") == []
+
+
+def test_each_aioserver_configuration_is_measured_against_the_floor(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.syspath_prepend(str(BENCH))  # as run.py runs: bench/ on the path
+    table = {stack.key: stack for stack in run_script.stacks_table()}
+    for key, option in [("aioserver-no-access-log", "--no-access-log"), ("aioserver-metrics", "--metrics")]:
+        assert table[key].pinned and table[key].reference == "aioserver" and option in table[key].label
+        assert table[key].verify is not None
+    floor = {(t.stack, t.minimum) for t in run_script.targets() if t.reference == "aiohttp" and t.mode == "https"}
+    assert floor == {("aioserver", 0.9), ("aioserver-no-access-log", 0.95), ("aioserver-metrics", 0.85)}
+
+
+def _context(tmp_path: Path, flags: set[str]):  # type: ignore[no-untyped-def]
+    return stacks.Context(
+        python=sys.executable,
+        processes=stacks.Processes(tmp_path),
+        work=tmp_path,
+        certfile=tmp_path / "cert",
+        keyfile=tmp_path / "key",
+        cafile=tmp_path / "ca",
+        token="t",
+        token_hash="h",
+        server_cpus=None,
+        aioserver_flags=frozenset(flags),
+        floor_loop="auto",
+    )
+
+
+def test_an_option_this_build_lacks_makes_its_stack_unavailable(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    launch = stacks.aioserver_launcher(1, "--metrics")
+    with pytest.raises(stacks.Unavailable, match="no --metrics option yet"):
+        launch(_context(tmp_path, {"--ssl-certfile", "--ssl-keyfile"}), "https", None)
+    # Listed in --help, but its library is not installed: unavailable too, saying which extra.
+    monkeypatch.setitem(stacks.NEEDS, "--metrics", ("no_such_module_for_the_bench", "metrics"))
+    with pytest.raises(stacks.Unavailable, match="no_such_module_for_the_bench.*'metrics' extra"):
+        launch(_context(tmp_path, {"--metrics", "--ssl-certfile", "--ssl-keyfile"}), "https", None)
+
+
+def test_access_lines_are_found_as_text_or_json() -> None:
+    text = '127.0.0.1 https "POST /workflow HTTP/1.1" 200 9 0.001s ci\n'
+    json_line = '{"message": "access", "method": "POST", "path": "/workflow", "status": 200}\n'
+    assert stacks.access_lines("INFO aioserver: serving on https://127.0.0.1:8443\n") == 0
+    assert stacks.access_lines(text * 3) == 3
+    assert stacks.access_lines(json_line) == 1
+
+
+def test_only_missing_token_checks_may_be_measured_anyway() -> None:
+    assert stacks.auth_only(["without a token: 200, expected 401", "with a wrong token: 200, expected 401"])
+    assert not stacks.auth_only([])
+    assert not stacks.auth_only(["without a token: 200, expected 401", "--metrics did not act: GET /metrics ..."])
+    assert not stacks.auth_only(["with the token: 500 b'', expected 200 [\"hello\"]"])
