@@ -212,19 +212,23 @@ class StateDirectory:
             os.unlink(os.path.join(self.challenge_dir, token))
 
     def drop_stale_challenges(self) -> None:
-        """Drop the answers left by a process stopped mid-order: those older than any order lasts.
+        """Drop what a process stopped mid-order left: the answers, and its temporary files (a
+        new key not put in place, say), those older than any order lasts.
 
         Fresher ones may be another certificate's, whose order is under way in another process.
         """
-        try:
-            entries = list(os.scandir(self.challenge_dir))
-        except OSError:  # made again by the next answer written
-            return
         stale = time.time() - STALE_CHALLENGE
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_mtime < stale:
-                    self.drop_challenge(entry.name)
+        for directory, temporaries_only in ((self.challenge_dir, False), (self.certificate_dir, True)):
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:  # made again by the next file written
+                continue
+            for entry in entries:
+                if temporaries_only and not entry.name.startswith("."):
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < stale:
+                        os.unlink(entry.path)
 
     def challenge(self, token: str) -> bytes | None:
         """The answer to ``token``'s challenge, if one was put: on the event loop, so it must

@@ -350,7 +350,8 @@ def test_a_certificate_missing_a_name_holds_nothing(state: StateDirectory, caplo
         assert load_held(state, (*DOMAINS, "ops.aioserver.test")) is None
     assert said(caplog) == [
         f"acme: the certificate held in {state.certificate_dir} does not name www.aioserver.test: ordering a new one",
-        f"acme: the certificate held in {state.certificate_dir} does not name www.aioserver.test, ops.aioserver.test: ordering a new one",
+        f"acme: the certificate held in {state.certificate_dir} does not name www.aioserver.test, ops.aioserver.test:"
+        " ordering a new one",
     ]
 
 
@@ -801,3 +802,26 @@ async def test_the_names_of_the_certificate_are_allowed_hosts(tmp_path: Path) ->
     async with TestClient(TestServer(create_app(config))) as client:  # type: ignore[arg-type]
         assert (await client.get("/health", headers={"Host": "api.aioserver.test"})).status == 200
         assert (await client.get("/health", headers={"Host": "evil.test"})).status == 400
+
+
+def test_what_a_process_stopped_mid_order_left_is_dropped_once_stale(state: StateDirectory) -> None:
+    """Answers and temporaries older than any order: dropped by the next leader; fresher ones may
+    be another process's order under way, and the files in force stay whatever their age."""
+    old = time.time() - autocert.STALE_CHALLENGE - 60
+    paths = {
+        "old answer": Path(state.challenge_dir, "tok-old"),
+        "fresh answer": Path(state.challenge_dir, "tok-new"),
+        "old temporary": Path(state.certificate_dir, ".key.pem.abc123"),
+        "fresh temporary": Path(state.certificate_dir, ".key.pem.def456"),
+        "key in force": Path(state.key_file),
+    }
+    for path in paths.values():
+        path.write_bytes(b"x")
+    for name in ("old answer", "old temporary", "key in force"):
+        os.utime(paths[name], (old, old))
+    state.drop_stale_challenges()
+    assert {name for name, path in paths.items() if path.exists()} == {
+        "fresh answer",
+        "fresh temporary",
+        "key in force",
+    }
