@@ -55,7 +55,7 @@ async def run_workflow(request: web.Request) -> web.Response:
         workflow = app[WORKFLOWS].get(name)
         if workflow is None:
             raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
-        results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
+        results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]), name)
         try:
             # An answer to a big body may be big too: what orjson cannot serialize leaves the loop.
             answer = jsoncodec.dumps(results) if inline else await jsoncodec.dumps_off_loop(results)
