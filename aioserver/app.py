@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from . import views
@@ -17,6 +19,9 @@ from .proxy import TrustedProxies, UntrustedForwarding
 from .workflow.runtime import setup_workflow_runtime
 from .workflow.schedules import HostSchedules
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 # On every answer: our name, not aiohttp's (which gives its version away), and no sniffing.
 HEADERS = {"Server": "aioserver", "X-Content-Type-Options": "nosniff"}
 # RFC 6797: two years, as Mozilla's guidelines; sent on HTTPS answers only.
@@ -29,7 +34,10 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     ``schedules``: this process's part in the host's schedules (by default, it runs them).
     """
     tokens = TokenStore(config.tokens)
+    metrics = _metrics(config)
     # Middleware order, outermost first:
+    # 0. with --metrics, the one counting requests, outermost of all: it counts each answer
+    #    with the status it leaves with, an error's as rendered by 1;
     # 1. error_middleware renders every error raised inside it as JSON and adds the headers
     #    every answer carries, so it wraps all else;
     # 2. the proxy middleware swaps in the client and scheme a trusted proxy reports, so that
@@ -44,7 +52,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     # 6. the user's dependencies run only for authorized requests.
     headers = {**HEADERS, "Strict-Transport-Security": HSTS} if config.tls else HEADERS
     tracebacks = TracebackLog()
-    middlewares = [error_middleware(headers, tracebacks)]
+    middlewares = [metrics.middleware()] if metrics else []
+    middlewares.append(error_middleware(headers, tracebacks))
     if config.proxied:
         middlewares.append(TrustedProxies(config.settings.trusted_proxies).middleware())
     else:
@@ -63,7 +72,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app[CONFIG] = config
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
-    app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
+    concurrency, timeout = config.settings.limit_concurrency, config.settings.timeout_workflow
+    app[LIMITS] = metrics.limits(concurrency, timeout) if metrics else WorkflowLimits(concurrency, timeout)
     setup_workflow_runtime(app, schedules)
 
     async def count_repeated_errors(app: web.Application) -> None:
@@ -72,6 +82,19 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app.on_cleanup.append(count_repeated_errors)
     app.router.add_get("/health", views.health)  # HEAD too: 200, no body
     app.router.add_post("/workflow", views.run_workflow)
+    if metrics:
+        metrics.setup(app)  # GET /metrics
     for extension in config.extensions:
         extension(app)
     return app
+
+
+def _metrics(config: Config) -> Metrics | None:
+    """The metrics of the app, with --metrics; None without (and no cost)."""
+    if not config.settings.metrics:
+        return None
+    # An extra (pip install 'aioserver[metrics]'), which the default install lacks: imported
+    # only when asked for (config.py has checked it is installed).
+    from .metrics import Metrics
+
+    return Metrics(config.workflows, config.tls, config.metrics_dir)
