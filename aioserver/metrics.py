@@ -76,11 +76,10 @@ class Metrics:
     """
 
     def __init__(self, workflows: Iterable[str], tls: ReloadableContext | None, shared: str | None = None) -> None:
-        if shared:
-            _write_to_files()
+        _keep_values(bool(shared))
         # No ``_created`` series (prometheus-client's switch is for the whole process): the
         # workers' files have none, and they would double the lines of a scrape.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.tls = tls
         self.connections: Connections | None = None  # the server's, once started (not under a test client)
         self.registry = CollectorRegistry()
@@ -252,15 +251,16 @@ class _CountedLimits(WorkflowLimits):
             self.metrics.observe_run(workflow, outcome, time.perf_counter() - started)
 
 
-def _write_to_files() -> None:
-    """Have this process's values written to the shared files.
+def _keep_values(shared: bool) -> None:
+    """Have this process's values kept in the shared files (under --workers), else in memory.
 
-    prometheus-client chooses how values are kept when it is first imported, from the
-    environment: a worker's parent imports it before it makes the directory (WorkerFiles, in
-    this module), and a user's extension may import it sooner still.
+    prometheus-client chooses when first imported, from the environment: a worker's parent
+    imports it before it makes the directory (WorkerFiles, below), a user's extension may import
+    it sooner still, and a single process may find ``PROMETHEUS_MULTIPROC_DIR`` left in its
+    environment, naming a directory that is not ours, or none.
     """
-    if not getattr(values.ValueClass, "_multiprocess", False):
-        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    if shared != getattr(values.ValueClass, "_multiprocess", False):
+        values.ValueClass = values.MultiProcessValue() if shared else values.MutexValue  # type: ignore[no-untyped-call]
 
 
 class WorkerFiles:

@@ -290,7 +290,9 @@ def test_one_scrape_counts_every_request_as_deployed(deployment: Deployment, tmp
         done = subprocess.run(aioserver_command("--check"), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr  # and without it, all is as before
         return
-    with Server("--config", WORKFLOWS, "--metrics", env={"TMPDIR": str(tmp_path)}) as server:
+    # A variable of prometheus-client's left in the environment, naming no directory: ignored.
+    env = {"TMPDIR": str(tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "nowhere")}
+    with Server("--config", WORKFLOWS, "--metrics", env=env) as server:
         statuses = [run(server.port, "double", token=None) for _ in range(20)]
         assert statuses == [200] * 20
         samples = scrape(server.port)
