@@ -72,8 +72,7 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app[CONFIG] = config
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
-    concurrency, timeout = config.settings.limit_concurrency, config.settings.timeout_workflow
-    app[LIMITS] = metrics.limits(concurrency, timeout) if metrics else WorkflowLimits(concurrency, timeout)
+    app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
     setup_workflow_runtime(app, schedules)
 
     async def count_repeated_errors(app: web.Application) -> None:

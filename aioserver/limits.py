@@ -68,11 +68,8 @@ class WorkflowLimits:
     def __exit__(self, *exc_info: object) -> None:
         self.running -= 1
 
-    async def run(self, work: Callable[[], Awaitable[T]], workflow: str = "") -> T:
-        """Run ``work()`` within the time limit; raise 504 as an HTTP error.
-
-        ``workflow`` names what runs, for a subclass that counts the runs (metrics.py).
-        """
+    async def run(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work()`` within the time limit; raise 504 as an HTTP error."""
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import pytest
 import trustme
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from aioserver import create_app, load_config
-from aioserver.keys import LIMITS
-from aioserver.limits import WorkflowLimits
+from aioserver import create_app, load_config, views
+from aioserver.errors import CUT_OFF
+from aioserver.metrics import OUTCOMES, Metrics
+from aioserver.views import WORKFLOW
 
 from conftest import TOKEN, TOKEN_HASH, ClientFactory, Deployment, PemFiles, Server, aioserver_command
 
@@ -396,10 +399,12 @@ def test_every_worker_counts_in_each_scrape_and_a_killed_one_keeps_its_counts(lo
 
 
 async def test_without_metrics_nothing_is_added(make_client: ClientFactory) -> None:
-    config = load_config(WORKFLOWS)
-    app = create_app(config)
-    assert type(app[LIMITS]) is WorkflowLimits  # no counting of runs
-    assert len(app.middlewares) == len(create_app(load_config(WORKFLOWS + "server: {metrics: true}")).middlewares) - 1
+    with_metrics = create_app(load_config(WORKFLOWS + "server: {metrics: true}"))
+    app = create_app(load_config(WORKFLOWS))
+    assert len(app.middlewares) == len(with_metrics.middlewares) - 1
+    assert {r.canonical for r in with_metrics.router.resources()} - {r.canonical for r in app.router.resources()} == {
+        "/metrics"
+    }
     client = await make_client(WORKFLOWS)
     response = await client.get("/metrics")
     assert response.status == 404
@@ -423,3 +428,22 @@ async def test_label_values_stay_few_whatever_clients_send(make_client: ClientFa
     }
     routes = {dict(labels)["route"] for name, labels in samples if name.startswith("aioserver_request_duration")}
     assert routes == {"unmatched"}
+
+
+@pytest.mark.parametrize(("cut_off", "outcome"), [(True, "cancelled"), (False, "error")])
+async def test_a_503_is_a_cancelled_run_when_the_shutdown_cut_it_off(cut_off: bool, outcome: str) -> None:
+    """The shutdown answers a request it cuts off 503 (server.py); a 503 of the workflow's own
+    making is an error. Seen in-process: no scrape reaches a process that is stopping."""
+    metrics = Metrics(["double"], None)
+    app = web.Application()
+    app.router.add_post("/workflow", views.run_workflow)
+    request = make_mocked_request("POST", "/workflow", app=app)
+    request._match_info = await app.router.resolve(request)
+    request[WORKFLOW] = "double"
+    if cut_off:
+        request[CUT_OFF] = True
+    metrics.observe(request, 503, 0.5)
+    samples = parse((await metrics.store.exposition()).decode())
+    assert value(samples, "aioserver_workflow_runs_total", workflow="double", outcome=outcome) == 1
+    assert sum(value(samples, "aioserver_workflow_runs_total", workflow="double", outcome=o) for o in OUTCOMES) == 1
+    assert value(samples, "aioserver_workflow_duration_seconds_sum", workflow="double") == 0.5
