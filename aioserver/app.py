@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from . import views
@@ -18,6 +20,9 @@ from .readiness import READINESS, Readiness, ready
 from .workflow.runtime import setup_workflow_runtime
 from .workflow.schedules import HostSchedules
 
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
 # On every answer: our name, not aiohttp's (which gives its version away), and no sniffing.
 HEADERS = {"Server": "aioserver", "X-Content-Type-Options": "nosniff"}
 # RFC 6797: two years, as Mozilla's guidelines; sent on HTTPS answers only.
@@ -30,7 +35,10 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     ``schedules``: this process's part in the host's schedules (by default, it runs them).
     """
     tokens = TokenStore(config.tokens)
+    metrics = _metrics(config)
     # Middleware order, outermost first:
+    # 0. with --metrics, the one counting requests, outermost of all: it counts each answer
+    #    with the status it leaves with, an error's as rendered by 1;
     # 1. error_middleware renders every error raised inside it as JSON and adds the headers
     #    every answer carries, so it wraps all else;
     # 2. the proxy middleware swaps in the client and scheme a trusted proxy reports, so that
@@ -45,7 +53,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     # 6. the user's dependencies run only for authorized requests.
     headers = {**HEADERS, "Strict-Transport-Security": HSTS} if config.tls else HEADERS
     tracebacks = TracebackLog()
-    middlewares = [error_middleware(headers, tracebacks)]
+    middlewares = [metrics.middleware()] if metrics else []
+    middlewares.append(error_middleware(headers, tracebacks))
     if config.proxied:
         middlewares.append(TrustedProxies(config.settings.trusted_proxies).middleware())
     else:
@@ -75,6 +84,19 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app.router.add_get("/health", views.health)  # HEAD too: 200, no body
     app.router.add_get("/ready", ready)  # 503 while starting or stopping
     app.router.add_post("/workflow", views.run_workflow)
+    if metrics:
+        metrics.setup(app)  # GET /metrics
     for extension in config.extensions:
         extension(app)
     return app
+
+
+def _metrics(config: Config) -> Metrics | None:
+    """The metrics of the app, with --metrics; None without (and no cost)."""
+    if not config.settings.metrics:
+        return None
+    # An extra (pip install 'aioserver[metrics]'), which the default install lacks: imported
+    # only when asked for (config.py has checked it is installed).
+    from .metrics import Metrics
+
+    return Metrics(config.workflows, config.tls, config.metrics_dir)

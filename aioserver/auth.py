@@ -137,6 +137,10 @@ class TokenStore:
 
 # The matched token of an authorized request, for handlers, dependencies and the access log.
 IDENTITY = web.RequestKey("identity", Token)
+# Why a request was refused, for the metrics: "missing" (no bearer credential), the RFC 6750
+# error ("invalid_request", "invalid_token", "insufficient_scope"), or "throttled" (429).
+AUTH_FAILURE = web.RequestKey("auth_failure", str)
+AUTH_FAILURES = ("missing", "invalid_request", "invalid_token", "insufficient_scope", "throttled")
 
 
 class FailureThrottle:
@@ -201,7 +205,11 @@ class FailureThrottle:
         return self.active()
 
 
-def _challenge(cls: type[web.HTTPException], message: str, error: str | None) -> web.HTTPException:
+def _deny(
+    request: web.Request, reason: str, cls: type[web.HTTPException], message: str, error: str | None
+) -> web.HTTPException:
+    """The refusal to raise, its reason noted on the request (see AUTH_FAILURE)."""
+    request[AUTH_FAILURE] = reason
     value = f'{REALM}, error="{error}"' if error else REALM
     return http_error(cls, message, **{"WWW-Authenticate": value})
 
@@ -220,27 +228,36 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
         client = throttle.client_key(request.remote) if throttle.active() else None
         wait = throttle.retry_after(client) if client is not None else 0
         if wait:
+            request[AUTH_FAILURE] = "throttled"
             raise http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
 
         headers = request.headers.getall("Authorization", [])
         if not headers:
-            raise _challenge(web.HTTPUnauthorized, "authorization required", None)
+            raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
         scheme = headers[0].split(" ", 1)[0]
         if len(headers) == 1 and scheme.lower() != "bearer":
             # Another scheme is no bearer credential at all (RFC 6750 section 3.1).
-            raise _challenge(web.HTTPUnauthorized, "authorization required: Bearer token", None)
+            raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required: Bearer token", None)
         bearer = _BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
         if bearer is None:
             throttle.failed(client or throttle.client_key(request.remote))
-            raise _challenge(web.HTTPBadRequest, "malformed Authorization header", "invalid_request")
+            raise _deny(
+                request, "invalid_request", web.HTTPBadRequest, "malformed Authorization header", "invalid_request"
+            )
         token = store.match(bearer.group(1))
         if token is None:
             throttle.failed(client or throttle.client_key(request.remote))
-            raise _challenge(web.HTTPUnauthorized, "invalid token", "invalid_token")
+            raise _deny(request, "invalid_token", web.HTTPUnauthorized, "invalid token", "invalid_token")
         # Routing is done when middlewares run: judged here, every route (an extension's,
         # one added later) is in a scoped token's reach only if its list names it.
         if not token.may_call(request):
-            raise _challenge(web.HTTPForbidden, "this token may not call this route", "insufficient_scope")
+            raise _deny(
+                request,
+                "insufficient_scope",
+                web.HTTPForbidden,
+                "this token may not call this route",
+                "insufficient_scope",
+            )
         request[IDENTITY] = token
         return await handler(request)
 
@@ -251,7 +268,13 @@ def check_scope(request: web.Request, workflow: str) -> None:
     """Deny (403 insufficient_scope) a token that may not run ``workflow``."""
     token = request.get(IDENTITY)
     if token is not None and not token.may_run(workflow):
-        raise _challenge(web.HTTPForbidden, f"this token may not run {workflow[:100]!r}", "insufficient_scope")
+        raise _deny(
+            request,
+            "insufficient_scope",
+            web.HTTPForbidden,
+            f"this token may not run {workflow[:100]!r}",
+            "insufficient_scope",
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,9 @@ class Config:
     # The slots of the worker-process pool, made by the parent of --workers before it forks so
     # that all workers share one bound; None: each app's pool has slots of its own.
     process_slots: ProcessSlots | None = None
+    # With --metrics and --workers: the directory where the workers keep their metrics, made
+    # by the parent (metrics.WorkerFiles); None: each process keeps its own in memory.
+    metrics_dir: str | None = None
 
 
 def read_document(location: str | None) -> tuple[dict[str, Any], str]:
@@ -129,6 +132,8 @@ def build_config(
     env = env or {}
     settings, origins = resolve_settings(cli or {}, env, server, source)
     acme = _acme(settings, origins, env)
+    if settings.metrics and importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(*origins["metrics"], "needs the metrics extra: pip install 'aioserver[metrics]'")
     safeopen = parse_safeopen(document.get("safeopen"), source)
     state_directory = env.get("STATE_DIRECTORY", "").split(":")[0] or None  # systemd's: the first of them
     workflows = parse_workflows(

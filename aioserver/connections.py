@@ -278,6 +278,10 @@ class Connections:
         self._sweeper = loop.call_later(self._sweep_every, self._sweep) if self._open else None
 
 
+# The open connections of the process serving an app (server.py sets it), for the metrics.
+CONNECTIONS = web.AppKey("connections", Connections)
+
+
 def _measure(handler: RequestHandler, link: _Link, now: float) -> int:
     """The connection's output its client has not acknowledged, noted with when it last moved.
 

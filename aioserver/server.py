@@ -17,7 +17,7 @@ from . import systemd
 from .app import HEADERS, create_app
 from .autocert import CertificateManager, StateDirectory, add_challenge_route
 from .config import Config
-from .connections import Connections, TLSSite, ensure_file_limit, peer, reset
+from .connections import CONNECTIONS, Connections, TLSSite, ensure_file_limit, peer, reset
 from .errors import CUT_OFF, ConfigError, StartupError, error_middleware, http_error
 from .keys import TOKENS
 from .limits import LimitedRunner
@@ -108,6 +108,7 @@ async def _serve(
     app = create_app(config, schedules)
     # One count of connections for all the listeners of this process.
     connections = Connections(config.settings.limit_connections, config.settings.timeout_send)
+    app[CONNECTIONS] = connections
     ensure_file_limit(config.settings.limit_connections)
     runners = [_runner(app, config, connections)]
     sites: list[tuple[web.BaseSite, Listener]] = []

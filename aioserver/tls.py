@@ -15,9 +15,11 @@ import logging
 import ssl
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from aiohttp import web
 
+from .certinfo import CertificateFileError, read_certificates
 from .files import read_small_file
 
 logger = logging.getLogger("aioserver.tls")
@@ -232,6 +234,9 @@ class ReloadableContext:
     before: a change during a load shows at the next look (:meth:`changed_on_disk`). It
     belongs to the context, so a worker forked with its parent's context sees what changed
     on disk since its parent loaded it.
+
+    ``not_after`` is when the certificate ``current`` serves expires (for the metrics), read
+    with it; None before the first load, or if the file cannot be decoded (certinfo.py).
     """
 
     def __init__(self, files: TLSFiles, load: bool = True) -> None:
@@ -242,6 +247,7 @@ class ReloadableContext:
         # None until loaded, for files that do not exist yet (ACME's): no listener serves then.
         self.fingerprint = fingerprint(files) if load else ()
         self.current: ssl.SSLContext | None = create_ssl_context(files) if load else None
+        self.not_after = served_until(files.certfile) if load else None
 
     def reload(self, files: TLSFiles | None = None) -> None:
         """Load the files again (or new ones); raises TLSError and keeps the old context if they fail."""
@@ -249,6 +255,7 @@ class ReloadableContext:
             files = files or self.files
             loaded_from = fingerprint(files)
             self.current = create_ssl_context(files)
+            self.not_after = served_until(files.certfile)
             self.files = files
             self.fingerprint = loaded_from
 
@@ -259,6 +266,14 @@ class ReloadableContext:
         file that cannot be read is one (a reload then says why).
         """
         return fingerprint(self.files) != self.fingerprint
+
+
+def served_until(certfile: str) -> datetime | None:
+    """The notAfter of a chain file's first certificate, the one served (blocking); None if unreadable."""
+    try:
+        return read_certificates(certfile)[0].not_after
+    except CertificateFileError:
+        return None
 
 
 def client_subject(request: web.BaseRequest) -> dict[str, str] | None:

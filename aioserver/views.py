@@ -13,6 +13,9 @@ from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
 from .limits import check_length, read_body
 
 REQUEST_KEYS = frozenset({"name", "elements"})
+# The workflow a POST /workflow named, as soon as its body is read: for the access log and the
+# metrics (whatever its answer, a refusal of its token included).
+WORKFLOW = web.RequestKey("aioserver.workflow", str)
 # Bodies up to this size are parsed, and answered, on the event loop, where even the costliest
 # values take a few milliseconds; bigger ones go to jsoncodec's parser thread.
 INLINE_BODY = 64 * 1024
@@ -51,6 +54,7 @@ async def run_workflow(request: web.Request) -> web.Response:
         except (ValueError, UnicodeDecodeError):
             raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
         name, elements = _fields(body)
+        request[WORKFLOW] = name
         check_scope(request, name)
         workflow = app[WORKFLOWS].get(name)
         if workflow is None:

@@ -22,10 +22,11 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import systemd
 from .config import Config, reread_files
+from .errors import StartupError
 from .listeners import Listener, open_listeners, stop_listening
 from .listeners import close as close_listeners
 from .server import run as run_server
@@ -33,6 +34,9 @@ from .server import serve
 from .systemd import Notifier
 from .workflow.processes import ProcessSlots
 from .workflow.schedules import HostSchedules, parse_run_message, run_message
+
+if TYPE_CHECKING:
+    from .metrics import WorkerFiles
 
 logger = logging.getLogger("aioserver.workers")
 
@@ -65,8 +69,16 @@ class Worker:
 class Supervisor:
     """Forks and watches ``count`` workers serving ``listeners``."""
 
-    def __init__(self, config: Config, listeners: Sequence[Listener], count: int, watchdog: float | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listeners: Sequence[Listener],
+        count: int,
+        watchdog: float | None,
+        metrics: WorkerFiles | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics  # with --metrics: the files where the workers keep theirs
         self.listeners = listeners
         self.count = count
         self.watchdog = watchdog
@@ -194,6 +206,8 @@ class Supervisor:
             if worker is None:
                 continue
             worker.channel.close()
+            if self.metrics is not None:  # its counts stay in the sums; its gauges go
+                self.metrics.forget(pid)
             lived = time.monotonic() - worker.started
             wait = min(MAX_BACKOFF, self.backoff.get(worker.slot, 0.05) * 2) if lived < YOUNG else 0.1
             self.backoff[worker.slot] = wait
@@ -344,6 +358,17 @@ def run(config: Config) -> int:
     listeners = open_listeners(config)
     # One bound on worker processes for the whole server: every worker takes its slots here.
     config = dataclasses.replace(config, process_slots=ProcessSlots.shared())
+    metrics = None
+    if config.settings.metrics:
+        # An extra, imported only when asked for (config.py has checked it is installed).
+        from .metrics import WorkerFiles
+
+        try:
+            metrics = WorkerFiles()
+        except OSError as exc:
+            close_listeners(listeners)
+            raise StartupError(f"cannot make a directory for the workers' metrics: {exc.strerror or exc}") from None
+        config = dataclasses.replace(config, metrics_dir=metrics.path)
     notifier = Notifier.from_env()
     watchdog = systemd.watchdog_interval()
     # The parent speaks to systemd for the group; the workers must not believe it is theirs.
@@ -352,7 +377,7 @@ def run(config: Config) -> int:
     # Blocked here and unblocked in each worker: no signal is lost between fork and serve.
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
-        return Supervisor(config, listeners, config.settings.workers, watchdog).run(notifier)
+        return Supervisor(config, listeners, config.settings.workers, watchdog, metrics).run(notifier)
     finally:
         # Exiting: a signal still pending, or a late one, must neither kill the parent nor raise
         # KeyboardInterrupt (a traceback where a clean stop was logged).
@@ -360,3 +385,5 @@ def run(config: Config) -> int:
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         close_listeners(listeners)
+        if metrics is not None:
+            metrics.remove()
