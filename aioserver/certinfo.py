@@ -13,9 +13,8 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from .files import read_small_file
+from .files import TLS_FILE_LIMIT, read_small_file
 from .logtext import loggable
-from .tls import TLS_FILE_LIMIT
 
 WARN_BEFORE = timedelta(days=14)  # an expiry nearer than this is a WARNING line
 

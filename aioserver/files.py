@@ -15,6 +15,9 @@ import stat
 
 CHUNK = 65536
 
+# The largest certificate, key, CA or password file read (a bundle of every public CA is ~250 KB).
+TLS_FILE_LIMIT = 10 << 20
+
 
 def read_small_file(path: str, limit: int, follow_symlinks: bool = True) -> bytes:
     """The bytes of the regular file at ``path``, at most ``limit`` of them (blocking).

@@ -20,7 +20,7 @@ from datetime import datetime
 from aiohttp import web
 
 from .certinfo import CertificateFileError, read_certificates
-from .files import read_small_file
+from .files import TLS_FILE_LIMIT, read_small_file
 
 logger = logging.getLogger("aioserver.tls")
 
@@ -36,9 +36,6 @@ TLS12_CIPHERS = ":".join(
 )
 GROUPS = "X25519:prime256v1:secp384r1"
 CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
-# Certificates, keys and CA bundles are kilobytes (the largest public bundles, some hundreds):
-# a larger file is refused rather than read at every look of the file watcher.
-TLS_FILE_LIMIT = 10 << 20
 
 
 class TLSError(Exception):
