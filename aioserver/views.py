@@ -11,6 +11,12 @@ from .auth import check_scope
 from .errors import http_error
 from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
 from .limits import check_length, read_body
+from .requestids import known_string_keys
+
+# The name a POST /workflow asked for, kept on the request as soon as it is read (the access
+# log and the metrics show it): a string key, as the request id's (SPEC section 8).
+WORKFLOW = "aioserver.workflow"
+known_string_keys(WORKFLOW)
 
 REQUEST_KEYS = frozenset({"name", "elements"})
 # Bodies up to this size are parsed, and answered, on the event loop, where even the costliest
@@ -51,6 +57,7 @@ async def run_workflow(request: web.Request) -> web.Response:
         except (ValueError, UnicodeDecodeError):
             raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
         name, elements = _fields(body)
+        request[WORKFLOW] = name
         check_scope(request, name)
         workflow = app[WORKFLOWS].get(name)
         if workflow is None:
