@@ -44,11 +44,25 @@ EXTRA_FIELDS = (
 )
 
 
+_configured: tuple[str, str] | None = None
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """The root logger at ``level``, its one handler writing to stderr in ``log_format`` (text, json)."""
+    """The root logger at ``level``, its one handler writing to stderr in ``log_format`` (text, json).
+
+    Python's warnings go through it too: with JSON, every line is one object.
+    """
+    global _configured
     handler = BatchingHandler(sys.stderr, batched=ACCESS_LOGGER)
     handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.captureWarnings(True)
+    _configured = level, log_format
+
+
+def configured() -> tuple[str, str] | None:
+    """The level and format configure_logging() set in this process (for a process it starts), if it ran."""
+    return _configured
 
 
 def flush_logs() -> None:

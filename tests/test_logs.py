@@ -107,6 +107,32 @@ def test_json_logs_one_object_per_line_for_every_line(how: str) -> None:
         assert len({record["pid"] for record in access}) <= server.workers
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_an_actions_worker_process_logs_as_the_server_does(log_format: str) -> None:
+    # A sync action with concurrency: process runs in a process of its own: its lines too.
+    config = "workflow:\n  warn: {tasks: [{action: sample_actions.warn, concurrency: process}]}\n"
+    args = ("--config", config, "--log-format", log_format)
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as server:
+        assert ask(server.port, post(b'{"name": "warn", "elements": [1, 2]}', BEARER))[0] == 200
+        deadline = time.monotonic() + 5
+        while (
+            not any("UserWarning: a warning of Python's own" in line for line in server.log)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+    [line] = [line for line in server.log if "warned about 2 elements" in line]
+    [python] = [
+        line for line in server.log if "UserWarning: a warning of Python's own" in line
+    ]  # logging's too (py.warnings)
+    if log_format == "json":
+        [record] = parsed([line])
+        assert (record["level"], record["logger"]) == ("WARNING", "sample_actions")
+        assert record["pid"] != server.process.pid and record["message"].endswith(f"process {record['pid']}")
+        assert parsed([python])[0]["logger"] == "py.warnings"
+    else:
+        assert re.match(rf"{RFC3339.pattern} WARNING sample_actions: warned about 2 elements in process \d+\n", line)
+
+
 def test_text_times_carry_the_utc_offset() -> None:
     # A zone 5 h 30 min east of UTC, written as POSIX TZ (no zone database needed): +05:30.
     with Server("--config", CONFIG, env={"TOKEN": TOKEN_HASH, "TZ": "IST-05:30"}) as server:
