@@ -84,7 +84,7 @@ class AccessLogger(AbstractAccessLogger):
         attributes["path"] = path
         attributes["status"] = status
         attributes["bytes"] = size
-        attributes["duration"] = time
+        attributes["duration"] = round(time, 6)
         attributes["identity"] = identity
         attributes["request_id"] = request_id
         attributes["workflow"] = workflow
