@@ -147,9 +147,7 @@ def _chunks(lines: list[str], encoding: str) -> list[str]:
     return chunks
 
 
-_second = -1
-_prefix = ""
-_offset = ""
+_this_second = (-1, "", "")  # the second, its date and time, its offset: replaced whole (threads)
 
 
 def rfc3339(created: float) -> str:
@@ -157,17 +155,17 @@ def rfc3339(created: float) -> str:
 
     The date, time and offset are made once a second: a line costs one formatting of its milliseconds.
     """
-    global _second, _prefix, _offset
+    global _this_second
     second = int(created)
-    if second != _second:
+    known, prefix, offset = _this_second
+    if second != known:
         local = time.localtime(second)
         minutes = local.tm_gmtoff // 60
         sign = "-" if minutes < 0 else "+"
         hours, minutes = divmod(abs(minutes), 60)
-        _prefix = time.strftime("%Y-%m-%dT%H:%M:%S", local)
-        _offset = f"{sign}{hours:02d}:{minutes:02d}"
-        _second = second
-    return f"{_prefix}.{int((created - second) * 1000):03d}{_offset}"
+        prefix, offset = time.strftime("%Y-%m-%dT%H:%M:%S", local), f"{sign}{hours:02d}:{minutes:02d}"
+        _this_second = second, prefix, offset
+    return f"{prefix}.{int((created - second) * 1000):03d}{offset}"
 
 
 class TextFormatter(logging.Formatter):
