@@ -239,3 +239,40 @@ def test_a_json_line_never_fails_and_carries_the_traceback() -> None:
         record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     text = formatter.format(record)
     assert "\n" not in text and json.loads(text)["traceback"].endswith("ValueError: line\nfeed")
+
+
+def test_an_access_line_skips_the_record_only_while_our_handler_is_the_only_one() -> None:
+    # A hierarchy of its own: aiohttp.access -> aiohttp -> root, as logging links them.
+    root, parent, access = (logging.Logger(name) for name in ("root", "aiohttp", "aiohttp.access"))
+    parent.parent, access.parent = root, parent
+    ours = BatchingHandler(Stream())  # type: ignore[arg-type]
+    ours.setFormatter(TextFormatter())
+    root.addHandler(ours)
+    assert logs.sole_handler(access) is ours
+    ours.setFormatter(JSONFormatter())
+    assert logs.sole_handler(access) is ours
+
+    class Anyones(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    # Anything of anyone else's on the way: the record goes through logging.
+    for where in (root, parent, access):
+        other = Anyones()
+        where.addHandler(other)
+        assert logs.sole_handler(access) is None
+        where.removeHandler(other)
+    for where in (ours, access):
+        where.addFilter(lambda record: True)
+        assert logs.sole_handler(access) is None
+        where.filters.clear()
+    ours.setFormatter(logging.Formatter("%(message)s"))  # one of the user's
+    assert logs.sole_handler(access) is None
+    ours.setFormatter(TextFormatter())
+    ours.setLevel(logging.WARNING)  # it would not take the record
+    assert logs.sole_handler(access) is None
+    ours.setLevel(logging.NOTSET)
+    parent.propagate = False  # no handler at all: logging's last resort decides
+    assert logs.sole_handler(access) is None
+    parent.propagate = True
+    assert logs.sole_handler(access) is ours
