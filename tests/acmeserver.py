@@ -23,6 +23,7 @@ import datetime
 import http.client
 import json
 import os
+import random
 import socket
 import ssl
 import subprocess
@@ -84,13 +85,22 @@ def new_key_pem() -> bytes:
     return key.private_bytes(encoding, private, serialization.NoEncryption())
 
 
+# Below Linux's ephemeral range (32768-60999): a port pebble lets go of while it restarts is
+# not handed to another process binding port 0 (a server of another test, under xdist).
+PORTS = range(20000, 32768)
+
+
 def free_ports(count: int) -> list[int]:
     """``count`` different ports free on 127.0.0.1 just now, for TCP and UDP (a DNS server takes both)."""
     held: list[socket.socket] = []
     try:
         while len(held) < 2 * count:
             tcp = socket.socket()
-            tcp.bind(("127.0.0.1", 0))
+            try:
+                tcp.bind(("127.0.0.1", random.choice(PORTS)))
+            except OSError:  # taken
+                tcp.close()
+                continue
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
                 udp.bind(tcp.getsockname())
