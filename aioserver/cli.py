@@ -89,32 +89,17 @@ def build_parser() -> _Parser:
     )
     for option in OPTIONS:
         env = f" (env {option.env})" if option.env else ""
-        if option.paired:
-            parser.add_argument(
-                option.flag,
-                dest=option.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=f"{option.help} [default: {'on' if option.default else 'off'}]",
-            )
-            continue
-        if option.switch:
-            parser.add_argument(
-                option.flag,
-                dest=option.name,
-                action="store_const",
-                const=not option.default,
-                default=argparse.SUPPRESS,
-                help=option.help,
-            )
-            continue
-        parser.add_argument(
-            option.flag,
-            dest=option.name,
-            metavar=option.metavar,
-            default=argparse.SUPPRESS,
-            help=f"{option.help}{env} [default: {option.default}]",
-        )
+        kwargs: dict[str, Any]
+        if option.paired:  # --metrics and --no-metrics
+            kwargs = {
+                "action": argparse.BooleanOptionalAction,
+                "help": f"{option.help} [default: {'on' if option.default else 'off'}]",
+            }
+        elif option.switch:  # the opposite of the default: --no-schedules
+            kwargs = {"action": "store_const", "const": not option.default, "help": option.help}
+        else:
+            kwargs = {"metavar": option.metavar, "help": f"{option.help}{env} [default: {option.default}]"}
+        parser.add_argument(option.flag, dest=option.name, default=argparse.SUPPRESS, **kwargs)
     parser.add_argument("--check", action="store_true", help="validate everything, print a summary, exit 0 or 2")
     parser.add_argument("--version", action="version", version=f"aioserver {__version__}")
     return parser
