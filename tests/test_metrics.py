@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
+from test_workers import alive
 
 from aioserver import create_app, load_config, views
 from aioserver.errors import CUT_OFF
@@ -332,14 +333,6 @@ def only(server: Server, pid: int) -> Iterator[None]:
     finally:
         for other in others:
             os.kill(other, signal.SIGCONT)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def served(samples: Samples) -> float:
