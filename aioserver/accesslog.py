@@ -77,7 +77,7 @@ class AccessLogger(AbstractAccessLogger):
             f'{client} {scheme} "{method} {path} HTTP/{version.major}.{version.minor}" {status} {size}'
             f" {time:.3f}s {identity or '-'} {request_id or '-'} {shown}"
         )
-        duration = round(time, 6)
+        duration = int(time * 1_000_000) / 1_000_000  # to the microsecond, at half the cost of round()
         handler = sole_handler(logger)
         if handler is not None:
             # Ours is the only handler the record would reach: the line its formatter would

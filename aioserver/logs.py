@@ -188,15 +188,21 @@ def _chunks(lines: list[str], encoding: str) -> list[str]:
 
 
 _this_second = (-1, "", "")  # the second, its date and time, its offset: replaced whole (threads)
+_this_millisecond = (-1, "")  # the millisecond and its time, as the last line had it
 
 
 def rfc3339(created: float) -> str:
     """``2026-11-28T05:30:00.123+01:00``: local time, milliseconds, the UTC offset.
 
-    The date, time and offset are made once a second: a line costs one formatting of its milliseconds.
+    The date, time and offset are made once a second, the whole once a millisecond: busy, most
+    lines share the last one's.
     """
-    global _this_second
-    second = int(created)
+    global _this_second, _this_millisecond
+    millisecond = int(created * 1000)
+    known, text = _this_millisecond
+    if millisecond == known:
+        return text
+    second = millisecond // 1000
     known, prefix, offset = _this_second
     if second != known:
         local = time.localtime(second)
@@ -205,7 +211,9 @@ def rfc3339(created: float) -> str:
         hours, minutes = divmod(abs(minutes), 60)
         prefix, offset = time.strftime("%Y-%m-%dT%H:%M:%S", local), f"{sign}{hours:02d}:{minutes:02d}"
         _this_second = second, prefix, offset
-    return f"{prefix}.{int((created - second) * 1000):03d}{offset}"
+    text = f"{prefix}.{millisecond % 1000:03d}{offset}"
+    _this_millisecond = millisecond, text
+    return text
 
 
 class TextFormatter(logging.Formatter):
