@@ -18,10 +18,10 @@ which the JSON format writes as fields and a user's handler may read. Records go
 and not made at all with ``--no-access-log`` (server.py gives aiohttp no access logger).
 
 While aioserver's own handler is the only one a record would reach (no handler or filter of
-anyone else's: logs.sole_handler, checked at each line), the line is written straight into
-it, made by its formatter as it would make it of the record, without the record: making a
+anyone else's: logs.sole_handler, looked up again every 0.1 s), the line is written straight
+into it, made by its formatter as it would make it of the record, without the record: making a
 LogRecord and passing it through logging's calls took a sixth of an access line's cost (1 us
-of 6). Any handler added (an extension's, journald's) gets the records from its next line on.
+of 6). Any handler added (an extension's, journald's) gets the records within 0.1 s.
 """
 
 from __future__ import annotations
@@ -36,18 +36,21 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .auth import IDENTITY
-from .logs import EXTRA_FIELDS, JSONFormatter, TextFormatter, sole_handler
+from .logs import EXTRA_FIELDS, BatchingHandler, JSONFormatter, TextFormatter, sole_handler
 from .logtext import loggable
 from .proxy import REAL_CLIENT
 from .requestids import REQUEST_ID
 from .views import WORKFLOW
 
+RECHECK = 0.1  # seconds an access logger's route (sole_handler) is trusted before it is looked up again
 LONGEST_NAME = 128  # characters of a workflow name logged: a client may send a megabyte of one
 _NO_BODY = frozenset({204, 304})
 
 
 class AccessLogger(AbstractAccessLogger):
     """aiohttp's access logger for our lines (see the module's docstring)."""
+
+    proxied = False  # whether a trusted proxy may have reported the client (ProxiedAccessLogger)
 
     @property
     def enabled(self) -> bool:
@@ -58,27 +61,41 @@ class AccessLogger(AbstractAccessLogger):
         logger = self.logger
         if not logger.isEnabledFor(logging.INFO):  # the level went up since the connection began
             return
-        forwarded = request.get(REAL_CLIENT)
-        if forwarded is None:
-            client, scheme = request.remote, request.scheme
-        else:  # as a proxy reported them: Forwarded's for= and proto= may be any token
-            client, scheme = (loggable(str(value)) for value in forwarded)
+        # What a request may lack is looked up with try: free when it is there, as it is for
+        # nearly every request (request.get is Mapping.get, in Python, raising inside).
+        client, scheme = request.remote, request.scheme
+        if self.proxied:
+            try:  # as a proxy reported them: Forwarded's for= and proto= may be any token
+                client, scheme = (loggable(str(value)) for value in request[REAL_CLIENT])
+            except KeyError:
+                pass
         path = loggable(request.rel_url.raw_path)
         method = request.method
         version = request.version
         status = response.status
         size = _body_bytes(method, response)
-        token = request.get(IDENTITY)
-        identity = token.name if token else None
-        request_id = request.get(REQUEST_ID)
-        name = request.get(WORKFLOW)
-        workflow, shown = (None, "-") if name is None else _workflow(name)
+        try:
+            identity: str | None = request[IDENTITY].name
+        except KeyError:
+            identity = None
+        try:
+            request_id: str | None = request[REQUEST_ID]
+        except KeyError:
+            request_id = None
+        try:
+            workflow, shown = _workflow(request[WORKFLOW])
+        except KeyError:
+            workflow, shown = None, "-"
         message = (
             f'{client} {scheme} "{method} {path} HTTP/{version.major}.{version.minor}" {status} {size}'
             f" {time:.3f}s {identity or '-'} {request_id or '-'} {shown}"
         )
         duration = int(time * 1_000_000) / 1_000_000  # to the microsecond, at half the cost of round()
-        handler = sole_handler(logger)
+        now = _clock()
+        handler, until = _routes.get(logger, _UNKNOWN)
+        if now >= until:  # looked up again at most every RECHECK seconds (see the module's docstring)
+            handler = sole_handler(logger)
+            _routes[logger] = handler, now + RECHECK
         if handler is not None:
             # Ours is the only handler the record would reach: the line its formatter would
             # make of it, without the record (see the module's docstring).
@@ -97,11 +114,10 @@ class AccessLogger(AbstractAccessLogger):
                     "request_id": request_id,
                     "workflow": workflow,
                 }
-            handler.add_line(formatter.access_line(_clock(), logger.name, message, _pid[0], fields))
+            handler.add_line(formatter.access_line(now, logger.name, message, _pid[0], fields))
             return
         # A copy of the template (already holding every key below: no resizing), then ours.
         attributes = (_templates.get(logger.name) or _template(logger.name)).copy()
-        now = _clock()
         attributes["created"] = now
         attributes["msecs"] = int((now - int(now)) * 1000) + 0.0  # as LogRecord (gh-89047)
         attributes["relativeCreated"] = (now - _started) * 1000
@@ -121,6 +137,12 @@ class AccessLogger(AbstractAccessLogger):
         logger.handle(record)
 
 
+class ProxiedAccessLogger(AccessLogger):
+    """The access logger behind trusted proxies: the client and scheme they reported, when they did."""
+
+    proxied = True
+
+
 def _body_bytes(method: str, response: web.StreamResponse) -> int:
     """The bytes of the answer's body handed to the connection, as nginx's ``$body_bytes_sent``.
 
@@ -132,6 +154,10 @@ def _body_bytes(method: str, response: web.StreamResponse) -> int:
     written = response.body_length  # headers included
     if not written or method == "HEAD" or status in _NO_BODY or status < 200:
         return 0
+    if type(response) is web.Response:  # nearly every answer: its body is all there (nothing compresses it)
+        body = response.body
+        if isinstance(body, bytes):
+            return len(body)
     length = response.content_length
     if length is not None:
         return length
@@ -145,6 +171,11 @@ def _head_length(response: web.StreamResponse) -> int:
         size += len(name) + len(value) + 4  # ": " and CRLF
     return size
 
+
+# Per logger: the handler its lines go straight into (None: through logging), and until when
+# that holds. Walking the loggers' handlers for each line cost a tenth of the line.
+_routes: dict[logging.Logger, tuple[BatchingHandler | None, float]] = {}
+_UNKNOWN: tuple[BatchingHandler | None, float] = (None, 0.0)
 
 _names: dict[str, tuple[str, str]] = {}
 
