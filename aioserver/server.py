@@ -15,7 +15,7 @@ from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
 
 from . import systemd
-from .accesslog import AccessLogger
+from .accesslog import AccessLogger, ProxiedAccessLogger
 from .app import HEADERS, create_app
 from .autocert import CertificateManager, StateDirectory, add_challenge_route
 from .config import Config
@@ -355,7 +355,7 @@ def _runner(app: web.Application, config: Config, connections: Connections) -> L
         # A client that goes away cancels its request, and so its workflow: its worker-process
         # job is killed, its --limit-concurrency slot freed (aiohttp lets it run on by default).
         handler_cancellation=True,
-        access_log_class=AccessLogger,
+        access_log_class=ProxiedAccessLogger if config.proxied else AccessLogger,
         # None: aiohttp makes no access logger, and does no access-log work per request.
         access_log=access_logger if settings.access_log else None,
         # aiohttp's default keeps idle connections for an hour; uvicorn's for 5 s.
