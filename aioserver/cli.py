@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print(summary(config))
         return 0
 
-    configure_logging(config.settings.log_level)
+    configure_logging(config.settings.log_level, config.settings.log_format)
     try:
         if config.settings.workers > 1:
             return workers.run(config)

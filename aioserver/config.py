@@ -131,7 +131,6 @@ def build_config(
         raise ConfigError(source, "server", "expected a mapping of options")
     env = env or {}
     settings, origins = resolve_settings(cli or {}, env, server, source)
-    _refuse_unbuilt(settings, origins)
     acme = _acme(settings, origins, env)
     if settings.metrics and importlib.util.find_spec("prometheus_client") is None:
         raise ConfigError(*origins["metrics"], "needs the metrics extra: pip install 'aioserver[metrics]'")
@@ -162,15 +161,6 @@ def build_config(
         proxied=bool(settings.trusted_proxies or settings.uds) or any(f == socket.AF_UNIX for f, _ in activated),
         loopback_only=_loopback_only(settings, activated),
     )
-
-
-def _refuse_unbuilt(settings: Settings, origins: Mapping[str, Origin]) -> None:
-    """SPEC section 8's log options are declared, not built yet (issue 12): asking for what they
-    would change is an error, never silently ignored."""
-    if not settings.access_log:
-        raise ConfigError(*origins["access_log"], "turning the access log off is not available yet")
-    if settings.log_format != "text":
-        raise ConfigError(*origins["log_format"], "only text logs are available yet")
 
 
 def _loopback_only(settings: Settings, activated: list[tuple[int, Any]]) -> bool:

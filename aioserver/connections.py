@@ -55,13 +55,15 @@ from typing import cast
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from .requestids import id_in_head
 from .tls import ReloadableContext
 
 logger = logging.getLogger("aioserver.connections")
 
-OVERLOADED = (
+# The answer to a refused connection, with its request id (see overloaded()).
+_OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nServer: aioserver\r\nX-Content-Type-Options: nosniff\r\n"
-    b"Content-Type: application/json\r\nRetry-After: 1\r\n"
+    b"X-Request-ID: %s\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
     b'Connection: close\r\nContent-Length: 35\r\n\r\n{"error": "too many connections"}\r\n'
 )
 ANSWERING = 64  # refused connections being answered 503 at once; beyond, closed unanswered
@@ -372,6 +374,11 @@ def _cut_off(sock: socket.socket) -> None:
         pass
 
 
+def overloaded(request_id: str) -> bytes:
+    """The 503 answering a connection over the limit, carrying ``request_id`` (ASCII, see requestids.py)."""
+    return _OVERLOADED % request_id.encode("ascii")
+
+
 class Refusal(asyncio.Protocol):
     """A connection over the limit: read the request head, answer 503, close.
 
@@ -418,11 +425,12 @@ class Refusal(asyncio.Protocol):
         if self._answered or self._transport is None or self._transport.is_closing():
             return
         self._answered = True
+        request_id = id_in_head(self._head)
         self._head = b""
         if self._timer is not None:
             self._timer.cancel()
         transport = self._transport
-        transport.write(OVERLOADED)
+        transport.write(overloaded(request_id))
         if transport.can_write_eof():
             transport.write_eof()  # our end after the answer; the client's end follows
         else:

@@ -50,12 +50,22 @@ class TracebackLog:
         self._seen: dict[Signature, _Seen] = {}
 
     def error(self, error_id: str, doing: str, exc: BaseException) -> None:
-        """Log error ``error_id``, raised while ``doing`` (one line, with the traceback if new)."""
+        """Log error ``error_id``, raised while ``doing`` (one line, with the traceback if new).
+
+        The error id is the request's id: the records carry it as ``request_id`` too (a JSON line's field).
+        """
         key = signature(exc)
         seen = self._seen.get(key)
         if seen is not None:
             seen.repeats += 1
-            self.logger.error("error %s %s: %s (traceback as error %s)", error_id, doing, describe(exc), seen.first)
+            self.logger.error(
+                "error %s %s: %s (traceback as error %s)",
+                error_id,
+                doing,
+                describe(exc),
+                seen.first,
+                extra={"request_id": error_id},
+            )
             return
         if len(self._seen) < MOST:
             loop = asyncio.get_running_loop()
@@ -65,7 +75,14 @@ class TracebackLog:
             # with each message escaped: a formatter prints a record's exc_text as it is.
             exc_info = (type(exc), exc, exc.__traceback__)
             record = self.logger.makeRecord(
-                self.logger.name, logging.ERROR, __file__, 0, "error %s %s", (error_id, doing), exc_info
+                self.logger.name,
+                logging.ERROR,
+                __file__,
+                0,
+                "error %s %s",
+                (error_id, doing),
+                exc_info,
+                extra={"request_id": error_id},
             )
             record.exc_text = formatted(exc)
             self.logger.handle(record)

@@ -132,6 +132,16 @@ def dumps(value: Any) -> bytes:
         raise ValueError("nested too deeply to serialize") from None
 
 
+def dumps_text(value: Any) -> str:
+    """Serialize a log line's fields, never failing: what JSON cannot hold is written as its ``str()``."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value, default=str).decode()
+        except TypeError:  # a lone surrogate, ...: the standard library escapes it
+            pass
+    return json.dumps(value, default=str)
+
+
 async def dumps_off_loop(value: Any) -> bytes:
     """:func:`dumps` for an answer that may be big: what orjson refuses, serialized in the parser thread, in pieces."""
     if orjson is not None:

@@ -31,6 +31,9 @@ from .connections import Connections
 from .errors import http_error
 from .expectations import ignoring_unknown_expectations
 from .options import Settings
+from .requestids import HEADER as REQUEST_ID_HEADER
+from .requestids import REQUEST_ID
+from .requestids import assign as assign_request_id
 
 logger = logging.getLogger("aioserver.limits")
 T = TypeVar("T")
@@ -144,11 +147,20 @@ class _RequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("the response has started; cannot send an error instead")
         problem = type(exc).__name__ if exc is not None else "error"
+        # Its id, for the answer and the access line: the one it had if the middleware saw it.
+        request_id = request.get(REQUEST_ID) or assign_request_id(request)
         logger.debug("malformed request from %s: %s", request.remote, problem)
         if status >= 500:
-            logger.error("error %s while handling a request from %s", problem, request.remote)
+            logger.error(
+                "error %s while handling a request from %s (request %s)",
+                problem,
+                request.remote,
+                request_id,
+                extra={"request_id": request_id},
+            )
         text = "malformed HTTP request" if status < 500 else "internal error"
-        headers = {"Server": "aioserver", "X-Content-Type-Options": "nosniff"}  # as app.HEADERS, on any listener
+        # As app.HEADERS, on any listener.
+        headers = {"Server": "aioserver", "X-Content-Type-Options": "nosniff", REQUEST_ID_HEADER: request_id}
         response = web.json_response({"error": f"{text} ({problem})"}, status=status, headers=headers)
         response.force_close()
         return response

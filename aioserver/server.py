@@ -11,9 +11,11 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
+from aiohttp.log import access_logger
 from aiohttp.web_protocol import RequestHandler
 
 from . import systemd
+from .accesslog import AccessLogger, ProxiedAccessLogger
 from .app import HEADERS, create_app
 from .autocert import CertificateManager, StateDirectory, add_challenge_route
 from .config import Config
@@ -23,7 +25,7 @@ from .keys import TOKENS
 from .limits import LimitedRunner
 from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners, stop_listening
 from .listeners import close as close_listeners
-from .logs import AccessLogger, flush_access_log
+from .logs import flush_logs
 from .logtext import loggable
 from .readiness import READINESS
 from .systemd import Notifier
@@ -162,7 +164,6 @@ async def _serve(
         deadline = asyncio.get_running_loop().time() + grace
         await _stop_accepting(runners, sites, owned)
         notifier.notify(systemd.NOT_ACCEPTING)  # for a parent: the sockets may stop listening
-        flush_access_log()  # the lines of the requests so far come before this one
         logger.info("shutting down (%s): no new connections, up to %gs for requests in flight", stop.name, grace)
         deadline = await _drain(runners, connections, received, deadline, grace, hurried)
     finally:
@@ -173,7 +174,7 @@ async def _serve(
             # down (the app's cleanup) may take as long as the grace period allows.
             for task in background:
                 task.cancel()
-        flush_access_log()
+        flush_logs()
         if owned:
             close_listeners(sockets)
         else:  # a worker's copies of its parent's sockets
@@ -354,7 +355,9 @@ def _runner(app: web.Application, config: Config, connections: Connections) -> L
         # A client that goes away cancels its request, and so its workflow: its worker-process
         # job is killed, its --limit-concurrency slot freed (aiohttp lets it run on by default).
         handler_cancellation=True,
-        access_log_class=AccessLogger,
+        access_log_class=ProxiedAccessLogger if config.proxied else AccessLogger,
+        # None: aiohttp makes no access logger, and does no access-log work per request.
+        access_log=access_logger if settings.access_log else None,
         # aiohttp's default keeps idle connections for an hour; uvicorn's for 5 s.
         keepalive_timeout=settings.timeout_keep_alive,
         # The drain is ours (_drain): by aiohttp's cleanup, what is left has been cut off. Its

@@ -11,11 +11,14 @@ from .auth import check_scope
 from .errors import http_error
 from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
 from .limits import check_length, read_body
+from .requestids import known_string_keys
+
+# The name a POST /workflow asked for, kept on the request as soon as it is read (the access
+# log and the metrics show it): a string key, as the request id's (SPEC section 8).
+WORKFLOW = "aioserver.workflow"
+known_string_keys(WORKFLOW)
 
 REQUEST_KEYS = frozenset({"name", "elements"})
-# The workflow a POST /workflow named, as soon as its body is read: for the access log and the
-# metrics (whatever its answer, a refusal of its token included).
-WORKFLOW = web.RequestKey("aioserver.workflow", str)
 # Bodies up to this size are parsed, and answered, on the event loop, where even the costliest
 # values take a few milliseconds; bigger ones go to jsoncodec's parser thread.
 INLINE_BODY = 64 * 1024

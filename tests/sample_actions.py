@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 import time
+import warnings
 from typing import Any
 
 CALLS: list[int] = []  # batch sizes seen by ``record``
@@ -175,4 +178,11 @@ async def stamp(batch: list[str], seconds: float = 0.0) -> list[str]:
 async def block_loop(batch: list[Any], seconds: float = 600) -> list[Any]:
     """A broken async action: sleeps without awaiting, so its process's event loop is stuck."""
     time.sleep(seconds)
+    return batch
+
+
+def warn(batch: list[Any]) -> list[Any]:
+    """Log a warning and warn as Python does (from a worker process with ``concurrency: process``), then echo."""
+    logging.getLogger("sample_actions").warning("warned about %d elements in process %d", len(batch), os.getpid())
+    warnings.warn("a warning of Python's own", UserWarning, stacklevel=1)
     return batch

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import os
 import socket
 import sys
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -153,3 +157,64 @@ def add_feed(app: web.Application) -> None:
 
     app.router.add_get("/feed", feed)
     app.on_shutdown.append(end_feeds)
+
+
+def add_chunks(app: web.Application) -> None:
+    """An extension: an answer streamed in chunks (chunked transfer coding, no Content-Length)."""
+
+    async def chunks(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b"a" * 10, b"b" * 300):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    app.router.add_get("/chunks", chunks)
+
+
+# What a user's logging handler sees of each record (RECORDS_FILE, one JSON object a line).
+RECORD_FIELDS = (
+    "name", "levelname", "client", "scheme", "method", "path", "status", "bytes", "duration", "identity",
+    "request_id", "workflow",
+)  # fmt: skip
+
+
+class RecordsToFile(logging.Handler):
+    """A user's handler: every record it is given, as JSON, to the file named by RECORDS_FILE."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        seen: dict[str, Any] = {name: getattr(record, name, None) for name in RECORD_FIELDS}
+        seen["message"] = record.getMessage()
+        with open(os.environ["RECORDS_FILE"], "a") as file:
+            file.write(json.dumps(seen) + "\n")
+
+
+def log_records(app: web.Application) -> None:
+    """An extension adding a logging handler of its own, on the root logger (as journald's would be).
+
+    It says so on stderr itself, whatever the log level: a test can wait for that line.
+    """
+    logging.getLogger().addHandler(RecordsToFile())
+    sys.stderr.write("sample_plugins: logging records to a file\n")  # one write: workers print at once
+    sys.stderr.flush()
+
+
+def count_access_log(app: web.Application) -> None:
+    """An extension: GET /access-log-calls, how many times aioserver's access logger was asked to log."""
+    from aioserver import accesslog
+
+    calls = [0]
+    log = accesslog.AccessLogger.log
+
+    def counted(self: accesslog.AccessLogger, *args: Any) -> None:
+        calls[0] += 1
+        log(self, *args)
+
+    accesslog.AccessLogger.log = counted  # type: ignore[method-assign]
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response(calls[0])
+
+    app.router.add_get("/access-log-calls", count)

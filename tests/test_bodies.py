@@ -595,7 +595,7 @@ async def test_server_logs_an_encoded_path_on_one_line(config_file: Path) -> Non
         while not any(path in line and " 500 " in line for line in server.log) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)  # the access log is written in batches
         log = list(server.log)
-        [error_line] = [line for line in log if error_id in line]
+        [error_line] = [line for line in log if error_id in line and " ERROR " in line]  # and its access line
         assert error_line.rstrip().endswith(f"error {error_id} while handling POST {path}")
         assert sum(path in line and " 500 " in line for line in log) == 1  # and one access line
         assert not any(line.startswith(forged) for line in log)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aioserver.config import DEFAULT_SOURCE, INLINE_SOURCE, build_config, load_config
+from aioserver.config import DEFAULT_SOURCE, INLINE_SOURCE, load_config
 from aioserver.errors import ConfigError
 
 import sample_actions
@@ -110,13 +110,3 @@ def test_settings_from_server_section_and_env() -> None:
     config = load_config("server:\n  port: 9000\n  host: 0.0.0.0\n", env={"PORT": "9001"})
     assert (config.settings.host, config.settings.port) == ("0.0.0.0", 9001)
     assert config.origins["port"].source == "environment"
-
-
-@pytest.mark.parametrize(
-    ("cli", "key"), [({"access_log": "false"}, "--access-log"), ({"log_format": "json"}, "--log-format")]
-)
-def test_log_options_not_built_yet_are_refused_not_ignored(cli: dict[str, str], key: str) -> None:
-    with pytest.raises(ConfigError) as caught:
-        build_config({}, "config.yml", cli, {})
-    assert caught.value.key == key
-    assert "not available yet" in str(caught.value) or "only text logs" in str(caught.value)

@@ -30,7 +30,7 @@ import trustme
 from aiohttp import web
 
 from aioserver import connections, load_config
-from aioserver.connections import OVERLOADED, Connections, TLSSite
+from aioserver.connections import Connections, TLSSite, overloaded
 from aioserver.limits import LimitedRunner
 from aioserver.tls import ReloadableContext
 
@@ -531,6 +531,11 @@ async def opened(
     )
 
 
+def overloaded_answer(answer: bytes) -> bool:
+    """Whether ``answer`` is the 503 of a refused connection, with a new request id."""
+    return re.fullmatch(re.escape(overloaded("zzzz")).replace(b"zzzz", rb"[0-9a-f]{16}"), answer) is not None
+
+
 async def ask(stream: Stream, request: bytes = HEALTH) -> bytes:
     """The answer to one request (head and Content-Length body), or what came before the end."""
     reader, writer = stream
@@ -579,7 +584,7 @@ async def test_in_process_idle_connections_make_room_once_idle_oldest_first(
         assert len(open_) == 4  # counted from accept, before any request
         # Idle, but only just: not yet reclaimed, and all are: 503.
         late = await opened(port, context)
-        assert await ask(late) == OVERLOADED
+        assert overloaded_answer(await ask(late))
         assert len(open_) == 4  # nor was one of them cut off for it
         await asyncio.sleep(0.4)
         newcomers = [await opened(port, context) for _ in range(2)]
@@ -615,7 +620,7 @@ async def test_in_process_busy_connections_mean_503_in_full(
         await asyncio.sleep(0.2)
         for request in (HEALTH, b"GET /health HTTP/1.1\n\n"):  # a bare LF ends a head too
             refused = await opened(port, context)
-            assert await ask(refused, request) == OVERLOADED
+            assert overloaded_answer(await ask(refused, request))
             assert await ended(refused[0], timeout=5)  # and the server closes its end
             closed(refused)
         for stream in busy:
@@ -636,7 +641,7 @@ async def test_in_process_sends_nothing_and_is_answered_in_time(
         await asyncio.sleep(0.1)
         reader, writer = await opened(port, context)
         started = time.monotonic()
-        assert await reader.readexactly(len(OVERLOADED)) == OVERLOADED
+        assert overloaded_answer(await reader.readexactly(len(overloaded("0" * 16))))
         assert time.monotonic() - started >= 0.4
         # The client neither sends nor closes: the server's end goes after ANSWER_WAIT more.
         assert await ended(reader, timeout=5)
@@ -721,7 +726,7 @@ async def test_in_process_stalled_answers_make_room_at_the_limit(
             writer.write(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
         await asyncio.sleep(0.3)  # both stalled, but not for long enough yet
         refused = await opened(port)
-        assert await ask(refused) == OVERLOADED
+        assert overloaded_answer(await ask(refused))
         closed(refused)
         await asyncio.sleep(0.8)
         newcomer = await opened(port)
@@ -799,7 +804,7 @@ async def test_in_process_refused_handshakes_free_their_place_among_those_answer
         third = await opened(port, client_ssl_ctx)
         fourth = await raw(port)  # and one place only
         assert await ended(fourth[0], timeout=0.3)
-        assert await ask(third) == OVERLOADED
+        assert overloaded_answer(await ask(third))
         closed(busy, first, second, third, fourth)
 
 
@@ -936,10 +941,11 @@ async def test_refusal_answers_once_the_head_is_in(
     refusal, transport, done = refused(monkeypatch)
     for chunk in chunks:
         refusal.data_received(chunk)
-    assert transport.written == (OVERLOADED if answered else b"")
+    assert overloaded_answer(transport.written) if answered else transport.written == b""
     assert transport.calls == (["write_eof"] if answered else [])
+    answer = transport.written
     refusal.data_received(b"\r\n\r\nthe rest of a body")  # read, never answered twice
-    assert transport.written == OVERLOADED
+    assert overloaded_answer(transport.written) and (transport.written == answer or not answered)
     refusal.connection_lost(None)
     refusal.connection_lost(None)
     assert done == [1]  # its place among those answered freed once
@@ -948,7 +954,7 @@ async def test_refusal_answers_once_the_head_is_in(
 async def test_refusal_timers(monkeypatch: pytest.MonkeyPatch) -> None:
     refusal, transport, done = refused(monkeypatch, eof=False)  # TLS: no half-close
     await asyncio.sleep(0.3)  # no request head in ANSWER_WAIT: answered all the same
-    assert transport.written == OVERLOADED and transport.calls == ["close"]
+    assert overloaded_answer(transport.written) and transport.calls == ["close"]
     await asyncio.sleep(0.3)  # the client does not close in ANSWER_WAIT either: cut off
     assert transport.calls == ["close", "abort"]
     refusal.connection_lost(None)
@@ -959,8 +965,9 @@ async def test_refusal_answers_at_the_client_eof_and_not_once_closing(monkeypatc
     refusal, transport, _ = refused(monkeypatch)
     refusal.data_received(b"GET / HTTP/1.1\r\n")
     assert refusal.eof_received() is False  # the transport closes once the answer is out
-    assert transport.written == OVERLOADED
-    assert refusal.eof_received() is False and transport.written == OVERLOADED
+    answer = transport.written
+    assert overloaded_answer(answer)
+    assert refusal.eof_received() is False and transport.written == answer
     refusal.connection_lost(None)
     await asyncio.sleep(0.3)  # its timers are gone with it
     assert transport.calls == ["write_eof"]

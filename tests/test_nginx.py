@@ -118,7 +118,9 @@ def test_nginx_workers_reach_the_units_unix_socket(
             assert headers["strict-transport-security"] == "max-age=63072000"
             assert call(port, client_ssl_ctx, "POST", "/workflow", b"{}", token="wrong")[0] == 401
             assert service.stop() == 0
-        assert re.search(r'127\.0\.0\.1 https "POST /workflow HTTP/1.1" 200 .* ops$', service.text(), re.M)
+        assert re.search(
+            r'127\.0\.0\.1 https "POST /workflow HTTP/1.1" 200 .* ops \w{16} "shout"$', service.text(), re.M
+        )
     finally:
         installed.remove()
 

@@ -22,7 +22,10 @@ import pytest
 from conftest import TOKEN, TOKEN_HASH, PemFiles, Server
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: .*\n")
+# RFC 3339 times, with the UTC offset (SPEC section 8).
+RECORD = re.compile(
+    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: .*\n"
+)
 
 
 def tls_args(pem: PemFiles) -> tuple[str, ...]:
@@ -164,11 +167,10 @@ def test_every_request_gets_one_whole_access_line() -> None:
     broken = [line for line in log.splitlines(keepends=True) if not RECORD.fullmatch(line)]
     assert not broken, broken[:5]
     access = [line for line in server.log if " INFO aiohttp.access: " in line]
-    line = re.compile(
-        r'.* INFO aiohttp\.access: 127\.0\.0\.1 http "POST /workflow HTTP/1\.1" 200 \d+ \d+\.\d{3}s token\n'
-    )
+    echo = r'"POST /workflow HTTP/1\.1" 200 3 \d+\.\d{3}s token \w{16} "(echo|nap)"'
+    line = re.compile(rf".* INFO aiohttp\.access: 127\.0\.0\.1 http {echo}\n")
     assert len(access) == clients * each + 1 and all(line.fullmatch(entry) for entry in access), access[:3]
-    assert re.search(r'" 200 \d+ (0\.9|1)\.\d{3}s token\n', log)  # the nap's, written out before the exit
+    assert re.search(r'" 200 \d+ (0\.9|1)\.\d{3}s token \w{16} "nap"\n', log)  # the nap's, written before the exit
 
 
 # -- the file limit: raised as far as --limit-connections needs, or a warning when it cannot be

@@ -281,7 +281,7 @@ def test_credentials_directory_supplies_token_and_key(
     finally:
         process.kill()
         process.wait()
-    assert re.search(r'"POST /workflow HTTP/1.1" 200 .* systemd$', log.read_text(), re.M)
+    assert re.search(r'"POST /workflow HTTP/1.1" 200 .* systemd \w{16} "echo"$', log.read_text(), re.M)
 
 
 # -- the unit files

@@ -37,6 +37,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ..logs import configure_logging, configured
+
 logger = logging.getLogger("aioserver.workflow")
 T = TypeVar("T")
 
@@ -432,6 +434,7 @@ class _Worker:
                 _CHILD,
                 str(theirs.fileno()),
                 str(os.getpid()),
+                *(configured() or ()),  # its log lines as the server's (JSON ones included)
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, "PYTHONPATH": path},
@@ -481,6 +484,8 @@ def serve() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(int(sys.argv[2]))
+    if len(sys.argv) > 4:  # the server's log level and format: an action's log lines look like the server's
+        configure_logging(sys.argv[3], sys.argv[4])
     channel = socket.socket(fileno=int(sys.argv[1]))
     while True:
         request = _receive(channel)

@@ -1,0 +1,181 @@
+"""The access log (SPEC section 8), on the real ``python -m aioserver`` in each conftest deployment.
+
+One line per request through ``logging`` (a user's handler sees it), hidden below ``--log-level
+info``, none at all with ``--no-access-log``; it names the request id, the workflow, the body's
+bytes, and its time carries the UTC offset.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_requestids import BEARER, ECHO, ask, post, request_id
+
+from conftest import TOKEN, TOKEN_HASH, Server, free_port
+
+CONFIG = "workflow:\n  echo: {tasks: [echo]}\n  boom: {tasks: [sample_actions.boom]}\n"
+TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
+
+
+def get(path: bytes, method: bytes = b"GET", *headers: bytes) -> bytes:
+    return b"%s %s HTTP/1.1\r\nHost: localhost\r\n%s%s\r\n" % (method, path, BEARER, b"".join(headers))
+
+
+READY = r"sample_plugins: logging records to a file"
+
+
+def until_listening(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def wait_for(server: Server, pattern: str, count: int = 1, timeout: float = 5) -> list[str]:
+    """The log lines matching ``pattern``, once there are ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line for line in list(server.log) if re.search(pattern, line)]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def test_an_access_line_names_the_request_its_id_workflow_and_body_bytes() -> None:
+    with Server("--config", CONFIG, env={"TOKEN": TOKEN_HASH}) as server:
+        answers = {
+            "echo": ask(server.port, post(ECHO, BEARER, b"X-Request-ID: echo-1\r\n")),
+            "health": ask(server.port, get(b"/health", b"GET", b"X-Request-ID: health-1\r\n")),
+            "head": ask(server.port, get(b"/health", b"HEAD", b"X-Request-ID: head-1\r\n")),
+            "missing": ask(server.port, get(b"/missing?token=secret", b"GET", b"X-Request-ID: missing-1\r\n")),
+            "unknown": ask(server.port, post(b'{"name": "a \\"b\\" \\\\ \\u2028", "elements": []}', BEARER)),
+        }
+        lines = wait_for(server, r" INFO aiohttp\.access: ", count=5)
+    assert [answer[0] for answer in answers.values()] == [200, 200, 200, 404, 404]
+    access = "".join(lines)
+    prefix = rf"{TIME} INFO aiohttp\.access: 127\.0\.0\.1 http "
+    assert re.search(rf'^{prefix}"POST /workflow HTTP/1\.1" 200 3 \d+\.\d{{3}}s token echo-1 "echo"$', access, re.M)
+    health = len(answers["health"][2])
+    assert re.search(rf'^{prefix}"GET /health HTTP/1\.1" 200 {health} \d\.\d{{3}}s - health-1 -$', access, re.M)
+    assert re.search(rf'^{prefix}"HEAD /health HTTP/1\.1" 200 0 \d\.\d{{3}}s - head-1 -$', access, re.M)
+    missing = len(answers["missing"][2])
+    assert re.search(rf'^{prefix}"GET /missing HTTP/1\.1" 404 {missing} \S+ token missing-1 -$', access, re.M)
+    # A name a client made up is escaped: quotes, backslashes, a line separator; one line.
+    unknown = request_id(answers["unknown"])
+    assert re.search(rf'token {unknown} "a \\"b\\" \\\\ \\u2028"$', access, re.M), access
+    assert "\u2028" not in access and "secret" not in access
+
+
+def test_a_streamed_answers_bytes_are_its_body_on_the_wire() -> None:
+    # Chunked: no Content-Length to go by; the bytes are what followed the head (chunk framing included).
+    env = {"TOKEN": TOKEN_HASH, "EXTENSIONS": "sample_plugins.add_chunks"}
+    with Server("--config", CONFIG, env=env) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(get(b"/chunks", b"GET", b"Connection: close\r\n", b"X-Request-ID: chunks-1\r\n"))
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        body = raw.partition(b"\r\n\r\n")[2]
+        assert body.endswith(b"0\r\n\r\n") and b"b" * 300 in body
+        [line] = wait_for(server, r"chunks-1")
+    assert f'"GET /chunks HTTP/1.1" 200 {len(body)} ' in line
+
+
+@pytest.mark.workers
+def test_access_lines_follow_the_log_level(tmp_path: Path) -> None:
+    for level, shown in (("warning", False), ("error", False), ("info", True), ("debug", True)):
+        records = tmp_path / f"records-{level}"
+        env = {"TOKEN": TOKEN_HASH, "EXTENSIONS": "sample_plugins.log_records", "RECORDS_FILE": str(records)}
+        # Above INFO the server says nothing as it starts: the extension's line tells it is about to serve.
+        port = free_port()
+        with Server("--config", CONFIG, "--port", str(port), "--log-level", level, env=env, pattern=READY) as server:
+            until_listening(port)
+            for _ in range(5):
+                assert ask(port, post(ECHO, BEARER))[0] == 200
+            boom = ask(port, post(b'{"name": "boom", "elements": [1]}', BEARER))
+            assert boom[0] == 500
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=20) == 0
+        log = "".join(server.log)
+        access = [line for line in server.log if "aiohttp.access" in line]
+        seen = [json.loads(line) for line in records.read_text().splitlines()]
+        # The access lines only at INFO or below, on stderr as for a user's handler; the 500's
+        # error line at every one of these levels.
+        assert len(access) == (6 if shown else 0), (level, access)
+        assert len([r for r in seen if r["name"] == "aiohttp.access"]) == (6 if shown else 0), level
+        assert f"error {request_id(boom)} while handling POST /workflow" in log, (level, log)
+
+
+@pytest.mark.workers
+def test_no_access_log_means_no_access_logging_at_all(tmp_path: Path) -> None:
+    records = tmp_path / "records"
+    env = {
+        "TOKEN": TOKEN_HASH,
+        "EXTENSIONS": "sample_plugins.log_records,sample_plugins.count_access_log",
+        "RECORDS_FILE": str(records),
+    }
+    for switch, lines in (("--no-access-log", 0), ("--access-log", 8)):
+        records.unlink(missing_ok=True)
+        with Server("--config", CONFIG, switch, env=env) as server:
+            for _ in range(3):
+                assert ask(server.port, post(ECHO, BEARER))[0] == 200
+            # The access logger's work, in the process that answers (with workers, any of them).
+            calls = [json.loads(ask(server.port, get(b"/access-log-calls"))[2]) for _ in range(4)]
+            if lines == 0:
+                assert calls == [0, 0, 0, 0]
+            elif server.workers == 1:
+                assert calls == [3, 4, 5, 6]
+            assert ask(server.port, post(b'{"name": "boom", "elements": [1]}', BEARER))[0] == 500
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=20) == 0
+        access = [line for line in server.log if "aiohttp.access" in line]
+        seen = [json.loads(line) for line in records.read_text().splitlines()]
+        assert len(access) == lines and len([r for r in seen if r["name"] == "aiohttp.access"]) == lines, switch
+        assert any(r["name"] == "aioserver.error" for r in seen)  # error lines are not access lines
+
+
+def test_a_users_logging_handler_sees_access_records(tmp_path: Path) -> None:
+    records = tmp_path / "records"
+    env = {"TOKEN": TOKEN_HASH, "EXTENSIONS": "sample_plugins.log_records", "RECORDS_FILE": str(records)}
+    with Server("--config", CONFIG, env=env) as server:
+        assert ask(server.port, post(ECHO, BEARER, b"X-Request-ID: mine-1\r\n"))[0] == 200
+        assert ask(server.port, get(b"/health?x=1", b"GET", b"X-Request-ID: mine-2\r\n"))[0] == 200
+        wait_for(server, r"mine-2")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=20) == 0
+    access = [
+        record for record in map(json.loads, records.read_text().splitlines()) if record["name"] == "aiohttp.access"
+    ]
+    assert len(access) == 2
+    seen: dict[Any, dict[str, Any]] = {record["request_id"]: record for record in access}
+    echo = seen["mine-1"]
+    assert echo["message"] in "".join(server.log)  # the same line as on stderr
+    assert {k: v for k, v in echo.items() if k not in ("duration", "message")} == {
+        "name": "aiohttp.access",
+        "levelname": "INFO",
+        "client": "127.0.0.1",
+        "scheme": "http",
+        "method": "POST",
+        "path": "/workflow",
+        "status": 200,
+        "bytes": 3,
+        "identity": "token",
+        "request_id": "mine-1",
+        "workflow": "echo",
+    }
+    assert isinstance(echo["duration"], float) and 0 <= echo["duration"] < 5
+    health = seen["mine-2"]
+    assert (health["path"], health["workflow"], health["identity"]) == ("/health", None, None)
+    assert TOKEN not in records.read_text()
