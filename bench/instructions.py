@@ -8,7 +8,7 @@ counters zeroed, then serves exactly ``--requests`` POSTs of the echo workflow o
 ``--connections`` keep-alive HTTPS connections (the handshakes were made while warming up),
 and the count is divided by the requests.
 
-    python3 bench/instructions.py                     # the floor, aioserver, --no-access-log, --metrics, --log-format json
+    python3 bench/instructions.py             # the floor, aioserver, --no-access-log, --metrics, json logs
     python3 bench/instructions.py --variant "" --variant "--no-access-log"
     python3 bench/instructions.py --aioserver-path /path/to/other/checkout   # an older build, same venv
 
