@@ -157,12 +157,22 @@ def test_boilerplate_is_dropped() -> None:
             "Cheap solar panels have made solar power the cheapest electricity in many countries. "
             "Analysts expect solar power and batteries to keep growing.",
         ),
+        # txtai's minlength, in tokens: the best sentence has 14 (13 words and a full stop),
+        # so the next best (10) joins it, in the text's order.
         (
-            {},
-            {"sentences": 2},
+            {"sentences": 1},
+            {"minlength": 20},
             "Cheap solar panels have made solar power the cheapest electricity in many countries. "
             "Analysts expect solar power and batteries to keep growing.",
         ),
+        ({"sentences": 1}, {"minlength": 14}, "Cheap solar panels have made solar power the cheapest electricity in many countries."),
+        ({"sentences": 1, "minlength": 20}, {"minlength": 0}, "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+            "Analysts expect solar power and batteries to keep growing."),  # 0 is none, as in txtai: the section's
+        # minlength over maxlength: maxlength wins (txtai's rule).
+        ({"sentences": 1}, {"minlength": 40, "maxlength": 15}, "Cheap solar panels have made solar power the cheapest electricity in many countries. Analysts"),
+        # Tokens, not words: the full stop counts.
+        ({"sentences": 1}, {"maxlength": 13}, "Cheap solar panels have made solar power the cheapest electricity in many countries"),
+        ({"sentences": 1}, {"maxlength": 14}, "Cheap solar panels have made solar power the cheapest electricity in many countries."),
         # The lower-ranked sentences go first; the best one is then cut to 12 words.
         (
             {"sentences": 3, "maxlength": 12},
@@ -315,4 +325,7 @@ async def test_segmentation_is_linear_on_hostile_input(pool: ProcessPool, segmen
 
 async def test_summary_is_linear_on_hostile_input(pool: ProcessPool) -> None:
     assert len(await within(pool, summarize_all, HOSTILE_TEXT, 3)) == len(HOSTILE_TEXT)
-    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 50, 20)) == len(HOSTILE_TEXT)
+    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 50, None, 20)) == len(HOSTILE_TEXT)
+    # Every sentence joins for minlength, one by one; or all are kept, then dropped for maxlength.
+    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 1, 10**9)) == len(HOSTILE_TEXT)
+    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 10**6, None, 5)) == len(HOSTILE_TEXT)

@@ -124,7 +124,7 @@ class Segmentation:
         self.sentences, self.lines, self.paragraphs = sentences, lines, paragraphs
         self.minlength, self.join, self.cleantext = minlength, join, cleantext
 
-    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[Any]:
+    async def __call__(self, batch: list[Any], *, runtime: Runtime | None = None) -> list[Any]:
         return await _compute(runtime, self.segment_all, _texts(type(self).__name__.lower(), batch))
 
     def segment_all(self, texts: list[str]) -> list[str | list[str]]:
@@ -160,7 +160,7 @@ class Textractor(Segmentation):
     as in :class:`Segmentation`.
     """
 
-    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[Any]:
+    async def __call__(self, batch: list[Any], *, runtime: Runtime | None = None) -> list[Any]:
         documents = await asyncio.gather(*(self._read(element, runtime) for element in _texts("textractor", batch)))
         return await _compute(runtime, self.extract_all, documents)
 
@@ -335,36 +335,66 @@ def _short_decimal(reference: re.Match[str]) -> str:
 class Summary:
     """Extractive summary: sentences ranked by the frequency of their words, best kept in order.
 
-    ``sentences`` is how many to keep (default 3); ``maxlength`` caps the summary's words.
-    Either may also be given per task in ``args``.
+    ``sentences`` is how many to keep (default 3). ``minlength`` and ``maxlength`` are txtai's:
+    the least and the most tokens the summary may have (sentences are added, in rank order,
+    until it has ``minlength``; the lowest ranked dropped, then the last cut, until it has at
+    most ``maxlength``). A token is a word, a number or a punctuation mark (see
+    :func:`count_tokens`): a model's subword tokenizer would count somewhat more. Both may also
+    be given per task in ``args``, ``[minlength, maxlength]`` as in txtai, or as keywords.
     """
 
     wants_runtime = True
 
-    def __init__(self, sentences: int = 3, maxlength: int | None = None) -> None:
-        self.sentences, self.maxlength = (
-            _positive(sentences, "sentences"),
-            maxlength and _positive(maxlength, "maxlength"),
-        )
+    def __init__(self, sentences: int = 3, minlength: int | None = None, maxlength: int | None = None) -> None:
+        self.check_arguments(minlength, maxlength)
+        self.sentences = _positive(sentences, "sentences")
+        self.minlength, self.maxlength = minlength or None, maxlength or None
+
+    @staticmethod
+    def check_arguments(minlength: Any = None, maxlength: Any = None) -> None:
+        """ValueError unless each length is None or a number of tokens (0, as in txtai, is none)."""
+        for name, value in (("minlength", minlength), ("maxlength", maxlength)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a number of tokens (an integer, 0 or more), got {value!r}")
 
     async def __call__(
         self,
         batch: list[Any],
-        sentences: int | None = None,
+        minlength: int | None = None,
         maxlength: int | None = None,
+        *,
         runtime: Runtime | None = None,
     ) -> list[str]:
+        self.check_arguments(minlength, maxlength)
         texts = _texts("summary", batch)
-        return await _compute(runtime, summarize_all, texts, sentences or self.sentences, maxlength or self.maxlength)
+        return await _compute(
+            runtime,
+            summarize_all,
+            texts,
+            self.sentences,
+            minlength or self.minlength,
+            maxlength or self.maxlength,
+        )
 
 
-def summarize_all(texts: list[str], count: int, maxlength: int | None = None) -> list[str]:
+def summarize_all(
+    texts: list[str], count: int, minlength: int | None = None, maxlength: int | None = None
+) -> list[str]:
     """:func:`summarize` for each text (the part of a call that runs in a worker process)."""
-    return [summarize(text, count, maxlength) for text in texts]
+    return [summarize(text, count, minlength, maxlength) for text in texts]
 
 
-def summarize(text: str, count: int, maxlength: int | None = None) -> str:
-    """The ``count`` best sentences of ``text``, in their original order, within ``maxlength`` words."""
+# A token: a run of letters, digits or underscores, or one other visible character.
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """The tokens of ``text``: its words and numbers, and each punctuation mark."""
+    return sum(1 for _ in _TOKEN.finditer(text))
+
+
+def summarize(text: str, count: int, minlength: int | None = None, maxlength: int | None = None) -> str:
+    """The ``count`` best sentences of ``text`` in their order, with ``minlength`` to ``maxlength`` tokens."""
     # A paragraph break ends a sentence too (a heading has no full stop).
     paragraphs = (_SPACES.sub(" ", p).strip() for p in _BLANK_LINE.split(text))
     sentences = [s for p in paragraphs for s in _SENTENCE_END.split(p) if s]
@@ -373,16 +403,38 @@ def summarize(text: str, count: int, maxlength: int | None = None) -> str:
     top = max(frequency.values(), default=1)
     # Mean weight, damped by length so that long sentences do not win by size alone.
     scores = [sum(frequency[w] / top for w in ws if w not in STOPWORDS) / math.sqrt(len(ws) or 1) for ws in words]
-    ranked = sorted(range(len(sentences)), key=lambda i: (-scores[i], i))[:count]
-    chosen = sorted(ranked)
+    ranked = sorted(range(len(sentences)), key=lambda i: (-scores[i], i))
+    chosen = ranked[:count]
+    tokens = {i: count_tokens(sentences[i]) for i in chosen}
+    total = sum(tokens.values())  # kept as sentences come and go: linear however many do
+    if maxlength is not None and minlength is not None:
+        minlength = min(minlength, maxlength)  # as txtai: the most wins
+    if minlength is not None:
+        # The next best sentences join until the summary is long enough (or the text runs out).
+        for i in ranked[count:]:
+            if total >= minlength:
+                break
+            chosen.append(i)
+            tokens[i] = count_tokens(sentences[i])
+            total += tokens[i]
     if maxlength is not None:
-        # Drop the lowest ranked sentences until the summary fits; cut the last one if need be.
-        lengths = {i: len(sentences[i].split()) for i in chosen}
-        while len(chosen) > 1 and sum(lengths[i] for i in chosen) > maxlength:
-            chosen.remove(max(chosen, key=lambda i: (-scores[i], i)))
-        summary = " ".join(sentences[i] for i in chosen).split()
-        return " ".join(summary[:maxlength])
-    return " ".join(sentences[i] for i in chosen)
+        # Drop the lowest ranked sentences until the summary fits, never below minlength; then
+        # cut it at maxlength if need be.
+        least = minlength or 0
+        while len(chosen) > 1 and total > maxlength and total - tokens[chosen[-1]] >= least:
+            total -= tokens.pop(chosen.pop())
+    summary = " ".join(sentences[i] for i in sorted(chosen))
+    return _first_tokens(summary, maxlength) if maxlength is not None else summary
+
+
+def _first_tokens(text: str, limit: int) -> str:
+    """``text`` up to the end of its ``limit``-th token."""
+    end = 0
+    for number, token in enumerate(_TOKEN.finditer(text), start=1):
+        if number > limit:
+            break
+        end = token.end()
+    return text[:end]
 
 
 def _positive(value: Any, name: str) -> int:
