@@ -41,6 +41,12 @@ _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)?")
 # A blank line: \s* may run to the next newline and back, but no further, so this is linear.
 _BLANK_LINE = re.compile(r"\n\s*\n")
 _SPACES = re.compile(r"\s+")
+# txtai's Segmentation's: spaces only (line breaks and tabs stay), and its splits.
+_SPACE_RUNS = re.compile(r" +")
+_LINE_BREAKS = re.compile(r"(?:\r?\n)+")
+_PARAGRAPH_BREAKS = re.compile(r"(?:\r?\n){2,}")
+_SECTION_BREAKS = re.compile(r"(?:\r?\n){3,}")
+_FORM_FEED = re.compile(r"\f")
 # Words too common to say what a sentence is about (English; others still rank by frequency).
 STOPWORDS = frozenset(
     "a about above after again against all am an and any are as at be because been before being below between "
@@ -98,12 +104,15 @@ async def _compute(runtime: Runtime | None, function: Callable[..., T], *args: A
 
 
 class Segmentation:
-    """Splits text into sentences, lines or paragraphs; cleans white space; drops short pieces.
+    """Splits text into sentences, lines, paragraphs or sections, and cleans it, by txtai's rules.
 
-    With none of ``sentences``, ``lines``, ``paragraphs`` the text is only cleaned, paragraph by
-    paragraph. ``join``
-    puts the pieces back into one string (paragraphs by a blank line, lines by a newline,
-    sentences by a space).
+    ``lines`` splits at runs of line breaks, ``paragraphs`` at two or more, ``sections`` at form
+    feeds (or, without any, at three or more line breaks); ``sentences`` at sentence ends (and
+    blank lines) by a rule of ours, where txtai asks NLTK. With none of them the text is only
+    cleaned. Cleaning (``cleantext``, on by default) makes runs of spaces one and strips each
+    piece's ends (line breaks inside a piece stay, as in txtai); then a piece shorter than
+    ``minlength`` characters is dropped (without a split, the result is None). Empty pieces
+    are dropped; ``join`` puts the rest back into one string, separated by spaces.
     """
 
     wants_runtime = True
@@ -115,41 +124,50 @@ class Segmentation:
         paragraphs: bool = False,
         minlength: int | None = None,
         join: bool = False,
+        sections: bool = False,
         cleantext: bool = True,
     ) -> None:
-        if sum((sentences, lines, paragraphs)) > 1:
-            raise ValueError("choose one of sentences, lines, paragraphs")
+        if sum((sentences, lines, paragraphs, sections)) > 1:
+            raise ValueError("choose one of sentences, lines, paragraphs, sections")
         if minlength is not None and (isinstance(minlength, bool) or not isinstance(minlength, int) or minlength < 0):
             raise ValueError(f"minlength must be a non-negative integer, got {minlength!r}")
-        self.sentences, self.lines, self.paragraphs = sentences, lines, paragraphs
+        self.sentences, self.lines, self.paragraphs, self.sections = sentences, lines, paragraphs, sections
         self.minlength, self.join, self.cleantext = minlength, join, cleantext
+
+    @property
+    def splits(self) -> bool:
+        """Whether a text becomes a list of pieces (else one string, or None)."""
+        return (self.sentences or self.lines or self.paragraphs or self.sections) and not self.join
 
     async def __call__(self, batch: list[Any], *, runtime: Runtime | None = None) -> list[Any]:
         return await _compute(runtime, self.segment_all, _texts(type(self).__name__.lower(), batch))
 
-    def segment_all(self, texts: list[str]) -> list[str | list[str]]:
+    def segment_all(self, texts: list[str]) -> list[str | list[str] | None]:
         """Each text segmented (the part of a call that runs in a worker process)."""
         return [self.segment(text) for text in texts]
 
-    def segment(self, text: str) -> str | list[str]:
-        """The text cleaned and split as configured."""
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    def segment(self, text: str) -> str | list[str] | None:
+        """The text split and cleaned as configured."""
         if self.sentences:
-            pieces = [s for p in _BLANK_LINE.split(text) for s in _SENTENCE_END.split(self.clean(p))]
-            glue = " "
+            pieces = [self.clean(s) for p in _BLANK_LINE.split(text) for s in _SENTENCE_END.split(p)]
         elif self.lines:
-            pieces, glue = text.split("\n"), "\n"
-        else:  # paragraphs; or, with no split asked for, paragraphs cleaned one by one and joined
-            pieces, glue = _BLANK_LINE.split(text), "\n\n"
-        pieces = [self.clean(piece) for piece in pieces]
-        pieces = [piece for piece in pieces if piece and len(piece) >= (self.minlength or 0)]
-        if self.join or not (self.sentences or self.lines or self.paragraphs):
-            return glue.join(pieces)
-        return pieces
+            pieces = [self.clean(line) for line in _LINE_BREAKS.split(text)]
+        elif self.paragraphs:
+            pieces = [self.clean(paragraph) for paragraph in _PARAGRAPH_BREAKS.split(text)]
+        elif self.sections:
+            pattern = _FORM_FEED if "\f" in text else _SECTION_BREAKS
+            pieces = [self.clean(section) for section in pattern.split(text)]
+        else:
+            return self.clean(text)
+        kept = [piece for piece in pieces if piece]
+        return " ".join(kept) if self.join else kept
 
-    def clean(self, text: str) -> str:
-        """Runs of white space made one space, ends stripped (when ``cleantext``)."""
-        return _SPACES.sub(" ", text).strip() if self.cleantext else text
+    def clean(self, text: str) -> str | None:
+        """Runs of spaces made one, ends stripped; None when shorter than ``minlength`` (when ``cleantext``)."""
+        if not self.cleantext:
+            return text
+        text = _SPACE_RUNS.sub(" ", text).strip()
+        return text if not self.minlength or len(text) >= self.minlength else None
 
 
 class Textractor(Segmentation):
@@ -164,7 +182,7 @@ class Textractor(Segmentation):
         documents = await asyncio.gather(*(self._read(element, runtime) for element in _texts("textractor", batch)))
         return await _compute(runtime, self.extract_all, documents)
 
-    def extract_all(self, documents: list[str]) -> list[str | list[str]]:
+    def extract_all(self, documents: list[str]) -> list[str | list[str] | None]:
         """Each document's text, segmented (the part of a call that runs in a worker process)."""
         return [self.segment(html_to_text(document)) for document in documents]
 
