@@ -21,10 +21,16 @@ BAD_ARGUMENTS = [
     ("{action: summary, args: {sentences: 2}}", "got an unexpected keyword argument 'sentences'"),
     ("{action: summary, args: {min_length: 2}}", "got an unexpected keyword argument 'min_length'"),
     ("{action: summary, args: [10, 60, 3]}", "too many positional arguments"),
-    ("{action: summary, args: {minlength: ten}}", "minlength must be a number of tokens (an integer, 0 or more), got 'ten'"),
+    (
+        "{action: summary, args: {minlength: ten}}",
+        "minlength must be a number of tokens (an integer, 0 or more), got 'ten'",
+    ),
     ("{action: summary, args: [10, -1]}", "maxlength must be a number of tokens (an integer, 0 or more), got -1"),
     ("{action: summary, args: [1.5]}", "minlength must be a number of tokens (an integer, 0 or more), got 1.5"),
-    ("{action: summary, args: {maxlength: true}}", "maxlength must be a number of tokens (an integer, 0 or more), got True"),
+    (
+        "{action: summary, args: {maxlength: true}}",
+        "maxlength must be a number of tokens (an integer, 0 or more), got True",
+    ),
     ("{action: summary, args: [10], task: url}", None),  # fine: a kind does not change the arguments
     ("{action: segmentation, args: [1]}", "too many positional arguments"),
     ("{action: textractor, args: {runtime: 1}}", "got an unexpected keyword argument 'runtime' (the server gives it)"),
@@ -37,7 +43,10 @@ BAD_ARGUMENTS = [
     ("{action: sample_actions.scale, args: {factor: 2, offst: 1}}", "got an unexpected keyword argument 'offst'"),
     ("{action: sample_actions.Multiplier, args: {factor: 2}}", "got an unexpected keyword argument 'factor'"),
     ("{task: service, url: 'http://127.0.0.1:9/', args: [1]}", "too many positional arguments"),
-    ("{action: [sample_actions.add, sample_actions.scale], args: {factor: 3}}", "got an unexpected keyword argument 'factor'"),
+    (
+        "{action: [sample_actions.add, sample_actions.scale], args: {factor: 3}}",
+        "got an unexpected keyword argument 'factor'",
+    ),
 ]
 
 
@@ -81,8 +90,11 @@ async def test_arguments_an_action_takes_pass_and_run(task: str, elements: list[
     ("args", "expected"),
     [
         # 14 tokens in the best sentence, 10 in the next best: minlength 20 takes both.
-        ("[20]", "Cheap solar panels have made solar power the cheapest electricity in many countries. "
-         "Analysts expect solar power and batteries to keep growing."),
+        (
+            "[20]",
+            "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+            "Analysts expect solar power and batteries to keep growing.",
+        ),
         ("[null, 5]", "Cheap solar panels have made"),
         ("{maxlength: 14}", "Cheap solar panels have made solar power the cheapest electricity in many countries."),
     ],

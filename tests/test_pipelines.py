@@ -186,14 +186,34 @@ def test_boilerplate_is_dropped() -> None:
             "Cheap solar panels have made solar power the cheapest electricity in many countries. "
             "Analysts expect solar power and batteries to keep growing.",
         ),
-        ({"sentences": 1}, {"minlength": 14}, "Cheap solar panels have made solar power the cheapest electricity in many countries."),
-        ({"sentences": 1, "minlength": 20}, {"minlength": 0}, "Cheap solar panels have made solar power the cheapest electricity in many countries. "
-            "Analysts expect solar power and batteries to keep growing."),  # 0 is none, as in txtai: the section's
+        (
+            {"sentences": 1},
+            {"minlength": 14},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries.",
+        ),
+        (
+            {"sentences": 1, "minlength": 20},
+            {"minlength": 0},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+            "Analysts expect solar power and batteries to keep growing.",
+        ),  # 0 is none, as in txtai: the section's
         # minlength over maxlength: maxlength wins (txtai's rule).
-        ({"sentences": 1}, {"minlength": 40, "maxlength": 15}, "Cheap solar panels have made solar power the cheapest electricity in many countries. Analysts"),
+        (
+            {"sentences": 1},
+            {"minlength": 40, "maxlength": 15},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries. Analysts",
+        ),
         # Tokens, not words: the full stop counts.
-        ({"sentences": 1}, {"maxlength": 13}, "Cheap solar panels have made solar power the cheapest electricity in many countries"),
-        ({"sentences": 1}, {"maxlength": 14}, "Cheap solar panels have made solar power the cheapest electricity in many countries."),
+        (
+            {"sentences": 1},
+            {"maxlength": 13},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries",
+        ),
+        (
+            {"sentences": 1},
+            {"maxlength": 14},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries.",
+        ),
         # The lower-ranked sentences go first; the best one is then cut to 12 words.
         (
             {"sentences": 3, "maxlength": 12},

@@ -55,6 +55,10 @@ class ActionResolver:
         for name in pipelines:  # eagerly, so that a broken section fails at start-up
             self.resolve(name, name)
 
+    def sections(self) -> dict[str, Action]:
+        """The action of each pipeline section of the config, by the section's name."""
+        return {name: self._actions[name] for name in self._pipelines}
+
     def resolve(self, name: str, key: str) -> Action:
         """The action called ``name``; ``key`` locates the reference in errors."""
         if name not in self._actions:
