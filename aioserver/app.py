@@ -14,6 +14,7 @@ from .errorlog import TracebackLog
 from .errors import error_middleware
 from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
+from .openapi import setup_openapi
 from .pipelineviews import setup_pipeline_routes
 from .plugins import dependencies_middleware
 from .proxy import TrustedProxies, UntrustedForwarding
@@ -90,6 +91,7 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
         metrics.setup(app)  # GET /metrics
     for extension in config.extensions:
         extension(app)
+    setup_openapi(app, config)  # last: it documents every route, the extensions' included
     return app
 
 
