@@ -55,6 +55,9 @@ class Config:
     # The config's pipeline sections (textractor: {...}, txtai.pipeline.X: {...}), by name:
     # the built-in ones get txtai's routes (/segment, ...).
     pipelines: Mapping[str, Action] = field(default_factory=dict)
+    # The actions named by a dotted path (txtai.pipeline.Textractor, myactions.fetch): code that
+    # opens what it opens itself, outside safeopen, which only the built-ins go through.
+    dotted_paths: tuple[str, ...] = ()
     source: str = INLINE_SOURCE
     origins: Mapping[str, Origin] = field(default_factory=dict)  # setting name -> where it came from
     tokens: tuple[Token, ...] = ()
@@ -153,6 +156,7 @@ def build_config(
         settings=settings,
         workflows=workflows,
         pipelines=resolver.sections(),
+        dotted_paths=tuple(resolver.dotted_paths()),
         source=source,
         origins=origins,
         safeopen=safeopen,

@@ -55,6 +55,10 @@ class ActionResolver:
         for name in pipelines:  # eagerly, so that a broken section fails at start-up
             self.resolve(name, name)
 
+    def dotted_paths(self) -> list[str]:
+        """The actions named by a dotted path (the user's code, or txtai's), in order of appearance."""
+        return [name for name in self._actions if name not in BUILTINS]
+
     def sections(self) -> dict[str, Action]:
         """The action of each pipeline section of the config, by the section's name."""
         return {name: self._actions[name] for name in self._pipelines}
