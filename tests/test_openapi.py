@@ -168,6 +168,9 @@ def test_metrics_and_no_workflows() -> None:
     doc = document(create_app(config), config)
     validate(doc)
     assert "/metrics" in doc["paths"]
-    assert "enum" not in doc["paths"]["/workflow"]["post"]["requestBody"]["content"]["application/json"]["schema"][
-        "properties"
-    ]["name"]
+    assert (
+        "enum"
+        not in doc["paths"]["/workflow"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"][
+            "name"
+        ]
+    )
