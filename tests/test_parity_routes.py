@@ -183,3 +183,9 @@ def test_tokens_as_txtais(tmp_path: Path, token: str) -> None:
         for presented in (token + "x", None):
             expected, actual = both(txtai, server.port, "GET", query("/segment", text="a"), token=presented)
             assert expected.status in (401, 403) and actual.status == 401, (expected, actual)
+        # Deliberate difference: txtai's document is open to all, aioserver's authorized like every route.
+        expected, actual = both(txtai, server.port, "GET", "/openapi.json")
+        assert (expected.status, actual.status) == (200, 401)
+        expected, actual = both(txtai, server.port, "GET", "/openapi.json", token=token)
+        assert expected.status == actual.status == 200
+        assert {"/segment", "/batchsegment", "/workflow"} <= set(expected.body["paths"]) & set(actual.body["paths"])
