@@ -16,13 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import OPEN_PATHS
+from .auth import IDENTITY, OPEN_PATHS
 from .config import Config
 from .pipelineviews import PipelineRoutes, served
 from .workflow.engine import Action
 from .workflow.pipelines import Segmentation
 
 PATH = "/openapi.json"
+MAX_SCOPES = 64
 API_VERSION = "1"
 JSON_MEDIA = "application/json"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
@@ -54,14 +55,51 @@ WORK_ANSWERS = {
 
 
 def setup_openapi(app: web.Application, config: Config) -> None:
-    """Add ``GET /openapi.json``, documenting every route the app has now (call it last)."""
-    body = b""
+    """Add ``GET /openapi.json``, documenting every route the app has now (call it last).
+
+    A scoped token (one whose list names ``/openapi.json``) is shown only what it may call: the
+    routes its list names, the open ones, and ``POST /workflow`` with its workflows only, so
+    that the document tells it no more than its 403s would.
+    """
+    full: dict[str, Any] = {}
+    whole: list[bytes] = []  # the whole document, encoded
+    bodies: dict[frozenset[str], bytes] = {}  # by scope: a few, as tokens are few
 
     async def openapi(request: web.Request) -> web.Response:
+        token = request.get(IDENTITY)
+        scope = token.workflows if token is not None else None
+        if scope is None:
+            return web.Response(body=whole[0], content_type=JSON_MEDIA)
+        body = bodies.get(scope)
+        if body is None:
+            if len(bodies) >= MAX_SCOPES:  # new scopes come with reloads only: start afresh
+                bodies.clear()
+            body = bodies[scope] = _encode(scoped(full, scope))
         return web.Response(body=body, content_type=JSON_MEDIA)
 
     app.router.add_get(PATH, openapi)
-    body = json.dumps(document(app, config), indent=1).encode()
+    full.update(document(app, config))
+    whole.append(_encode(full))
+
+
+def _encode(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, indent=1).encode()
+
+
+def scoped(doc: Mapping[str, Any], scope: frozenset[str]) -> dict[str, Any]:
+    """``doc`` as a token whose list is ``scope`` may see it: what it may call, nothing else."""
+    paths: dict[str, Any] = {}
+    for path, operations in doc["paths"].items():
+        if path in OPEN_PATHS or path in scope:
+            paths[path] = operations
+        elif path == "/workflow":
+            workflow = json.loads(json.dumps(operations))  # a copy to narrow
+            schema = workflow["post"]["requestBody"]["content"][JSON_MEDIA]["schema"]["properties"]["name"]
+            names = [name for name in schema.get("enum", ()) if name in scope]
+            if names:
+                schema["enum"] = names
+                paths[path] = workflow
+    return {**doc, "paths": paths}
 
 
 def document(app: web.Application, config: Config) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from conftest import TOKEN, TOKEN_HASH, ClientFactory, Server
 
 SCOPED = "scoped-token-7a8c0d21"  # may run echo only
 DOCS = "docs-token-4e5f1b3c"  # may read the document only
+SOME = "some-token-0b9d6a77"  # may run echo, call /segment and read the document
+STAR = "star-token-5c2e8f10"  # may run a workflow named "*" and read the document
 WORKFLOWS = """
 workflow:
   echo: {tasks: [echo]}
@@ -36,6 +38,8 @@ auth:
     - {{name: admin, sha256: {TOKEN_HASH}}}
     - {{name: scoped, sha256: {hashlib.sha256(SCOPED.encode()).hexdigest()}, workflows: [echo]}}
     - {{name: docs, sha256: {hashlib.sha256(DOCS.encode()).hexdigest()}, workflows: [/openapi.json]}}
+    - {{name: some, sha256: {hashlib.sha256(SOME.encode()).hexdigest()}, workflows: [echo, /segment, /openapi.json]}}
+    - {{name: star, sha256: {hashlib.sha256(STAR.encode()).hexdigest()}, workflows: ["*", /openapi.json]}}
 """
 
 
@@ -62,8 +66,21 @@ async def test_the_document_of_a_server(tmp_path: Path) -> None:
                 assert response.status == 401
             async with session.get("/openapi.json", headers={"Authorization": f"Bearer {SCOPED}"}) as response:
                 assert response.status == 403
+            # A scoped token is shown what it may call, no more than its 403s would tell it.
             async with session.get("/openapi.json", headers={"Authorization": f"Bearer {DOCS}"}) as response:
                 assert response.status == 200
+                doc = await response.json()
+            validate(doc)
+            assert set(doc["paths"]) == {"/health", "/ready", "/openapi.json"}
+            async with session.get("/openapi.json", headers={"Authorization": f"Bearer {SOME}"}) as response:
+                doc = await response.json()
+            validate(doc)
+            assert set(doc["paths"]) == {"/health", "/ready", "/openapi.json", "/workflow", "/segment"}
+            body = doc["paths"]["/workflow"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            assert body["properties"]["name"]["enum"] == ["echo"]
+            async with session.get("/openapi.json", headers={"Authorization": f"Bearer {STAR}"}) as response:
+                doc = await response.json()
+            assert set(doc["paths"]) == {"/health", "/ready", "/openapi.json"}
             admin = {"Authorization": f"Bearer {TOKEN}"}
             async with session.get("/openapi.json", headers=admin) as response:
                 assert response.status == 200
