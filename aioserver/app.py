@@ -14,6 +14,8 @@ from .errorlog import TracebackLog
 from .errors import error_middleware
 from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
+from .openapi import setup_openapi
+from .pipelineviews import setup_pipeline_routes
 from .plugins import dependencies_middleware
 from .proxy import TrustedProxies, UntrustedForwarding
 from .readiness import READINESS, Readiness, ready
@@ -84,10 +86,12 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app.router.add_get("/health", views.health)  # HEAD too: 200, no body
     app.router.add_get("/ready", ready)  # 503 while starting or stopping
     app.router.add_post("/workflow", views.run_workflow)
+    setup_pipeline_routes(app, config.pipelines)  # /segment and the others, for the sections configured
     if metrics:
         metrics.setup(app)  # GET /metrics
     for extension in config.extensions:
         extension(app)
+    setup_openapi(app, config)  # last: it documents every route, the extensions' included
     return app
 
 

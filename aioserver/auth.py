@@ -42,8 +42,10 @@ HASH_HINT = (
     " bin/aioserver-token makes a token and its hash"
 )
 _HASH = re.compile(r"[0-9a-fA-F]{64}")
-# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([A-Za-z0-9\-._~+/]+=*) *")
+# A token is one run of visible ASCII characters (0x21-0x7E), as txtai (FastAPI's HTTPBearer)
+# takes any: RFC 6750's b64token is narrower, and tokens made for txtai ("p@ss!") must work
+# here too. White space inside, control characters, DEL and non-ASCII make the header malformed.
+_BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from .config import SECRET_VARIABLES, Config, load_config
 from .errors import ConfigError, StartupError
 from .logs import configure_logging
 from .options import OPTIONS
+from .pipelineviews import served
 from .server import run as run_server
 from .server import serve
 from .workflow.runtime import ACTION_THREADS
@@ -127,6 +128,13 @@ def summary(config: Config) -> str:
     for name, workflow in config.workflows.items():
         actions = " -> ".join("+".join(a.name for a in task.actions) for task in workflow.tasks)
         lines.append(f"  workflow {name}: {actions}")
+    for routes, _ in served(config.pipelines):
+        lines.append(f"  pipeline {routes.pipeline}: GET {routes.path}?{routes.parameter}=, POST {routes.batch_path}")
+    if config.dotted_paths:
+        lines.append(
+            f"  outside safeopen: {', '.join(config.dotted_paths)} (dotted paths: what they open, files or URLs,"
+            " they open themselves; only the built-ins go through safeopen)"
+        )
     lines.append("OK")
     return "\n".join(lines)
 

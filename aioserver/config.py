@@ -28,7 +28,7 @@ from .autocert import AcmeSettings, StateDirectory
 from .errors import ConfigError
 from .options import Origin, Settings, resolve_settings
 from .tls import Password, ReloadableContext, TLSError, TLSFiles
-from .workflow import Workflow
+from .workflow import Action, Workflow
 from .workflow.actions import ActionResolver, is_pipeline_name
 from .workflow.processes import ProcessSlots
 from .workflow.safeopen import SafeOpen, parse_safeopen
@@ -52,6 +52,12 @@ class Config:
 
     settings: Settings = field(default_factory=Settings)
     workflows: Mapping[str, Workflow] = field(default_factory=dict)
+    # The config's pipeline sections (textractor: {...}, txtai.pipeline.X: {...}), by name:
+    # the built-in ones get txtai's routes (/segment, ...).
+    pipelines: Mapping[str, Action] = field(default_factory=dict)
+    # The actions named by a dotted path (txtai.pipeline.Textractor, myactions.fetch): code that
+    # opens what it opens itself, outside safeopen, which only the built-ins go through.
+    dotted_paths: tuple[str, ...] = ()
     source: str = INLINE_SOURCE
     origins: Mapping[str, Origin] = field(default_factory=dict)  # setting name -> where it came from
     tokens: tuple[Token, ...] = ()
@@ -136,9 +142,8 @@ def build_config(
         raise ConfigError(*origins["metrics"], "needs the metrics extra: pip install 'aioserver[metrics]'")
     safeopen = parse_safeopen(document.get("safeopen"), source)
     state_directory = env.get("STATE_DIRECTORY", "").split(":")[0] or None  # systemd's: the first of them
-    workflows = parse_workflows(
-        document.get("workflow"), ActionResolver(pipelines, source), source, safeopen, state_directory
-    )
+    resolver = ActionResolver(pipelines, source)
+    workflows = parse_workflows(document.get("workflow"), resolver, source, safeopen, state_directory)
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
     if acme:
@@ -149,6 +154,8 @@ def build_config(
     return Config(
         settings=settings,
         workflows=workflows,
+        pipelines=resolver.sections(),
+        dotted_paths=tuple(resolver.dotted_paths()),
         source=source,
         origins=origins,
         safeopen=safeopen,

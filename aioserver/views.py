@@ -38,24 +38,7 @@ async def run_workflow(request: web.Request) -> web.Response:
     app = request.app
     check_length(request)  # 413 before 503: waiting for a free slot would not help
     with app[LIMITS]:  # a slot, or 503, before the body is read
-        raw = await read_body(request, app[CONFIG].settings.timeout_request_body)
-        inline = len(raw) <= INLINE_BODY
-        try:
-            if inline:
-                body = jsoncodec.loads(raw)
-            else:
-                max_values = max(request.client_max_size // BYTES_PER_VALUE, INLINE_BODY)
-                body = await jsoncodec.loads_off_loop(raw, max_values)
-        except jsoncodec.TooManyValues as exc:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=request.client_max_size, actual_size=len(raw), text=f"body holds {exc}"
-            ) from None
-        except jsoncodec.TooDeep as exc:
-            raise http_error(web.HTTPBadRequest, f"body is {exc}") from None
-        except (jsoncodec.TooLongInteger, jsoncodec.NotFinite) as exc:
-            raise http_error(web.HTTPBadRequest, f"body holds {exc}") from None
-        except (ValueError, UnicodeDecodeError):
-            raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
+        body, inline = await read_json(request)
         name, elements = _fields(body)
         request[WORKFLOW] = name
         check_scope(request, name)
@@ -63,12 +46,42 @@ async def run_workflow(request: web.Request) -> web.Response:
         if workflow is None:
             raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
         results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
-        try:
-            # An answer to a big body may be big too: what orjson cannot serialize leaves the loop.
-            answer = jsoncodec.dumps(results) if inline else await jsoncodec.dumps_off_loop(results)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"workflow {name!r} returned a result that is not JSON-serializable: {exc}") from None
+        answer = await json_answer(results, inline, f"workflow {name!r}")
     return web.Response(body=answer, content_type="application/json")
+
+
+async def read_json(request: web.Request) -> tuple[Any, bool]:
+    """The request's body, parsed; and whether it was small enough to parse on the loop.
+
+    Within ``timeout_request_body``, the size limit and the value and depth limits of
+    :mod:`.jsoncodec`, each broken limit its own JSON error.
+    """
+    raw = await read_body(request, request.app[CONFIG].settings.timeout_request_body)
+    inline = len(raw) <= INLINE_BODY
+    try:
+        if inline:
+            return jsoncodec.loads(raw), inline
+        max_values = max(request.client_max_size // BYTES_PER_VALUE, INLINE_BODY)
+        return await jsoncodec.loads_off_loop(raw, max_values), inline
+    except jsoncodec.TooManyValues as exc:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=request.client_max_size, actual_size=len(raw), text=f"body holds {exc}"
+        ) from None
+    except jsoncodec.TooDeep as exc:
+        raise http_error(web.HTTPBadRequest, f"body is {exc}") from None
+    except (jsoncodec.TooLongInteger, jsoncodec.NotFinite) as exc:
+        raise http_error(web.HTTPBadRequest, f"body holds {exc}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise http_error(web.HTTPBadRequest, "body is not valid JSON") from None
+
+
+async def json_answer(results: Any, inline: bool, who: str) -> bytes:
+    """``results`` as JSON: on the loop for an answer to a small body, else off it."""
+    try:
+        # An answer to a big body may be big too: what orjson cannot serialize leaves the loop.
+        return jsoncodec.dumps(results) if inline else await jsoncodec.dumps_off_loop(results)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{who} returned a result that is not JSON-serializable: {exc}") from None
 
 
 def _fields(body: Any) -> tuple[str, list[Any]]:

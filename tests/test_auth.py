@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from aioserver import create_app, load_config
 from aioserver.auth import HASH_HINT, FailureThrottle, Token, TokenStore, auth_middleware, parse_token_file
@@ -226,6 +227,60 @@ async def test_authorization_answers(
     assert response.headers.get("WWW-Authenticate") == challenge
     payload = await response.json()
     assert ("error" in payload) == (status >= 400)
+
+
+# Tokens as txtai takes them: any visible ASCII character (0x21-0x7E), not only RFC 6750's
+# b64token ones. Each is the token of a configured hash: a wrong one would be 401, not 200.
+VISIBLE_TOKENS = [
+    "p@ss!w#rd",
+    "!",
+    "~",
+    'a"b\\c',
+    "a,b;c=d",
+    "<>?[]{}|^`'%$&*()",
+    "".join(map(chr, range(0x21, 0x7F))),  # every one of them
+]
+
+
+@pytest.mark.parametrize("token", VISIBLE_TOKENS)
+async def test_any_visible_ascii_token_is_accepted(make_client: ClientFactory, token: str) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": sha(token)})
+    body = {"name": "echo", "elements": ["x"]}
+    response = await client.post("/workflow", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200, await response.text()
+    # One character off is an unknown token (401), never a malformed header (400).
+    response = await client.post("/workflow", json=body, headers={"Authorization": f"Bearer {token}x"})
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == f'{REALM}, error="invalid_token"'
+
+
+# What is not one visible-ASCII token is malformed (400 invalid_request), even when the hash of
+# exactly those characters is configured: white space inside, non-ASCII, several credentials.
+MALFORMED_TOKENS = ["a\tb", "tok\x80n", "tokén", "a b", "a, Bearer b"]
+
+
+@pytest.mark.parametrize("token", MALFORMED_TOKENS)
+async def test_a_token_of_other_characters_is_malformed(make_client: ClientFactory, token: str) -> None:
+    client = await make_client(CONFIG, env={"TOKEN": sha(token)})
+    body = {"name": "echo", "elements": ["x"]}
+    response = await client.post("/workflow", json=body, headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 400, await response.text()
+    assert response.headers["WWW-Authenticate"] == f'{REALM}, error="invalid_request"'
+
+
+# Control characters and DEL: aiohttp's C parser refuses them before any middleware (its own
+# 400), its pure-Python one (AIOHTTP_NO_EXTENSIONS) may not: the middleware refuses them itself.
+@pytest.mark.parametrize("token", ["a\x00b", "a\x01b", "a\x1fb", "a\x7fb", "\x7f", "a\x85b", "a\xa0b"])
+async def test_a_token_with_control_characters_is_malformed(token: str) -> None:
+    middleware = auth_middleware(TokenStore([Token("t", hashlib.sha256(token.encode()).digest())]), FailureThrottle())
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="reached")
+
+    request = make_mocked_request("POST", "/workflow", headers={"Authorization": f"Bearer {token}"})
+    with pytest.raises(web.HTTPBadRequest) as refused:
+        await middleware(request, handler)
+    assert refused.value.headers["WWW-Authenticate"] == f'{REALM}, error="invalid_request"'
 
 
 async def test_two_authorization_headers_are_malformed(make_client: ClientFactory) -> None:

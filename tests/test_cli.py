@@ -43,6 +43,30 @@ def test_check_prints_summary_with_origins(config_file: Path, capsys: pytest.Cap
     assert "workflow twice: sample_actions.double" in out
 
 
+def test_check_says_what_runs_outside_safeopen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(
+        "sample_actions.Multiplier: {factor: 2}\nsegmentation: {}\nsummary: {}\n"
+        "workflow:\n  w: {tasks: [textractor, sample_actions.double, sample_actions.Multiplier, summary]}\n"
+    )
+    assert main(["--config", str(path), "--check"], env={}) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  outside safeopen: sample_actions.Multiplier, sample_actions.double (dotted paths: what they open,"
+        " files or URLs, they open themselves; only the built-ins go through safeopen)\n"
+    ) in out
+    assert "  pipeline segmentation: GET /segment?text=, POST /batchsegment\n" in out
+    assert "  pipeline summary: GET /summary?text=, POST /batchsummary\n" in out
+    assert "textract" not in out.replace("workflow w: textractor", "")  # no section, no route
+
+
+def test_check_of_builtins_only_names_nothing_outside_safeopen(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--check"], env={}) == 0
+    out = capsys.readouterr().out
+    assert "outside safeopen" not in out
+    assert "  pipeline segmentation: GET /segment?text=, POST /batchsegment\n" in out
+
+
 def test_config_from_environment(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--check"], env={"CONFIG": str(config_file)}) == 0
     assert "workflow twice" in capsys.readouterr().out

@@ -32,11 +32,14 @@ ARTICLE = (
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
+        # txtai's rules: runs of spaces made one, ends stripped; line breaks stay.
         (
             {},
             "The city council met on Monday. It approved the new park budget after a long debate.\n\n"
-            "Residents had asked for the park for years. Some worried about the cost of the park.\n\nOk.",
+            "Residents had asked for the park for years.\nSome worried about the cost of the park.\n\nOk.",
         ),
+        ({"minlength": 1000}, None),  # too short, without a split: None, as in txtai
+        ({"minlength": 1000, "cleantext": False}, TEXT),  # minlength is part of the cleaning
         (
             {"sentences": True},
             [
@@ -60,10 +63,11 @@ ARTICLE = (
             {"paragraphs": True},
             [
                 "The city council met on Monday. It approved the new park budget after a long debate.",
-                "Residents had asked for the park for years. Some worried about the cost of the park.",
+                "Residents had asked for the park for years.\nSome worried about the cost of the park.",
                 "Ok.",
             ],
         ),
+        ({"sections": True}, [TEXT.replace("  ", " ")]),  # no form feed, no three line breaks
         (
             {"sentences": True, "minlength": 35},
             [
@@ -74,8 +78,8 @@ ARTICLE = (
         ),
         (
             {"paragraphs": True, "minlength": 5, "join": True},
-            "The city council met on Monday. It approved the new park budget after a long debate.\n\n"
-            "Residents had asked for the park for years. Some worried about the cost of the park.",
+            "The city council met on Monday. It approved the new park budget after a long debate. "
+            "Residents had asked for the park for years.\nSome worried about the cost of the park.",
         ),
         (
             {"sentences": True, "minlength": 35, "join": True},
@@ -95,6 +99,23 @@ ARTICLE = (
 )
 async def test_segmentation(options: dict, expected: object) -> None:  # type: ignore[type-arg]
     assert await Segmentation(**options)([TEXT]) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("options", "text", "expected"),
+    [
+        ({"lines": True}, "a\r\nb\n\n\r\nc\rd", ["a", "b", "c\rd"]),  # \r\n and \n break lines; a lone \r does not
+        ({"paragraphs": True}, "a\r\n\r\nb\n \nc", ["a", "b\n \nc"]),  # a line of spaces is no paragraph break
+        ({"sections": True}, "a\n\n\nb\n\nc", ["a", "b\n\nc"]),
+        ({"sections": True}, "a\fb\n\n\nc", ["a", "b\n\n\nc"]),  # form feeds, when there are any
+        ({}, "  a \t  b  ", "a \t b"),  # spaces only: a tab stays
+        ({"lines": True, "minlength": 2}, "ab\nc\n  d  \nef", ["ab", "ef"]),
+        ({"lines": True, "join": True}, "a\n\nb\nc", "a b c"),
+        ({"lines": True, "cleantext": False}, "a \n\n b", ["a ", " b"]),
+    ],
+)
+async def test_segmentation_rules_are_txtais(options: dict, text: str, expected: object) -> None:  # type: ignore[type-arg]
+    assert await Segmentation(**options)([text]) == [expected]
 
 
 HTML = """<!doctype html><html><head><title>News</title><style>.a{}</style><script>track()</script></head><body>
@@ -157,11 +178,41 @@ def test_boilerplate_is_dropped() -> None:
             "Cheap solar panels have made solar power the cheapest electricity in many countries. "
             "Analysts expect solar power and batteries to keep growing.",
         ),
+        # txtai's minlength, in tokens: the best sentence has 14 (13 words and a full stop),
+        # so the next best (10) joins it, in the text's order.
         (
-            {},
-            {"sentences": 2},
+            {"sentences": 1},
+            {"minlength": 20},
             "Cheap solar panels have made solar power the cheapest electricity in many countries. "
             "Analysts expect solar power and batteries to keep growing.",
+        ),
+        (
+            {"sentences": 1},
+            {"minlength": 14},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries.",
+        ),
+        (
+            {"sentences": 1, "minlength": 20},
+            {"minlength": 0},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries. "
+            "Analysts expect solar power and batteries to keep growing.",
+        ),  # 0 is none, as in txtai: the section's
+        # minlength over maxlength: maxlength wins (txtai's rule).
+        (
+            {"sentences": 1},
+            {"minlength": 40, "maxlength": 15},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries. Analysts",
+        ),
+        # Tokens, not words: the full stop counts.
+        (
+            {"sentences": 1},
+            {"maxlength": 13},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries",
+        ),
+        (
+            {"sentences": 1},
+            {"maxlength": 14},
+            "Cheap solar panels have made solar power the cheapest electricity in many countries.",
         ),
         # The lower-ranked sentences go first; the best one is then cut to 12 words.
         (
@@ -200,6 +251,8 @@ async def test_sections_configure_builtins() -> None:
         "summary: {sentences: 0}",
         "summary: {words: 3}",
         "segmentation: {sentences: true, lines: true}",
+        "segmentation: {paragraphs: true, sections: true}",
+        "segmentation: {tuples: true}",
         "textractor: {minlength: -1}",
         "textractor: [1]",
     ],
@@ -300,13 +353,17 @@ HOSTILE_TEXT = [
     "\n\n" * 500_000,
     "a'" * 500_000,
     "a" * 1_000_000,
+    "\r" * 1_000_000 + "\n",  # txtai's splits' \r?\n: a \r that no \n follows
+    "\n\r" * 500_000,
+    "a\f" * 500_000,
+    " " * 1_000_000 + "a",
 ]
 
 
 @pytest.mark.parametrize(
     "segmentation",
-    [{"sentences": True}, {"paragraphs": True}, {"lines": True}, {}],
-    ids=["sentences", "paragraphs", "lines", "clean"],
+    [{"sentences": True}, {"paragraphs": True}, {"lines": True}, {"sections": True}, {}],
+    ids=["sentences", "paragraphs", "lines", "sections", "clean"],
 )
 async def test_segmentation_is_linear_on_hostile_input(pool: ProcessPool, segmentation: dict) -> None:  # type: ignore[type-arg]
     results = await within(pool, Segmentation(**segmentation).segment_all, HOSTILE_TEXT)
@@ -315,4 +372,7 @@ async def test_segmentation_is_linear_on_hostile_input(pool: ProcessPool, segmen
 
 async def test_summary_is_linear_on_hostile_input(pool: ProcessPool) -> None:
     assert len(await within(pool, summarize_all, HOSTILE_TEXT, 3)) == len(HOSTILE_TEXT)
-    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 50, 20)) == len(HOSTILE_TEXT)
+    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 50, None, 20)) == len(HOSTILE_TEXT)
+    # Every sentence joins for minlength, one by one; or all are kept, then dropped for maxlength.
+    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 1, 10**9)) == len(HOSTILE_TEXT)
+    assert len(await within(pool, summarize_all, HOSTILE_TEXT, 10**6, None, 5)) == len(HOSTILE_TEXT)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from aioserver import load_config
-from aioserver.errors import InvalidElement
+from aioserver.errors import ConfigError, InvalidElement
 from aioserver.workflow.builtins import BUILTINS
 
 import sample_actions
@@ -36,8 +36,8 @@ async def run(yaml_text: str, elements: list, name: str = "w") -> list:  # type:
 )
 async def test_actions(tasks: str, elements: list, expected: list | None) -> None:  # type: ignore[type-arg]
     text = f"workflow:\n  w:\n    tasks: {tasks}\n"
-    if expected is None:  # args go to every action of a multi-action task
-        with pytest.raises(TypeError):
+    if expected is None:  # args go to every action of a multi-action task: add takes no factor
+        with pytest.raises(ConfigError, match="unexpected keyword argument 'factor'"):
             await run(text, elements)
     else:
         assert await run(text, elements) == expected

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from ..errors import ConfigError
@@ -55,6 +55,14 @@ class ActionResolver:
         for name in pipelines:  # eagerly, so that a broken section fails at start-up
             self.resolve(name, name)
 
+    def dotted_paths(self) -> list[str]:
+        """The actions named by a dotted path (the user's code, or txtai's), in order of appearance."""
+        return [name for name in self._actions if name not in BUILTINS]
+
+    def sections(self) -> dict[str, Action]:
+        """The action of each pipeline section of the config, by the section's name."""
+        return {name: self._actions[name] for name in self._pipelines}
+
     def resolve(self, name: str, key: str) -> Action:
         """The action called ``name``; ``key`` locates the reference in errors."""
         if name not in self._actions:
@@ -96,3 +104,34 @@ class ActionResolver:
             return import_string(path)
         except Exception as exc:  # a user's module may fail in any way while importing
             raise ConfigError(self._source, key, f"cannot import {path!r}: {type(exc).__name__}: {exc}") from None
+
+
+def argument_problem(action: Action, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
+    """Why calling ``action`` on a batch with a task's ``args`` would fail at once, or None.
+
+    The call is bound to the action's signature (a batch, the arguments, and ``runtime=`` for
+    an action that wants it), as Python will bind it on every request: a name it does not
+    take, one too many or one missing is a TypeError each time, found here at start-up. An
+    action with a ``check_arguments`` method (the built-in summary) then judges their values.
+    """
+    function = action.function
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # no signature to read (some builtins): the call will tell
+        return None
+    if action.wants_runtime and "runtime" in kwargs:
+        return "got an unexpected keyword argument 'runtime' (the server gives it)"
+    given = {**kwargs, "runtime": None} if action.wants_runtime else kwargs
+    try:
+        bound = signature.bind([], *args, **given)
+    except TypeError as exc:
+        return str(exc)
+    check = getattr(function, "check_arguments", None)
+    if callable(check):
+        values = dict(list(bound.arguments.items())[1:])  # all but the batch
+        values.pop("runtime", None)
+        try:
+            check(**values)
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+    return None

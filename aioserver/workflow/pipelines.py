@@ -41,6 +41,12 @@ _WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)?")
 # A blank line: \s* may run to the next newline and back, but no further, so this is linear.
 _BLANK_LINE = re.compile(r"\n\s*\n")
 _SPACES = re.compile(r"\s+")
+# txtai's Segmentation's: spaces only (line breaks and tabs stay), and its splits.
+_SPACE_RUNS = re.compile(r" +")
+_LINE_BREAKS = re.compile(r"(?:\r?\n)+")
+_PARAGRAPH_BREAKS = re.compile(r"(?:\r?\n){2,}")
+_SECTION_BREAKS = re.compile(r"(?:\r?\n){3,}")
+_FORM_FEED = re.compile(r"\f")
 # Words too common to say what a sentence is about (English; others still rank by frequency).
 STOPWORDS = frozenset(
     "a about above after again against all am an and any are as at be because been before being below between "
@@ -98,12 +104,15 @@ async def _compute(runtime: Runtime | None, function: Callable[..., T], *args: A
 
 
 class Segmentation:
-    """Splits text into sentences, lines or paragraphs; cleans white space; drops short pieces.
+    """Splits text into sentences, lines, paragraphs or sections, and cleans it, by txtai's rules.
 
-    With none of ``sentences``, ``lines``, ``paragraphs`` the text is only cleaned, paragraph by
-    paragraph. ``join``
-    puts the pieces back into one string (paragraphs by a blank line, lines by a newline,
-    sentences by a space).
+    ``lines`` splits at runs of line breaks, ``paragraphs`` at two or more, ``sections`` at form
+    feeds (or, without any, at three or more line breaks); ``sentences`` at sentence ends (and
+    blank lines) by a rule of ours, where txtai asks NLTK. With none of them the text is only
+    cleaned. Cleaning (``cleantext``, on by default) makes runs of spaces one and strips each
+    piece's ends (line breaks inside a piece stay, as in txtai); then a piece shorter than
+    ``minlength`` characters is dropped (without a split, the result is None). Empty pieces
+    are dropped; ``join`` puts the rest back into one string, separated by spaces.
     """
 
     wants_runtime = True
@@ -115,41 +124,50 @@ class Segmentation:
         paragraphs: bool = False,
         minlength: int | None = None,
         join: bool = False,
+        sections: bool = False,
         cleantext: bool = True,
     ) -> None:
-        if sum((sentences, lines, paragraphs)) > 1:
-            raise ValueError("choose one of sentences, lines, paragraphs")
+        if sum((sentences, lines, paragraphs, sections)) > 1:
+            raise ValueError("choose one of sentences, lines, paragraphs, sections")
         if minlength is not None and (isinstance(minlength, bool) or not isinstance(minlength, int) or minlength < 0):
             raise ValueError(f"minlength must be a non-negative integer, got {minlength!r}")
-        self.sentences, self.lines, self.paragraphs = sentences, lines, paragraphs
+        self.sentences, self.lines, self.paragraphs, self.sections = sentences, lines, paragraphs, sections
         self.minlength, self.join, self.cleantext = minlength, join, cleantext
 
-    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[Any]:
+    @property
+    def splits(self) -> bool:
+        """Whether a text becomes a list of pieces (else one string, or None)."""
+        return (self.sentences or self.lines or self.paragraphs or self.sections) and not self.join
+
+    async def __call__(self, batch: list[Any], *, runtime: Runtime | None = None) -> list[Any]:
         return await _compute(runtime, self.segment_all, _texts(type(self).__name__.lower(), batch))
 
-    def segment_all(self, texts: list[str]) -> list[str | list[str]]:
+    def segment_all(self, texts: list[str]) -> list[str | list[str] | None]:
         """Each text segmented (the part of a call that runs in a worker process)."""
         return [self.segment(text) for text in texts]
 
-    def segment(self, text: str) -> str | list[str]:
-        """The text cleaned and split as configured."""
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    def segment(self, text: str) -> str | list[str] | None:
+        """The text split and cleaned as configured."""
         if self.sentences:
-            pieces = [s for p in _BLANK_LINE.split(text) for s in _SENTENCE_END.split(self.clean(p))]
-            glue = " "
+            pieces = [self.clean(s) for p in _BLANK_LINE.split(text) for s in _SENTENCE_END.split(p)]
         elif self.lines:
-            pieces, glue = text.split("\n"), "\n"
-        else:  # paragraphs; or, with no split asked for, paragraphs cleaned one by one and joined
-            pieces, glue = _BLANK_LINE.split(text), "\n\n"
-        pieces = [self.clean(piece) for piece in pieces]
-        pieces = [piece for piece in pieces if piece and len(piece) >= (self.minlength or 0)]
-        if self.join or not (self.sentences or self.lines or self.paragraphs):
-            return glue.join(pieces)
-        return pieces
+            pieces = [self.clean(line) for line in _LINE_BREAKS.split(text)]
+        elif self.paragraphs:
+            pieces = [self.clean(paragraph) for paragraph in _PARAGRAPH_BREAKS.split(text)]
+        elif self.sections:
+            pattern = _FORM_FEED if "\f" in text else _SECTION_BREAKS
+            pieces = [self.clean(section) for section in pattern.split(text)]
+        else:
+            return self.clean(text)
+        kept = [piece for piece in pieces if piece]
+        return " ".join(kept) if self.join else kept
 
-    def clean(self, text: str) -> str:
-        """Runs of white space made one space, ends stripped (when ``cleantext``)."""
-        return _SPACES.sub(" ", text).strip() if self.cleantext else text
+    def clean(self, text: str) -> str | None:
+        """Runs of spaces made one, ends stripped; None when shorter than ``minlength`` (when ``cleantext``)."""
+        if not self.cleantext:
+            return text
+        text = _SPACE_RUNS.sub(" ", text).strip()
+        return text if not self.minlength or len(text) >= self.minlength else None
 
 
 class Textractor(Segmentation):
@@ -160,11 +178,11 @@ class Textractor(Segmentation):
     as in :class:`Segmentation`.
     """
 
-    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[Any]:
+    async def __call__(self, batch: list[Any], *, runtime: Runtime | None = None) -> list[Any]:
         documents = await asyncio.gather(*(self._read(element, runtime) for element in _texts("textractor", batch)))
         return await _compute(runtime, self.extract_all, documents)
 
-    def extract_all(self, documents: list[str]) -> list[str | list[str]]:
+    def extract_all(self, documents: list[str]) -> list[str | list[str] | None]:
         """Each document's text, segmented (the part of a call that runs in a worker process)."""
         return [self.segment(html_to_text(document)) for document in documents]
 
@@ -335,36 +353,66 @@ def _short_decimal(reference: re.Match[str]) -> str:
 class Summary:
     """Extractive summary: sentences ranked by the frequency of their words, best kept in order.
 
-    ``sentences`` is how many to keep (default 3); ``maxlength`` caps the summary's words.
-    Either may also be given per task in ``args``.
+    ``sentences`` is how many to keep (default 3). ``minlength`` and ``maxlength`` are txtai's:
+    the least and the most tokens the summary may have (sentences are added, in rank order,
+    until it has ``minlength``; the lowest ranked dropped, then the last cut, until it has at
+    most ``maxlength``). A token is a word, a number or a punctuation mark (see
+    :func:`count_tokens`): a model's subword tokenizer would count somewhat more. Both may also
+    be given per task in ``args``, ``[minlength, maxlength]`` as in txtai, or as keywords.
     """
 
     wants_runtime = True
 
-    def __init__(self, sentences: int = 3, maxlength: int | None = None) -> None:
-        self.sentences, self.maxlength = (
-            _positive(sentences, "sentences"),
-            maxlength and _positive(maxlength, "maxlength"),
-        )
+    def __init__(self, sentences: int = 3, minlength: int | None = None, maxlength: int | None = None) -> None:
+        self.check_arguments(minlength, maxlength)
+        self.sentences = _positive(sentences, "sentences")
+        self.minlength, self.maxlength = minlength or None, maxlength or None
+
+    @staticmethod
+    def check_arguments(minlength: Any = None, maxlength: Any = None) -> None:
+        """ValueError unless each length is None or a number of tokens (0, as in txtai, is none)."""
+        for name, value in (("minlength", minlength), ("maxlength", maxlength)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be a number of tokens (an integer, 0 or more), got {value!r}")
 
     async def __call__(
         self,
         batch: list[Any],
-        sentences: int | None = None,
+        minlength: int | None = None,
         maxlength: int | None = None,
+        *,
         runtime: Runtime | None = None,
     ) -> list[str]:
+        self.check_arguments(minlength, maxlength)
         texts = _texts("summary", batch)
-        return await _compute(runtime, summarize_all, texts, sentences or self.sentences, maxlength or self.maxlength)
+        return await _compute(
+            runtime,
+            summarize_all,
+            texts,
+            self.sentences,
+            minlength or self.minlength,
+            maxlength or self.maxlength,
+        )
 
 
-def summarize_all(texts: list[str], count: int, maxlength: int | None = None) -> list[str]:
+def summarize_all(
+    texts: list[str], count: int, minlength: int | None = None, maxlength: int | None = None
+) -> list[str]:
     """:func:`summarize` for each text (the part of a call that runs in a worker process)."""
-    return [summarize(text, count, maxlength) for text in texts]
+    return [summarize(text, count, minlength, maxlength) for text in texts]
 
 
-def summarize(text: str, count: int, maxlength: int | None = None) -> str:
-    """The ``count`` best sentences of ``text``, in their original order, within ``maxlength`` words."""
+# A token: a run of letters, digits or underscores, or one other visible character.
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """The tokens of ``text``: its words and numbers, and each punctuation mark."""
+    return sum(1 for _ in _TOKEN.finditer(text))
+
+
+def summarize(text: str, count: int, minlength: int | None = None, maxlength: int | None = None) -> str:
+    """The ``count`` best sentences of ``text`` in their order, with ``minlength`` to ``maxlength`` tokens."""
     # A paragraph break ends a sentence too (a heading has no full stop).
     paragraphs = (_SPACES.sub(" ", p).strip() for p in _BLANK_LINE.split(text))
     sentences = [s for p in paragraphs for s in _SENTENCE_END.split(p) if s]
@@ -373,16 +421,38 @@ def summarize(text: str, count: int, maxlength: int | None = None) -> str:
     top = max(frequency.values(), default=1)
     # Mean weight, damped by length so that long sentences do not win by size alone.
     scores = [sum(frequency[w] / top for w in ws if w not in STOPWORDS) / math.sqrt(len(ws) or 1) for ws in words]
-    ranked = sorted(range(len(sentences)), key=lambda i: (-scores[i], i))[:count]
-    chosen = sorted(ranked)
+    ranked = sorted(range(len(sentences)), key=lambda i: (-scores[i], i))
+    chosen = ranked[:count]
+    tokens = {i: count_tokens(sentences[i]) for i in chosen}
+    total = sum(tokens.values())  # kept as sentences come and go: linear however many do
+    if maxlength is not None and minlength is not None:
+        minlength = min(minlength, maxlength)  # as txtai: the most wins
+    if minlength is not None:
+        # The next best sentences join until the summary is long enough (or the text runs out).
+        for i in ranked[count:]:
+            if total >= minlength:
+                break
+            chosen.append(i)
+            tokens[i] = count_tokens(sentences[i])
+            total += tokens[i]
     if maxlength is not None:
-        # Drop the lowest ranked sentences until the summary fits; cut the last one if need be.
-        lengths = {i: len(sentences[i].split()) for i in chosen}
-        while len(chosen) > 1 and sum(lengths[i] for i in chosen) > maxlength:
-            chosen.remove(max(chosen, key=lambda i: (-scores[i], i)))
-        summary = " ".join(sentences[i] for i in chosen).split()
-        return " ".join(summary[:maxlength])
-    return " ".join(sentences[i] for i in chosen)
+        # Drop the lowest ranked sentences until the summary fits, never below minlength; then
+        # cut it at maxlength if need be.
+        least = minlength or 0
+        while len(chosen) > 1 and total > maxlength and total - tokens[chosen[-1]] >= least:
+            total -= tokens.pop(chosen.pop())
+    summary = " ".join(sentences[i] for i in sorted(chosen))
+    return _first_tokens(summary, maxlength) if maxlength is not None else summary
+
+
+def _first_tokens(text: str, limit: int) -> str:
+    """``text`` up to the end of its ``limit``-th token."""
+    end = 0
+    for number, token in enumerate(_TOKEN.finditer(text), start=1):
+        if number > limit:
+            break
+        end = token.end()
+    return text[:end]
 
 
 def _positive(value: Any, name: str) -> int:

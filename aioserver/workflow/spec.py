@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .actions import ActionResolver, import_string
+from .actions import ActionResolver, argument_problem, import_string
 from .engine import CONCURRENCY, DEFAULT_BATCH, MERGES, Action, Schedule, Task, Workflow
 from .safeopen import SafeOpen
 from .tasks import KIND_KEYS, TASK_KINDS, Retrieve, Service, selection, unwritable
@@ -140,6 +140,12 @@ def _parse_task(
     args = task.get("args")
     if args is not None and not isinstance(args, (list, Mapping)):
         raise ConfigError(source, f"{key}.args", "expected a list (positional) or a mapping (keyword arguments)")
+    positional = tuple(args) if isinstance(args, list) else ()
+    keywords = dict(args) if isinstance(args, Mapping) else {}
+    for action in actions:  # what would be a TypeError on every request is one now
+        problem = argument_problem(action, positional, keywords)
+        if problem:
+            raise ConfigError(source, f"{key}.args", f"{action.name!r} cannot take these arguments: {problem}")
     batch = task.get("batch")
     if kind == "service" and isinstance(batch, bool):
         batch = None  # the service's own batch flag, read by _kind_action
@@ -149,8 +155,8 @@ def _parse_task(
     accept, prepare = selection(kind, policy)
     return Task(
         actions=actions,
-        args=tuple(args) if isinstance(args, list) else (),
-        kwargs=dict(args) if isinstance(args, Mapping) else {},
+        args=positional,
+        kwargs=keywords,
         batch=None if batch is None else _batch(batch, source, f"{key}.batch"),
         accept=accept,
         prepare=prepare,

@@ -81,7 +81,7 @@ class Service:
     extract: tuple[str | int, ...] = ()
     wants_runtime = True
 
-    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[Any]:
+    async def __call__(self, batch: list[Any], *, runtime: Runtime | None = None) -> list[Any]:
         runtime = _runtime(runtime, self.task)
         if self.batch:
             results = await self._call(batch, runtime)
@@ -134,7 +134,7 @@ class Retrieve:
     flatten: bool = True
     wants_runtime = True
 
-    async def __call__(self, batch: list[Any], runtime: Runtime | None = None) -> list[str]:
+    async def __call__(self, batch: list[Any], *, runtime: Runtime | None = None) -> list[str]:
         runtime = _runtime(runtime, self.task)
         return list(await asyncio.gather(*(self._retrieve(url, runtime) for url in batch)))
 
