@@ -77,7 +77,9 @@ DEFAULT_ALGORITHMS = ("ES256", "RS256", "EdDSA")
 DEFAULT_LEEWAY = 30.0
 MAX_LEEWAY = 300.0  # five minutes: more would let an expired token live on noticeably
 MIN_RSA_BITS = 2048
-# What a token must hold (RFC 9068 section 2.2 requires them of an access token, but nbf).
+# What a token must hold: SPEC section 7's four and sub, the identity. RFC 9068 section 2.2
+# does not require nbf of an access token, and Keycloak (10 and later) and Auth0 put none in
+# theirs: without "nbf" here, a token lacking it is still checked when it has one.
 REQUIRED_CLAIMS = ("exp", "nbf", "iss", "aud", "sub")
 SCOPE_PREFIX = "workflow:"
 

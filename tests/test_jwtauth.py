@@ -416,7 +416,7 @@ def test_the_jwt_extra_as_deployed(deployment: Deployment, keys: Keys, tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("jwt", "key", "problem"),
+    ("section", "key", "problem"),
     [
         ("[]", "auth.jwt", "expected a mapping with issuer, audience, jwks, algorithms, leeway"),
         ("{audience: a, jwks: j.json}", "auth.jwt.issuer", "required"),
@@ -442,9 +442,9 @@ def test_the_jwt_extra_as_deployed(deployment: Deployment, keys: Keys, tmp_path:
         ("{issuer: i, audience: a, jwks: j.json, leeway: true}", "auth.jwt.leeway", "expected seconds of clock skew"),
     ],
 )
-def test_bad_jwt_settings(jwt: str, key: str, problem: str) -> None:
+def test_bad_jwt_settings(section: str, key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as error:
-        load_config(f"auth:\n  jwt: {jwt}\n")
+        load_config(f"auth:\n  jwt: {section}\n")
     assert (error.value.source, error.value.key) == ("<inline config>", key)
     assert error.value.problem.startswith(problem), error.value.problem
 
