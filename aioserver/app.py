@@ -62,12 +62,13 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     else:
         middlewares.append(UntrustedForwarding().middleware())
     # Tokens cannot appear on reload when none was configured at start (a token file must
-    # hold one), so "open" is known here once.
+    # hold one), nor auth.jwt, so "open" is known here once.
     # The names of an ACME certificate are names this server is meant to be reached by.
     allowed_hosts = config.settings.allowed_hosts + (config.acme.domains if config.acme else ())
-    if not config.tokens and not config.proxied and config.loopback_only and ANY_HOST not in allowed_hosts:
+    bearer = bool(config.tokens) or config.jwt is not None
+    if not bearer and not config.proxied and config.loopback_only and ANY_HOST not in allowed_hosts:
         middlewares.append(HostGuard(allowed_hosts).middleware())
-    middlewares.append(auth_middleware(tokens, FailureThrottle()))
+    middlewares.append(auth_middleware(tokens, FailureThrottle(), config.jwt))
     middlewares.append(json_body_middleware())
     if config.dependencies:
         middlewares.append(dependencies_middleware(config.dependencies))
@@ -78,6 +79,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
     app[READINESS] = Readiness()  # starting: serve() says when every listener serves, and when the stop begins
     setup_workflow_runtime(app, schedules)
+    if config.jwt:
+        config.jwt.setup(app)  # its keys kept fresh while the app runs
 
     async def count_repeated_errors(app: web.Application) -> None:
         tracebacks.flush()  # the repeats since the last count, before the process ends

@@ -23,12 +23,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .errors import ConfigError, http_error
+
+if TYPE_CHECKING:
+    from .jwtauth import JWTVerifier
 
 REALM = 'Bearer realm="aioserver"'
 OPEN_PATHS = frozenset({"/health", "/ready"})
@@ -216,15 +219,16 @@ def _deny(
     return http_error(cls, message, **{"WWW-Authenticate": value})
 
 
-def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
+def auth_middleware(store: TokenStore, throttle: FailureThrottle, jwt: JWTVerifier | None = None) -> Any:
     """The middleware checking every request but ``GET /health`` and ``GET /ready`` (and HEAD) against ``store``.
 
-    With no token in ``store`` the service is open, as txtai's is without ``TOKEN``.
+    With ``jwt`` (``auth.jwt``), a bearer value shaped as a JWT is verified by it instead.
+    With no token in ``store`` and no ``jwt`` the service is open, as txtai's is without ``TOKEN``.
     """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not store.tokens or (request.path in OPEN_PATHS and request.method in OPEN_METHODS):
+        if (not store.tokens and jwt is None) or (request.path in OPEN_PATHS and request.method in OPEN_METHODS):
             return await handler(request)
         # Keyed only while someone's window is open: parsing the address costs on every request.
         client = throttle.client_key(request.remote) if throttle.active() else None
@@ -246,7 +250,8 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
             raise _deny(
                 request, "invalid_request", web.HTTPBadRequest, "malformed Authorization header", "invalid_request"
             )
-        token = store.match(bearer.group(1))
+        value = bearer.group(1)
+        token = await jwt.verify(value) if jwt is not None and jwt.is_jwt(value) else store.match(value)
         if token is None:
             throttle.failed(client or throttle.client_key(request.remote))
             raise _deny(request, "invalid_token", web.HTTPUnauthorized, "invalid token", "invalid_token")
@@ -310,8 +315,8 @@ def token_sources(section: Any, env: Mapping[str, str], source: str) -> TokenSou
         section = {}
     if not isinstance(section, Mapping):
         raise ConfigError(source, "auth", "expected a mapping with 'tokens'")
-    for unknown in section.keys() - {"tokens"}:
-        raise ConfigError(source, f"auth.{unknown}", "unknown key; known: tokens")
+    for unknown in section.keys() - {"tokens", "jwt"}:
+        raise ConfigError(source, f"auth.{unknown}", "unknown key; known: tokens, jwt")
     fixed = parse_config_tokens(section.get("tokens", []), source)
     if env.get("TOKEN"):
         fixed.insert(0, Token("token", parse_hash(env["TOKEN"], "environment", "TOKEN")))

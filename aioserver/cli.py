@@ -115,6 +115,8 @@ def summary(config: Config) -> str:
         lines.append(f"  {option.name} = {value}  ({origin})")
     tls = f"acme ({', '.join(config.acme.domains)})" if config.acme else "on" if config.tls else "off"
     lines.append(f"  tls = {tls}, tokens = {len(config.tokens)}")
+    if config.jwt:
+        lines.append(f"  {config.jwt.describe()}")
     if config.acme:
         lines.append(f"  acme state: {config.acme.state_dir}")
     if config.tls:

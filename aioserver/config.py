@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -34,6 +34,9 @@ from .workflow.processes import ProcessSlots
 from .workflow.safeopen import SafeOpen, parse_safeopen
 from .workflow.spec import parse_workflows
 from .workflow.tasks import Retrieve
+
+if TYPE_CHECKING:
+    from .jwtauth import JWTVerifier
 
 logger = logging.getLogger("aioserver.config")
 
@@ -62,6 +65,8 @@ class Config:
     origins: Mapping[str, Origin] = field(default_factory=dict)  # setting name -> where it came from
     tokens: tuple[Token, ...] = ()
     token_sources: TokenSources = field(default_factory=TokenSources)  # read again on SIGHUP
+    # auth.jwt: the identity provider's key set (a file's read again on SIGHUP, a URL's fetched).
+    jwt: JWTVerifier | None = None
     tls: ReloadableContext | None = None
     # ACME (--acme-domain): tls then serves the state directory's files, loaded once obtained.
     acme: AcmeSettings | None = None
@@ -146,11 +151,12 @@ def build_config(
     workflows = parse_workflows(document.get("workflow"), resolver, source, safeopen, state_directory)
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
+    jwt = _jwt(document.get("auth"), source)
     if acme:
         _keep_workflows_out(acme, safeopen, workflows, source)
     tls = _acme_tls(settings, acme) if acme else _tls(settings, origins, env)
     activated = systemd.activated_addresses(env)
-    _refuse_clear_text_tokens(settings, origins, tokens, tls, activated)
+    _refuse_clear_text_tokens(settings, origins, bool(tokens) or jwt is not None, tls, activated)
     return Config(
         settings=settings,
         workflows=workflows,
@@ -161,6 +167,7 @@ def build_config(
         safeopen=safeopen,
         tokens=tokens,
         token_sources=sources,
+        jwt=jwt,
         tls=tls,
         acme=acme,
         dependencies=plugins.load_plugins("dependencies", document, env, source),
@@ -168,6 +175,18 @@ def build_config(
         proxied=bool(settings.trusted_proxies or settings.uds) or any(f == socket.AF_UNIX for f, _ in activated),
         loopback_only=_loopback_only(settings, activated),
     )
+
+
+def _jwt(auth: Any, source: str) -> JWTVerifier | None:
+    """The verifier of ``auth.jwt`` (token_sources has checked the section's shape), or None."""
+    if not isinstance(auth, Mapping) or auth.get("jwt") is None:
+        return None
+    if importlib.util.find_spec("jwt") is None or importlib.util.find_spec("cryptography") is None:
+        raise ConfigError(source, "auth.jwt", "needs the jwt extra: pip install 'aioserver[jwt]'")
+    # An extra, which the default install lacks: imported only when asked for.
+    from .jwtauth import load_verifier
+
+    return load_verifier(auth["jwt"], source)
 
 
 def _loopback_only(settings: Settings, activated: list[tuple[int, Any]]) -> bool:
@@ -325,17 +344,17 @@ def _acme_tls(settings: Settings, acme: AcmeSettings) -> ReloadableContext:
 def _refuse_clear_text_tokens(
     settings: Settings,
     origins: Mapping[str, Origin],
-    tokens: tuple[Token, ...],
+    bearer: bool,
     tls: ReloadableContext | None,
     activated: list[tuple[int, Any]],
 ) -> None:
-    """Tokens must not cross a network in clear text (SPEC section 2).
+    """Tokens (``bearer``: hashes or auth.jwt configured) must not cross a network in clear text (SPEC section 2).
 
     Satisfied by HTTPS, a loopback address, a TLS proxy (``trusted_proxies``, or a Unix socket
     that only a local proxy reaches) or ``--allow-insecure-http``. Under socket activation the
     passed sockets' own addresses are judged, not ``host``.
     """
-    if not tokens or tls is not None or settings.allow_insecure_http or settings.trusted_proxies or settings.uds:
+    if not bearer or tls is not None or settings.allow_insecure_http or settings.trusted_proxies or settings.uds:
         return
     if activated:
         for family, address in activated:
@@ -357,7 +376,7 @@ def _refuse_clear_text_tokens(
 
 
 def reread_files(config: Config) -> Config:
-    """``config`` with its token files and TLS files read again, as a SIGHUP reads them (blocking).
+    """``config`` with its token files, JWT key set file and TLS files read again, as a SIGHUP reads them (blocking).
 
     What cannot be read keeps what was in force. For the workers a supervisor forks after a
     reload (workers.py): they must start from the rotated key and tokens, not from the ones the
@@ -369,6 +388,11 @@ def reread_files(config: Config) -> Config:
             tokens = tuple(config.token_sources.load())
         except ConfigError as exc:  # each worker logs it as an error: said once is enough
             logger.debug("tokens not reread: %s", exc)
+    if config.jwt and not config.jwt.settings.fetched:
+        try:
+            config.jwt.reread_file()
+        except ConfigError as exc:
+            logger.debug("JWT keys not reread: %s", exc)
     if config.tls:
         try:
             config.tls.reload()

@@ -471,7 +471,7 @@ async def _until_certificate(
 
 
 async def reload(app: web.Application, config: Config) -> None:
-    """Read the token files and TLS files again; what fails keeps the old ones and says why."""
+    """Read the token files, the JWT keys and TLS files again; what fails keeps the old ones and says why."""
     store = app[TOKENS]
     if config.token_sources.files:
         try:
@@ -480,6 +480,8 @@ async def reload(app: web.Application, config: Config) -> None:
             logger.info("reloaded tokens: %d in force", len(tokens))
         except ConfigError as exc:
             logger.error("token reload failed, keeping the %d tokens in force: %s", len(store.tokens), exc)
+    if config.jwt:
+        await config.jwt.reload()
     if config.tls and config.tls.current is not None:  # an ACME certificate may be on its way still
         try:
             await in_reload_thread(config.tls.reload)

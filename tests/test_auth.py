@@ -107,7 +107,7 @@ def test_bad_token_file_lines(text: str, key: str, problem: str) -> None:
             "auth.tokens[0].scope",
             "unknown key; known: name, sha256, workflows",
         ),
-        ("{token: x}", "auth.token", "unknown key; known: tokens"),
+        ("{token: x}", "auth.token", "unknown key; known: tokens, jwt"),
     ],
 )
 def test_bad_auth_section(auth: str, key: str, problem: str) -> None:
