@@ -409,8 +409,9 @@ def test_a_sighup_or_sigusr1_while_starting_is_held_until_serving(tmp_path: Path
     process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
     try:
         # Inside the imports (aiohttp and the rest take most of a second), past the interpreter's
-        # own start (some 50 ms), before which no Python code can hold a signal.
-        time.sleep(0.2)
+        # own start, before which no Python code can hold a signal: once the process blocks both
+        # (its SigBlk in /proc; a fixed 0.2 s was too short on a loaded machine, SIGUSR1 killed it).
+        _wait_until_blocked(process.pid, (signal.SIGHUP, signal.SIGUSR1))
         process.send_signal(signal.SIGUSR1)  # ignored once serving (test_lifecycle), held till then
         process.send_signal(signal.SIGHUP)
         assert process.stderr is not None
@@ -436,3 +437,16 @@ def test_a_sighup_or_sigusr1_while_starting_is_held_until_serving(tmp_path: Path
         process.wait()
         assert process.stderr is not None
         process.stderr.close()
+
+
+def _wait_until_blocked(pid: int, signals: tuple[signal.Signals, ...], timeout: float = 20) -> None:
+    """Wait until process ``pid`` blocks every one of ``signals``; fail if it never does."""
+    wanted = sum(1 << (sig - 1) for sig in signals)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        if int(fields["SigBlk"].strip(), 16) & wanted == wanted:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} did not block {signals} within {timeout}s")
