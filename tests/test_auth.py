@@ -91,7 +91,7 @@ def test_bad_token_file_lines(text: str, key: str, problem: str) -> None:
 @pytest.mark.parametrize(
     ("auth", "key", "problem"),
     [
-        ("[]", "auth", "expected a mapping with 'tokens'"),
+        ("[]", "auth", "expected a mapping with 'tokens' or 'clients'"),
         ("{tokens: {}}", "auth.tokens", "expected a list of {name, sha256, workflows}"),
         ("{tokens: [x]}", "auth.tokens[0]", "expected a mapping {name, sha256, workflows}"),
         ("{tokens: [{name: a}]}", "auth.tokens[0].sha256", HASH_HINT),
@@ -106,7 +106,7 @@ def test_bad_token_file_lines(text: str, key: str, problem: str) -> None:
             "auth.tokens[0].scope",
             "unknown key; known: name, sha256, workflows",
         ),
-        ("{token: x}", "auth.token", "unknown key; known: tokens"),
+        ("{token: x}", "auth.token", "unknown key; known: tokens, clients"),
     ],
 )
 def test_bad_auth_section(auth: str, key: str, problem: str) -> None:
