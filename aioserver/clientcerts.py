@@ -210,10 +210,12 @@ def _san(kind: str, value: str) -> tuple[str, str] | None:
         return ("email", f"{local}@{domain.lower()}") if local and at and domain else None  # local part: as it is
     if kind == "URI":
         return ("URI", value) if value and value.isprintable() and " " not in value else None
-    try:
-        return ("IP", str(ipaddress.ip_address(value)))
-    except ValueError:
-        return None
+    if kind == "IP":
+        try:
+            return ("IP", str(ipaddress.ip_address(value)))
+        except ValueError:
+            return None
+    return None
 
 
 def _peer_san(kind: str, value: Any) -> tuple[str, str] | None:
@@ -236,9 +238,9 @@ def parse_name(text: str) -> Name:
         equals = text.find("=", position)
         if equals < 0:
             raise ValueError(f"{text[position:].strip() or 'nothing'!r} is no TYPE=value pair")
-        avas.append((_attribute_oid(text[position:equals].strip()), ""))
+        oid = _attribute_oid(text[position:equals].strip())
         value, position = _read_value(text, equals + 1)
-        avas[-1] = (avas[-1][0], _fold(value))
+        avas.append((oid, _fold(value)))
         if position == len(text) or text[position] == ",":
             rdns.append(frozenset(avas))
             avas = []
@@ -259,7 +261,7 @@ def _read_value(text: str, position: int) -> tuple[str, int]:
         char = text[position]
         if char == "\\":
             pair = text[position + 1 : position + 3]
-            if re.fullmatch(r"[0-9a-fA-F]{2}", pair, re.ASCII):
+            if re.fullmatch(r"[0-9a-fA-F]{2}", pair):
                 value.append(int(pair, 16))
                 position += 3
                 continue
@@ -326,9 +328,9 @@ def _short_name(name: str) -> str:
 
 def _escape(value: str) -> str:
     escaped = "".join(f"\\{c}" if c in _MUST_ESCAPE else c for c in value)
-    if escaped.startswith((" ", "#")):
+    if value.startswith((" ", "#")):
         escaped = "\\" + escaped
-    if escaped.endswith(" ") and not escaped.endswith("\\ "):
+    if value.endswith(" ") and len(value) > 1:  # a lone space is escaped as the first already
         escaped = escaped[:-1] + "\\ "
     return escaped
 
@@ -353,11 +355,13 @@ class ClientSources:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(self.path, None, f"cannot read config: {getattr(exc, 'strerror', None) or exc}") from None
         try:
-            document = yaml.safe_load(text)
+            document = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or "unreadable"
             raise ConfigError(self.path, None, f"invalid YAML: {problem}") from None
-        auth = document.get("auth") if isinstance(document, Mapping) else None
+        if not isinstance(document, Mapping):
+            raise ConfigError(self.path, None, "expected a mapping of sections at the top level")
+        auth = document.get("auth")
         if auth is not None and not isinstance(auth, Mapping):
             raise ConfigError(self.path, "auth", "expected a mapping")
         # An auth section without clients (left out, or emptied) revokes them all: never opens up.

@@ -4,7 +4,9 @@ the real server over real TLS: answers, scopes, access log, throttle, revocation
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import logging
 import re
 import socket
 import ssl
@@ -15,16 +17,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import trustme
+from aiohttp.test_utils import TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from test_server import sighup
 
-from aioserver import clientcerts
+from aioserver import clientcerts, create_app, load_config
 from aioserver.cli import main
 from aioserver.clientcerts import (
     NO_CERTIFICATE,
@@ -33,6 +37,7 @@ from aioserver.clientcerts import (
     ClientSources,
     ClientStore,
     PeerCertificate,
+    client_sources,
     format_name,
     parse_clients,
     parse_name,
@@ -125,6 +130,8 @@ def client_context(certs: Certs, cert: Path | None) -> ssl.SSLContext:
         ("CN=\\C3\\A9t\\C3\\A9", "CN=été"),  # UTF-8 in hex pairs
         ("CN=\\ a\\ ", "CN=a"),  # escaped spaces at the ends: folded away like the others
         ("E=ops@example.org", "emailAddress=ops@example.org"),
+        ("CN = ci , O = x", "CN=ci,O=x"),
+        ("CN=", "CN=  "),  # an empty value
     ],
 )
 def test_names_compare_canonically(config: str, same_as: str) -> None:
@@ -155,6 +162,7 @@ def test_different_names_differ(one: str, other: str) -> None:
         ("=a", "attribute type is missing"),
         ("XYZ=1", "unknown attribute type 'XYZ'"),
         ("CN=#616263", "hex (#...) values are not supported"),
+        ("CN=  #616263", "hex (#...) values are not supported"),
         ("CN=a;b", "';' must be escaped"),
         ('CN="a"', "'\"' must be escaped"),
         ("CN=a<b", "'<' must be escaped"),
@@ -174,6 +182,7 @@ def test_bad_names(text: str, problem: str) -> None:
         ("DNS:CI.Example.", ("DNS", "ci.example")),
         ("dns:ci.example", ("DNS", "ci.example")),
         ("email:Ops@EXAMPLE.org", ("email", "Ops@example.org")),  # the local part keeps its case
+        ('email:"a@B"@Example.org', ("email", '"a@B"@example.org')),  # the domain follows the last @
         ("URI:spiffe://example.org/ci", ("URI", "spiffe://example.org/ci")),
         ("IP:2001:DB8::0:1", ("IP", "2001:db8::1")),
         ("ip:10.0.0.7", ("IP", "10.0.0.7")),
@@ -209,7 +218,11 @@ def test_bad_sans(text: str, problem: str) -> None:
     [
         ({"name": "x"}, None, "expected a list"),
         (["x"], "auth.clients[0]", "expected a mapping"),
-        ([{"name": "x", "subject": "CN=x", "role": "admin"}], "auth.clients[0].role", "unknown key"),
+        (
+            [{"name": "x", "subject": "CN=x", "role": "admin"}],
+            "auth.clients[0].role",
+            "unknown key; known: name, subject, san, sha256, workflows",
+        ),
         ([{"subject": "CN=x"}], "auth.clients[0].name", "non-empty string"),
         ([{"name": "", "subject": "CN=x"}], "auth.clients[0].name", "non-empty string"),
         ([{"name": "x"}], "auth.clients[0]", "needs subject, san or sha256"),
@@ -217,7 +230,12 @@ def test_bad_sans(text: str, problem: str) -> None:
         ([{"name": "x", "subject": ["CN=x"]}], "auth.clients[0].subject", "expected a string"),
         ([{"name": "x", "subject": "CN=x;"}], "auth.clients[0].subject", "must be escaped"),
         ([{"name": "x", "san": "DNS:*.x"}], "auth.clients[0].san", "wildcard"),
-        ([{"name": "x", "sha256": "ab" * 31}], "auth.clients[0].sha256", "64 hex digits"),
+        (
+            [{"name": "x", "sha256": "ab" * 31}],
+            "auth.clients[0].sha256",
+            "expected the certificate's SHA-256 fingerprint, 64 hex digits (colons allowed), as"
+            " `openssl x509 -noout -fingerprint -sha256 -in client.pem` prints it",
+        ),
         ([{"name": "x", "sha256": "zz" * 32}], "auth.clients[0].sha256", "64 hex digits"),
         ([{"name": "x", "sha256": "ab" * 32, "workflows": "echo"}], "auth.clients[0].workflows", "list of workflow"),
         ([{"name": "x", "sha256": "ab" * 32}, {"name": "y"}], "auth.clients[1]", "needs subject"),
@@ -226,7 +244,7 @@ def test_bad_sans(text: str, problem: str) -> None:
 def test_bad_entries(entries: object, key: str | None, problem: str) -> None:
     with pytest.raises(ConfigError) as error:
         parse_clients(entries, "config.yml")
-    assert (error.value.source, error.value.key or "auth.clients") == ("config.yml", key or "auth.clients")
+    assert (error.value.source, error.value.key) == ("config.yml", key or "auth.clients")
     assert problem in error.value.problem
 
 
@@ -339,7 +357,12 @@ def test_a_peer_certificate_as_logged(server_tls: tuple[ReloadableContext, Path]
     seen = peer(server_tls, certs, certs.ops)
     assert seen.shown.startswith("subject 'CN=ops,OU=Ops,O=Example', SAN email:ops@example.org, sha256 ")
     assert seen.sans == {("email", "ops@example.org")}
+    assert ", SAN none, sha256 " in peer(server_tls, certs, certs.ci2).shown
     assert format_name(((("commonName", "a,b"),), (("organizationName", " #x "),))) == "O=\\ #x\\ ,CN=a\\,b"
+    assert (
+        format_name(((("organizationalUnitName", "#1"), ("serialNumber", "a\\ ")),)) == "OU=\\#1+serialNumber=a\\\\\\ "
+    )
+    assert format_name(((("1.2.3.4", " "),), (("userId", "u "),))) == "UID=u\\ ,1.2.3.4=\\ "
 
 
 # -- trust: what a connection's certificate counts for after reloads
@@ -400,23 +423,35 @@ def test_verdicts_follow_the_entries_and_the_ca(
 def test_a_verdict_costs_a_lookup_until_something_changes(
     server_tls: tuple[ReloadableContext, Path], certs: Certs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tls, _ = server_tls
+    tls, ca = server_tls
     store = ClientStore(entries("ci"), tls)
-    ci, _ = handshake(tls.current, client_context(certs, certs.ci))  # type: ignore[arg-type]
+    connections = [
+        handshake(tls.current, client_context(certs, cert))[0]  # type: ignore[arg-type]
+        for cert in (certs.ci, certs.stranger, None, certs.ci2)
+    ]
     judged: list[object] = []
     judge = store._judge
     monkeypatch.setattr(store, "_judge", lambda obj: judged.append(obj) or judge(obj))
-    for _ in range(3):
-        assert store.identify(request_on(ci)).name == "ci"  # type: ignore[arg-type, union-attr]
-    assert len(judged) == 1
+
+    def three_times() -> None:
+        for _ in range(3):
+            found = [store.identify(request_on(c)) for c in connections]  # type: ignore[arg-type]
+            assert [f.name if isinstance(f, Client) else f for f in found] == expected
+
+    expected = ["ci", UNKNOWN_CERTIFICATE, NO_CERTIFICATE, UNKNOWN_CERTIFICATE]
+    three_times()
+    assert len(judged) == 4  # once per connection, whatever its verdict
     store.replace(store.clients + entries("other"))  # new entries: judged again, once
-    for _ in range(3):
-        assert store.identify(request_on(ci)).name == "ci"  # type: ignore[arg-type, union-attr]
-    assert len(judged) == 2
+    three_times()
+    assert len(judged) == 8
     tls.reload()  # a new context (SIGHUP, the hourly renewal): judged again, once
-    for _ in range(3):
-        assert store.identify(request_on(ci)).name == "ci"  # type: ignore[arg-type, union-attr]
-    assert len(judged) == 3
+    three_times()
+    assert len(judged) == 12
+    ca.write_bytes(certs.ca1_only.read_bytes())  # ci2's CA away: no certificate, judged once
+    tls.reload()
+    expected[3] = NO_CERTIFICATE
+    three_times()
+    assert len(judged) == 16
 
 
 def test_a_store_holding_a_pinned_leaf_drops_older_connections(
@@ -470,20 +505,265 @@ def test_sources_read_the_config_file_again(tmp_path: Path) -> None:
     assert sources.load() == ()
     config.write_text("workflow: {}\n")
     assert sources.load() == ()
-    config.write_text("auth:\n  clients:\n    - {name: ci}\n")
-    with pytest.raises(ConfigError, match=re.escape("auth.clients[0]: needs subject, san or sha256")):
-        sources.load()
-    config.write_text("auth: [\n")
-    with pytest.raises(ConfigError, match="invalid YAML"):
-        sources.load()
-    config.write_text("auth: 3\n")
-    with pytest.raises(ConfigError, match="auth: expected a mapping"):
-        sources.load()
+    for text, message in [
+        ("auth:\n  clients:\n    - {name: ci}\n", "auth.clients[0]: needs subject, san or sha256"),
+        ("auth:\n  clients: {name: ci}\n", "auth.clients: expected a list of {name, subject, san, sha256, workflows}"),
+        ("auth: [\n", "invalid YAML: expected the node content, but found '<stream end>'"),
+        ("auth: 3\n", "auth: expected a mapping"),
+        ("- auth\n", "expected a mapping of sections at the top level"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(ConfigError) as error:
+            sources.load()
+        assert str(error.value).startswith(f"{config}: {message}"), error.value
     config.unlink()
-    with pytest.raises(ConfigError, match="cannot read config"):
+    with pytest.raises(ConfigError) as error:
         sources.load()
+    assert str(error.value) == f"{config}: cannot read config: No such file or directory"
     fixed = entries("ci")
     assert ClientSources(fixed, None).load() is fixed
+
+
+def test_sources_of_the_config(tmp_path: Path) -> None:
+    assert client_sources(None, "c.yml", "c.yml") is None
+    assert client_sources({"tokens": []}, "c.yml", "c.yml") is None
+    assert client_sources({"clients": None}, "c.yml", "c.yml") == ClientSources((), "c.yml")  # on, nobody in
+    given = client_sources({"clients": [{"name": "ci", "san": "DNS:ci.example"}]}, "<inline config>", None)
+    assert given == ClientSources(parse_clients([{"name": "ci", "san": "DNS:ci.example"}], "c"), None)
+    config = tmp_path / "config.yml"
+    config.write_text("")  # emptied: nobody
+    assert ClientSources(entries("ci"), str(config)).load() == ()
+
+
+def _signed_by(ca: trustme.CA, folder: Path, name: str, sans: list[x509.GeneralName], chain: bool = True) -> Path:
+    """A client certificate of ``ca`` with exactly these SANs, and its key, in one PEM file
+    (with ``ca``'s own certificate after it when ``chain``: an intermediate sent along)."""
+    issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    signer = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    leaf = builder.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    path = folder / f"{name}.pem"
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        + leaf.public_bytes(serialization.Encoding.PEM)
+        + (ca.cert_pem.bytes() if chain else b"")
+    )
+    return path
+
+
+def test_only_the_kinds_an_entry_names_match(
+    server_tls: tuple[ReloadableContext, Path], certs: Certs, tmp_path: Path, tls_certificate_authority: trustme.CA
+) -> None:
+    """A registeredID that reads as an IPv4 address, a directoryName: no entry's IP: or DNS:."""
+    odd = _signed_by(
+        tls_certificate_authority,
+        tmp_path,
+        "odd",
+        [
+            x509.RegisteredID(x509.ObjectIdentifier("1.2.3.4")),
+            x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ci.example")])),
+            x509.UniformResourceIdentifier("spiffe://example.org/ci"),
+            x509.IPAddress(ipaddress.ip_address("2001:db8::7")),
+        ],
+        chain=False,
+    )
+    seen = peer(server_tls, certs, odd)
+    assert seen.sans == {("URI", "spiffe://example.org/ci"), ("IP", "2001:db8::7")}
+    (by_ip,) = parse_clients([{"name": "x", "san": "IP:1.2.3.4"}], "c")
+    assert not by_ip.matches(seen)
+    (by_uri,) = parse_clients([{"name": "x", "san": "URI:spiffe://example.org/ci"}], "c")
+    assert by_uri.matches(seen)
+    (by_ip,) = parse_clients([{"name": "x", "san": "IP:2001:DB8:0::7"}], "c")
+    assert by_ip.matches(seen)
+
+
+def test_a_chain_through_an_intermediate_after_a_reload(
+    tmp_path: Path, pem_files: PemFiles, tls_certificate_authority: trustme.CA
+) -> None:
+    """After a reload that takes a CA away, an open connection's certificate still counts if its
+    verified chain ends at a CA still trusted, through CAs trusted or sent by the client, as a
+    new handshake would verify it."""
+    root = tls_certificate_authority
+    intermediate = root.create_child_ca()
+    sends_it = _signed_by(intermediate, tmp_path, "sends-it", [x509.DNSName("ci.example")])
+    leaf_only = _signed_by(intermediate, tmp_path, "leaf-only", [x509.DNSName("ci.example")], chain=False)
+    other = trustme.CA()
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(root.cert_pem.bytes() + intermediate.cert_pem.bytes() + other.cert_pem.bytes())
+    tls = ReloadableContext(TLSFiles(str(pem_files.cert), str(pem_files.key), None, str(ca), "optional"))
+    store = ClientStore(parse_clients([{"name": "ci", "san": "DNS:ci.example"}], "c"), tls)
+    client = ssl.create_default_context(cafile=str(pem_files.ca))
+    connections = []
+    for pem in (sends_it, leaf_only):
+        context = ssl.create_default_context(cafile=str(pem_files.ca))
+        context.load_cert_chain(str(pem))
+        connections.append(handshake(tls.current, context)[0])  # type: ignore[arg-type]
+
+    def names() -> list[str]:
+        found = [store.identify(request_on(c)) for c in connections]  # type: ignore[arg-type]
+        return [f.name if isinstance(f, Client) else f for f in found]
+
+    assert names() == ["ci", "ci"]
+    ca.write_bytes(root.cert_pem.bytes() + intermediate.cert_pem.bytes())  # other's CA away
+    tls.reload()
+    assert names() == ["ci", "ci"]
+    ca.write_bytes(root.cert_pem.bytes())  # the intermediate away: only the one sending it verifies
+    tls.reload()
+    assert names() == ["ci", NO_CERTIFICATE]
+    ca.write_bytes(other.cert_pem.bytes())  # the root away
+    tls.reload()
+    assert names() == [NO_CERTIFICATE, NO_CERTIFICATE]
+    del client
+
+
+def test_what_counts_as_no_certificate(
+    server_tls: tuple[ReloadableContext, Path], certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls, ca = server_tls
+    store = ClientStore(entries("ci"), tls)
+    ci, _ = handshake(tls.current, client_context(certs, certs.ci))  # type: ignore[arg-type]
+    assert store.identify(types.SimpleNamespace(transport=None)) == NO_CERTIFICATE  # type: ignore[arg-type]
+
+    # A context that verifies nothing would give the DER but no decoded certificate.
+    class Unverified:
+        context = tls.current
+
+        def getpeercert(self, binary_form: bool = False) -> object:
+            return b"der" if binary_form else {}
+
+    unverified = Unverified()
+    assert store.identify(request_on(unverified)) == NO_CERTIFICATE  # type: ignore[arg-type]
+    # No context in force (ACME's certificate not there yet): nothing verified counts.
+    current, tls.current = tls.current, None
+    with caplog.at_level(logging.INFO, logger="aioserver.auth"):
+        assert store.identify(request_on(ci)) == NO_CERTIFICATE  # type: ignore[arg-type]
+    assert caplog.messages == [
+        "client certificate no longer trusted since a reload (subject 'CN=ci,OU=CI,O=Example',"
+        f" SAN DNS:ci.example, sha256 {hashlib.sha256(ci.getpeercert(True)).hexdigest()}): counted as none"  # type: ignore[arg-type]
+    ]
+    tls.current = current
+    caplog.clear()
+    stranger, _ = handshake(tls.current, client_context(certs, certs.stranger))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="aioserver.auth"):
+        assert store.identify(request_on(stranger)) == UNKNOWN_CERTIFICATE  # type: ignore[arg-type]
+        assert store.identify(request_on(stranger)) == UNKNOWN_CERTIFICATE  # type: ignore[arg-type]
+    assert caplog.messages == [  # once per connection
+        "client certificate matches no auth.clients entry: subject 'CN=stranger,OU=CI,O=Example',"
+        f" SAN DNS:stranger.example, sha256 {hashlib.sha256(stranger.getpeercert(True)).hexdigest()}"  # type: ignore[arg-type]
+    ]
+
+
+def test_until_the_certificate_expires(
+    server_tls: tuple[ReloadableContext, Path], certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls, _ = server_tls
+    store = ClientStore(entries("ci"), tls)
+    ci, _ = handshake(tls.current, client_context(certs, certs.ci))  # type: ignore[arg-type]
+    not_after = ssl.cert_time_to_seconds(ci.getpeercert()["notAfter"])  # type: ignore[index]
+    monkeypatch.setattr(clientcerts.time, "time", lambda: not_after)  # RFC 5280: valid through notAfter
+    assert store.identify(request_on(ci)).name == "ci"  # type: ignore[arg-type, union-attr]
+    monkeypatch.setattr(clientcerts.time, "time", lambda: not_after + 1)
+    assert store.identify(request_on(ci)) == NO_CERTIFICATE  # type: ignore[arg-type]
+
+
+def test_chains_as_python_gives_them() -> None:
+    """Python 3.13 made get_verified_chain public (DER bytes); before, _ssl's returns certificates."""
+    certificate = types.SimpleNamespace(public_bytes=lambda encoding: b"der-%d" % encoding)
+    public = types.SimpleNamespace(get_verified_chain=lambda: [b"a", b"b"], get_unverified_chain=lambda: [b"a"])
+    private = types.SimpleNamespace(
+        _sslobj=types.SimpleNamespace(get_verified_chain=lambda: [certificate], get_unverified_chain=lambda: None)
+    )
+    assert clientcerts._verified_chain(public) == [b"a", b"b"]  # type: ignore[arg-type]
+    assert clientcerts._sent_chain(public) == [b"a"]  # type: ignore[arg-type]
+    assert clientcerts._verified_chain(private) == [b"der-%d" % ssl._ssl.ENCODING_DER]  # type: ignore[arg-type, attr-defined]
+    assert clientcerts._sent_chain(private) == []  # type: ignore[arg-type]
+    assert clientcerts._verified_chain(types.SimpleNamespace()) == []  # type: ignore[arg-type]
+    assert clientcerts._sent_chain(types.SimpleNamespace()) == []  # type: ignore[arg-type]
+
+
+CLIENTS_APP = """
+workflow:
+  echo: {tasks: [echo]}
+  other: {tasks: [echo]}
+extensions: [sample_plugins.add_whoami, sample_plugins.AddRoutes]
+auth:
+  clients:
+    - {name: ci, subject: "CN=ci,OU=CI,O=Example", workflows: [echo, /whoami]}
+    - {name: ops, san: "email:ops@example.org"}
+"""
+
+
+async def test_the_middleware_in_process(aiohttp_client, pem_files: PemFiles, certs: Certs) -> None:  # type: ignore[no-untyped-def]
+    cli = {"ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key), "ssl_ca_certs": str(certs.ca)}
+    config = load_config(CLIENTS_APP, cli={**cli, "ssl_cert_reqs": "optional"}, env={"TOKEN": TOKEN_HASH})
+    assert config.tls is not None and config.tls.current is not None
+    server = TestServer(create_app(config))
+    await server.start_server(ssl=config.tls.current)
+    client = await aiohttp_client(server)
+
+    async def get(path: str, cert: Path | None, **headers: str) -> tuple[int, object, str | None]:
+        response = await client.get(path, ssl=client_context(certs, cert), headers=headers)
+        return response.status, await response.json(), response.headers.get("WWW-Authenticate")
+
+    assert (await get("/whoami", certs.ci))[:2] == (200, {"name": "ci", "client_subject": mock.ANY})
+    assert await get("/hello", certs.ci) == (
+        403,
+        {"error": "this client certificate may not call this route"},
+        f'{REALM}, error="insufficient_scope"',
+    )
+    assert (await get("/nowhere", certs.ci))[0] == 403  # a scoped identity learns no route exists
+    assert (await get("/hello", certs.ops))[:2] == (200, "hello")
+    assert (await get("/nowhere", certs.ops))[0] == 404
+    assert await get("/hello", certs.stranger) == (403, {"error": "this client certificate is not allowed"}, REALM)
+    assert await get("/hello", None) == (401, {"error": "authorization required"}, REALM)
+    assert (await get("/whoami", certs.stranger, Authorization=f"Bearer {TOKEN}"))[:2] == (
+        200,
+        {"name": "token", "client_subject": mock.ANY},
+    )
+    response = await client.post(
+        "/workflow", json={"name": "other", "elements": [1]}, ssl=client_context(certs, certs.ci)
+    )
+    assert (response.status, await response.json()) == (403, {"error": "this client certificate may not run 'other'"})
+    assert response.headers["WWW-Authenticate"] == f'{REALM}, error="insufficient_scope"'
+
+
+async def test_failures_are_counted_and_throttled_in_process(  # type: ignore[no-untyped-def]
+    aiohttp_client, pem_files: PemFiles, certs: Certs
+) -> None:
+    cli = {"ssl_certfile": str(pem_files.cert), "ssl_keyfile": str(pem_files.key), "ssl_ca_certs": str(certs.ca)}
+    config = load_config(CLIENTS_APP, cli={**cli, "ssl_cert_reqs": "optional", "metrics": True})
+    assert config.tls is not None and config.tls.current is not None
+    server = TestServer(create_app(config))
+    await server.start_server(ssl=config.tls.current)
+    client = await aiohttp_client(server)
+
+    async def status(cert: Path | None, workflow: str = "echo") -> int:
+        body = {"name": workflow, "elements": [1]}
+        return (await client.post("/workflow", json=body, ssl=client_context(certs, cert))).status
+
+    assert [await status(certs.stranger), await status(certs.wildcard), await status(None)] == [403, 403, 401]
+    assert await status(certs.ci, "other") == 403  # a workflow out of its scope
+    assert (await client.get("/hello", ssl=client_context(certs, certs.ci))).status == 403  # a route
+    response = await client.get("/metrics", ssl=client_context(certs, certs.ops))
+    scraped = await response.text()
+    for reason, count in [("unknown_certificate", 2), ("missing", 1), ("insufficient_scope", 2), ("invalid_token", 0)]:
+        assert f'aioserver_auth_failures_total{{reason="{reason}"}} {count}.0' in scraped
+    # Ten failures a minute from one address (scopes are none): then 429, a good certificate's too.
+    assert [await status(certs.stranger) for _ in range(8)] == [403] * 8
+    assert [await status(certs.stranger), await status(certs.ci), await status(None)] == [429, 429, 429]
 
 
 # -- the real server, over real TLS
