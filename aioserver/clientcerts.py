@@ -231,6 +231,11 @@ def parse_name(text: str) -> Name:
     Spaces around ``,``, ``+`` and ``=`` are allowed (``CN=ci, O=Example``); values in ``#``
     hex (BER) are not.
     """
+    if text.lstrip().startswith("/"):
+        raise ValueError(
+            "that is OpenSSL's /O=.../CN=... form: write it most specific first, as"
+            " `openssl x509 -noout -subject -nameopt RFC2253` prints it"
+        )
     rdns: list[frozenset[tuple[str, str]]] = []
     avas: list[tuple[str, str]] = []
     position = 0

@@ -7,7 +7,9 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -169,6 +171,7 @@ def test_different_names_differ(one: str, other: str) -> None:
         ("CN=a\\zb", "\\z is no RFC 4514 escape"),
         ("CN=a\\", "is no RFC 4514 escape"),
         ("CN=\\ff", "not UTF-8"),
+        ("/O=Example/CN=ci", "that is OpenSSL's /O=.../CN=... form"),
     ],
 )
 def test_bad_names(text: str, problem: str) -> None:
@@ -755,6 +758,9 @@ async def test_failures_are_counted_and_throttled_in_process(  # type: ignore[no
         return (await client.post("/workflow", json=body, ssl=client_context(certs, cert))).status
 
     assert [await status(certs.stranger), await status(certs.wildcard), await status(None)] == [403, 403, 401]
+    # Authorization is on: the Host check of an open service on loopback (DNS rebinding) is off.
+    response = await client.get("/whoami", ssl=client_context(certs, certs.ci), headers={"Host": "api.example"})
+    assert response.status == 200
     assert await status(certs.ci, "other") == 403  # a workflow out of its scope
     assert (await client.get("/hello", ssl=client_context(certs, certs.ci))).status == 403  # a route
     response = await client.get("/metrics", ssl=client_context(certs, certs.ops))
@@ -949,6 +955,12 @@ def test_revocation_by_reload_reaches_open_and_resumed_connections(
                 sighup(server, "reloaded auth.clients: 2 in force")
                 assert [c.call()[0] for c in (ci, resumed, ci2)] == [200, 200, 200]
 
+                # A reload of an invalid auth.clients keeps the entries in force, and says why.
+                config.write_text(workflow + both + "    - {name: nothing}\n")
+                sighup(server, "auth.clients reload failed, keeping the 2 in force")
+                assert f"{config}: auth.clients[2]: needs subject, san or sha256" in "".join(server.log)
+                assert [c.call()[0] for c in (ci, resumed, ci2)] == [200, 200, 200]
+
                 # ci2's CA removed: its open connection no longer counts as a certificate (401);
                 # ci's verified chain ends at a CA still trusted, but a resumed session's chain
                 # is unknown: it counts no more either, until a new handshake.
@@ -1042,3 +1054,23 @@ def test_check_lists_the_clients(tmp_path: Path, pem_files: PemFiles, certs: Cer
         f"  client pinned: sha256 {certs.pinned_sha256}; may call everything\n"
         "  client half: subject CN=stranger,OU=CI,O=Example; san DNS:elsewhere.example; may call everything\n"
     ) in done.stdout
+
+
+def test_workers_started_after_a_reload_serve_its_entries(tmp_path: Path, pem_files: PemFiles, certs: Certs) -> None:
+    """A worker that replaces one (it died, or was stuck) starts from the entries the last
+    reload read, not from those the service started with: a revoked entry does not come back."""
+    config = tmp_path / "config.yml"
+    workflow = "workflow:\n  echo: {tasks: [echo]}\n"
+    config.write_text(workflow + "auth:\n  clients:\n    - {name: ci, san: 'DNS:ci.example'}\n")
+    with Server("--config", str(config), "--workers", "2", *tls_args(pem_files, certs.ca), listeners=2) as server:
+        assert call(server.port, certs, certs.ci)[0] == 200
+        config.write_text(workflow + "auth:\n  clients:\n    - {name: ops, san: 'email:ops@example.org'}\n")
+        sighup(server, "reloaded auth.clients: 1 in force")
+        for pid in re.findall(r"worker \d started, pid (\d+)", "".join(server.log)):
+            os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "".join(server.log).count("serving on") < 4:
+            assert time.monotonic() < deadline, "".join(server.log)
+            time.sleep(0.05)
+        assert [call(server.port, certs, certs.ci)[0] for _ in range(4)] == [403] * 4
+        assert call(server.port, certs, certs.ops)[0] == 200
