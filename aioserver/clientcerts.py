@@ -118,7 +118,7 @@ class Client:
     subject: Name | None = None
     san: tuple[str, str] | None = None
     sha256: bytes | None = None
-    described: str = ""  # the criteria as configured, for --check and the log
+    described: str = ""  # the criteria as configured, for --check
 
     def matches(self, peer: PeerCertificate) -> bool:
         """Whether ``peer`` meets every criterion of the entry."""
