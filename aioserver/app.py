@@ -9,6 +9,7 @@ from aiohttp import web
 from . import views
 from .auth import FailureThrottle, TokenStore, auth_middleware
 from .browser import ANY_HOST, HostGuard, json_body_middleware
+from .clientcerts import CLIENTS, ClientStore
 from .config import Config
 from .errorlog import TracebackLog
 from .errors import error_middleware
@@ -37,6 +38,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     ``schedules``: this process's part in the host's schedules (by default, it runs them).
     """
     tokens = TokenStore(config.tokens)
+    # auth.clients: only with HTTPS (config.py checked), whose context tells what is verified.
+    clients = ClientStore(config.clients, config.tls) if config.client_sources and config.tls else None
     metrics = _metrics(config)
     # Middleware order, outermost first:
     # 0. with --metrics, the one counting requests, outermost of all: it counts each answer
@@ -62,13 +65,14 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     else:
         middlewares.append(UntrustedForwarding().middleware())
     # Tokens cannot appear on reload when none was configured at start (a token file must
-    # hold one), nor auth.jwt, so "open" is known here once.
+    # hold one), nor auth.jwt, and auth.clients stays on once given (emptied, it lets nobody
+    # in), so "open" is known here once.
     # The names of an ACME certificate are names this server is meant to be reached by.
     allowed_hosts = config.settings.allowed_hosts + (config.acme.domains if config.acme else ())
-    bearer = bool(config.tokens) or config.jwt is not None
-    if not bearer and not config.proxied and config.loopback_only and ANY_HOST not in allowed_hosts:
+    open_service = not config.tokens and clients is None and config.jwt is None
+    if open_service and not config.proxied and config.loopback_only and ANY_HOST not in allowed_hosts:
         middlewares.append(HostGuard(allowed_hosts).middleware())
-    middlewares.append(auth_middleware(tokens, FailureThrottle(), config.jwt))
+    middlewares.append(auth_middleware(tokens, FailureThrottle(), clients, config.jwt))
     middlewares.append(json_body_middleware())
     if config.dependencies:
         middlewares.append(dependencies_middleware(config.dependencies))
@@ -76,6 +80,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app[CONFIG] = config
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
+    if clients is not None:
+        app[CLIENTS] = clients
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
     app[READINESS] = Readiness()  # starting: serve() says when every listener serves, and when the stop begins
     setup_workflow_runtime(app, schedules)

@@ -9,6 +9,10 @@ A token's list (``workflows``) scopes it: names of the workflows it may run thro
 ``POST /workflow``, and paths (beginning with ``/``) of the other routes it may call, as the
 routes are registered (``/stats``, ``/items/{id}``). A scoped token may call nothing else but
 the open routes; an unscoped one calls everything.
+
+A request without an ``Authorization`` header may be authorized by its TLS client certificate
+instead, when the config has ``auth.clients`` (see clientcerts.py): the same scopes, answers,
+throttle and access-log name. A request with one is judged by its token alone.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -31,6 +35,7 @@ from aiohttp.typedefs import Handler
 from .errors import ConfigError, http_error
 
 if TYPE_CHECKING:
+    from .clientcerts import ClientStore
     from .jwtauth import JWTVerifier
 
 REALM = 'Bearer realm="aioserver"'
@@ -51,9 +56,38 @@ _HASH = re.compile(r"[0-9a-fA-F]{64}")
 _BEARER = re.compile(r"[Bb][Ee][Aa][Rr][Ee][Rr] +([\x21-\x7e]+) *")
 
 
+class Identity(Protocol):
+    """Who an authorized request is (a token, a client certificate): a name, and a scope."""
+
+    kind: ClassVar[str]  # for the refusals: "this token may not ..."
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def workflows(self) -> frozenset[str] | None: ...
+
+    def may_run(self, workflow: str) -> bool: ...
+
+    def may_call(self, request: web.Request) -> bool: ...
+
+
+def route_in_scope(scope: frozenset[str] | None, request: web.Request) -> bool:
+    """Whether the request's route is in ``scope`` (None: all); unknown paths and methods never are."""
+    if scope is None:
+        return True
+    route = request.match_info.route
+    if route.resource is None:  # aiohttp's 404/405: a scoped token learns no route exists
+        return False
+    path = route.resource.canonical
+    return (route.method, path) in SCOPED_BY_HANDLER or path in scope
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """A known token: its name, the SHA-256 digest of its value, the workflows it may run."""
+
+    kind: ClassVar[str] = "token"
 
     name: str
     digest: bytes = field(repr=False)
@@ -65,13 +99,9 @@ class Token:
 
     def may_call(self, request: web.Request) -> bool:
         """Whether the request's route is in scope; unknown paths and methods never are."""
-        if self.workflows is None:
+        if self.workflows is None:  # the usual token's: no call more on the hot path
             return True
-        route = request.match_info.route
-        if route.resource is None:  # aiohttp's 404/405: a scoped token learns no route exists
-            return False
-        path = route.resource.canonical
-        return (route.method, path) in SCOPED_BY_HANDLER or path in self.workflows
+        return route_in_scope(self.workflows, request)
 
 
 def parse_hash(value: Any, source: str, key: str) -> bytes:
@@ -140,12 +170,21 @@ class TokenStore:
         return found
 
 
-# The matched token of an authorized request, for handlers, dependencies and the access log.
-IDENTITY = web.RequestKey("identity", Token)
-# Why a request was refused, for the metrics: "missing" (no bearer credential), the RFC 6750
-# error ("invalid_request", "invalid_token", "insufficient_scope"), or "throttled" (429).
+# Who an authorized request is (its token, or its client certificate's entry), for handlers,
+# dependencies and the access log.
+IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity")
+# Why a request was refused, for the metrics: "missing" (no credential), the RFC 6750 error
+# ("invalid_request", "invalid_token", "insufficient_scope"), "unknown_certificate" (a client
+# certificate that no auth.clients entry names), or "throttled" (429).
 AUTH_FAILURE = web.RequestKey("auth_failure", str)
-AUTH_FAILURES = ("missing", "invalid_request", "invalid_token", "insufficient_scope", "throttled")
+AUTH_FAILURES = (
+    "missing",
+    "invalid_request",
+    "invalid_token",
+    "insufficient_scope",
+    "unknown_certificate",
+    "throttled",
+)
 
 
 class FailureThrottle:
@@ -219,16 +258,23 @@ def _deny(
     return http_error(cls, message, **{"WWW-Authenticate": value})
 
 
-def auth_middleware(store: TokenStore, throttle: FailureThrottle, jwt: JWTVerifier | None = None) -> Any:
-    """The middleware checking every request but ``GET /health`` and ``GET /ready`` (and HEAD) against ``store``.
+def auth_middleware(
+    store: TokenStore,
+    throttle: FailureThrottle,
+    clients: ClientStore | None = None,
+    jwt: JWTVerifier | None = None,
+) -> Any:
+    """The middleware checking every request but ``GET /health`` and ``GET /ready`` (and HEAD) against ``store``,
+    and, without an Authorization header, against ``clients`` (the config's ``auth.clients``).
 
-    With ``jwt`` (``auth.jwt``), a bearer value shaped as a JWT is verified by it instead.
-    With no token in ``store`` and no ``jwt`` the service is open, as txtai's is without ``TOKEN``.
+    With ``jwt`` (``auth.jwt``), a bearer value shaped as a JWT is verified by it instead of ``store``.
+    With no token in ``store``, no ``clients`` and no ``jwt`` the service is open, as txtai's is without ``TOKEN``.
     """
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (not store.tokens and jwt is None) or (request.path in OPEN_PATHS and request.method in OPEN_METHODS):
+        open_service = not store.tokens and clients is None and jwt is None
+        if open_service or (request.path in OPEN_PATHS and request.method in OPEN_METHODS):
             return await handler(request)
         # Keyed only while someone's window is open: parsing the address costs on every request.
         client = throttle.client_key(request.remote) if throttle.active() else None
@@ -239,7 +285,10 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle, jwt: JWTVerifi
 
         headers = request.headers.getall("Authorization", [])
         if not headers:
-            raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
+            if clients is None:
+                raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
+            _by_certificate(request, clients, throttle, client)
+            return await handler(request)
         scheme = headers[0].split(" ", 1)[0]
         if len(headers) == 1 and scheme.lower() != "bearer":
             # Another scheme is no bearer credential at all (RFC 6750 section 3.1).
@@ -271,15 +320,39 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle, jwt: JWTVerifi
     return middleware
 
 
-def check_scope(request: web.Request, workflow: str) -> None:
-    """Deny (403 insufficient_scope) a token that may not run ``workflow``."""
-    token = request.get(IDENTITY)
-    if token is not None and not token.may_run(workflow):
+def _by_certificate(request: web.Request, clients: ClientStore, throttle: FailureThrottle, client: str | None) -> None:
+    """Authorize a request without an Authorization header by its TLS client certificate.
+
+    No certificate (or one no longer trusted) is no credential: 401, as without a token. A
+    verified one that no entry names is a failure: 403, counted by the throttle, whose
+    challenge names the realm only (RFC 6750 section 3.1: no error code without a token).
+    """
+    identity = clients.identify(request)
+    if isinstance(identity, str):  # why not: "missing" or "unknown_certificate"
+        if identity == "missing":
+            raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
+        throttle.failed(client or throttle.client_key(request.remote))
+        raise _deny(request, identity, web.HTTPForbidden, "this client certificate is not allowed", None)
+    if not identity.may_call(request):  # as for a token (see the middleware)
         raise _deny(
             request,
             "insufficient_scope",
             web.HTTPForbidden,
-            f"this token may not run {workflow[:100]!r}",
+            f"this {identity.kind} may not call this route",
+            "insufficient_scope",
+        )
+    request[IDENTITY] = identity
+
+
+def check_scope(request: web.Request, workflow: str) -> None:
+    """Deny (403 insufficient_scope) an identity that may not run ``workflow``."""
+    identity = request.get(IDENTITY)
+    if identity is not None and not identity.may_run(workflow):
+        raise _deny(
+            request,
+            "insufficient_scope",
+            web.HTTPForbidden,
+            f"this {identity.kind} may not run {workflow[:100]!r}",
             "insufficient_scope",
         )
 
@@ -314,9 +387,9 @@ def token_sources(section: Any, env: Mapping[str, str], source: str) -> TokenSou
     if section is None:
         section = {}
     if not isinstance(section, Mapping):
-        raise ConfigError(source, "auth", "expected a mapping with 'tokens'")
-    for unknown in section.keys() - {"tokens", "jwt"}:
-        raise ConfigError(source, f"auth.{unknown}", "unknown key; known: tokens, jwt")
+        raise ConfigError(source, "auth", "expected a mapping with 'tokens', 'clients' or 'jwt'")
+    for unknown in section.keys() - {"tokens", "clients", "jwt"}:  # clients: clientcerts.py; jwt: jwtauth.py
+        raise ConfigError(source, f"auth.{unknown}", "unknown key; known: tokens, clients, jwt")
     fixed = parse_config_tokens(section.get("tokens", []), source)
     if env.get("TOKEN"):
         fixed.insert(0, Token("token", parse_hash(env["TOKEN"], "environment", "TOKEN")))

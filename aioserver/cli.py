@@ -21,6 +21,7 @@ from .certinfo import describe_certificates
 from .config import SECRET_VARIABLES, Config, load_config
 from .errors import ConfigError, StartupError
 from .logs import configure_logging
+from .logtext import loggable
 from .options import OPTIONS
 from .pipelineviews import served
 from .server import run as run_server
@@ -114,7 +115,11 @@ def summary(config: Config) -> str:
         origin = config.origins[option.name].source if option.name in config.origins else "default"
         lines.append(f"  {option.name} = {value}  ({origin})")
     tls = f"acme ({', '.join(config.acme.domains)})" if config.acme else "on" if config.tls else "off"
-    lines.append(f"  tls = {tls}, tokens = {len(config.tokens)}")
+    clients = f", clients = {len(config.clients)}" if config.client_sources is not None else ""
+    lines.append(f"  tls = {tls}, tokens = {len(config.tokens)}{clients}")
+    for client in config.clients:
+        scope = ", ".join(sorted(client.workflows)) if client.workflows is not None else "everything"
+        lines.append(f"  client {loggable(client.name)}: {loggable(client.described)}; may call {loggable(scope)}")
     if config.jwt:
         lines.append(f"  {config.jwt.describe()}")
     if config.acme:

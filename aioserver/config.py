@@ -25,6 +25,7 @@ import yaml
 from . import plugins, systemd
 from .auth import Token, TokenSources, token_sources
 from .autocert import AcmeSettings, StateDirectory
+from .clientcerts import Client, ClientSources, client_sources
 from .errors import ConfigError
 from .options import Origin, Settings, resolve_settings
 from .tls import Password, ReloadableContext, TLSError, TLSFiles
@@ -67,6 +68,9 @@ class Config:
     token_sources: TokenSources = field(default_factory=TokenSources)  # read again on SIGHUP
     # auth.jwt: the identity provider's key set (a file's read again on SIGHUP, a URL's fetched).
     jwt: JWTVerifier | None = None
+    # auth.clients: client certificates as identities (clientcerts.py); None: not configured.
+    clients: tuple[Client, ...] = ()
+    client_sources: ClientSources | None = None  # the config file's auth.clients, read again on SIGHUP
     tls: ReloadableContext | None = None
     # ACME (--acme-domain): tls then serves the state directory's files, loaded once obtained.
     acme: AcmeSettings | None = None
@@ -152,11 +156,17 @@ def build_config(
     sources = token_sources(document.get("auth"), env, source)
     tokens = tuple(sources.load())
     jwt = _jwt(document.get("auth"), source)
+    # A config file's auth.clients is read again on SIGHUP; inline YAML cannot be.
+    config_file = None if source in (DEFAULT_SOURCE, INLINE_SOURCE) else source
+    clients = client_sources(document.get("auth"), source, config_file)
     if acme:
         _keep_workflows_out(acme, safeopen, workflows, source)
     tls = _acme_tls(settings, acme) if acme else _tls(settings, origins, env)
     activated = systemd.activated_addresses(env)
     _refuse_clear_text_tokens(settings, origins, bool(tokens) or jwt is not None, tls, activated)
+    proxied = bool(settings.trusted_proxies or settings.uds) or any(f == socket.AF_UNIX for f, _ in activated)
+    if clients is not None:
+        _check_client_tls(settings, origins, tls, proxied, source)
     return Config(
         settings=settings,
         workflows=workflows,
@@ -168,11 +178,13 @@ def build_config(
         tokens=tokens,
         token_sources=sources,
         jwt=jwt,
+        clients=clients.fixed if clients else (),
+        client_sources=clients,
         tls=tls,
         acme=acme,
         dependencies=plugins.load_plugins("dependencies", document, env, source),
         extensions=plugins.load_plugins("extensions", document, env, source),
-        proxied=bool(settings.trusted_proxies or settings.uds) or any(f == socket.AF_UNIX for f, _ in activated),
+        proxied=proxied,
         loopback_only=_loopback_only(settings, activated),
     )
 
@@ -187,6 +199,39 @@ def _jwt(auth: Any, source: str) -> JWTVerifier | None:
     from .jwtauth import load_verifier
 
     return load_verifier(auth["jwt"], source)
+
+
+def _check_client_tls(
+    settings: Settings, origins: Mapping[str, Origin], tls: ReloadableContext | None, proxied: bool, source: str
+) -> None:
+    """auth.clients needs this server's own TLS to ask for client certificates and verify them.
+
+    Not behind a TLS proxy: the certificate the handshake sees is the proxy's, and one the proxy
+    passed in a header could be checked against the CA only by code of our own (see README).
+    """
+    if tls is None:
+        raise ConfigError(
+            source,
+            "auth.clients",
+            "client certificates need HTTPS served by aioserver itself: give ssl_certfile and ssl_keyfile"
+            " (or acme_domain), and ssl_ca_certs",
+        )
+    if not tls.files.ca_certs:
+        raise ConfigError(
+            source, "auth.clients", "needs ssl_ca_certs: the CA that issues the client certificates to verify"
+        )
+    if settings.ssl_cert_reqs == "none":
+        raise ConfigError(
+            *origins["ssl_cert_reqs"], "is none: auth.clients needs client certificates (optional or required)"
+        )
+    if proxied:
+        raise ConfigError(
+            source,
+            "auth.clients",
+            "client certificates cannot be used behind a TLS proxy (trusted_proxies, --uds or a Unix socket):"
+            " the proxy ends TLS, so aioserver never sees its clients' certificates; let the clients reach"
+            " aioserver's HTTPS directly, or have the proxy check them and use tokens behind it",
+        )
 
 
 def _loopback_only(settings: Settings, activated: list[tuple[int, Any]]) -> bool:
@@ -376,13 +421,18 @@ def _refuse_clear_text_tokens(
 
 
 def reread_files(config: Config) -> Config:
-    """``config`` with its token files, JWT key set file and TLS files read again, as a SIGHUP reads them (blocking).
+    """``config`` with its token files, auth.clients, JWT key set and TLS files read again, as SIGHUP does (blocking).
 
     What cannot be read keeps what was in force. For the workers a supervisor forks after a
     reload (workers.py): they must start from the rotated key and tokens, not from the ones the
     service started with, or a revoked token would come back with a replaced worker.
     """
-    tokens = config.tokens
+    tokens, clients = config.tokens, config.clients
+    if config.client_sources is not None and config.client_sources.path:
+        try:
+            clients = config.client_sources.load()
+        except ConfigError as exc:  # each worker logs it as an error: said once is enough
+            logger.debug("auth.clients not reread: %s", exc)
     if config.token_sources.files:
         try:
             tokens = tuple(config.token_sources.load())
@@ -398,7 +448,7 @@ def reread_files(config: Config) -> Config:
             config.tls.reload()
         except TLSError as exc:
             logger.debug("TLS files not reread: %s: %s", exc.option, exc)
-    return dataclasses.replace(config, tokens=tokens)
+    return dataclasses.replace(config, tokens=tokens, clients=clients)
 
 
 def load_config(

@@ -18,6 +18,7 @@ from . import systemd
 from .accesslog import AccessLogger, ProxiedAccessLogger
 from .app import HEADERS, create_app
 from .autocert import CertificateManager, StateDirectory, add_challenge_route
+from .clientcerts import CLIENTS
 from .config import Config
 from .connections import CONNECTIONS, Connections, TLSSite, ensure_file_limit, peer, reset
 from .errors import CUT_OFF, ConfigError, StartupError, error_middleware, http_error
@@ -471,8 +472,16 @@ async def _until_certificate(
 
 
 async def reload(app: web.Application, config: Config) -> None:
-    """Read the token files, the JWT keys and TLS files again; what fails keeps the old ones and says why."""
+    """Read the token files, auth.clients, the JWT keys and TLS files again; what fails keeps the old, saying why."""
     store = app[TOKENS]
+    clients = app.get(CLIENTS)
+    if clients is not None and config.client_sources is not None and config.client_sources.path:
+        try:
+            entries = await in_reload_thread(config.client_sources.load)
+            clients.replace(entries)
+            logger.info("reloaded auth.clients: %d in force", len(entries))
+        except ConfigError as exc:
+            logger.error("auth.clients reload failed, keeping the %d in force: %s", len(clients.clients), exc)
     if config.token_sources.files:
         try:
             tokens = await in_reload_thread(config.token_sources.load)

@@ -92,7 +92,7 @@ def test_bad_token_file_lines(text: str, key: str, problem: str) -> None:
 @pytest.mark.parametrize(
     ("auth", "key", "problem"),
     [
-        ("[]", "auth", "expected a mapping with 'tokens'"),
+        ("[]", "auth", "expected a mapping with 'tokens', 'clients' or 'jwt'"),
         ("{tokens: {}}", "auth.tokens", "expected a list of {name, sha256, workflows}"),
         ("{tokens: [x]}", "auth.tokens[0]", "expected a mapping {name, sha256, workflows}"),
         ("{tokens: [{name: a}]}", "auth.tokens[0].sha256", HASH_HINT),
@@ -107,7 +107,7 @@ def test_bad_token_file_lines(text: str, key: str, problem: str) -> None:
             "auth.tokens[0].scope",
             "unknown key; known: name, sha256, workflows",
         ),
-        ("{token: x}", "auth.token", "unknown key; known: tokens, jwt"),
+        ("{token: x}", "auth.token", "unknown key; known: tokens, clients, jwt"),
     ],
 )
 def test_bad_auth_section(auth: str, key: str, problem: str) -> None:
