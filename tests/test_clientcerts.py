@@ -898,8 +898,9 @@ def test_certificates_as_identities(tmp_path: Path, pem_files: PemFiles, certs: 
         # A certificate from a CA not trusted: refused in the handshake, whatever its names.
         assert refused(port, certs, certs.foreign)
         lines = wait_for_lines(server, 11)
-    # The access log names each identity as it names a token (out of its scope too), "-" for none.
-    assert [(int(line.split('" ')[1].split()[0]), line.rsplit(" ", 1)[1]) for line in lines] == [
+    # The access log names each identity as it names a token (out of its scope too), "-" for none
+    # (the third field from the end: the request id and the workflow follow).
+    assert [(int(line.split('" ')[1].split()[0]), line.split()[-3]) for line in lines] == [
         (200, "ci"), (403, "ci"), (200, "ops"), (200, "pinned"), (403, "-"), (403, "-"), (403, "-"),
         (401, "-"), (200, "token"), (200, "token"), (401, "-"),
     ]  # fmt: skip
@@ -1018,8 +1019,8 @@ ONE_CLIENT = "auth:\n  clients:\n    - {name: ci, san: 'DNS:ci.example'}\n"
         ),
         (
             ("--ssl-certfile", "{cert}", "--ssl-keyfile", "{key}", "--ssl-ca-certs", "{ca}"),
-            "auth:\n  clients: [{name: ci}]\n  jwt: {}\n",
-            "{config}: auth.jwt: unknown key; known: tokens, clients",
+            "auth:\n  clients: [{name: ci}]\n  oidc: {}\n",
+            "{config}: auth.oidc: unknown key; known: tokens, clients, jwt",
         ),
     ],
     ids=["no-https", "no-ca", "reqs-none", "trusted-proxies", "uds", "bad-subject", "unknown-key"],

@@ -228,7 +228,7 @@ def test_each_check_of_a_token(loop: str, keys: Keys, tmp_path: Path) -> None:
     assert len(refusals) == sum(case.reason is not None for case in CASES), refusals
     for case in CASES:
         if case.identity:
-            assert re.search(rf'"POST /workflow HTTP/1.1" 200 \d+ \S+ {case.identity}\n', log), case.name
+            assert re.search(rf'"POST /workflow HTTP/1.1" 200 \d+ \S+ {case.identity} \S+ "echo"\n', log), case.name
     assert "\nINFO forged" not in log
     for token in tokens:  # neither a token, nor its signature, nor its claims reach the log
         for part in token.split("."):
