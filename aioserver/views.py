@@ -11,6 +11,7 @@ from .auth import check_scope
 from .errors import http_error
 from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
 from .limits import check_length, read_body
+from .workflow.engine import request_elements
 
 REQUEST_KEYS = frozenset({"name", "elements"})
 # The workflow a POST /workflow named, as soon as its body is read: for the access log and the
@@ -59,6 +60,7 @@ async def run_workflow(request: web.Request) -> web.Response:
         workflow = app[WORKFLOWS].get(name)
         if workflow is None:
             raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
+        elements = request_elements(elements)  # JSON arrays are txtai's (id, data, tags) tuples
         results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
         try:
             # An answer to a big body may be big too: what orjson cannot serialize leaves the loop.

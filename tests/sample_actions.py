@@ -176,3 +176,8 @@ async def block_loop(batch: list[Any], seconds: float = 600) -> list[Any]:
     """A broken async action: sleeps without awaiting, so its process's event loop is stuck."""
     time.sleep(seconds)
     return batch
+
+
+def pair(batch: list[Any]) -> list[list[Any]]:
+    """Each element twice, as a list: one element becomes two (txtai's one-to-many)."""
+    return [[x, x] for x in batch]

@@ -55,6 +55,10 @@ class ActionResolver:
         for name in pipelines:  # eagerly, so that a broken section fails at start-up
             self.resolve(name, name)
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a pipeline section of the config or a built-in."""
+        return name in self._pipelines or name in BUILTINS
+
     def resolve(self, name: str, key: str) -> Action:
         """The action called ``name``; ``key`` locates the reference in errors."""
         if name not in self._actions:
