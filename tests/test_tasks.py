@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from aioserver import create_app, load_config
 from aioserver.cli import main, summary
 from aioserver.errors import ConfigError, InvalidElement
 from aioserver.workflow import tasks
+from aioserver.workflow.safeopen import SafeOpen
 from aioserver.workflow.schedules import HostSchedules, Scheduler
 
 import sample_actions
@@ -159,6 +162,35 @@ async def test_a_task_runs_another_workflow_by_name() -> None:
     # Named before it is defined (txtai wants it before); a built-in's name stays the built-in's.
     text = "workflow:\n  a: {tasks: [b, upper]}\n  b: {tasks: [sample_actions.double]}\n  upper: {tasks: [echo]}\n"
     assert await run(text, ["x", "y"], "a") == ["XX", "YY"]
+
+
+async def test_a_file_task_looks_at_the_file_system_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    seen: list[str] = []
+    find_file = SafeOpen.find_file
+
+    def recording(self: SafeOpen, element: str) -> Path | None:
+        seen.append(threading.current_thread().name)
+        return find_file(self, element)
+
+    monkeypatch.setattr(SafeOpen, "find_file", recording)
+    text = f"safeopen: {{directory: '{tmp_path}'}}\nworkflow:\n  w: {{tasks: [{{task: file}}]}}\n"
+    assert await run(text, ["a.txt", "b"]) == [str(tmp_path.resolve() / "a.txt"), "b"]
+    assert len(seen) == 2 and threading.current_thread().name not in seen
+
+
+async def test_console_logs_one_bounded_line_each(caplog: pytest.LogCaptureFixture) -> None:
+    text = "workflow:\n  w: {tasks: [{task: console, action: upper}]}\n"
+    elements = ["a\nWARNING forged\u2028é", "x" * (tasks.CONSOLE_CHARACTERS + 10)]
+    with caplog.at_level(logging.INFO, logger="aioserver.workflow.console"):
+        assert await run(text, elements) == [e.upper() for e in elements]
+    inputs, outputs = caplog.messages
+    assert inputs.startswith('workflow.w.tasks[0] inputs: ["a\\nWARNING forged\\u2028é", "xxx')
+    assert outputs.startswith('workflow.w.tasks[0] outputs: ["A\\nWARNING FORGED\\u2028É", "XXX')
+    assert inputs.endswith(" characters more)") and len(inputs) < tasks.CONSOLE_CHARACTERS + 100
+    assert "\n" not in inputs + outputs
 
 
 def test_check_names_the_kind_of_a_task_without_an_action() -> None:

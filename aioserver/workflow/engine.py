@@ -128,6 +128,7 @@ class Task:
     initialize: Callable[[], Any] | None = None
     finalize: Callable[[], Any] | None = None
     observe: Callable[[list[Any], list[Any]], None] | None = None  # the console kind's: inputs, outputs
+    blocking: bool = False  # whether accept and prepare touch the file system (then: in a thread)
     # Whether one action takes the elements as they are, with nothing to choose, prepare or extract.
     _direct: bool = field(init=False, repr=False, compare=False)
 
@@ -165,15 +166,12 @@ class Task:
 
     async def _chosen(self, elements: list[Any], runtime: Runtime | None) -> list[Any]:
         """The task's outputs by txtai's rules: its kind's and select's choice, unpacked, prepared, merged, packed."""
-        chosen: list[int] = []
-        data: list[Any] = []
-        for i, element in enumerate(elements):
-            inside = _inside(element)
-            if self._accepts(element if inside is _NOTHING else inside):
-                chosen.append(i)
-                data.append(inside if self.unpack and inside is not _NOTHING else element)
-        if self.prepare is not None:
-            data = [self.prepare(element) for element in data]
+        if not self.blocking:
+            chosen, data = self._choose(elements)
+        elif runtime is None:  # a workflow called outside a server
+            chosen, data = await asyncio.to_thread(self._choose, elements)
+        else:
+            chosen, data = await runtime.to_thread(self._choose, elements)
         size = self.batch or len(data) or 1
         results: list[Any] = []
         for start in range(0, len(data), size):
@@ -189,6 +187,19 @@ class Task:
         if not any(isinstance(slot, Many) for slot in slots):
             return slots
         return [item for slot in slots for item in (slot.values if isinstance(slot, Many) else (slot,))]
+
+    def _choose(self, elements: list[Any]) -> tuple[list[int], list[Any]]:
+        """The positions of the elements the task takes, and what its actions get of each, prepared."""
+        chosen: list[int] = []
+        data: list[Any] = []
+        for i, element in enumerate(elements):
+            inside = _inside(element)
+            if self._accepts(element if inside is _NOTHING else inside):
+                chosen.append(i)
+                data.append(inside if self.unpack and inside is not _NOTHING else element)
+        if self.prepare is not None:
+            data = [self.prepare(element) for element in data]
+        return chosen, data
 
     def _accepts(self, value: Any) -> bool:
         """txtai's rule: ``select`` looks in the text in lower case (None is taken), then the kind's."""

@@ -75,6 +75,8 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 NOT_ALLOWED = "not allowed by safeopen"
 NOT_A_FILE = "not a file under safeopen.directory"
 OUTSIDE = "outside safeopen.directory"
+# Linux's bound on a path given to a system call, its terminating NUL included.
+PATH_MAX = 4096
 
 
 class Refused(InvalidElement):
@@ -179,20 +181,32 @@ class SafeOpen:
 
     @staticmethod
     def _locate(directory: Path, element: str) -> tuple[Path | None, str]:
-        """The resolved file ``element`` names under ``directory``; or None and why not (for the log)."""
+        """The resolved file ``element`` names under ``directory``; or None and why not (for the log).
+
+        Blocking, and bounded: one stat, which the kernel bounds by PATH_MAX, decides whether
+        the name leads anywhere; only then is it resolved component by component (resolve()
+        stats every component, even past a missing one: 3 s for 100,000 of them).
+        """
+        if len(element) >= PATH_MAX:
+            return None, "not a path (longer than PATH_MAX)"
+        candidate = directory / element
+        try:
+            os.stat(str(candidate))  # (str: its errors quote the path as a string)
+        except FileNotFoundError:
+            return None, "no such file"
+        except (OSError, ValueError) as exc:  # a name too long, a symlink loop, a NUL byte, a file as a folder
+            return None, f"not a path ({exc})"
         # "~" is a name like any other: expanding ~user would tell a client which users exist.
         # resolve() follows symlinks and removes "..", so the tests below see the real target.
         try:
-            path = (directory / element).resolve()
-            if not path.is_relative_to(directory):
-                return None, f"{OUTSIDE} (resolves to {_quoted(str(path))})"
-            if not path.exists():
-                return None, "no such file"
-            if not path.is_file():
-                return None, "not a file"
-            return path, ""
-        except (OSError, RuntimeError, ValueError) as exc:  # a name too long, a symlink loop, a NUL byte
+            path = candidate.resolve()
+        except (OSError, RuntimeError) as exc:  # changed since the stat: a symlink loop
             return None, f"not a path ({exc})"
+        if not path.is_relative_to(directory):
+            return None, f"{OUTSIDE} (resolves to {_quoted(str(path))})"
+        if not path.is_file():
+            return None, "not a file"
+        return path, ""
 
 
 def is_public(address: Address) -> bool:

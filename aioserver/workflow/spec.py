@@ -222,6 +222,7 @@ def _parse_task(
         initialize=_hook(task.get("initialize"), source, f"{key}.initialize"),
         finalize=_hook(task.get("finalize"), source, f"{key}.finalize"),
         observe=console(key) if kind == "console" else None,
+        blocking=kind == "file",
     )
 
 

@@ -43,6 +43,7 @@ from typing import IO, TYPE_CHECKING, Any
 from yarl import URL
 
 from ..errors import InvalidElement, UpstreamError
+from ..logtext import loggable
 from .safeopen import NOT_A_FILE, Refused, SafeOpen, fetch, is_url
 
 if TYPE_CHECKING:
@@ -123,7 +124,12 @@ def console(task: str) -> Callable[[list[Any], list[Any]], None]:
 
 
 def _shown(values: list[Any]) -> str:
-    text = json.dumps(values, ensure_ascii=True, default=repr)  # one line: no raw control characters
+    """``values`` as JSON (what is not JSON, as its repr), on one line, bounded."""
+    try:
+        text = json.dumps(values, ensure_ascii=False, default=repr)
+    except (ValueError, RecursionError):  # an action's circular or too deep result
+        text = repr(values)
+    text = loggable(text)  # JSON leaves U+2028, U+0085 and the like raw; no forged lines
     if len(text) > CONSOLE_CHARACTERS:
         return f"{text[:CONSOLE_CHARACTERS]}... ({len(text) - CONSOLE_CHARACTERS} characters more)"
     return text
@@ -222,7 +228,7 @@ class Retrieve:
         else:
             if is_scheme_url(name):
                 runtime.safeopen.check_url(name)  # refuses any other scheme, with the reason
-            source = runtime.safeopen.check_file(name)
+            source = await runtime.to_thread(runtime.safeopen.check_file, name)  # it stats the file system
             path = self.directory / self.file_path(name)
             store = functools.partial(_copy, path, source)
         try:
