@@ -51,3 +51,8 @@ def read(batch: list[Any]) -> list[Any]:
 def same(batch: list[Any]) -> list[Any]:
     """Each element unchanged."""
     return list(batch)
+
+
+def paired(batch: list[Any]) -> list[Any]:
+    """Each string and its upper case, as a tuple (which stands for a whole txtai element)."""
+    return [(x, x.upper()) if isinstance(x, str) else x for x in batch]

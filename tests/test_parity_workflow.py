@@ -2,9 +2,8 @@
 same answers (issue 13). txtai is the oracle (tests/txtaioracle.py); every case sends one
 request to each and compares, where txtai's answer needs no model.
 
-Servers start once per module and config group (aioserver once per deployment too), on
-:data:`CONFIGS`; only the retrieve task of URLs differs, by one key txtai needs to reach
-127.0.0.1 at all. Where
+Each server starts once per module (aioserver once per deployment), on :data:`CONFIG`; only the
+retrieve task of URLs differs, by one key txtai needs to reach 127.0.0.1 at all. Where
 aioserver deliberately differs (safeopen; the README's "Coming from txtai"), the tests say so.
 """
 
@@ -13,7 +12,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,9 +23,7 @@ import pytest
 from conftest import DEPLOYMENTS, Deployment, Server
 from txtaioracle import Answer, Txtai, answer, same_answer
 
-# Configs by group: each test's server has only the keys its group needs, so that a server
-# without a feature of another group still starts (and fails only that group's tests).
-CORE = """
+CONFIG = """
 safeopen:
   directory: {data}
   allow: ["127.0.0.1:{port}"]
@@ -43,6 +40,8 @@ workflow:
     tasks: [{{action: parity_actions.describe, unpack: false}}]
   upper:
     tasks: [parity_actions.upper]
+  paired:
+    tasks: [parity_actions.paired, parity_actions.describe]
   wav:
     tasks: [{{action: parity_actions.upper, select: '\\.wav$'}}]
   wav_upper:
@@ -74,32 +73,16 @@ workflow:
     tasks: [{{task: retrieve, directory: "{downloads}/flat"}}]
   retrieve_urls:
     tasks: [{{task: retrieve, directory: "{downloads}/urls", flatten: false{txtai_only}}}]
-"""
-CONFIGS = {
-    "core": CORE,
-    "onetomany": """
-workflow:
   words_nested:
     tasks: [{{action: parity_actions.words, onetomany: false}}]
-""",
-    "column": """
-workflow:
   column:
     tasks: [{{action: parity_actions.upper, unpack: false, column: 1}}]
   columns:
     tasks: [{{action: [parity_actions.upper, parity_actions.describe], unpack: false, column: {{0: 0, 1: 2}}}}]
-""",
-    "names": """
-safeopen:
-  directory: {data}
-workflow:
   file_names:
     tasks: [{{task: file}}]
   url_names:
     tasks: [{{task: url}}]
-""",
-    "template": """
-workflow:
   template:
     tasks: [{{task: template, template: "This is a {{text}} task"}}]
   template_keys:
@@ -112,9 +95,6 @@ workflow:
     tasks: [{{task: template, template: "{{text}}?", action: parity_actions.upper}}]
   template_none:
     tasks: [{{task: template}}]
-""",
-    "workflow": """
-workflow:
   inner:
     tasks: [parity_actions.upper, parity_actions.describe]
   splitting:
@@ -125,15 +105,11 @@ workflow:
     tasks: [inner]
   outer_splitting:
     tasks: [{{task: workflow, action: splitting}}]
-""",
-    "console": """
-workflow:
   console:
     tasks: [{{task: console, action: parity_actions.upper}}]
   console_only:
     tasks: [{{task: console}}]
-""",
-}
+"""
 # txtai's retrieve task refuses private addresses unless told (aioserver: safeopen.allow above).
 TXTAI_ONLY = ", safeopen: false"
 
@@ -163,8 +139,8 @@ class Setup:
     downloads: Path
     port: int
 
-    def config(self, group: str, txtai: bool) -> str:
-        return CONFIGS[group].format(
+    def config(self, txtai: bool) -> str:
+        return CONFIG.format(
             data=self.data, downloads=self.downloads, port=self.port, txtai_only=TXTAI_ONLY if txtai else ""
         )
 
@@ -190,59 +166,30 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         thread.join()
 
 
-class Started(dict[str, Any]):
-    """Servers by config group, started on first use, stopped with the fixture."""
-
-    def __init__(self, start: Callable[[str], Any]) -> None:
-        super().__init__()
-        self.start = start
-
-    def __missing__(self, group: str) -> Any:
-        self[group] = self.start(group)
-        return self[group]
-
-    def close(self) -> None:
-        for server in self.values():
-            server.__exit__()
-
-
 @pytest.fixture(scope="module")
-def oracles(setup: Setup) -> Iterator[Started]:
-    """txtai, one per group, shared by every deployment of aioserver."""
-    started = Started(lambda group: Txtai(setup.config(group, txtai=True), cwd=setup.data))
-    try:
-        yield started
-    finally:
-        started.close()
+def txtai(setup: Setup) -> Iterator[Txtai]:
+    """txtai, shared by every deployment of aioserver."""
+    with Txtai(setup.config(txtai=True), cwd=setup.data) as oracle:
+        yield oracle
 
 
 @dataclass(frozen=True)
 class Pair:
-    """The oracle's and aioserver's servers on one config group."""
+    """txtai's API and aioserver, on the same config."""
 
-    oracles: Started
-    servers: Started
-
-    def __call__(self, group: str) -> tuple[Txtai, Server]:
-        return self.oracles[group], self.servers[group]
+    txtai: Txtai
+    server: Server
 
 
 @pytest.fixture(scope="module", params=DEPLOYMENTS, ids=str)
 def pair(
-    request: pytest.FixtureRequest, setup: Setup, oracles: Started, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, setup: Setup, txtai: Txtai, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pair]:
+    path = tmp_path_factory.mktemp("config") / "config.yml"
+    path.write_text(setup.config(txtai=False))
     deployment: Deployment = request.param
-
-    def start(group: str) -> Server:
-        path = tmp_path_factory.mktemp("config") / "config.yml"
-        path.write_text(setup.config(group, txtai=False))
-        return Server("--config", str(path), deployment=deployment)
-
-    servers = Started(start)
-    try:
-        yield Pair(oracles, servers)
-    finally:
-        servers.close()
+    with Server("--config", str(path), deployment=deployment) as server:
+        yield Pair(txtai, server)
 
 
 def wait_for_log(server: Server, text: str, timeout: float = 15) -> None:
@@ -253,25 +200,24 @@ def wait_for_log(server: Server, text: str, timeout: float = 15) -> None:
         time.sleep(0.05)
 
 
-def same(pair: Pair, group: str, name: str, elements: list[Any]) -> Answer:
-    txtai, server = pair(group)
-    return same_answer(txtai, server.port, name, elements)
+def same(pair: Pair, name: str, elements: list[Any]) -> Answer:
+    return same_answer(pair.txtai, pair.server.port, name, elements)
 
 
 # -- one element, many: onetomany
 
 
 @pytest.mark.parametrize(
-    ("group", "name", "elements"),
+    ("name", "elements"),
     [
-        ("core", "words", ["a b", "c", ["id", "d e", None], 3]),  # each word an element, in its tuple
-        ("core", "words", ["", "one"]),  # no words: the element is gone
-        ("core", "lines", ["One\nTwo", "Three", "Four\n\nFive"]),  # the segmentation built-in too
-        ("onetomany", "words_nested", ["a b", "c"]),  # onetomany: false keeps the lists
+        ("words", ["a b", "c", ["id", "d e", None], 3]),  # each word an element, in its tuple
+        ("words", ["", "one"]),  # no words: the element is gone
+        ("lines", ["One\nTwo", "Three", "Four\n\nFive"]),  # the segmentation built-in too
+        ("words_nested", ["a b", "c"]),  # onetomany: false keeps the lists
     ],
 )
-def test_one_to_many(pair: Pair, group: str, name: str, elements: list[Any]) -> None:
-    same(pair, group, name, elements)
+def test_one_to_many(pair: Pair, name: str, elements: list[Any]) -> None:
+    same(pair, name, elements)
 
 
 def test_the_sentences_demo_gives_one_element_per_sentence() -> None:
@@ -290,10 +236,11 @@ def test_the_sentences_demo_gives_one_element_per_sentence() -> None:
         ("describe", [["id", ["nested", "list"], "tags"], ["a", "b", "c", "d"]]),
         ("describe_whole", [["id1", "hello", None], {"id": "a", "text": "b"}]),
         ("upper", [["id1", "hello", None], {"text": "b"}, ["x", "y"]]),
+        ("paired", [["id1", "a", None], "b"]),  # a tuple result replaces the element; the next task unpacks it
     ],
 )
 def test_elements_unpacked_as_txtai(pair: Pair, name: str, elements: list[Any]) -> None:
-    same(pair, "core", name, elements)
+    same(pair, name, elements)
 
 
 # -- select: in the element's text, lowered
@@ -307,29 +254,29 @@ def test_elements_unpacked_as_txtai(pair: Pair, name: str, elements: list[Any]) 
     ],
 )
 def test_select_looks_in_lowered_text(pair: Pair, name: str, elements: list[Any]) -> None:
-    same(pair, "core", name, elements)
+    same(pair, name, elements)
 
 
 # -- merges, arguments and columns of several actions
 
 
 @pytest.mark.parametrize(
-    ("group", "name", "elements"),
+    ("name", "elements"),
     [
-        ("core", "hstack", ["a b", "c", ["id", "d e", None]]),
-        ("core", "hstack_then", ["a b"]),  # hstack's rows are tuples: the next task unpacks them
-        ("core", "vstack", ["a b", "c", ["id", "d e", None]]),
-        ("core", "concat", ["a b", "c"]),  # empty results are left out of the text
-        ("core", "concat_values", [0, False, None, ""]),
-        ("core", "args", [1, 2]),  # one args entry per action
-        ("core", "args", [["id", 5, None]]),
-        ("core", "args_kinds", [1]),
-        ("column", "column", [["a", "b", "c"], "d"]),
-        ("column", "columns", [["a", "b", "c"]]),
+        ("hstack", ["a b", "c", ["id", "d e", None]]),
+        ("hstack_then", ["a b"]),  # hstack's rows are tuples: the next task unpacks them
+        ("vstack", ["a b", "c", ["id", "d e", None]]),
+        ("concat", ["a b", "c"]),  # empty results are left out of the text
+        ("concat_values", [0, False, None, ""]),
+        ("args", [1, 2]),  # one args entry per action
+        ("args", [["id", 5, None]]),
+        ("args_kinds", [1]),
+        ("column", [["a", "b", "c"], "d"]),
+        ("columns", [["a", "b", "c"]]),
     ],
 )
-def test_merges_arguments_and_columns(pair: Pair, group: str, name: str, elements: list[Any]) -> None:
-    same(pair, group, name, elements)
+def test_merges_arguments_and_columns(pair: Pair, name: str, elements: list[Any]) -> None:
+    same(pair, name, elements)
 
 
 # -- file and url tasks
@@ -339,16 +286,16 @@ def test_file_task_takes_files_and_passes_the_rest(pair: Pair, setup: Setup) -> 
     a, b = str(setup.data / "a.txt"), str(setup.data / "sub" / "b.txt")
     missing = str(setup.data / "missing.txt")
     # Relative names: txtai's from its working directory, aioserver's under safeopen.directory (the same here).
-    same(pair, "core", "files", [a, "file://" + a, missing, "plain text", "a.txt", "sub/b.txt", 7, ["id", b, None]])
+    same(pair, "files", [a, "file://" + a, missing, "plain text", "a.txt", "sub/b.txt", 7, ["id", b, None]])
 
 
 def test_file_task_without_an_action_gives_paths(pair: Pair, setup: Setup) -> None:
     a, b = str(setup.data / "a.txt"), str(setup.data / "sub" / "b.txt")
     missing = str(setup.data / "missing.txt")
-    same(pair, "names", "file_names", [a, "file://" + b, "file://" + missing, "plain", ["id", "file://" + a, None]])
+    same(pair, "file_names", [a, "file://" + b, "file://" + missing, "plain", ["id", "file://" + a, None]])
     # Deliberate difference: a relative name becomes the path of the file under safeopen.directory,
     # where txtai's stays relative to its working directory (aioserver's is not that directory).
-    txtai, server = pair("names")
+    txtai, server = pair.txtai, pair.server
     assert txtai.workflow("file_names", ["a.txt"]) == Answer(200, ["a.txt"])
     assert answer(server.port, "file_names", ["a.txt"]) == Answer(200, [a])
 
@@ -359,24 +306,24 @@ def test_file_task_passes_files_outside_the_directory_through(pair: Pair, setup:
     outside = setup.data.parent / "secret.txt"
     outside.write_text("SECRET")
     elements = [str(outside), "../secret.txt", "file://" + str(outside), "/etc/hostname"]
-    _, server = pair("core")
+    server = pair.server
     assert answer(server.port, "files", elements) == Answer(200, elements)
 
 
 def test_url_task(pair: Pair) -> None:
     elements = ["http://a.example/x", "HTTPS://b.example/", "text", 3, ["id", "http://c.example/", None]]
-    same(pair, "core", "urls", elements)
+    same(pair, "urls", elements)
 
 
 def test_url_task_without_an_action_passes_everything(pair: Pair) -> None:
     # Nothing is opened: every element passes, whatever it names.
-    same(pair, "names", "url_names", ["http://127.0.0.1/x", "ftp://x/y", "file:///etc/passwd", "text"])
+    same(pair, "url_names", ["http://127.0.0.1/x", "ftp://x/y", "file:///etc/passwd", "text"])
 
 
 def test_url_task_refuses_what_safeopen_refuses(pair: Pair) -> None:
     """Deliberate difference: txtai hands any scheme:// to the action; aioserver refuses
     (400) what it would not open itself, before the action can open it."""
-    txtai, server = pair("core")
+    txtai, server = pair.txtai, pair.server
     assert txtai.workflow("urls", ["ftp://x.example/y"]) == Answer(200, ["FTP://X.EXAMPLE/Y"])
     for element in ["ftp://x.example/y", "file:///etc/passwd", "http://127.0.0.2/"]:
         refused = answer(server.port, "urls", [element])
@@ -402,18 +349,18 @@ def test_url_task_refuses_what_safeopen_refuses(pair: Pair) -> None:
     ],
 )
 def test_template_task(pair: Pair, name: str, elements: list[Any]) -> None:
-    same(pair, "template", name, elements)
+    same(pair, name, elements)
 
 
 @pytest.mark.parametrize("name", ["outer", "outer_by_name"])
 def test_workflow_task_runs_another_workflow(pair: Pair, name: str) -> None:
-    same(pair, "workflow", name, ["a b", "c", ["id", "d", None]])
+    same(pair, name, ["a b", "c", ["id", "d", None]])
 
 
 def test_a_workflow_task_whose_workflow_changes_the_count_fails(pair: Pair) -> None:
     """Deliberate difference: txtai pairs the results with the elements in order, dropping or
     shifting them (here "c" became "b"); aioserver cannot tell which belongs to which: a 500."""
-    txtai, server = pair("workflow")
+    txtai, server = pair.txtai, pair.server
     assert txtai.workflow("outer_splitting", ["a b", "c"]) == Answer(200, ["a", "b"])
     failed = answer(server.port, "outer_splitting", ["a b", "c"])
     assert failed.status == 500
@@ -421,9 +368,9 @@ def test_a_workflow_task_whose_workflow_changes_the_count_fails(pair: Pair) -> N
 
 
 def test_console_task_answers_as_txtai_and_logs(pair: Pair) -> None:
-    same(pair, "console", "console", ["x", ["id", "y", None]])
-    same(pair, "console", "console_only", ["x", {"a": 1}])
-    _, server = pair("console")
+    same(pair, "console", ["x", ["id", "y", None]])
+    same(pair, "console_only", ["x", {"a": 1}])
+    server = pair.server
     wait_for_log(server, 'workflow.console.tasks[0] inputs: ["x", ["id", "y", null]]')
     wait_for_log(server, 'workflow.console.tasks[0] outputs: ["X", ["id", "Y", null]]')
 
@@ -454,7 +401,7 @@ def test_retrieve(pair: Pair, setup: Setup, name: str, elements: list[str]) -> N
     values = {"a": setup.data / "a.txt", "b": setup.data / "sub" / "b.txt", "url": f"http://127.0.0.1:{setup.port}"}
     elements = [e.format(**values, data=setup.data) for e in elements]
     root = setup.downloads / name.rpartition("_")[2]
-    txtai, server = pair("core")
+    txtai, server = pair.txtai, pair.server
     expected, expected_files = retrieved(txtai.port, name, elements, root)
     actual, files = retrieved(server.port, name, elements, root)
     if expected.status == 200:
