@@ -109,11 +109,14 @@ def spin(batch: list[Any], seconds: float = 1.0) -> list[Any]:
     return batch
 
 
-def spin_span(batch: list[Any], seconds: float = 1.0) -> list[list[float]]:
-    """``spin``, answering when it started and ended (wall clock, comparable between processes)."""
+def spin_span(batch: list[Any], seconds: float = 1.0) -> list[tuple[float, float]]:
+    """``spin``, answering when it started and ended (wall clock, comparable between processes).
+
+    A tuple per element: a list would become two elements (txtai's one-to-many).
+    """
     started = time.time()
     spin(batch, seconds)
-    return [[started, time.time()] for _ in batch]
+    return [(started, time.time()) for _ in batch]
 
 
 HOOKS: list[str] = []
