@@ -133,7 +133,7 @@ def summary(config: Config) -> str:
                 lines.append(f"  {title}:")
                 lines.extend(f"    {line}" for line in describe_certificates(path))
     for name, workflow in config.workflows.items():
-        actions = " -> ".join("+".join(a.name for a in task.actions) for task in workflow.tasks)
+        actions = " -> ".join("+".join(a.name for a in task.actions) or f"({task.kind})" for task in workflow.tasks)
         lines.append(f"  workflow {name}: {actions}")
     for routes, _ in served(config.pipelines):
         lines.append(f"  pipeline {routes.pipeline}: GET {routes.path}?{routes.parameter}=, POST {routes.batch_path}")

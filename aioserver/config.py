@@ -369,8 +369,8 @@ def _keep_workflows_out(acme: AcmeSettings, safeopen: SafeOpen, workflows: Mappi
                         f"workflow.{name}",
                         f"a retrieve task writes in the ACME state directory {state}: choose another directory",
                     )
-                # Unflattened, a download goes to <directory>/<URL's host>/<path>: a URL whose
-                # host is the state directory's name would write in it.
+                # Unflattened, a download goes to <directory>/<URL's path>, a copy to
+                # <directory>/<file's path>: a path through the state directory would write in it.
                 if not function.flatten and state.is_relative_to(target):
                     raise ConfigError(
                         source,

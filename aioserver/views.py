@@ -12,6 +12,7 @@ from .errors import http_error
 from .keys import CONFIG, LIMITS, RUNTIME, WORKFLOWS
 from .limits import check_length, read_body
 from .requestids import known_string_keys
+from .workflow.engine import request_elements
 
 # The name a POST /workflow asked for, kept on the request as soon as it is read (the access
 # log and the metrics show it): a string key, as the request id's (SPEC section 8).
@@ -45,6 +46,7 @@ async def run_workflow(request: web.Request) -> web.Response:
         workflow = app[WORKFLOWS].get(name)
         if workflow is None:
             raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
+        elements = request_elements(elements)  # JSON arrays are txtai's (id, data, tags) tuples
         results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
         answer = await json_answer(results, inline, f"workflow {name!r}")
     return web.Response(body=answer, content_type="application/json")

@@ -37,3 +37,22 @@ def add(batch: list[Any], *numbers: int) -> list[Any]:
 def scale(batch: list[Any], factor: int = 1, offset: int = 0) -> list[Any]:
     """Each number times ``factor``, plus ``offset``."""
     return [x * factor + offset for x in batch]
+
+
+def read(batch: list[Any]) -> list[Any]:
+    """The text of each file a path names."""
+    results = []
+    for path in batch:
+        with open(path, encoding="utf-8") as file:
+            results.append(file.read())
+    return results
+
+
+def same(batch: list[Any]) -> list[Any]:
+    """Each element unchanged."""
+    return list(batch)
+
+
+def paired(batch: list[Any]) -> list[Any]:
+    """Each string and its upper case, as a tuple (which stands for a whole txtai element)."""
+    return [(x, x.upper()) if isinstance(x, str) else x for x in batch]

@@ -112,11 +112,14 @@ def spin(batch: list[Any], seconds: float = 1.0) -> list[Any]:
     return batch
 
 
-def spin_span(batch: list[Any], seconds: float = 1.0) -> list[list[float]]:
-    """``spin``, answering when it started and ended (wall clock, comparable between processes)."""
+def spin_span(batch: list[Any], seconds: float = 1.0) -> list[tuple[float, float]]:
+    """``spin``, answering when it started and ended (wall clock, comparable between processes).
+
+    A tuple per element: a list would become two elements (txtai's one-to-many).
+    """
     started = time.time()
     spin(batch, seconds)
-    return [[started, time.time()] for _ in batch]
+    return [(started, time.time()) for _ in batch]
 
 
 HOOKS: list[str] = []
@@ -186,3 +189,8 @@ def warn(batch: list[Any]) -> list[Any]:
     logging.getLogger("sample_actions").warning("warned about %d elements in process %d", len(batch), os.getpid())
     warnings.warn("a warning of Python's own", UserWarning, stacklevel=1)
     return batch
+
+
+def pair(batch: list[Any]) -> list[list[Any]]:
+    """Each element twice, as a list: one element becomes two (txtai's one-to-many)."""
+    return [[x, x] for x in batch]

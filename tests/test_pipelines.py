@@ -242,7 +242,7 @@ async def test_sections_configure_builtins() -> None:
         "workflow:\n  w: {tasks: [summary]}\n  s: {tasks: [segmentation]}\n"
     )
     assert await config.workflows["w"]([ARTICLE]) == [summarize(ARTICLE, 1)]
-    assert await config.workflows["s"](["A b. C d."]) == [["A b.", "C d."]]
+    assert await config.workflows["s"](["A b. C d."]) == ["A b.", "C d."]  # one element per sentence
 
 
 @pytest.mark.parametrize(
@@ -273,7 +273,7 @@ async def test_default_config_demo_workflows() -> None:
     workflows = load_config().workflows
     summary = (await workflows["sumtext"]([HTML]))[0]
     assert "park" in summary and "Menu" not in summary
-    assert await workflows["sentences"](["One. Two.\n\nThree."]) == [["One.", "Two.", "Three."]]
+    assert await workflows["sentences"](["One. Two.\n\nThree."]) == ["One.", "Two.", "Three."]
 
 
 async def test_summary_ends_sentences_at_paragraph_breaks() -> None:

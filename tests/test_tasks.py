@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -12,8 +14,10 @@ import pytest
 from aiohttp import web
 
 from aioserver import create_app, load_config
-from aioserver.errors import ConfigError
+from aioserver.cli import main, summary
+from aioserver.errors import ConfigError, InvalidElement
 from aioserver.workflow import tasks
+from aioserver.workflow.safeopen import SafeOpen
 from aioserver.workflow.schedules import HostSchedules, Scheduler
 
 import sample_actions
@@ -29,23 +33,44 @@ async def run(yaml_text: str, elements: list, name: str = "w") -> list:  # type:
     [
         ("{action: upper, select: '^a'}", ["ab", "b", 3, "ac"], ["AB", "b", 3, "AC"]),
         ("{action: upper, select: ['x$', '^a']}", ["ab", "bx", "c"], ["AB", "BX", "c"]),
-        ("{action: upper}", [{"id": 1, "text": "a", "tags": "t"}], [{"id": 1, "text": "A", "tags": "t"}]),
-        ("{action: length, unpack: false}", [{"id": 1, "text": "abc"}], [2]),
-        ("{action: [upper, lower]}", ["Ab", "Cd"], [["AB", "ab"], ["CD", "cd"]]),
-        ("{action: [upper, lower], merge: hstack}", ["Ab"], [["AB", "ab"]]),
+        # txtai's (id, data, tags) tuples: the action gets the data, its result goes back in.
+        ("{action: upper}", [(1, "a", "t"), ("solo",)], None),
+        ("{action: upper}", [(1, "a", "t"), (2, "b")], [(1, "A", "t"), (2, "B")]),
+        ("{action: length, unpack: false}", [(1, "abc", None)], [3]),
+        ("{action: length}", [{"id": 1, "text": "abc"}], [2]),  # an object goes whole, as in txtai
+        ("{action: [upper, lower]}", ["Ab", "Cd"], [("AB", "ab"), ("CD", "cd")]),
+        ("{action: [upper, lower], merge: hstack}", ["Ab"], [("AB", "ab")]),
+        ("{action: [upper, lower], merge: hstack}", [(1, "Ab", None)], [(1, ("AB", "ab"), None)]),
         ("{action: [upper, lower], merge: vstack}", ["Ab", "Cd"], ["AB", "ab", "CD", "cd"]),
+        ("{action: [upper, lower], merge: vstack}", [(1, "Ab", None)], [(1, "AB", None), (1, "ab", None)]),
         ("{action: [upper, lower], merge: concat}", ["Ab", "Cd"], ["AB. ab", "CD. cd"]),
-        ("{action: [upper, lower], merge: vstack, select: '^C'}", ["Ab", "Cd"], ["Ab", "CD", "cd"]),
+        ("{action: [upper, lower], merge: vstack, select: '^c'}", ["Ab", "Cd"], ["Ab", "CD", "cd"]),
+        ("{action: upper, select: '^C'}", ["Cd"], ["Cd"]),  # select looks in the text lowered
+        ("{action: sample_actions.pair}", ["a", 1], ["a", "a", 1, 1]),  # a list: one element per item
+        ("{action: sample_actions.pair, onetomany: false}", ["a"], [["a", "a"]]),
+        ("{action: sample_actions.pair, batch: 1}", ["a", (0, "b", None)], ["a", "a", (0, "b", None), (0, "b", None)]),
+        ("{action: upper, unpack: false, column: 1}", [("a", "b", "c"), "d"], ["B", "D"]),
+        ("{action: [upper, lower], unpack: false, column: {0: 0, 1: 2}}", [("a", "b", "C")], [("A", "c")]),
         (
             "{task: url, action: upper}",
             ["http://x.example/a", "text", "HTTPS://Y.example/"],
             ["HTTP://X.EXAMPLE/A", "text", "HTTPS://Y.EXAMPLE/"],
         ),
-        ("{task: file, action: upper}", ["not/a/path", "words"], ["not/a/path", "words"]),
+        ("{task: url}", ["ftp://x", "text"], ["ftp://x", "text"]),
+        ("{task: template, template: '<{text}>'}", ["x", {"text": "y"}], ["<x>", "<y>"]),
+        ("{task: template, template: '{a}', rules: {skip: 1}}", [{"skip": 1, "a": 2}, {"a": 3}], [1, "3"]),
+        ("{task: template}", ["x", 1], ["x", 1]),
+        ("{task: console}", ["x"], ["x"]),
+        ("{action: echo}", [], []),
     ],
 )
-async def test_task_keys(task: str, elements: list, expected: list) -> None:  # type: ignore[type-arg]
-    assert await run(f"workflow:\n  w:\n    tasks: [{task}]\n", elements) == expected
+async def test_task_keys(task: str, elements: list, expected: list | None) -> None:  # type: ignore[type-arg]
+    text = f"workflow:\n  w:\n    tasks: [{task}]\n"
+    if expected is None:  # a tuple of one item is not unpacked: upper gets the tuple
+        with pytest.raises(InvalidElement):
+            await run(text, elements)
+    else:
+        assert await run(text, elements) == expected
 
 
 async def test_initialize_and_finalize_run_around_the_workflow() -> None:
@@ -82,13 +107,105 @@ async def test_initialize_and_finalize_run_around_the_workflow() -> None:
         ("{task: retrieve, directory: /no/such/dir}", "workflow.w.tasks[0].directory"),
         ("{task: retrieve, directory: /tmp, flatten: 2}", "workflow.w.tasks[0].flatten"),
         ("{task: url, action: echo, directory: /tmp}", "workflow.w.tasks[0].directory"),
+        ("{task: retrieve, directory: /tmp, safeopen: false}", "workflow.w.tasks[0].safeopen"),
+        ("{task: retrieve, directory: /tmp, safeopen: /tmp}", "workflow.w.tasks[0].safeopen"),
         ("{task: teleport, action: echo}", "workflow.w.tasks[0].task"),
+        ("{task: file, action: echo}", "workflow.w.tasks[0].task"),  # no safeopen.directory
+        ("{action: echo, onetomany: 1}", "workflow.w.tasks[0].onetomany"),
+        ("{action: echo, column: a}", "workflow.w.tasks[0].column"),
+        ("{action: echo, column: true}", "workflow.w.tasks[0].column"),
+        ("{action: [echo, upper], column: {0: 1}}", "workflow.w.tasks[0].column"),
+        ("{action: [echo, upper], column: {0: 1, 1: 0, 2: 0}}", "workflow.w.tasks[0].column"),
+        ("{action: [echo, upper], args: {a: 1}}", "workflow.w.tasks[0].args"),
+        ("{action: [echo, upper], args: [[1]]}", "workflow.w.tasks[0].args"),
+        ("{action: [echo, upper], args: [[1], 2]}", "workflow.w.tasks[0].args[1]"),
+        ("{task: template, args: [1]}", "workflow.w.tasks[0].args"),
+        ("{task: template, template: 3}", "workflow.w.tasks[0].template"),
+        ("{task: template, template: 'This is {}'}", "workflow.w.tasks[0].template"),
+        ("{task: template, template: '{0} and {1}'}", "workflow.w.tasks[0].template"),
+        ("{task: template, template: 'unclosed {text'}", "workflow.w.tasks[0].template"),
+        ("{task: template, rules: [a]}", "workflow.w.tasks[0].rules"),
+        ("{task: template, strict: 'no'}", "workflow.w.tasks[0].strict"),
+        ("{action: echo, template: '{text}'}", "workflow.w.tasks[0].template"),  # a template task's key
+        ("{task: workflow, action: echo}", "workflow.w.tasks[0].action"),
+        ("{task: workflow}", "workflow.w.tasks[0].action"),
+        ("{task: stream, action: echo}", "workflow.w.tasks[0].task"),
     ],
 )
 def test_bad_task_keys(task: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(f"workflow:\n  w:\n    tasks: [{task}]\n")
     assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "problem"),
+    [
+        ("a: {tasks: [b]}\n  b: {tasks: [a]}", "workflow.b.tasks[0].action", "in a loop: a -> b -> a"),
+        ("a: {tasks: [echo, a]}", "workflow.a.tasks[1].action", "in a loop: a -> a"),
+        (
+            "a: {tasks: [b]}\n  b: {tasks: [c]}\n  c: {tasks: [{task: workflow, action: a}]}",
+            "workflow.c.tasks[0].action",
+            "in a loop: a -> b -> c -> a",
+        ),
+        ("a: {tasks: [{action: b, args: [1]}]}\n  b: {tasks: [echo]}", "workflow.a.tasks[0].args", "no arguments"),
+        ("a: {tasks: [{task: workflow, action: upper}]}", "workflow.a.tasks[0].action", "known: a"),
+    ],
+)
+def test_bad_workflow_references(section: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(f"workflow:\n  {section}\n")
+    assert info.value.key == key and problem in info.value.problem
+
+
+async def test_a_task_runs_another_workflow_by_name() -> None:
+    # Named before it is defined (txtai wants it before); a built-in's name stays the built-in's.
+    text = "workflow:\n  a: {tasks: [b, upper]}\n  b: {tasks: [sample_actions.double]}\n  upper: {tasks: [echo]}\n"
+    assert await run(text, ["x", "y"], "a") == ["XX", "YY"]
+
+
+async def test_a_file_task_looks_at_the_file_system_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.txt").write_text("a")
+    seen: list[str] = []
+    find_file = SafeOpen.find_file
+
+    def recording(self: SafeOpen, element: str) -> Path | None:
+        seen.append(threading.current_thread().name)
+        return find_file(self, element)
+
+    monkeypatch.setattr(SafeOpen, "find_file", recording)
+    text = f"safeopen: {{directory: '{tmp_path}'}}\nworkflow:\n  w: {{tasks: [{{task: file}}]}}\n"
+    assert await run(text, ["a.txt", "b"]) == [str(tmp_path.resolve() / "a.txt"), "b"]
+    assert len(seen) == 2 and threading.current_thread().name not in seen
+
+
+async def test_console_logs_one_bounded_line_each(caplog: pytest.LogCaptureFixture) -> None:
+    text = "workflow:\n  w: {tasks: [{task: console, action: upper}]}\n"
+    elements = ["a\nWARNING forged\u2028é", "x" * (tasks.CONSOLE_CHARACTERS + 10)]
+    with caplog.at_level(logging.INFO, logger="aioserver.workflow.console"):
+        assert await run(text, elements) == [e.upper() for e in elements]
+    inputs, outputs = caplog.messages
+    assert inputs.startswith('workflow.w.tasks[0] inputs: ["a\\nWARNING forged\\u2028é", "xxx')
+    assert outputs.startswith('workflow.w.tasks[0] outputs: ["A\\nWARNING FORGED\\u2028É", "XXX')
+    assert inputs.endswith(" characters more)") and len(inputs) < tasks.CONSOLE_CHARACTERS + 100
+    assert "\n" not in inputs + outputs
+
+
+def test_check_names_the_kind_of_a_task_without_an_action() -> None:
+    config = load_config("workflow:\n  t: {tasks: [{task: template, template: '{text}!'}, upper, {task: console}]}\n")
+    assert "  workflow t: (template) -> upper -> (console)\n" in summary(config)
+
+
+def test_a_bad_task_key_exits_2_naming_the_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text("workflow:\n  w:\n    tasks: [{action: [echo, upper], args: [[1]]}]\n")
+    assert main(["--config", str(path), "--check"], env={}) == 2
+    assert capsys.readouterr().err == (
+        f"aioserver: error: {path}: workflow.w.tasks[0].args: expected a list of 2 entries, one per action"
+        " (each a list, a mapping or null)\n"
+    )
 
 
 def test_retrieve_writes_in_the_state_directory_without_a_directory(tmp_path: Path) -> None:

@@ -63,6 +63,10 @@ class ActionResolver:
         """The action of each pipeline section of the config, by the section's name."""
         return {name: self._actions[name] for name in self._pipelines}
 
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a pipeline section of the config or a built-in."""
+        return name in self._pipelines or name in BUILTINS
+
     def resolve(self, name: str, key: str) -> Action:
         """The action called ``name``; ``key`` locates the reference in errors."""
         if name not in self._actions:

@@ -21,7 +21,8 @@ def _strings(name: str, batch: list[Any]) -> list[str]:
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    # A tuple is a JSON array that the workflow took as txtai's (id, data, tags).
+    names = {dict: "object", list: "array", tuple: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
 
 
@@ -48,7 +49,7 @@ async def strip(batch: list[Any]) -> list[str]:
 async def length(batch: list[Any]) -> list[int]:
     """The length of each string, array or object."""
     for element in batch:
-        if not isinstance(element, (str, list, dict)):
+        if not isinstance(element, (str, list, tuple, dict)):
             raise InvalidElement(f"length takes strings, arrays or objects, got {_json_type(element)}")
     return [len(element) for element in batch]
 

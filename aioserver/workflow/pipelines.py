@@ -194,8 +194,9 @@ class Textractor(Segmentation):
         if is_url(element):
             body, _ = await fetch(runtime.session, runtime.safeopen, element, who="textractor")
         else:
-            path = runtime.safeopen.check_file(element)
-            # The runtime's threads, not asyncio's default executor, which the server keeps free.
+            # The runtime's threads, not asyncio's default executor, which the server keeps free;
+            # checking the path stats the file system too.
+            path = await runtime.to_thread(runtime.safeopen.check_file, element)
             body = await runtime.to_thread(path.read_bytes)
         return body.decode("utf-8", errors="replace")
 

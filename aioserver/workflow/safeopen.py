@@ -74,6 +74,9 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 NOT_ALLOWED = "not allowed by safeopen"
 NOT_A_FILE = "not a file under safeopen.directory"
+OUTSIDE = "outside safeopen.directory"
+# Linux's bound on a path given to a system call, its terminating NUL included.
+PATH_MAX = 4096
 
 
 class Refused(InvalidElement):
@@ -157,22 +160,53 @@ class SafeOpen:
             raise _refused(element, "file: URLs are not allowed; give a path under safeopen.directory")
         if self.directory is None:
             raise _refused(element, "no safeopen.directory is configured, so no file may be opened")
+        path, problem = self._locate(self.directory, element)
+        if path is None:  # one answer for every reason, so that a client cannot probe the file system
+            raise _refused(element, NOT_A_FILE, problem)
+        return path
+
+    def find_file(self, element: str) -> Path | None:
+        """The resolved path of a file under ``directory``, or None for whatever :meth:`check_file`
+        refuses (txtai's file task: a name that is no file passes through).
+
+        Only a name leading outside ``directory`` is logged (at warning level): that one is a
+        client reaching for what it may not have, where a missing name is ordinary text.
+        """
+        if self.directory is None or element.lower().startswith("file:"):
+            return None
+        path, problem = self._locate(self.directory, element)
+        if path is None and problem.startswith(OUTSIDE):
+            logger.warning("safeopen left %s as it is: %s", _quoted(element), problem)
+        return path
+
+    @staticmethod
+    def _locate(directory: Path, element: str) -> tuple[Path | None, str]:
+        """The resolved file ``element`` names under ``directory``; or None and why not (for the log).
+
+        Blocking, and bounded: one stat, which the kernel bounds by PATH_MAX, decides whether
+        the name leads anywhere; only then is it resolved component by component (resolve()
+        stats every component, even past a missing one: 3 s for 100,000 of them).
+        """
+        if len(element) >= PATH_MAX:
+            return None, "not a path (longer than PATH_MAX)"
+        candidate = directory / element
+        try:
+            os.stat(str(candidate))  # (str: its errors quote the path as a string)
+        except FileNotFoundError:
+            return None, "no such file"
+        except (OSError, ValueError) as exc:  # a name too long, a symlink loop, a NUL byte, a file as a folder
+            return None, f"not a path ({exc})"
         # "~" is a name like any other: expanding ~user would tell a client which users exist.
         # resolve() follows symlinks and removes "..", so the tests below see the real target.
         try:
-            path = (self.directory / element).resolve()
-            if not path.is_relative_to(self.directory):
-                problem = f"outside safeopen.directory (resolves to {_quoted(str(path))})"
-            elif not path.exists():
-                problem = "no such file"
-            elif not path.is_file():
-                problem = "not a file"
-            else:
-                return path
-        except (OSError, RuntimeError, ValueError) as exc:  # a name too long, a symlink loop, a NUL byte
-            problem = f"not a path ({exc})"
-        # One answer for the three, so that a client cannot probe the file system.
-        raise _refused(element, NOT_A_FILE, problem)
+            path = candidate.resolve()
+        except (OSError, RuntimeError) as exc:  # changed since the stat: a symlink loop
+            return None, f"not a path ({exc})"
+        if not path.is_relative_to(directory):
+            return None, f"{OUTSIDE} (resolves to {_quoted(str(path))})"
+        if not path.is_file():
+            return None, "not a file"
+        return path, ""
 
 
 def is_public(address: Address) -> bool:
