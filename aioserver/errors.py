@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errorlog import TracebackLog
-from .logtext import loggable
+from .logtext import loggable, logged_path
 from .requestids import HEADER as REQUEST_ID_HEADER
 from .requestids import assign as assign_request_id
 
@@ -117,7 +117,7 @@ def error_middleware(headers: Mapping[str, str], tracebacks: TracebackLog | None
 def _logged_path(request: web.Request) -> str:
     """The path as the client sent it, still percent-encoded (as the access log shows it): a
     decoded ``%0A`` would forge a line. Without the query, which may carry something private."""
-    return loggable(request.rel_url.raw_path)
+    return logged_path(request.rel_url.raw_path)
 
 
 def _render(exc: web.HTTPException) -> web.Response:
