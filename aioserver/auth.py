@@ -250,6 +250,8 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
         if token is None:
             throttle.failed(client or throttle.client_key(request.remote))
             raise _deny(request, "invalid_token", web.HTTPUnauthorized, "invalid token", "invalid_token")
+        # Known before its scope is judged: a refusal's access line names the token refused.
+        request[IDENTITY] = token
         # Routing is done when middlewares run: judged here, every route (an extension's,
         # one added later) is in a scoped token's reach only if its list names it.
         if not token.may_call(request):
@@ -260,7 +262,6 @@ def auth_middleware(store: TokenStore, throttle: FailureThrottle) -> Any:
                 "this token may not call this route",
                 "insufficient_scope",
             )
-        request[IDENTITY] = token
         return await handler(request)
 
     return middleware

@@ -7,6 +7,7 @@ bytes, and its time carries the UTC offset.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -186,6 +187,34 @@ def test_a_users_logging_handler_sees_access_records(tmp_path: Path) -> None:
     health = seen["mine-2"]
     assert (health["path"], health["workflow"], health["identity"]) == ("/health", None, None)
     assert TOKEN not in records.read_text()
+
+
+def test_a_refused_tokens_name_is_in_the_access_line() -> None:
+    # A token that may not call a route, or run a workflow, is known: which one was refused is
+    # what an operator looks for. A token that matches none is nobody's.
+    scoped = "scoped-token-5e1d"
+    config = (
+        CONFIG
+        + f"auth:\n  tokens:\n    - {{name: admin, sha256: {TOKEN_HASH}}}\n"
+        + f"    - {{name: ci, sha256: {hashlib.sha256(scoped.encode()).hexdigest()}, workflows: [echo]}}\n"
+    )
+    env = {"EXTENSIONS": "sample_plugins.add_items"}
+    as_ci = f"Authorization: Bearer {scoped}\r\n".encode()
+    as_nobody = b"Authorization: Bearer x\r\n"
+    with Server("--config", config, env=env) as server:
+        answers = [
+            ask(server.port, get(b"/stats", b"GET", b"X-Request-ID: route-1\r\n").replace(BEARER, as_ci)),
+            ask(server.port, post(b'{"name": "boom", "elements": [1]}', as_ci, b"X-Request-ID: workflow-1\r\n")),
+            ask(server.port, post(ECHO, as_ci, b"X-Request-ID: allowed-1\r\n")),
+            ask(server.port, get(b"/stats", b"GET", b"X-Request-ID: nobody-1\r\n").replace(BEARER, as_nobody)),
+        ]  # fmt: skip
+        lines = wait_for(server, r"aiohttp\.access: .* \w+-1 ", count=4)
+    assert [answer[0] for answer in answers] == [403, 403, 200, 401]
+    access = "".join(lines)
+    assert re.search(r'"GET /stats HTTP/1\.1" 403 \d+ \S+ ci route-1 -$', access, re.M), access
+    assert re.search(r'"POST /workflow HTTP/1\.1" 403 \d+ \S+ ci workflow-1 "boom"$', access, re.M), access
+    assert re.search(r'"POST /workflow HTTP/1\.1" 200 \d+ \S+ ci allowed-1 "echo"$', access, re.M), access
+    assert re.search(r'"GET /stats HTTP/1\.1" 401 \d+ \S+ - nobody-1 -$', access, re.M), access
 
 
 # -- what a client sends cannot make a line that one write to a pipe does not keep whole
