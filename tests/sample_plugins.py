@@ -223,6 +223,14 @@ def log_records(app: web.Application) -> None:
     sys.stderr.flush()
 
 
+def replace_log_handlers(app: web.Application) -> None:
+    """An extension replacing the root logger's handlers with its own (as the README's journald
+    example: under systemd, stderr goes to the journal already). It says so on stderr itself."""
+    logging.getLogger().handlers[:] = [RecordsToFile()]
+    sys.stderr.write("sample_plugins: logging records to a file only\n")
+    sys.stderr.flush()
+
+
 def count_access_log(app: web.Application) -> None:
     """An extension: GET /access-log-calls, how many times aioserver's access logger was asked to log."""
     from aioserver import accesslog

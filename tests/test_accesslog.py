@@ -189,6 +189,31 @@ def test_a_users_logging_handler_sees_access_records(tmp_path: Path) -> None:
     assert TOKEN not in records.read_text()
 
 
+@pytest.mark.workers
+def test_a_handler_that_replaces_stderrs_gets_every_record_and_stderr_none(tmp_path: Path) -> None:
+    # The README's journald example: under systemd, stderr goes to the journal already, so the
+    # extension replaces aioserver's handler rather than adding one (each line would be there twice).
+    records = tmp_path / "records"
+    env = {"TOKEN": TOKEN_HASH, "EXTENSIONS": "sample_plugins.replace_log_handlers", "RECORDS_FILE": str(records)}
+    port = free_port()
+    ready = r"sample_plugins: logging records to a file only"
+    with Server("--config", CONFIG, "--port", str(port), env=env, pattern=ready) as server:
+        until_listening(port)
+        for number in range(5):
+            assert ask(port, post(ECHO, BEARER, b"X-Request-ID: replaced-%d\r\n" % number))[0] == 200
+        assert ask(port, post(b'{"name": "boom", "elements": [1]}', BEARER))[0] == 500
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=20) == 0
+    seen = [json.loads(line) for line in records.read_text().splitlines()]
+    access = [record for record in seen if record["name"] == "aiohttp.access"]
+    assert sorted(record["request_id"] for record in access if record["status"] == 200) == [
+        f"replaced-{number}" for number in range(5)
+    ]
+    assert all(record["workflow"] in ("echo", "boom") and record["identity"] == "token" for record in access)
+    assert any(record["name"] == "aioserver.error" for record in seen)
+    assert not [line for line in server.log if "aiohttp.access" in line or "aioserver.error" in line]
+
+
 def test_a_refused_tokens_name_is_in_the_access_line() -> None:
     # A token that may not call a route, or run a workflow, is known: which one was refused is
     # what an operator looks for. A token that matches none is nobody's.
