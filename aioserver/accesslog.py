@@ -191,16 +191,18 @@ def _workflow(name: str) -> tuple[str, str]:
     """A workflow name fit for a log line, cut at LONGEST_NAME and escaped: as a field, and quoted
     for the text line (its backslashes and quotes escaped too, so that it stays one field).
 
-    The configured names are made once; names clients made up are forgotten rather than kept growing.
+    The configured names are made once; names clients made up are forgotten rather than kept
+    growing, and a longer one is never kept (the key would be all of it: a megabyte each).
     """
     shown = _names.get(name)
     if shown is None:
         cut = name[:LONGEST_NAME] + ("..." if len(name) > LONGEST_NAME else "")
         quoted = cut.replace("\\", "\\\\").replace('"', '\\"')
         shown = loggable(cut), f'"{loggable(quoted)}"'
-        if len(_names) >= 1024:
-            _names.clear()
-        _names[name] = shown
+        if len(name) <= LONGEST_NAME:
+            if len(_names) >= 1024:
+                _names.clear()
+            _names[name] = shown
     return shown
 
 

@@ -242,6 +242,30 @@ def test_a_refused_tokens_name_is_in_the_access_line() -> None:
     assert re.search(r'"GET /stats HTTP/1\.1" 401 \d+ \S+ - nobody-1 -$', access, re.M), access
 
 
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB$", status, re.M).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def test_workflow_names_clients_make_up_are_not_kept(tmp_path: Path) -> None:
+    # The access log keeps the names it has shown, to show the configured ones again at no cost:
+    # not a client's 4 MiB name (any token may send one, and be refused 403 or 404), 1024 times.
+    with Server("--config", CONFIG, env={"TOKEN": TOKEN_HASH}) as server:
+
+        def send(count: int) -> None:
+            for number in range(count):
+                name = f"{number}-{server.port}-" + "n" * (4 << 20)
+                answer = ask(server.port, post(json.dumps({"name": name, "elements": []}).encode(), BEARER))
+                assert answer[0] == 404
+
+        send(10)  # the allocator's pools made
+        before = rss_mib(server.process.pid)
+        send(40)
+        grown = rss_mib(server.process.pid) - before
+        assert len(wait_for(server, r'" 404 \d+ \S+ token \S+ "\d+-', count=50)) == 50
+    assert grown < 60, f"{grown:.0f} MiB kept after 40 names of 4 MiB"
+
+
 # -- what a client sends cannot make a line that one write to a pipe does not keep whole
 
 
