@@ -6,11 +6,13 @@
 
 Behind a trusted proxy, client and scheme are those the proxy reported (see proxy.py). The
 path is logged still percent-encoded and without its query: a decoded path could forge log
-lines, and a query is where a careless client puts a secret; what it could still hold
-(aiohttp's pure-Python parser lets a raw U+2028 through) is escaped, as are the client and
-scheme a proxy reported and the workflow name a client sent. The identity is the matched
-token's name, ``-`` when none; bytes are those of the answer's body (a HEAD's: 0; one cut off: 0); the workflow is
-``-`` but for ``POST /workflow``.
+lines, and a query is where a careless client puts a secret; what it could still hold is made
+fit by logtext.logged_path (its '"' and '\\' percent-encoded, what aiohttp's pure-Python parser
+lets through escaped, cut at 1024 characters); the client and scheme a proxy reported and the
+workflow name a client sent are escaped too. What a client sends cannot make a line longer than
+one write to a pipe keeps whole (logs.PIPE_BUF): the lines of --workers never cut into each other.
+The identity is the matched token's name, ``-`` when none; bytes are those of the answer's body (a
+HEAD's: 0; one cut off: 0); the workflow is ``-`` but for ``POST /workflow``.
 
 Each record also carries these as attributes (``record.status``, ``record.request_id``, ...),
 which the JSON format writes as fields and a user's handler may read. Records go through
@@ -37,13 +39,16 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .auth import IDENTITY
 from .logs import EXTRA_FIELDS, BatchingHandler, JSONFormatter, TextFormatter, sole_handler
-from .logtext import loggable
+from .logtext import loggable, logged_path
 from .proxy import REAL_CLIENT
 from .requestids import REQUEST_ID
 from .views import WORKFLOW
 
 RECHECK = 0.1  # seconds an access logger's route (sole_handler) is trusted before it is looked up again
 LONGEST_NAME = 128  # characters of a workflow name logged: a client may send a megabyte of one
+# Characters of a method logged: aiohttp's C parser takes only the methods it knows, its
+# pure-Python one any token as long as the request line (see logtext.LONGEST_PATH).
+LONGEST_METHOD = 32
 _NO_BODY = frozenset({204, 304})
 
 
@@ -69,8 +74,10 @@ class AccessLogger(AbstractAccessLogger):
                 client, scheme = (loggable(str(value)) for value in request[REAL_CLIENT])
             except KeyError:
                 pass
-        path = loggable(request.rel_url.raw_path)
+        path = logged_path(request.rel_url.raw_path)
         method = request.method
+        if len(method) > LONGEST_METHOD:
+            method = method[:LONGEST_METHOD] + "..."
         version = request.version
         status = response.status
         size = _body_bytes(method, response)
@@ -184,16 +191,18 @@ def _workflow(name: str) -> tuple[str, str]:
     """A workflow name fit for a log line, cut at LONGEST_NAME and escaped: as a field, and quoted
     for the text line (its backslashes and quotes escaped too, so that it stays one field).
 
-    The configured names are made once; names clients made up are forgotten rather than kept growing.
+    The configured names are made once; names clients made up are forgotten rather than kept
+    growing, and a longer one is never kept (the key would be all of it: a megabyte each).
     """
     shown = _names.get(name)
     if shown is None:
         cut = name[:LONGEST_NAME] + ("..." if len(name) > LONGEST_NAME else "")
         quoted = cut.replace("\\", "\\\\").replace('"', '\\"')
         shown = loggable(cut), f'"{loggable(quoted)}"'
-        if len(_names) >= 1024:
-            _names.clear()
-        _names[name] = shown
+        if len(name) <= LONGEST_NAME:
+            if len(_names) >= 1024:
+                _names.clear()
+            _names[name] = shown
     return shown
 
 

@@ -304,6 +304,8 @@ def auth_middleware(
         if token is None:
             throttle.failed(client or throttle.client_key(request.remote))
             raise _deny(request, "invalid_token", web.HTTPUnauthorized, "invalid token", "invalid_token")
+        # Known before its scope is judged: a refusal's access line names the token refused.
+        request[IDENTITY] = token
         # Routing is done when middlewares run: judged here, every route (an extension's,
         # one added later) is in a scoped token's reach only if its list names it.
         if not token.may_call(request):
@@ -314,7 +316,6 @@ def auth_middleware(
                 "this token may not call this route",
                 "insufficient_scope",
             )
-        request[IDENTITY] = token
         return await handler(request)
 
     return middleware
@@ -333,6 +334,7 @@ def _by_certificate(request: web.Request, clients: ClientStore, throttle: Failur
             raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
         throttle.failed(client or throttle.client_key(request.remote))
         raise _deny(request, identity, web.HTTPForbidden, "this client certificate is not allowed", None)
+    request[IDENTITY] = identity  # before the scope check: a refused identity is named in the access line too
     if not identity.may_call(request):  # as for a token (see the middleware)
         raise _deny(
             request,
@@ -341,7 +343,6 @@ def _by_certificate(request: web.Request, clients: ClientStore, throttle: Failur
             f"this {identity.kind} may not call this route",
             "insufficient_scope",
         )
-    request[IDENTITY] = identity
 
 
 def check_scope(request: web.Request, workflow: str) -> None:

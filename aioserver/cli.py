@@ -20,7 +20,7 @@ from . import __version__, workers
 from .certinfo import describe_certificates
 from .config import SECRET_VARIABLES, Config, load_config
 from .errors import ConfigError, StartupError
-from .logs import configure_logging
+from .logs import configure_logging, flush_logs
 from .logtext import loggable
 from .options import OPTIONS
 from .pipelineviews import served
@@ -198,7 +198,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             return workers.run(config)
         run_server(serve(config), config.settings.loop)
     except StartupError as exc:
-        print(f"aioserver: error: {exc}", file=sys.stderr)
+        if config.settings.log_format == "json":  # every line of a JSON log is one object: this one too
+            logging.getLogger("aioserver").critical("%s", exc)
+            flush_logs()
+        else:
+            print(f"aioserver: error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -29,6 +29,10 @@ from .logtext import loggable
 INTERVAL = 60.0  # seconds
 MOST = 256  # distinct tracebacks followed at once; more are logged in full, as they come
 LONGEST = 300  # characters of an exception's message on a repeat's line
+# Characters of each message in a full traceback: an action that names the client's element in
+# its message would otherwise make a line of megabytes, which journald (LineMax=48K) and log
+# shippers cut into pieces, a JSON line into pieces that are not JSON.
+LONGEST_MESSAGE = 2000
 
 Signature = tuple[object, ...]
 
@@ -184,16 +188,26 @@ def _formatted_one(entry: traceback.TracebackException) -> list[str]:
     if not entry.stack and frames:  # a worker process's traceback, carried as text (its message)
         parts.append(f"{kind}: {HEADER}\n")
         parts.extend(loggable(line) + "\n" for line in frames)
-        parts.append(loggable(tail) + "\n")
+        parts.append(loggable(_cut(tail)) + "\n")
         return parts
+    if len(message) > LONGEST_MESSAGE:  # cut before it is escaped: escaping a megabyte takes a while
+        cut = _cut(message.removesuffix("\n"))
+        only = [f"{kind}: {cut}"]
     # Each piece is one line of the format (the type and message, a note, a SyntaxError's line).
     parts.extend(loggable(piece.removesuffix("\n")) + "\n" for piece in only)
     if isinstance(notes, Sequence) and not isinstance(notes, str):
-        parts.extend(loggable(_note(note)) + "\n" for note in notes)
+        parts.extend(loggable(_cut(_note(note))) + "\n" for note in notes)
     for number, member in enumerate(entry.exceptions or (), 1):  # an ExceptionGroup's, indented
         parts.append(f"+---------------- {number} ----------------\n")
         parts.extend(f"| {line}\n" for line in _formatted(member).split("\n"))
     return parts
+
+
+def _cut(message: str) -> str:
+    """``message`` cut at :data:`LONGEST_MESSAGE` characters, saying how many more it had."""
+    if len(message) <= LONGEST_MESSAGE:
+        return message
+    return f"{message[:LONGEST_MESSAGE]}... ({len(message) - LONGEST_MESSAGE} more characters)"
 
 
 def _carried(text: str) -> tuple[list[str], str]:

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .errorlog import TracebackLog
-from .logtext import loggable
+from .logtext import loggable, logged_path
 from .requestids import HEADER as REQUEST_ID_HEADER
 from .requestids import assign as assign_request_id
 
@@ -77,20 +77,6 @@ def error_middleware(headers: Mapping[str, str], tracebacks: TracebackLog | None
         request_id = assign_request_id(request)
         try:
             response = await handler(request)
-        except web.HTTPException as exc:
-            response = _render(exc)
-        except InvalidElement as exc:
-            response = web.json_response({"error": str(exc)}, status=400)
-        except UpstreamError as exc:
-            logger.warning(
-                "bad gateway while handling %s %s (request %s): %s",
-                request.method,
-                _logged_path(request),
-                request_id,
-                loggable(str(exc)),
-                extra={"request_id": request_id},
-            )
-            response = web.json_response({"error": str(exc)}, status=502)
         except asyncio.CancelledError:
             # A client gone (aiohttp's handler cancellation) is cancelled for good; a request
             # cut off by the shutdown is answered, and so logged by its access line, instead
@@ -102,9 +88,9 @@ def error_middleware(headers: Mapping[str, str], tracebacks: TracebackLog | None
             response = web.json_response({"error": CUT_OFF_MESSAGE}, status=503)
             response.force_close()
         except Exception as exc:
-            tracebacks.error(request_id, f"while handling {request.method} {_logged_path(request)}", exc)
-            body: dict[str, Any] = {"error": f"internal error, id {request_id}", "id": request_id}
-            response = web.json_response(body, status=500)
+            response = _answer(request, request_id, exc, tracebacks)
+            if request.writer.output_size > _INTERIM:
+                _cut_short(request, request_id)
         # A streamed answer has sent its headers already: it sets them itself, if it will.
         if not response.prepared:
             response.headers.update(headers)
@@ -114,10 +100,56 @@ def error_middleware(headers: Mapping[str, str], tracebacks: TracebackLog | None
     return middleware
 
 
+def _answer(request: web.Request, request_id: str, exc: Exception, tracebacks: TracebackLog) -> web.Response:
+    """The answer to an error raised while handling ``request``: its JSON, logged as it deserves."""
+    if isinstance(exc, web.HTTPException):
+        return _render(exc)
+    if isinstance(exc, InvalidElement):
+        return web.json_response({"error": str(exc)}, status=400)
+    if isinstance(exc, UpstreamError):
+        logger.warning(
+            "bad gateway while handling %s %s (request %s): %s",
+            request.method,
+            _logged_path(request),
+            request_id,
+            loggable(str(exc)),
+            extra={"request_id": request_id},
+        )
+        return web.json_response({"error": str(exc)}, status=502)
+    tracebacks.error(request_id, f"while handling {request.method} {_logged_path(request)}", exc)
+    body: dict[str, Any] = {"error": f"internal error, id {request_id}", "id": request_id}
+    return web.json_response(body, status=500)
+
+
+# What a request's connection may carry before its answer: aiohttp's interim answer to
+# ``Expect: 100-continue``, sent before the middlewares run. Any more is the answer itself.
+_INTERIM = len(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def _cut_short(request: web.Request, request_id: str) -> None:
+    """An error came once the handler's own answer had begun (a stream): no other can be sent.
+
+    Written after it, an error's answer would be taken for the rest of its body, or (past a
+    Content-Length) for the answer to the next request on the connection, which may be another
+    client's on a proxy's keep-alive connection. The connection is reset instead: the client
+    sees an answer cut short. The answer to the error is still what the access line and the
+    metrics count (0 bytes: aiohttp cannot write it on the closing connection).
+    """
+    logger.warning(
+        "error %s came once the answer to %s %s had begun: connection reset",
+        request_id,
+        request.method,
+        _logged_path(request),
+        extra={"request_id": request_id},
+    )
+    if request.transport is not None:
+        request.transport.abort()
+
+
 def _logged_path(request: web.Request) -> str:
     """The path as the client sent it, still percent-encoded (as the access log shows it): a
     decoded ``%0A`` would forge a line. Without the query, which may carry something private."""
-    return loggable(request.rel_url.raw_path)
+    return logged_path(request.rel_url.raw_path)
 
 
 def _render(exc: web.HTTPException) -> web.Response:

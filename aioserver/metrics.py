@@ -23,10 +23,11 @@ One process keeps its series in memory (:class:`_Memory`: a few additions per re
 scrape turns them into prometheus-client's metric families). Under ``--workers`` (:class:`_Files`),
 each worker has prometheus-client write its series to memory-mapped files, as they change, in a
 directory the parent makes before forking (:class:`WorkerFiles`); a scrape, whichever worker
-answers it, reads them all (prometheus-client's multiprocess mode). A worker that dies leaves
-its files: its counts stay in the sums (a counter never goes back), and its replacement counts
-in files of its own. Its gauges are dropped when the parent collects it; the live workers
-write theirs every second and at each scrape they answer.
+answers it, reads them all (prometheus-client's multiprocess mode). The files are named by the
+worker's slot, not its pid: a worker that dies leaves its counts in them (a counter never goes
+back), and its replacement counts on from there, so that workers dying again and again (a
+crash loop) leave no more files for each scrape to read. Its gauges are dropped when the parent
+collects it; the live workers write theirs every second and at each scrape they answer.
 """
 
 from __future__ import annotations
@@ -386,17 +387,40 @@ def _keep_values_in_files() -> None:
 class WorkerFiles:
     """The directory where the workers keep their metrics, made by the parent before it forks.
 
-    The path is passed on in the environment, where prometheus-client looks for it. ``forget``
-    drops the gauges of a worker that died; ``remove`` the directory, when the parent exits.
+    The path is passed on in the environment, where prometheus-client looks for it. A worker's
+    files are named by its slot (``serve_as``, in the worker); ``forget`` drops the gauges of a
+    worker that died; ``remove`` the directory, when the parent exits.
     """
 
     def __init__(self) -> None:
         self.path = tempfile.mkdtemp(prefix="aioserver-metrics-")
         os.environ[SHARED_DIRECTORY] = self.path
 
-    def forget(self, pid: int) -> None:
-        mark_process_dead(pid, self.path)  # type: ignore[no-untyped-call]
+    @staticmethod
+    def serve_as(slot: int) -> None:
+        """In a worker just forked: write this process's values to the files of its ``slot``.
+
+        prometheus-client names them by pid by default: each replacement of a dead worker would
+        add files of its own, read at every scrape. A worker is only started once the one it
+        replaces is dead, so the two never write at once; a process forked from a worker
+        (an extension's) writes to files of its own pid, as prometheus-client would have it.
+        """
+        name, worker = _slot_name(slot), os.getpid()
+
+        def identifier() -> str:
+            pid = os.getpid()
+            return name if pid == worker else str(pid)
+
+        values.ValueClass = values.MultiProcessValue(identifier)  # type: ignore[no-untyped-call]
+
+    def forget(self, slot: int) -> None:
+        """Drop the gauges of the worker of ``slot``, which died (its counters stay)."""
+        mark_process_dead(_slot_name(slot), self.path)  # type: ignore[no-untyped-call]
 
     def remove(self) -> None:
         os.environ.pop(SHARED_DIRECTORY, None)
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _slot_name(slot: int) -> str:
+    return f"worker{slot}"

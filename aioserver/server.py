@@ -27,7 +27,7 @@ from .limits import LimitedRunner
 from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners, stop_listening
 from .listeners import close as close_listeners
 from .logs import flush_logs
-from .logtext import loggable
+from .logtext import logged_path
 from .readiness import READINESS
 from .systemd import Notifier
 from .tls import ReloadableContext, TLSError
@@ -308,7 +308,7 @@ def _cut_off(handler: RequestHandler) -> None:
     transport = handler.transport
     if transport is None:
         return
-    what = f"{request.method} {loggable(request.rel_url.raw_path)}" if request is not None else "an answer"
+    what = f"{request.method} {logged_path(request.rel_url.raw_path)}" if request is not None else "an answer"
     logger.warning("cut off %s to %s mid-answer: connection reset", what, peer(transport))
     reset(transport)
 

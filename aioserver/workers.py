@@ -163,6 +163,8 @@ class Supervisor:
             ours.close()
             for worker in self.workers.values():
                 worker.channel.close()  # the other workers' channels are the parent's business
+            if self.metrics is not None:  # before the app makes its metrics
+                self.metrics.serve_as(slot)
             _work(self.config, self.listeners, theirs, self.heartbeat, self.parent, slot == 0, self.schedule_runs)
         theirs.close()
         ours.setblocking(False)
@@ -207,7 +209,7 @@ class Supervisor:
                 continue
             worker.channel.close()
             if self.metrics is not None:  # its counts stay in the sums; its gauges go
-                self.metrics.forget(pid)
+                self.metrics.forget(worker.slot)
             lived = time.monotonic() - worker.started
             wait = min(MAX_BACKOFF, self.backoff.get(worker.slot, 0.05) * 2) if lived < YOUNG else 0.1
             self.backoff[worker.slot] = wait

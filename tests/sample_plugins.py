@@ -174,6 +174,28 @@ def add_chunks(app: web.Application) -> None:
     app.router.add_get("/chunks", chunks)
 
 
+def add_broken_stream(app: web.Application) -> None:
+    """An extension: an answer that fails once it has begun (GET /broken/{framing}/{error}).
+
+    ``framing``: ``length`` (Content-Length: 100) or ``chunked``; ``error``: ``raise`` (a bug:
+    RuntimeError) or ``forbidden`` (web.HTTPForbidden), raised after the first 9 bytes.
+    """
+
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        if request.match_info["framing"] == "chunked":
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = 100
+        await response.prepare(request)
+        await response.write(b"part one\n")
+        if request.match_info["error"] == "forbidden":
+            raise web.HTTPForbidden()
+        raise RuntimeError("the stream broke")
+
+    app.router.add_get("/broken/{framing}/{error}", broken)
+
+
 # What a user's logging handler sees of each record (RECORDS_FILE, one JSON object a line).
 RECORD_FIELDS = (
     "name", "levelname", "client", "scheme", "method", "path", "status", "bytes", "duration", "identity",
@@ -198,6 +220,14 @@ def log_records(app: web.Application) -> None:
     """
     logging.getLogger().addHandler(RecordsToFile())
     sys.stderr.write("sample_plugins: logging records to a file\n")  # one write: workers print at once
+    sys.stderr.flush()
+
+
+def replace_log_handlers(app: web.Application) -> None:
+    """An extension replacing the root logger's handlers with its own (as the README's journald
+    example: under systemd, stderr goes to the journal already). It says so on stderr itself."""
+    logging.getLogger().handlers[:] = [RecordsToFile()]
+    sys.stderr.write("sample_plugins: logging records to a file only\n")
     sys.stderr.flush()
 
 

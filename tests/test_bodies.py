@@ -24,7 +24,7 @@ from aiohttp import web
 from aioserver import create_app, jsoncodec, load_config
 from aioserver.errors import UpstreamError
 from aioserver.limits import LimitedRunner
-from aioserver.logtext import loggable
+from aioserver.logtext import LONGEST_PATH, loggable, logged_path
 
 from conftest import Server, exchange
 
@@ -482,6 +482,25 @@ async def test_health_answers_while_the_standard_library_parses_and_answers(serv
 )
 def test_loggable(text: str, logged: str) -> None:
     assert loggable(text) == logged
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/workflow", "/workflow"),
+        ("/a%0Ab?", "/a%0Ab?"),
+        ('/a"b\\c', "/a%22b%5Cc"),  # the quoted request of a text line stays one field
+        ("/a\u2028b\x85", "/a\\u2028b\\x85"),
+        ("/caf\u00e9", "/caf\\xe9"),  # ASCII only: a path as sent is percent-encoded
+        ("/" + "a" * 1023, "/" + "a" * 1023),
+        ("/" + "a" * 1024, "/" + "a" * 1023 + "..."),
+        ("/" + '"' * 1023, "/" + "%22" * 341 + "..."),
+        ("/" + "\u2028" * 5000, "/" + "\\u2028" * 170 + "\\u2..."),
+    ],
+)
+def test_logged_path(path: str, logged: str) -> None:
+    assert logged_path(path) == logged
+    assert len(logged) <= LONGEST_PATH + 3
 
 
 def _failing_routes(app: web.Application) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from aioserver.errorlog import TracebackLog, describe, formatted, signature
+from aioserver.errorlog import LONGEST_MESSAGE, TracebackLog, describe, formatted, signature
 from aioserver.workflow.processes import RemoteTraceback
 
 from conftest import Server
@@ -217,6 +217,26 @@ def test_an_exception_message_cannot_forge_a_log_line(loop: str, name: str, tmp_
     # The action's frames stay lines (a worker's text: those before its first message).
     frames = sum(line.startswith('  File "') and "sample_actions.py" in line for line in lines)
     assert frames == {"bad": 2, "process_bad": 1}[name], "\n".join(lines)
+
+
+@pytest.mark.parametrize("name", ["bad", "process_bad"])
+def test_a_clients_megabyte_in_a_message_makes_no_megabyte_log_line(name: str, tmp_path: Path) -> None:
+    """An action naming the client's element in its message (and its cause's): the full
+    traceback, logged once, carries at most LONGEST_MESSAGE characters of each message. A JSON
+    line of megabytes is cut into pieces by journald (LineMax, 48 KiB) and by log shippers."""
+    config = tmp_path / "config.yml"
+    config.write_text(ELEMENTS)
+    element = "x" * 1_000_000
+    with Server("--config", str(config), "--log-format", "json") as server:
+        assert post_elements(server.port, name, [element])[0] == 500
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    records = [json.loads(line) for line in server.log]
+    [error] = [record for record in records if record["logger"] == "aioserver.error"]
+    assert len(json.dumps(error)) < 4 * LONGEST_MESSAGE + 8192, len(json.dumps(error))
+    more = f"... ({len(element) + len('bad: ') - LONGEST_MESSAGE} more characters)"
+    assert f"ValueError: bad: {'x' * (LONGEST_MESSAGE - 5)}{more}" in error["traceback"]
+    assert "RuntimeError: cause: xxx" in error["traceback"]
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -9,6 +9,8 @@ import json
 import logging
 import re
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -21,7 +23,7 @@ from test_requestids import BEARER, ECHO, ask, post, request_id
 from aioserver import logs
 from aioserver.logs import PIPE_BUF, BatchingHandler, JSONFormatter, TextFormatter
 
-from conftest import TOKEN, TOKEN_HASH, Server
+from conftest import TOKEN, TOKEN_HASH, Server, aioserver_command
 
 CONFIG = "workflow:\n  echo: {tasks: [echo]}\n  boom: {tasks: [sample_actions.boom]}\n"
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d")
@@ -105,6 +107,23 @@ def test_json_logs_one_object_per_line_for_every_line(how: str) -> None:
     assert error["traceback"].startswith("Traceback (most recent call last):") and "RuntimeError" in error["traceback"]
     if server.workers > 1:
         assert len({record["pid"] for record in access}) <= server.workers
+
+
+@pytest.mark.workers
+def test_a_failure_to_start_is_a_json_line_too() -> None:
+    # Logging is set up by then: a pipeline reading JSON from the journal must not lose the one
+    # line that says why the service is down. (A configuration error comes before the log's
+    # format is known: it stays the command line's plain "aioserver: error: ...".)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = aioserver_command("--port", str(port), "--log-format", "json")
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    records = parsed(done.stderr.splitlines(keepends=True))
+    assert (records[-1]["level"], records[-1]["logger"]) == ("CRITICAL", "aioserver"), records
+    assert re.fullmatch(rf"cannot listen on 127\.0\.0\.1:{port}: .*in use", records[-1]["message"]), records
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

@@ -342,7 +342,7 @@ def served(samples: Samples) -> float:
 @LOOPS
 def test_every_worker_counts_in_each_scrape_and_a_killed_one_keeps_its_counts(loop: str, tmp_path: Path) -> None:
     """What prometheus-client's multiprocess mode keeps: a worker killed -9 loses nothing it
-    counted (its files stay), its replacement counts anew, and its open connections leave the gauge."""
+    counted (its files stay), its replacement counts on in them, and its open connections leave the gauge."""
     args = ("--config", WORKFLOWS, "--metrics", "--workers", "2", "--timeout-worker-healthcheck", "60", "--loop", loop)
     with Server(*args, env={"TMPDIR": str(tmp_path)}, listeners=2) as server:
         (shared,) = glob.glob(str(tmp_path / "aioserver-metrics-*"))
@@ -367,7 +367,10 @@ def test_every_worker_counts_in_each_scrape_and_a_killed_one_keeps_its_counts(lo
             wait_for(lambda: "".join(server.log).count("serving on") >= 3, "the replacement serving")
             third = worker_pids(server, 3)[2]
             counters = {os.path.basename(path) for path in glob.glob(os.path.join(shared, "counter_*.db"))}
-            assert counters == {f"counter_{pid}.db" for pid in (first, second, third)}  # the dead one's stays
+            assert counters == {
+                "counter_worker0.db",
+                "counter_worker1.db",
+            }  # the replacement counts on in the dead one's
             for connection in held:
                 connection.close()
             with only(server, third):
@@ -386,6 +389,33 @@ def test_every_worker_counts_in_each_scrape_and_a_killed_one_keeps_its_counts(lo
         assert server.process.wait(timeout=30) == 0
     assert f"(pid {second}) was killed by SIGKILL" in "".join(server.log)
     assert not os.listdir(tmp_path)  # the parent removed the files at its exit
+
+
+@LOOPS
+def test_workers_that_keep_dying_leave_no_more_files_to_read_at_each_scrape(loop: str, tmp_path: Path) -> None:
+    """A worker's replacement counts on in the files of the worker it replaces: however often
+    workers die (a crash loop, an action that kills its process, the parent killing a stuck
+    one), the directory holds each slot's files once, and a scrape reads no more of them."""
+    args = ("--config", WORKFLOWS, "--metrics", "--workers", "2", "--timeout-worker-healthcheck", "60", "--loop", loop)
+    with Server(*args, env={"TMPDIR": str(tmp_path)}, listeners=2) as server:
+        (shared,) = glob.glob(str(tmp_path / "aioserver-metrics-*"))
+        assert [run(server.port, "double", None) for _ in range(3)] == [200] * 3
+        for death in range(1, 7):
+            pids = worker_pids(server, 2 + death - 1)
+            live = [pid for pid in pids if alive(pid)]
+            victim = live[death % len(live)]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda n=2 + death: "".join(server.log).count("serving on") >= n, f"replacement {death} serving")
+            assert [run(server.port, "double", None) for _ in range(2)] == [200] * 2
+        files = sorted(os.listdir(shared))
+        # Counters, histograms and the open connections' gauge, of the two slots.
+        assert len(files) <= 3 * 2, files
+        samples = scrape(server.port)
+        assert served(samples) == 3 + 6 * 2  # nothing lost, nothing twice
+        assert value(samples, "aioserver_connections_open") <= 2  # the scrape's, and a worker's stale second
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    assert "".join(server.log).count("was killed by SIGKILL") == 6
 
 
 # -- in-process: what is and is not there

@@ -211,6 +211,84 @@ def test_a_500s_error_id_is_its_request_id() -> None:
             assert f"error {rid} while handling POST /workflow" in error
 
 
+def until_closed(port: int, raw: bytes, context: ssl.SSLContext | None = None) -> bytes:
+    """Send ``raw`` on a new connection; all the server sends until it closes the connection (or 5 s)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if context is not None:
+        sock = context.wrap_socket(sock, server_hostname="localhost")
+    received = b""
+    with sock:
+        sock.sendall(raw)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (ConnectionResetError, ssl.SSLError):  # an answer cut short: reset, or no close_notify
+            pass
+        except TimeoutError:  # the connection is kept open
+            pass
+    return received
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_an_error_once_the_answer_has_begun_resets_the_connection(
+    scheme: str, pem_files: PemFiles, client_ssl_ctx: ssl.SSLContext
+) -> None:
+    """No second answer inside the first: with Content-Length, its bytes would end the first
+    answer's body and the rest be taken for the answer to the next request on the connection
+    (a proxy's keep-alive connection serves other clients). The error is logged under the
+    request's id, its access line says 500 (or the HTTP error's status) and 0 bytes."""
+    tls = ("--ssl-certfile", str(pem_files.cert), "--ssl-keyfile", str(pem_files.key)) if scheme == "https" else ()
+    context = client_ssl_ctx if scheme == "https" else None
+    env = {"TOKEN": TOKEN_HASH, "EXTENSIONS": "sample_plugins.add_broken_stream"}
+    with Server("--config", CONFIG, *tls, env=env) as server:
+        for framing, error, status in (
+            ("length", "raise", 500),
+            ("chunked", "raise", 500),
+            ("length", "forbidden", 403),
+        ):
+            rid = f"broken-{framing}-{error}"
+            broken = b"GET /broken/%s/%s HTTP/1.1\r\nHost: localhost\r\n%sX-Request-ID: %s\r\n\r\n" % (
+                framing.encode(),
+                error.encode(),
+                BEARER,
+                rid.encode(),
+            )
+            received = until_closed(server.port, broken + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n", context)
+            head, _, body = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and received.count(b"HTTP/1.1 ") == 1, received
+            # Cut short where it broke: a client can tell (9 bytes of 100; no last chunk).
+            assert body == (b"part one\n" if framing == "length" else b"9\r\npart one\n\r\n"), received
+            line = access_line(server, rid)
+            assert f'"GET /broken/{framing}/{error} HTTP/1.1" {status} 0 ' in line, line
+        # An interim 100 Continue is no answer begun: the error is answered.
+        expecting = b"Expect: 100-continue\r\nX-Request-ID: after-100\r\n"
+        head, _, body = post(b'{"name": "boom", "elements": [1]}', BEARER, expecting).partition(b"\r\n\r\n")
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname="localhost")
+        with sock:
+            sock.sendall(head + b"\r\n\r\n")
+            assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(body)
+            answer = b""
+            while b'"}' not in answer:
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 500 ") and b"X-Request-ID: after-100\r\n" in answer, answer
+        assert answer.endswith(b'{"error": "internal error, id after-100", "id": "after-100"}'), answer
+        access_line(server, "after-100")
+    log = "".join(server.log)
+    for framing in ("length", "chunked"):
+        rid = f"broken-{framing}-raise"
+        assert f"ERROR aioserver.error: error {rid} while handling GET /broken/{framing}/raise" in log, log
+        assert (
+            f"WARNING aioserver.error: error {rid} came once the answer to GET /broken/{framing}/raise had begun" in log
+        )
+    assert "RuntimeError: the stream broke" in log
+    assert "WARNING aioserver.error: error broken-length-forbidden came once the answer" in log
+
+
 def test_new_ids_differ_across_forked_workers() -> None:
     # Forked processes inherit their parent's generator: each one is seeded anew.
     read, write = os.pipe()
