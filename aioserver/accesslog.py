@@ -82,7 +82,7 @@ class AccessLogger(AbstractAccessLogger):
         status = response.status
         size = _body_bytes(method, response)
         try:
-            identity: str | None = request[IDENTITY].name
+            identity: str | None = _fitting(request[IDENTITY].name)
         except KeyError:
             identity = None
         try:
@@ -183,6 +183,16 @@ def _head_length(response: web.StreamResponse) -> int:
 # that holds. Walking the loggers' handlers for each line cost a tenth of the line.
 _routes: dict[logging.Logger, tuple[BatchingHandler | None, float]] = {}
 _UNKNOWN: tuple[BatchingHandler | None, float] = (None, 0.0)
+
+
+def _fitting(name: str) -> str:
+    """An identity's name as one field of a line: a JWT's ``sub`` is the identity provider's to
+    choose, and a name may hold spaces; cut at LONGEST_NAME, spaces as ``%20``, escaped."""
+    if len(name) <= LONGEST_NAME and " " not in name and name.isprintable():  # a token's name, nearly always
+        return name
+    cut = name[:LONGEST_NAME] + ("..." if len(name) > LONGEST_NAME else "")
+    return loggable(cut.replace(" ", "%20"))
+
 
 _names: dict[str, tuple[str, str]] = {}
 

@@ -139,7 +139,10 @@ CASES = [
     Case("EC P-256 (ES256)", lambda k: k.es.mint(), 200, identity="alice"),
     Case("RSA (RS256)", lambda k: k.rs.mint(sub="rsa-user"), 200, identity="rsa-user"),
     Case("Ed25519 (EdDSA)", lambda k: k.ed.mint(sub="ed-user"), 200, identity="ed-user"),
-    Case("sub: two lines", lambda k: k.es.mint(sub="eve\nINFO forged"), 200, identity=r"eve\\nINFO forged"),
+    Case("sub: two lines", lambda k: k.es.mint(sub="eve\nINFO forged"), 200, identity=r"eve\\nINFO%20forged"),
+    # One field of the text line whatever the provider puts in sub: spaces as %20, cut at 128.
+    Case("sub: a space", lambda k: k.es.mint(sub="Alice Smith"), 200, identity="Alice%20Smith"),
+    Case("sub: 1000 characters", lambda k: k.es.mint(sub="a" * 1000), 200, identity="a" * 128 + r"\.\.\."),
     Case("aud: a list naming us", lambda k: k.es.mint(aud=["other-api", AUDIENCE]), 200),
     Case("expired within the leeway", lambda k: k.es.mint(exp=int(time.time()) - 10), 200),
     Case("expired", lambda k: k.es.mint(exp=int(time.time()) - 60), 401, "expired"),
