@@ -212,6 +212,31 @@ def test_nginx_own_errors_are_json(loop: str, nginx: Callable[..., int], client_
     assert answer[0] == 502 and "not answering" in json_error(*answer)
 
 
+def test_the_request_id_is_nginxs_not_the_clients(nginx: Callable[..., int], client_ssl_ctx: ssl.SSLContext) -> None:
+    """conf/nginx.conf hands aioserver nginx's $request_id: a client cannot choose (or reuse) the
+    id its request is logged under, and the answer carries the id of both logs."""
+    env = {"TOKEN": TOKEN_HASH}
+    with Server("--trusted-proxies", "127.0.0.1", env=env) as server:
+        port = nginx(f"127.0.0.1:{server.port}")
+        connection = http.client.HTTPSConnection("localhost", port, context=client_ssl_ctx, timeout=30)
+        try:
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+            connection.request(
+                "POST", "/workflow", b'{"name": "echo", "elements": [1]}', {**headers, "X-Request-ID": "chosen-1"}
+            )
+            answer = connection.getresponse()
+            answer.read()
+        finally:
+            connection.close()
+        assert answer.status == 200
+        request_id = answer.getheader("X-Request-ID") or ""
+        assert re.fullmatch("[0-9a-f]{32}", request_id), request_id  # nginx's $request_id
+        server.process.terminate()
+        assert server.process.wait(timeout=15) == 0
+    log = "".join(server.log)
+    assert f" {request_id} " in log and "chosen-1" not in log
+
+
 def test_aioservers_own_errors_pass_through_nginx(nginx: Callable[..., int], client_ssl_ctx: ssl.SSLContext) -> None:
     """nginx replaces its own errors only (proxy_intercept_errors stays off): aioserver's 504
     at its --timeout-workflow reaches the client as aioserver wrote it."""
