@@ -118,8 +118,8 @@ def test_nginx_workers_reach_the_units_unix_socket(
             assert headers["strict-transport-security"] == "max-age=63072000"
             assert call(port, client_ssl_ctx, "POST", "/workflow", b"{}", token="wrong")[0] == 401
             assert service.stop() == 0
-        assert re.search(
-            r'127\.0\.0\.1 https "POST /workflow HTTP/1.1" 200 .* ops \w{16} "shout"$', service.text(), re.M
+        assert re.search(  # the request id nginx's $request_id (32 hex digits)
+            r'127\.0\.0\.1 https "POST /workflow HTTP/1.1" 200 .* ops [0-9a-f]{32} "shout"$', service.text(), re.M
         )
     finally:
         installed.remove()
