@@ -138,15 +138,21 @@ def parse_config_tokens(entries: Any, source: str) -> list[Token]:
             raise ConfigError(source, key, "expected a mapping {name, sha256, workflows}")
         for unknown in entry.keys() - {"name", "sha256", "workflows"}:
             raise ConfigError(source, f"{key}.{unknown}", "unknown key; known: name, sha256, workflows")
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(source, f"{key}.name", "expected a non-empty string")
-        workflows = entry.get("workflows")
-        if workflows is not None and not (isinstance(workflows, list) and all(isinstance(w, str) for w in workflows)):
-            raise ConfigError(source, f"{key}.workflows", "expected a list of workflow names")
+        name, workflows = parse_name_and_scope(entry, source, key)
         digest = parse_hash(entry.get("sha256"), source, f"{key}.sha256")
-        tokens.append(Token(name, digest, None if workflows is None else frozenset(workflows)))
+        tokens.append(Token(name, digest, workflows))
     return tokens
+
+
+def parse_name_and_scope(entry: Mapping[str, Any], source: str, key: str) -> tuple[str, frozenset[str] | None]:
+    """An identity entry's ``name`` and ``workflows`` (None: every one), as tokens and clients have them."""
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(source, f"{key}.name", "expected a non-empty string")
+    workflows = entry.get("workflows")
+    if workflows is not None and not (isinstance(workflows, list) and all(isinstance(w, str) for w in workflows)):
+        raise ConfigError(source, f"{key}.workflows", "expected a list of workflow names")
+    return name, None if workflows is None else frozenset(workflows)
 
 
 class TokenStore:

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Final
 import yaml
 from aiohttp import web
 
-from .auth import route_in_scope
+from .auth import parse_name_and_scope, route_in_scope
 from .errors import ConfigError
 from .files import TLS_FILE_LIMIT, read_small_file
 from .logtext import loggable
@@ -150,12 +150,7 @@ def _parse_client(entry: Any, source: str, key: str) -> Client:
         raise ConfigError(source, key, "expected a mapping {name, subject, san, sha256, workflows}")
     for unknown in entry.keys() - set(KEYS):
         raise ConfigError(source, f"{key}.{unknown}", f"unknown key; known: {', '.join(KEYS)}")
-    name = entry.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(source, f"{key}.name", "expected a non-empty string")
-    workflows = entry.get("workflows")
-    if workflows is not None and not (isinstance(workflows, list) and all(isinstance(w, str) for w in workflows)):
-        raise ConfigError(source, f"{key}.workflows", "expected a list of workflow names")
+    name, workflows = parse_name_and_scope(entry, source, key)
     given = {k: entry[k] for k in ("subject", "san", "sha256") if entry.get(k) is not None}
     if not given:
         raise ConfigError(source, key, "needs subject, san or sha256: which certificates are this client")
@@ -183,7 +178,7 @@ def _parse_client(entry: Any, source: str, key: str) -> Client:
             )
         sha256 = bytes.fromhex(digits)
     described = "; ".join(f"{criterion} {value.strip()}" for criterion, value in given.items())
-    return Client(name, None if workflows is None else frozenset(workflows), subject, san, sha256, described)
+    return Client(name, workflows, subject, san, sha256, described)
 
 
 def parse_san(text: str) -> tuple[str, str]:
