@@ -133,24 +133,32 @@ def no_extras_python() -> str:
 
 
 def _make_no_extras_venv() -> str:
-    python = NO_EXTRAS_VENV / "bin" / "python"
-    stamp = NO_EXTRAS_VENV / "installed-from"
     sources = b"".join((ROOT / name).read_bytes() for name in ("setup.cfg", "pyproject.toml"))
     wanted = hashlib.sha256(sources + sys.version.encode()).hexdigest()
-    with open(ROOT / ".venv-no-extras.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest of this worktree may be making it
+
+    def lacks_extras(python: str) -> None:
+        for extra in ("uvloop", "orjson"):  # else the configuration would not be the README's
+            found = subprocess.run([python, "-c", f"import {extra}"], capture_output=True, timeout=60)
+            assert found.returncode != 0, f"{extra} is installed in {NO_EXTRAS_VENV}"
+
+    return made_venv(NO_EXTRAS_VENV, wanted, ["-e", str(ROOT)], lacks_extras)
+
+
+def made_venv(venv: Path, wanted: str, install: list[str], check: Callable[[str], None]) -> str:
+    """The interpreter of ``venv``, made anew (``pip install *install``, then ``check(python)``)
+    unless its stamp says it was made for ``wanted``. Under a lock beside it: the test
+    processes of xdist share it. Anything that fails raises, naming what."""
+    python = venv / "bin" / "python"
+    stamp = venv / "installed-from"
+    with open(ROOT / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test process may be making it
         if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
-            subprocess.run([PYTHON, "-m", "venv", "--clear", str(NO_EXTRAS_VENV)], check=True, timeout=120)
-            install = subprocess.run(
-                [str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)],
-                capture_output=True,
-                text=True,
-                timeout=900,
+            subprocess.run([PYTHON, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
+            done = subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", *install], capture_output=True, text=True, timeout=900
             )
-            assert install.returncode == 0, f"pip install -e . failed:\n{install.stderr}"
-            for extra in ("uvloop", "orjson"):  # else the configuration would not be the README's
-                found = subprocess.run([str(python), "-c", f"import {extra}"], capture_output=True, timeout=60)
-                assert found.returncode != 0, f"{extra} is installed in {NO_EXTRAS_VENV}"
+            assert done.returncode == 0, f"pip install {' '.join(install)} failed:\n{done.stderr}"
+            check(str(python))
             stamp.write_text(wanted)
     return str(python)
 

@@ -20,7 +20,6 @@ blocking (subprocesses, urllib): call them from sync tests, or through ``asyncio
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +32,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from conftest import made_venv
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -62,30 +63,19 @@ def txtai_python() -> str:
 
 
 def _make_venv() -> str:
-    python = VENV / "bin" / "python"
-    stamp = VENV / "installed-from"
     wanted = hashlib.sha256("\n".join((*REQUIREMENTS, sys.version)).encode()).hexdigest()
-    with open(ROOT / ".venv-txtai.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest process (xdist) may be making it
-        if not (python.exists() and stamp.exists() and stamp.read_text() == wanted):
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True, timeout=120)
-            install = subprocess.run(
-                [str(python), "-m", "pip", "install", "-q", *REQUIREMENTS],
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            assert install.returncode == 0, f"pip install {' '.join(REQUIREMENTS)} failed:\n{install.stderr}"
-            found = subprocess.run(
-                [str(python), "-c", "import txtai.api, uvicorn"],
-                env={**_environment(), "PYTHONPATH": str(STUBS)},
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            assert found.returncode == 0, f"txtai's API does not import:\n{found.stderr}"
-            stamp.write_text(wanted)
-    return str(python)
+
+    def imports_the_api(python: str) -> None:
+        found = subprocess.run(
+            [python, "-c", "import txtai.api, uvicorn"],
+            env={**_environment(), "PYTHONPATH": str(STUBS)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert found.returncode == 0, f"txtai's API does not import:\n{found.stderr}"
+
+    return made_venv(VENV, wanted, list(REQUIREMENTS), imports_the_api)
 
 
 def _environment() -> dict[str, str]:
