@@ -72,7 +72,7 @@ def setup_openapi(app: web.Application, config: Config) -> None:
             return web.Response(body=whole[0], content_type=JSON_MEDIA)
         body = bodies.get(scope)
         if body is None:
-            if len(bodies) >= MAX_SCOPES:  # new scopes come with reloads only: start afresh
+            if len(bodies) >= MAX_SCOPES:  # a reload's tokens, or JWTs' scope claims: start afresh
                 bodies.clear()
             body = bodies[scope] = _encode(scoped(full, scope))
         return web.Response(body=body, content_type=JSON_MEDIA)
