@@ -13,7 +13,7 @@ from .clientcerts import CLIENTS, ClientStore
 from .config import Config
 from .errorlog import TracebackLog
 from .errors import error_middleware
-from .keys import CONFIG, LIMITS, TOKENS, WORKFLOWS
+from .keys import CONFIG, FLEET, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
 from .openapi import setup_openapi
 from .pipelineviews import setup_pipeline_routes
@@ -24,6 +24,7 @@ from .workflow.runtime import setup_workflow_runtime
 from .workflow.schedules import HostSchedules
 
 if TYPE_CHECKING:
+    from .fleet import Fleet
     from .metrics import Metrics
 
 # On every answer: our name, not aiohttp's (which gives its version away), and no sniffing.
@@ -32,10 +33,11 @@ HEADERS = {"Server": "aioserver", "X-Content-Type-Options": "nosniff"}
 HSTS = "max-age=63072000"
 
 
-def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Application:
+def create_app(config: Config, schedules: HostSchedules | None = None, fleet: Fleet | None = None) -> web.Application:
     """Build the aiohttp application for a resolved config; reads no argv, environment or file.
 
     ``schedules``: this process's part in the host's schedules (by default, it runs them).
+    ``fleet``: with --redis, the link to the state the fleet shares (the caller opens and closes it).
     """
     tokens = TokenStore(config.tokens)
     # auth.clients: only with HTTPS (config.py checked), whose context tells what is verified.
@@ -80,6 +82,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None) -> web.Ap
     app[CONFIG] = config
     app[WORKFLOWS] = config.workflows
     app[TOKENS] = tokens
+    if fleet is not None:
+        app[FLEET] = fleet
     if clients is not None:
         app[CLIENTS] = clients
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)

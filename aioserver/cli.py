@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from . import __version__, workers
+from . import __version__, fleet, workers
 from .certinfo import describe_certificates
 from .config import SECRET_VARIABLES, Config, load_config
 from .errors import ConfigError, StartupError
@@ -189,7 +189,17 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     forget_secrets(SECRET_VARIABLES)
 
     if args.check:
-        print(summary(config))
+        text = summary(config)
+        if config.settings.redis:  # connects, and says whether it answers
+            try:
+                text = text.removesuffix("OK") + fleet.check(config.settings.redis) + "\nOK"
+            except fleet.Unavailable as exc:
+                print(text.removesuffix("\nOK"))
+                print(
+                    f"aioserver: error: {ConfigError(*config.origins['redis'], f'no answer: {exc}')}", file=sys.stderr
+                )
+                return 2
+        print(text)
         return 0
 
     configure_logging(config.settings.log_level, config.settings.log_format)

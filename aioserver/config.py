@@ -47,7 +47,7 @@ SECTIONS = ("server", "workflow", "safeopen", "auth", "dependencies", "extension
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 # Environment variables that hold secrets: read once, while the config is built; the command
 # line then takes them out of the process environment (cli.forget_secrets).
-SECRET_VARIABLES = ("SSL_KEYFILE_PASSWORD", "TOKEN")  # a key password; a token's hash
+SECRET_VARIABLES = ("SSL_KEYFILE_PASSWORD", "TOKEN", "REDIS_URL")  # a key password; a token's hash; a password in a URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +149,8 @@ def build_config(
     acme = _acme(settings, origins, env)
     if settings.metrics and importlib.util.find_spec("prometheus_client") is None:
         raise ConfigError(*origins["metrics"], "needs the metrics extra: pip install 'aioserver[metrics]'")
+    if settings.redis and importlib.util.find_spec("redis") is None:
+        raise ConfigError(*origins["redis"], "needs the redis extra: pip install 'aioserver[redis]'")
     safeopen = parse_safeopen(document.get("safeopen"), source)
     state_directory = env.get("STATE_DIRECTORY", "").split(":")[0] or None  # systemd's: the first of them
     resolver = ActionResolver(pipelines, source)

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from .auth import TokenStore
 from .config import Config
+from .fleet import Fleet
 from .limits import WorkflowLimits
 from .workflow import Workflow
 from .workflow.runtime import Runtime
@@ -17,3 +18,4 @@ WORKFLOWS = web.AppKey("workflows", Mapping[str, Workflow])
 TOKENS = web.AppKey("tokens", TokenStore)
 RUNTIME = web.AppKey("runtime", Runtime)  # the workflows' client session, process pool, schedules
 LIMITS = web.AppKey("limits", WorkflowLimits)
+FLEET = web.AppKey("fleet", Fleet)  # with --redis only: the link to the fleet's shared state

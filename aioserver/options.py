@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from .browser import parse_allowed_hosts
 from .errors import ConfigError
+from .fleet import RedisURL, parse_redis_url
 from .proxy import parse_trusted
 
 MiB = 1024 * 1024
@@ -382,6 +383,15 @@ class Settings:
         "on SIGTERM/SIGINT, answer GET /ready with 503 and serve on this long before the listeners close"
         " (for a balancer to notice); --timeout-graceful-shutdown comes after it",
         metavar="SECONDS",
+    )
+    # The fleet (issue 15): state shared through Redis; without it, each process keeps its own.
+    redis: RedisURL | None = _option(
+        None,
+        parse_redis_url,
+        "share the auth throttle, schedule ticks and ACME certificates with the other processes and hosts"
+        " of the fleet through this Redis (redis://, rediss:// with TLS, unix://); needs the redis extra",
+        env="REDIS_URL",
+        metavar="URL",
     )
     allowed_hosts: tuple[str, ...] = _option(
         (),

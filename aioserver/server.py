@@ -22,6 +22,7 @@ from .clientcerts import CLIENTS
 from .config import Config
 from .connections import CONNECTIONS, Connections, TLSSite, ensure_file_limit, peer, reset
 from .errors import CUT_OFF, ConfigError, StartupError, error_middleware, http_error
+from .fleet import Fleet
 from .keys import TOKENS
 from .limits import LimitedRunner
 from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners, stop_listening
@@ -108,7 +109,8 @@ async def _serve(
     if notifier is None:
         notifier, watchdog = Notifier.from_env(), systemd.watchdog_interval()
     sockets = list(listeners) if listeners is not None else open_listeners(config)
-    app = create_app(config, schedules)
+    fleet = _fleet(config)
+    app = create_app(config, schedules, fleet)
     # One count of connections for all the listeners of this process.
     connections = Connections(config.settings.limit_connections, config.settings.timeout_send)
     app[CONNECTIONS] = connections
@@ -133,6 +135,8 @@ async def _serve(
             await runners[1].setup()
         if watchdog:
             background.append(asyncio.create_task(systemd.run_watchdog(notifier, watchdog)))
+        if fleet:
+            background.append(asyncio.create_task(fleet.watch()))
         if certificates:
             # The plain listener first (the CA's challenges, 308 for the rest), HTTPS once
             # there is a certificate to serve.
@@ -175,6 +179,8 @@ async def _serve(
             # down (the app's cleanup) may take as long as the grace period allows.
             for task in background:
                 task.cancel()
+        if fleet:
+            await fleet.close()
         flush_logs()
         if owned:
             close_listeners(sockets)
@@ -344,6 +350,11 @@ def _quiet_refused_accepts(loop: asyncio.AbstractEventLoop) -> None:
         loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+
+
+def _fleet(config: Config) -> Fleet | None:
+    """With --redis, this process's link to the fleet's Redis (an extra: imported only then)."""
+    return Fleet(config.settings.redis) if config.settings.redis else None
 
 
 def _runner(app: web.Application, config: Config, connections: Connections) -> LimitedRunner:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aioserver.errors import ConfigError
+from aioserver.fleet import RedisURL
 from aioserver.options import OPTIONS, Settings, resolve_settings
 
 # name -> (a valid value as a string, the same value parsed, an invalid value)
@@ -47,6 +48,7 @@ SAMPLES = {
     "log_format": ("JSON", "json", "xml"),
     "metrics": ("on", True, "2"),
     "shutdown_delay": ("0", 0.0, "-1"),
+    "redis": ("redis://:pw@db:6379/1", RedisURL("redis://:pw@db:6379/1"), "http://db"),
     "allowed_hosts": ("Example.org, .corp.test", ("example.org", ".corp.test"), "example.org:80"),
 }
 
