@@ -33,6 +33,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .errors import ConfigError, http_error
+from .files import read_config_file
 
 if TYPE_CHECKING:
     from .clientcerts import ClientStore
@@ -366,14 +367,36 @@ def check_scope(request: web.Request, workflow: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class TokenSources:
-    """Where tokens come from: fixed ones (``TOKEN``, ``auth.tokens``) and files read on each load."""
+    """Where tokens come from: ``TOKEN``, the config's ``auth.tokens`` and token files.
 
-    fixed: tuple[Token, ...] = ()
+    At each load the files are read, and so is the config file's ``auth.tokens`` when the
+    config is a file (``path``; inline YAML cannot be read again: ``configured`` stays).
+    """
+
+    fixed: tuple[Token, ...] = ()  # TOKEN's
     files: tuple[str, ...] = ()
+    configured: tuple[Token, ...] = ()  # auth.tokens as at start-up
+    path: str | None = None  # the config file
+
+    @property
+    def reloadable(self) -> bool:
+        return bool(self.files or self.path)
 
     def load(self) -> list[Token]:
-        """Every token, the files read now; raises ConfigError naming a file that fails."""
+        """Every token, the files read now; raises ConfigError naming a file that fails.
+
+        A config file left with no token when it had some is refused too: its tokens would be
+        gone, and with no other credential the service would be open.
+        """
         tokens = list(self.fixed)
+        if self.path is None:
+            tokens.extend(self.configured)
+        else:
+            auth = read_config_file(self.path).get("auth") or {}
+            configured = parse_config_tokens(auth.get("tokens", []), self.path)
+            if self.configured and not configured:
+                raise ConfigError(self.path, "auth.tokens", "no token left (it had some): keeping those in force")
+            tokens.extend(configured)
         for path in self.files:
             try:
                 with open(path, encoding="utf-8") as file:
@@ -389,19 +412,19 @@ class TokenSources:
         return tokens
 
 
-def token_sources(section: Any, env: Mapping[str, str], source: str) -> TokenSources:
-    """The token sources of the config's ``auth:`` section and the environment."""
+def token_sources(section: Any, env: Mapping[str, str], source: str, path: str | None = None) -> TokenSources:
+    """The token sources of the config's ``auth:`` section and the environment; ``path``: the config
+    file the section came from (read again at each load), None for inline YAML."""
     if section is None:
         section = {}
     if not isinstance(section, Mapping):
         raise ConfigError(source, "auth", "expected a mapping with 'tokens', 'clients' or 'jwt'")
     for unknown in section.keys() - {"tokens", "clients", "jwt"}:  # clients: clientcerts.py; jwt: jwtauth.py
         raise ConfigError(source, f"auth.{unknown}", "unknown key; known: tokens, clients, jwt")
-    fixed = parse_config_tokens(section.get("tokens", []), source)
-    if env.get("TOKEN"):
-        fixed.insert(0, Token("token", parse_hash(env["TOKEN"], "environment", "TOKEN")))
+    configured = parse_config_tokens(section.get("tokens", []), source)
+    fixed = [Token("token", parse_hash(env["TOKEN"], "environment", "TOKEN"))] if env.get("TOKEN") else []
     files = [env["TOKEN_FILE"]] if env.get("TOKEN_FILE") else []
     credential = os.path.join(env.get("CREDENTIALS_DIRECTORY", ""), "token")
     if env.get("CREDENTIALS_DIRECTORY") and os.path.exists(credential):
         files.append(credential)
-    return TokenSources(tuple(fixed), tuple(files))
+    return TokenSources(tuple(fixed), tuple(files), tuple(configured), path)

@@ -30,12 +30,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
-import yaml
 from aiohttp import web
 
 from .auth import parse_name_and_scope, route_in_scope
 from .errors import ConfigError
-from .files import TLS_FILE_LIMIT, read_small_file
+from .files import read_config_file
 from .logtext import loggable
 from .tls import ReloadableContext
 
@@ -350,20 +349,7 @@ class ClientSources:
         """The entries in force (blocking: reads the config file); raises ConfigError naming what fails."""
         if self.path is None:
             return self.fixed
-        try:
-            text = read_small_file(self.path, TLS_FILE_LIMIT).decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(self.path, None, f"cannot read config: {getattr(exc, 'strerror', None) or exc}") from None
-        try:
-            document = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or "unreadable"
-            raise ConfigError(self.path, None, f"invalid YAML: {problem}") from None
-        if not isinstance(document, Mapping):
-            raise ConfigError(self.path, None, "expected a mapping of sections at the top level")
-        auth = document.get("auth")
-        if auth is not None and not isinstance(auth, Mapping):
-            raise ConfigError(self.path, "auth", "expected a mapping")
+        auth = read_config_file(self.path).get("auth")
         # An auth section without clients (left out, or emptied) revokes them all: never opens up.
         return parse_clients((auth or {}).get("clients") or [], self.path)
 

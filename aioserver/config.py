@@ -155,11 +155,11 @@ def build_config(
     state_directory = env.get("STATE_DIRECTORY", "").split(":")[0] or None  # systemd's: the first of them
     resolver = ActionResolver(pipelines, source)
     workflows = parse_workflows(document.get("workflow"), resolver, source, safeopen, state_directory)
-    sources = token_sources(document.get("auth"), env, source)
+    # A config file's auth.tokens and auth.clients are read again on SIGHUP; inline YAML cannot be.
+    config_file = None if source in (DEFAULT_SOURCE, INLINE_SOURCE) else source
+    sources = token_sources(document.get("auth"), env, source, config_file)
     tokens = tuple(sources.load())
     jwt = _jwt(document.get("auth"), source)
-    # A config file's auth.clients is read again on SIGHUP; inline YAML cannot be.
-    config_file = None if source in (DEFAULT_SOURCE, INLINE_SOURCE) else source
     clients = client_sources(document.get("auth"), source, config_file)
     if acme:
         _keep_workflows_out(acme, safeopen, workflows, source)
@@ -435,7 +435,7 @@ def reread_files(config: Config) -> Config:
             clients = config.client_sources.load()
         except ConfigError as exc:  # each worker logs it as an error: said once is enough
             logger.debug("auth.clients not reread: %s", exc)
-    if config.token_sources.files:
+    if config.token_sources.reloadable:
         try:
             tokens = tuple(config.token_sources.load())
         except ConfigError as exc:  # each worker logs it as an error: said once is enough

@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Mapping
+from typing import Any
 
 CHUNK = 65536
 
@@ -46,3 +48,27 @@ def read_small_file(path: str, limit: int, follow_symlinks: bool = True) -> byte
         return b"".join(chunks)
     finally:
         os.close(descriptor)
+
+
+def read_config_file(path: str) -> Mapping[str, Any]:
+    """The config file at ``path`` as a mapping of sections, read again at a reload (blocking);
+    raises ConfigError naming the file and what is wrong."""
+    import yaml
+
+    from .errors import ConfigError
+
+    try:
+        text = read_small_file(path, TLS_FILE_LIMIT).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, None, f"cannot read config: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "unreadable"
+        raise ConfigError(path, None, f"invalid YAML: {problem}") from None
+    if not isinstance(document, Mapping):
+        raise ConfigError(path, None, "expected a mapping of sections at the top level")
+    auth = document.get("auth")
+    if auth is not None and not isinstance(auth, Mapping):
+        raise ConfigError(path, "auth", "expected a mapping")
+    return document

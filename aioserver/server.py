@@ -483,7 +483,10 @@ async def _until_certificate(
 
 
 async def reload(app: web.Application, config: Config) -> None:
-    """Read the token files, auth.clients, the JWT keys and TLS files again; what fails keeps the old, saying why."""
+    """Read the token files, auth.tokens, auth.clients, the JWT keys and TLS files again.
+
+    What fails keeps what was in force, saying why.
+    """
     store = app[TOKENS]
     clients = app.get(CLIENTS)
     if clients is not None and config.client_sources is not None and config.client_sources.path:
@@ -493,7 +496,7 @@ async def reload(app: web.Application, config: Config) -> None:
             logger.info("reloaded auth.clients: %d in force", len(entries))
         except ConfigError as exc:
             logger.error("auth.clients reload failed, keeping the %d in force: %s", len(clients.clients), exc)
-    if config.token_sources.files:
+    if config.token_sources.reloadable:
         try:
             tokens = await in_reload_thread(config.token_sources.load)
             store.replace(tokens)

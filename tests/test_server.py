@@ -450,3 +450,37 @@ def _wait_until_blocked(pid: int, signals: tuple[signal.Signals, ...], timeout: 
             return
         time.sleep(0.005)
     raise AssertionError(f"process {pid} did not block {signals} within {timeout}s")
+
+
+@pytest.mark.workers
+def test_reload_reads_the_config_files_auth_tokens_again(tmp_path: Path) -> None:
+    """systemctl reload after editing auth.tokens: a removed token is refused, an added one works,
+    and a config left with no token keeps the ones in force (never an open service)."""
+    other = "other-token-9e107d9d"
+    config = tmp_path / "config.yml"
+
+    def write(*tokens: tuple[str, str]) -> None:
+        entries = ", ".join(f"{{name: {name}, sha256: {hashlib.sha256(t.encode()).hexdigest()}}}" for name, t in tokens)
+        config.write_text(f"auth: {{tokens: [{entries}]}}\nworkflow:\n  echo: {{tasks: [echo]}}\n")
+
+    def status(token: str | None) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            connection.request("POST", "/workflow", json.dumps({"name": "echo", "elements": [1]}), headers)
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    write(("ops", TOKEN))
+    with Server("--config", str(config)) as server:
+        assert (status(TOKEN), status(other)) == (200, 401)
+        write(("ci", other))  # ops rotated out, ci in
+        sighup(server, "reloaded tokens: 1 in force")
+        assert [(status(TOKEN), status(other)) for _ in range(4)] == [(401, 200)] * 4
+        config.write_text("workflow:\n  echo: {tasks: [echo]}\n")  # every token gone: refused
+        sighup(server, "token reload failed, keeping the 1 tokens in force")
+        assert "auth.tokens: no token left" in "".join(server.log)
+        assert [(status(None), status(other)) for _ in range(4)] == [(401, 200)] * 4
