@@ -1,0 +1,171 @@
+"""Schedules across a fleet (``--redis``): each tick runs on one process of the fleet, as deployed.
+
+Three ``python -m aioserver`` hosts on 127.0.0.1 (two of them with ``--workers 2``) share one
+real redis-server (tests/redisserver.py). Their workflow ``tick`` runs ``sample_actions.stamp``
+every second, which appends ``start PID TIME`` to one file for each run: the file is what the
+whole fleet did. A run belongs to the tick of its start's whole second (ticks are whole seconds,
+and a run starts within milliseconds of its tick).
+
+Needs the ``redis`` extra: these tests choose their loop (``loop``), so they run in the test venv.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+from redisserver import PASSWORD, RedisServer
+from test_schedules import EVERY_SECOND, config, starts
+
+from conftest import Server
+
+LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+HOSTS = (1, 2, 2)  # --workers of each host
+CONTENDS = "(each time by one process of the fleet: redis)"  # in the line of each scheduling process
+AWAY = re.compile(r"redis at \S+ is away")
+BACK = re.compile(r"redis at \S+ is back")
+
+
+def host(text: str, loop: str, workers: int, url: str) -> Server:
+    # The URL from the environment (REDIS_URL): its password stays off the command line.
+    return Server(
+        "--config", text, "--loop", loop, "--workers", str(workers), env={"REDIS_URL": url}, listeners=workers
+    )
+
+
+@contextmanager
+def fleet(text: str, loop: str, url: str) -> Iterator[list[Server]]:
+    """The three hosts, each once its scheduling process has said it contends for the ticks."""
+    with ExitStack() as stack:
+        hosts = [stack.enter_context(host(text, loop, workers, url)) for workers in HOSTS]
+        for server in hosts:
+            wait_for(lambda server=server: CONTENDS in log(server), 30, "its schedule", hosts)  # type: ignore[misc]
+        yield hosts
+
+
+def log(server: Server) -> str:
+    return "".join(server.log)
+
+
+def logs(hosts: list[Server]) -> str:
+    return "\n".join(f"--- host {i} (pid {server.process.pid}):\n{log(server)}" for i, server in enumerate(hosts))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, hosts: list[Server]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s:\n" + logs(hosts)
+        time.sleep(0.05)
+
+
+def scheduling_pid(server: Server) -> int:
+    """The pid of the host's process that runs its schedules: the only one, or the worker of slot 0."""
+    if server.workers == 1:
+        return server.process.pid
+    found = re.findall(r"worker 0 started, pid (\d+)", log(server))
+    assert len(found) == 1, log(server)  # and never replaced: nothing in these tests kills it
+    return int(found[0])
+
+
+def stop_all(hosts: list[Server]) -> None:
+    for server in hosts:
+        server.process.send_signal(signal.SIGTERM)
+    for server in hosts:
+        assert server.process.wait(timeout=30) == 0, logs(hosts)
+
+
+def healthy(server: Server) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=5) as response:
+        return response.status == 200
+
+
+def ticks(times: list[float]) -> collections.Counter[int]:
+    """Runs per tick (whole second), from the runs' start times."""
+    return collections.Counter(math.floor(when) for when in times)
+
+
+def missed(counts: collections.Counter[int], first: int, last: int) -> list[int]:
+    return [tick for tick in range(first, last + 1) if tick not in counts]
+
+
+@LOOPS
+def test_each_tick_runs_once_across_the_fleet_and_ticks_are_skipped_while_redis_is_away(
+    tmp_path: Path, loop: str
+) -> None:
+    path = tmp_path / "runs"
+    with RedisServer(tmp_path / "redis") as redis, fleet(config(path, EVERY_SECOND), loop, redis.url) as hosts:
+        # Up: ten seconds of ticks once every host contends.
+        since = time.time()
+        wait_for(lambda: len([r for r in starts(path) if r.time >= since]) >= 10, 40, "ten runs", hosts)
+        # Away: Redis killed (as a crash) for five seconds.
+        redis.stop()
+        killed = time.time()
+        wait_for(lambda: time.time() >= killed + 5, 10, "the outage", hosts)
+        assert all(server.process.poll() is None and healthy(server) for server in hosts), logs(hosts)
+        restarting = time.time()
+        redis.start()  # empty: every tick lock is gone with it
+        # Back: ticks run again, once each.
+        wait_for(lambda: len([r for r in starts(path) if r.time >= restarting]) >= 5, 40, "five runs after", hosts)
+        for server in hosts:
+            wait_for(lambda server=server: BACK.search(log(server)) is not None, 20, "word of it", hosts)  # type: ignore[misc]
+        stop_all(hosts)
+    runs = starts(path)
+    counts = ticks([run.time for run in runs])
+    twice = sorted(tick for tick, number in counts.items() if number > 1)
+    up = [run for run in runs if since <= run.time < killed]
+    # A claim answered just before the kill may start its run just after it.
+    away = [run for run in runs if killed + 0.5 <= run.time < restarting]
+    after = [run for run in runs if run.time >= restarting]
+    first_after = math.floor(after[0].time)
+    skipped = missed(counts, math.floor(killed) + 1, first_after - 1)
+    missed_up = missed(counts, math.floor(up[0].time), math.floor(up[-1].time))
+    missed_after = missed(counts, first_after, math.floor(after[-1].time))
+    print(
+        f"[{loop}] runs {len(runs)} over {len(counts)} ticks, twice {len(twice)}; while up: {len(up)} runs,"
+        f" {len(missed_up)} ticks missed; while away ({restarting - killed:.1f}s): {len(away)} runs,"
+        f" {len(skipped)} ticks skipped; after: {len(after)} runs, {len(missed_after)} ticks missed;"
+        f" by process: {dict(collections.Counter(run.pid for run in runs))}"
+    )
+    everything = logs(hosts)
+    assert twice == [], (twice, runs)  # no tick ran twice, before, during or after the outage
+    assert missed_up == [] and missed_after == [], (missed_up, missed_after, runs)  # none missed while Redis is up
+    assert away == [] and len(skipped) >= 4, (away, skipped, runs)  # none while it was away
+    # Only each host's scheduling process runs ticks (slot 1 of a host with workers never does).
+    assert {run.pid for run in runs} <= {scheduling_pid(server) for server in hosts}, everything
+    # The outage is logged once by each process that noticed it, not once per tick; no crash.
+    for server in hosts:
+        assert 1 <= len(AWAY.findall(log(server))) <= server.workers, log(server)
+        assert len(BACK.findall(log(server))) == len(AWAY.findall(log(server))), log(server)
+        assert "skipped: redis is away" not in log(server) and "Traceback" not in log(server), log(server)
+    assert PASSWORD not in everything
+
+
+@LOOPS
+def test_iterations_count_across_the_fleet_even_with_redis_restarted_empty(tmp_path: Path, loop: str) -> None:
+    path = tmp_path / "runs"
+    with RedisServer(tmp_path / "redis") as redis, fleet(config(path, iterations=6), loop, redis.url) as hosts:
+        wait_for(lambda: len(starts(path)) >= 3, 30, "three runs", hosts)
+        # Restarted empty, Redis has lost the count: the fleet's processes hand it back.
+        redis.stop()
+        redis.start()
+        done = "workflow tick: schedule done after 6 runs across the fleet"
+        for server in hosts:  # each scheduling process learns it at its next tick
+            wait_for(lambda server=server: done in log(server), 30, "the schedule's end", hosts)  # type: ignore[misc]
+        time.sleep(2.5)  # and then nothing more, on any host
+        with redis.client() as client:
+            count = client.get("aioserver:schedule:tick:runs")
+        stop_all(hosts)
+    runs = starts(path)
+    print(f"[{loop}] iterations 6: {len(runs)} runs by {dict(collections.Counter(run.pid for run in runs))}")
+    assert len(runs) == 6, runs
+    assert count == "6"
+    for server in hosts:  # said once per host: by its scheduling process only
+        assert log(server).count(done) == 1, log(server)
