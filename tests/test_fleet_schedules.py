@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 import re
 import signal
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from redisserver import PASSWORD, RedisServer
-from test_schedules import EVERY_SECOND, config, starts
+from test_schedules import EVERY_SECOND, config, events, starts
 
 from conftest import Server
 
@@ -151,9 +152,15 @@ def test_each_tick_runs_once_across_the_fleet_and_ticks_are_skipped_while_redis_
 @LOOPS
 def test_iterations_count_across_the_fleet_even_with_redis_restarted_empty(tmp_path: Path, loop: str) -> None:
     path = tmp_path / "runs"
-    with RedisServer(tmp_path / "redis") as redis, fleet(config(path, iterations=6), loop, redis.url) as hosts:
+    redis = RedisServer(tmp_path / "redis")  # started once every host contends: all count from the first run
+    with ExitStack() as stack:
+        stack.callback(redis.close)
+        hosts = stack.enter_context(fleet(config(path, iterations=6), loop, redis.url))
+        redis.start()
         wait_for(lambda: len(starts(path)) >= 3, 30, "three runs", hosts)
-        # Restarted empty, Redis has lost the count: the fleet's processes hand it back.
+        # Between two ticks (every process has claimed the last one and seen its count), Redis
+        # is restarted empty: it has lost the count, which the fleet's processes hand back.
+        wait_for(lambda: 0.4 < time.time() % 1 < 0.7, 5, "the middle of a second", hosts)
         redis.stop()
         redis.start()
         done = "workflow tick: schedule done after 6 runs across the fleet"
@@ -165,7 +172,48 @@ def test_iterations_count_across_the_fleet_even_with_redis_restarted_empty(tmp_p
         stop_all(hosts)
     runs = starts(path)
     print(f"[{loop}] iterations 6: {len(runs)} runs by {dict(collections.Counter(run.pid for run in runs))}")
-    assert len(runs) == 6, runs
+    assert len(runs) == 6, (runs, logs(hosts))
     assert count == "6"
     for server in hosts:  # said once per host: by its scheduling process only
         assert log(server).count(done) == 1, log(server)
+
+
+@LOOPS
+def test_one_run_at_a_time_across_the_fleet(tmp_path: Path, loop: str) -> None:
+    path = tmp_path / "runs"
+    # Every second, each run taking 2.5 s: the ticks that pass while one runs are skipped by
+    # every host, as by the one host that ran it, instead of run alongside it elsewhere.
+    with (
+        RedisServer(tmp_path / "redis") as redis,
+        fleet(config(path, seconds=2.5, iterations=3), loop, redis.url) as hosts,
+    ):
+        for server in hosts:
+            wait_for(lambda server=server: "schedule done after 3 runs" in log(server), 40, "three runs", hosts)  # type: ignore[misc]
+        stop_all(hosts)
+    found = events(path)
+    print(f"[{loop}] one at a time: {[(event.kind, event.pid, round(event.time, 2)) for event in found]}")
+    # start, end, start, end...: never a start while another run is still going.
+    assert [event.kind for event in found] == ["start", "end"] * 3, found
+    assert all(start.pid == end.pid for start, end in zip(found[::2], found[1::2], strict=True)), found
+    assert "outlasted its interval" in logs(hosts)
+
+
+@LOOPS
+def test_a_process_killed_in_a_run_holds_the_schedule_up_for_a_while_only(tmp_path: Path, loop: str) -> None:
+    path = tmp_path / "runs"
+    # Runs that would last a minute: the first one's process is killed in it (SIGKILL).
+    text = config(path, seconds=60, timeout_graceful_shutdown=1)
+    with RedisServer(tmp_path / "redis") as redis, fleet(text, loop, redis.url) as hosts:
+        wait_for(lambda: len(starts(path)) >= 1, 30, "a run", hosts)
+        victim = starts(path)[0].pid
+        killed = [server for server in hosts if server.process.pid == victim]  # a host of one process dies
+        os.kill(victim, signal.SIGKILL)
+        # Its hold on the schedule expires (ticks.HOLD_SECONDS): another process runs the next tick.
+        wait_for(lambda: len(starts(path)) >= 2, 60, "a run after the kill", hosts)
+        with redis.client() as client:
+            holder = client.get("aioserver:schedule:tick:running")
+        stop_all([server for server in hosts if server not in killed])
+    runs = starts(path)
+    print(f"[{loop}] killed in a run: next run {runs[1].time - runs[0].time:.1f}s after the first")
+    assert runs[1].pid != victim and len(runs) == 2, runs  # and no second run while the new one went on
+    assert holder is not None and f"pid {runs[1].pid} " in holder  # the new run's hold

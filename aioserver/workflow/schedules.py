@@ -15,13 +15,15 @@ The policy (the README's "Schedules" says the same to users):
   ``--workers`` the worker of slot 0, which reports each run to the parent; the parent hands
   the counts so far to that worker's replacement, so ``iterations`` outlives a worker.
 - With ``--redis``, those processes of every host contend for each tick (:mod:`.ticks`): one
-  runs it, and ``iterations`` counts across the fleet. A tick that cannot be claimed (Redis
-  away) is skipped; a tick more than ``ticks.LATE`` seconds past is not claimed at all.
+  runs it, one run at a time in the fleet, and ``iterations`` counts across the fleet. A tick
+  that cannot be claimed (Redis away) is skipped; one more than ``ticks.LATE`` seconds past
+  is not claimed at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -203,7 +205,9 @@ class Scheduler:
                 continue
             self.running[name] = run
             try:
-                await self._run(workflow, run, runtime)
+                # With --redis, the run holds the schedule: one run at a time in the fleet, as on a host.
+                async with self.fleet.holding(name) if self.fleet else contextlib.nullcontext():
+                    await self._run(workflow, run, runtime)
             finally:
                 del self.running[name]
             if self.stopping:

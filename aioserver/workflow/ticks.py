@@ -13,7 +13,12 @@ sleep. A claim is one Lua script, atomic in Redis, one round trip:
   start, as on one host). The count is kept, without expiry: it outlives restarts of any
   host, or of all of them. Each claim also hands Redis the count its process has seen, so
   that a Redis restarted empty gets the count back at the first claim instead of starting
-  ``iterations`` over.
+  ``iterations`` over;
+- one run at a time across the fleet, as on one host: the run holds
+  ``aioserver:schedule:NAME:running`` while it lasts (renewed, and released at its end); a
+  tick that comes meanwhile is locked but not run (skipped, as a host skips the times its
+  run outlasted). The hold expires :data:`HOLD_SECONDS` after its last renewal, so a process
+  killed in a run holds the schedule up that long at most.
 
 Redis away: :class:`~aioserver.fleet.Unavailable` reaches the scheduler, which skips the tick
 (fleet.py logs the outage, once).
@@ -21,13 +26,17 @@ Redis away: :class:`~aioserver.fleet.Unavailable` reaches the scheduler, which s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import secrets
 import socket
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..fleet import Fleet, key
+from ..fleet import Fleet, Unavailable, key
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -43,9 +52,15 @@ LOCK_SECONDS = 300
 # is not claimed: the fleet ran it already, and its lock must still be there to say so.
 LATE = 60.0
 
-# KEYS[1]: the tick's lock; KEYS[2]: the schedule's run count.
+# A run's hold on its schedule lasts this long past its last renewal (every third of it):
+# long enough for a loaded host's renewal to come in time, short enough that a process
+# killed in a run (its hold left behind) costs the fleet a few ticks at most.
+HOLD_SECONDS = 15
+
+# KEYS[1]: the tick's lock; KEYS[2]: the schedule's run count; KEYS[3]: the run's hold.
 # ARGV[1]: the lock's lifetime (ms); ARGV[2]: iterations (0: no limit); ARGV[3]: the count
-# the claiming process has seen; ARGV[4]: who claims (the lock's value, for an operator).
+# the claiming process has seen; ARGV[4]: who claims (the lock's and the hold's value);
+# ARGV[5]: the hold's lifetime (ms).
 # Returns {1 if the tick is the caller's to run, the count (the run's number if so)}.
 CLAIM = """
 local runs = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -61,7 +76,27 @@ end
 if not redis.call('SET', KEYS[1], ARGV[4], 'NX', 'PX', ARGV[1]) then
   return {0, runs}
 end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {0, runs}
+end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
 return {1, redis.call('INCR', KEYS[2])}
+"""
+# KEYS[1]: the hold; ARGV[1]: its holder; ARGV[2]: its lifetime (ms). Extended only if it is
+# the holder's: never taken again once gone (a Redis restarted empty), since a renewal that
+# arrives after the run's release must not hold the schedule up.
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS[1]: the hold; ARGV[1]: its holder. Deleted only by its holder.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """
 
 
@@ -78,15 +113,45 @@ class FleetTicks:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.script: AsyncScript = fleet.client.register_script(CLAIM)
-        self.claimant = f"{socket.gethostname()} pid {os.getpid()}"
+        self.scripts: dict[str, AsyncScript] = {
+            script: fleet.client.register_script(text)
+            for script, text in (("claim", CLAIM), ("renew", RENEW), ("release", RELEASE))
+        }
+        # The value of its locks and holds: whose they are, for an operator and for the release
+        # (a random part: a pid comes back, after a restart).
+        self.claimant = f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(4)}"
 
     async def claim(self, name: str, due: float, iterations: int | None, seen: int) -> Claim:
         """Claim workflow ``name``'s tick at ``due``; raises Unavailable when Redis is away."""
-        keys = [tick_key(name, due), runs_key(name)]
-        args: list[int | str] = [LOCK_SECONDS * 1000, iterations or 0, seen, self.claimant]
-        ours, runs = await self.fleet.call(lambda client: self.script(keys, args, client))
+        keys = [tick_key(name, due), runs_key(name), hold_key(name)]
+        args: list[int | str] = [LOCK_SECONDS * 1000, iterations or 0, seen, self.claimant, HOLD_SECONDS * 1000]
+        ours, runs = await self._script("claim", keys, args)
         return Claim(bool(ours), int(runs))
+
+    @contextlib.asynccontextmanager
+    async def holding(self, name: str) -> AsyncIterator[None]:
+        """For a run of workflow ``name`` claimed here: keep its hold while it runs, release it after."""
+        renewing = asyncio.create_task(self._renew(name), name=f"schedule {name} hold")
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            await asyncio.wait([renewing])  # a renewal in flight ends (or is cut off) before the release
+            try:
+                await self._script("release", [hold_key(name)], [self.claimant])
+            except Unavailable:
+                pass  # then it expires
+
+    async def _renew(self, name: str) -> None:
+        while True:
+            await asyncio.sleep(HOLD_SECONDS / 3)
+            try:
+                await self._script("renew", [hold_key(name)], [self.claimant, HOLD_SECONDS * 1000])
+            except Unavailable:
+                pass  # fleet.py logs the outage; the hold expires meanwhile, or comes back with Redis
+
+    async def _script(self, script: str, keys: list[str], args: list[int | str]) -> Any:
+        return await self.fleet.call(lambda client: self.scripts[script](keys, args, client))
 
 
 def tick_key(name: str, due: float) -> str:
@@ -95,6 +160,10 @@ def tick_key(name: str, due: float) -> str:
 
 def runs_key(name: str) -> str:
     return key("schedule", _quoted(name), "runs")
+
+
+def hold_key(name: str) -> str:
+    return key("schedule", _quoted(name), "running")
 
 
 def _quoted(name: str) -> str:
