@@ -11,20 +11,26 @@ Needs the ``redis`` extra: these tests choose their loop (``loop``), so they run
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import math
 import os
 import re
 import signal
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 from redisserver import PASSWORD, RedisServer
 from test_schedules import EVERY_SECOND, config, events, starts
+
+from aioserver.fleet import Fleet, Unavailable, parse_redis_url
+from aioserver.workflow import ticks as ticks_module
+from aioserver.workflow.ticks import FleetTicks
 
 from conftest import Server
 
@@ -217,3 +223,78 @@ def test_a_process_killed_in_a_run_holds_the_schedule_up_for_a_while_only(tmp_pa
     print(f"[{loop}] killed in a run: next run {runs[1].time - runs[0].time:.1f}s after the first")
     assert runs[1].pid != victim and len(runs) == 2, runs  # and no second run while the new one went on
     assert holder is not None and f"pid {runs[1].pid} " in holder  # the new run's hold
+
+
+# -- in-process: the claim script, on the same real redis-server
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def processes(server: RedisServer, count: int) -> AsyncIterator[list[FleetTicks]]:
+    """``count`` processes' links to the fleet's Redis, as each host's scheduling process has."""
+    fleets = [Fleet(parse_redis_url(server.url)) for _ in range(count)]
+    try:
+        yield [FleetTicks(fleet) for fleet in fleets]
+    finally:
+        for fleet in fleets:
+            await fleet.close()
+
+
+async def test_a_tick_is_claimed_once_and_counted(redis_server: RedisServer) -> None:
+    async with processes(redis_server, 3) as (a, b, c):
+        due = math.floor(time.time()) + 1.0
+        claims = await asyncio.gather(*(ticks.claim("odd:name", due, None, 0) for ticks in (a, b, c)))
+        assert sorted(claim.ours for claim in claims) == [False, False, True]
+        assert {claim.runs for claim in claims} == {1}  # the losers see the winner's count: it ran first
+        with redis_server.client() as client:
+            lock = "aioserver:schedule:odd%3Aname:tick:" + str(int(due))
+            assert ticks_module.LOCK_SECONDS * 1000 - 5000 < client.pttl(lock) <= ticks_module.LOCK_SECONDS * 1000
+            assert client.get("aioserver:schedule:odd%3Aname:runs") == "1"
+        # The next tick, once the run has let go of its hold.
+        winner = next(ticks for ticks, claim in zip((a, b, c), claims, strict=True) if claim.ours)
+        async with winner.holding("odd:name"):
+            assert (await b.claim("odd:name", due + 1, None, 1)).ours is False  # during the run: skipped
+        assert (await b.claim("odd:name", due + 1, None, 1)).ours is False  # and that tick stays taken
+        assert await c.claim("odd:name", due + 2, None, 1) == ticks_module.Claim(True, 2)
+
+
+async def test_iterations_stop_the_claims_and_a_lost_count_comes_back(redis_server: RedisServer) -> None:
+    async with processes(redis_server, 2) as (a, b):
+        due = math.floor(time.time()) + 1.0
+        assert await a.claim("w", due, 2, 0) == ticks_module.Claim(True, 1)
+        async with a.holding("w"):  # the run
+            pass
+        assert await b.claim("w", due + 1, 2, 1) == ticks_module.Claim(True, 2)
+        async with b.holding("w"):
+            pass
+        assert await a.claim("w", due + 2, 2, 1) == ticks_module.Claim(False, 2)  # done
+        with redis_server.client() as client:
+            client.flushall()  # as a Redis restarted empty
+            assert await a.claim("w", due + 3, 2, 2) == ticks_module.Claim(False, 2)  # the count handed back
+            assert client.get("aioserver:schedule:w:runs") == "2"
+
+
+async def test_a_hold_is_released_by_its_holder_only_and_expires(redis_server: RedisServer) -> None:
+    async with processes(redis_server, 2) as (a, b):
+        due = math.floor(time.time()) + 1.0
+        assert (await a.claim("w", due, None, 0)).ours
+        with redis_server.client() as client:
+            assert 0 < client.pttl("aioserver:schedule:w:running") <= ticks_module.HOLD_SECONDS * 1000
+            async with b.holding("w"):  # another process's release leaves a's hold alone
+                pass
+            assert client.get("aioserver:schedule:w:running") == a.claimant
+            async with a.holding("w"):
+                pass
+            assert client.get("aioserver:schedule:w:running") is None
+
+
+async def test_a_claim_with_redis_away_is_unavailable(redis_server: RedisServer) -> None:
+    async with processes(redis_server, 1) as (a,):
+        redis_server.stop()
+        with pytest.raises(Unavailable):  # the scheduler's cue to skip the tick
+            await a.claim("w", time.time(), None, 0)
