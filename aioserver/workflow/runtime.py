@@ -21,6 +21,7 @@ from aiohttp import web
 from .processes import ProcessPool
 from .safeopen import SafeOpen, create_session
 from .schedules import HostSchedules, Scheduler
+from .ticks import FleetTicks
 
 ACTION_THREADS = "aioserver-action"  # the name prefix of the threads sync actions run in
 T = TypeVar("T")
@@ -58,12 +59,18 @@ def setup_workflow_runtime(app: web.Application, schedules: HostSchedules | None
     """Give the app its workflow runtime and scheduled runs, for the app's lifetime.
 
     ``schedules``: this process's part in the host's schedules (by default, it runs them).
+    With --redis (``app[FLEET]``), it claims each tick from the fleet.
     """
-    from ..keys import CONFIG  # here: keys imports this module's Runtime
+    from ..keys import CONFIG, FLEET  # here: keys imports this module's Runtime
 
     settings = app[CONFIG].settings
+    fleet = app.get(FLEET)
     scheduler = Scheduler(
-        app[CONFIG].workflows, settings.schedules, settings.timeout_workflow, schedules or HostSchedules()
+        app[CONFIG].workflows,
+        settings.schedules,
+        settings.timeout_workflow,
+        schedules or HostSchedules(),
+        FleetTicks(fleet) if fleet is not None else None,
     )
 
     async def stop_schedules(app: web.Application) -> None:

@@ -14,11 +14,16 @@ The policy (the README's "Schedules" says the same to users):
 - One process per host runs the schedules (:class:`HostSchedules`): the only one, or under
   ``--workers`` the worker of slot 0, which reports each run to the parent; the parent hands
   the counts so far to that worker's replacement, so ``iterations`` outlives a worker.
+- With ``--redis``, those processes of every host contend for each tick (:mod:`.ticks`): one
+  runs it, one run at a time in the fleet, and ``iterations`` counts across the fleet. A tick
+  that cannot be claimed (Redis away) is skipped; one more than ``ticks.LATE`` seconds past
+  is not claimed at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import logging
@@ -28,9 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from ..fleet import Unavailable
+from .ticks import LATE
+
 if TYPE_CHECKING:
     from .engine import Workflow
     from .runtime import Runtime
+    from .ticks import FleetTicks
 
 logger = logging.getLogger("aioserver.workflow")
 
@@ -97,11 +106,19 @@ def next_time(cron: str, after: float) -> float:
 class Scheduler:
     """Runs the scheduled workflows of one app, when this process is the host's scheduler."""
 
-    def __init__(self, workflows: Mapping[str, Workflow], enabled: bool, timeout: float, host: HostSchedules) -> None:
+    def __init__(
+        self,
+        workflows: Mapping[str, Workflow],
+        enabled: bool,
+        timeout: float,
+        host: HostSchedules,
+        fleet: FleetTicks | None = None,
+    ) -> None:
         self.workflows = [workflow for workflow in workflows.values() if workflow.schedule is not None]
         self.enabled = enabled  # --no-schedules: not on this host
         self.timeout = timeout  # --timeout-workflow
         self.host = host
+        self.fleet = fleet  # with --redis: each tick is claimed there, and runs where claimed
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.running: dict[str, int] = {}  # workflow name -> its run in progress
         self.stopping = False
@@ -156,7 +173,10 @@ class Scheduler:
             task.cancel()
 
     async def _keep(self, workflow: Workflow, runtime: Runtime | None) -> None:
-        """Run ``workflow`` at its schedule's times, ``iterations`` times in all on the host (or forever)."""
+        """Run ``workflow`` at its schedule's times, ``iterations`` times in all (or forever).
+
+        In all on the host; with --redis, in all on the fleet, each time where it is claimed.
+        """
         schedule = workflow.schedule
         assert schedule is not None
         name, cron, host = workflow.name, schedule.cron, self.host
@@ -166,21 +186,28 @@ class Scheduler:
 
         after = time.time()
         logger.info(
-            "workflow %s scheduled: %s (local time), next run at %s, %d runs so far",
+            "workflow %s scheduled: %s (local time), next run at %s, %d runs so far%s",
             name,
             cron,
             _local(next_time(cron, after)),
             host.runs.get(name, 0),
+            " (each time by one process of the fleet: redis)" if self.fleet else "",
         )
         while more():
+            if self.fleet is not None:
+                after = max(after, time.time() - LATE)  # see ticks.LATE: a tick long past is not claimed
             due = next_time(cron, after)
             while (wait := due - time.time()) > 0:
                 await asyncio.sleep(min(wait, LONGEST_SLEEP))
-            run = host.runs[name] = host.runs.get(name, 0) + 1
-            host.report(name, run)  # before it runs: a run is counted once, even if its process dies
+            run = await self._claim(name, due, schedule.iterations)
+            if run is None:  # another process of the fleet runs it, or Redis is away
+                after = due
+                continue
             self.running[name] = run
             try:
-                await self._run(workflow, run, runtime)
+                # With --redis, the run holds the schedule: one run at a time in the fleet, as on a host.
+                async with self.fleet.holding(name) if self.fleet else contextlib.nullcontext():
+                    await self._run(workflow, run, runtime)
             finally:
                 del self.running[name]
             if self.stopping:
@@ -196,7 +223,32 @@ class Scheduler:
                     _local(next_time(cron, ended)),
                 )
             after = max(due, ended)
-        logger.info("workflow %s: schedule done after %d runs", name, host.runs.get(name, 0))
+        logger.info(
+            "workflow %s: schedule done after %d runs%s",
+            name,
+            host.runs.get(name, 0),
+            " across the fleet" if self.fleet else "",
+        )
+
+    async def _claim(self, name: str, due: float, iterations: int | None) -> int | None:
+        """The number of the run this process makes at ``due``, counted before it runs; None if not here."""
+        host = self.host
+        if self.fleet is None:  # the host's own tick
+            run = host.runs[name] = host.runs.get(name, 0) + 1
+            host.report(name, run)  # before it runs: a run is counted once, even if its process dies
+            return run
+        try:
+            claim = await self.fleet.claim(name, due, iterations, host.runs.get(name, 0))
+        except Unavailable:  # fleet.py logs the outage once; a line per tick would flood the log
+            logger.debug("workflow %s: time %s skipped: redis is away", name, _local(due))
+            return None
+        if claim.runs > host.runs.get(name, 0):  # the fleet's count, kept by the parent for a replacement
+            host.runs[name] = claim.runs
+            host.report(name, claim.runs)
+        if not claim.ours:
+            logger.debug("workflow %s: time %s is another process's (%d runs so far)", name, _local(due), claim.runs)
+            return None
+        return claim.runs
 
     async def _run(self, workflow: Workflow, run: int, runtime: Runtime | None) -> None:
         """One run, within the time limit; its outcome logged, never raised (the schedule goes on)."""
