@@ -28,6 +28,9 @@ class Readiness:
 
     def __init__(self) -> None:
         self.state = State.STARTING
+        # Once the stop's deadline is known (loop time): when what still runs is cut off, so
+        # that a scheduled run is cancelled (and says so) together with the requests in flight.
+        self.cut_at: float | None = None
 
     def serving(self) -> None:
         """Every listener serves: ready, unless the stop has begun already."""

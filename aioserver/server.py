@@ -167,6 +167,7 @@ async def _serve(
         # The grace period counts from here, after the delay: it is the time of the requests in
         # flight, as without a delay (as a Kubernetes preStop sleep comes before SIGTERM).
         deadline = asyncio.get_running_loop().time() + grace
+        app[READINESS].cut_at = deadline - _reserve(grace)
         await _stop_accepting(runners, sites, owned)
         notifier.notify(systemd.NOT_ACCEPTING)  # for a parent: the sockets may stop listening
         logger.info("shutting down (%s): no new connections, up to %gs for requests in flight", stop.name, grace)
@@ -258,7 +259,7 @@ async def _drain(
     once. Returns the deadline for the rest of the stop (sooner after a second SIGINT).
     """
     loop = asyncio.get_running_loop()
-    reserve = min(CUT_OFF_TIME, grace / 5)
+    reserve = _reserve(grace)
     cut_at = deadline - reserve
     reason = "grace period over"
     try:
@@ -297,6 +298,11 @@ async def _drain(
     while connections.in_flight() and loop.time() < answered_by:
         await asyncio.sleep(min(DRAIN_POLL, answered_by - loop.time()))
     return deadline
+
+
+def _reserve(grace: float) -> float:
+    """The end of the grace period kept for cutting off what still runs, and its answers."""
+    return min(CUT_OFF_TIME, grace / 5)
 
 
 def _cut_off(handler: RequestHandler) -> None:
@@ -374,7 +380,7 @@ def _runner(app: web.Application, config: Config, connections: Connections) -> L
         keepalive_timeout=settings.timeout_keep_alive,
         # The drain is ours (_drain): by aiohttp's cleanup, what is left has been cut off. Its
         # own drain would wait this long, cancel, then wait as long again.
-        shutdown_timeout=min(CUT_OFF_TIME, settings.timeout_graceful_shutdown / 5) / 4,
+        shutdown_timeout=_reserve(settings.timeout_graceful_shutdown) / 4,
     )
 
 

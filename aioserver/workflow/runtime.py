@@ -62,6 +62,7 @@ def setup_workflow_runtime(app: web.Application, schedules: HostSchedules | None
     With --redis (``app[FLEET]``), it claims each tick from the fleet.
     """
     from ..keys import CONFIG, FLEET  # here: keys imports this module's Runtime
+    from ..readiness import READINESS
 
     settings = app[CONFIG].settings
     fleet = app.get(FLEET)
@@ -75,8 +76,9 @@ def setup_workflow_runtime(app: web.Application, schedules: HostSchedules | None
 
     async def stop_schedules(app: web.Application) -> None:
         # At the start of the shutdown, as requests start draining: a running schedule gets the
-        # same grace period as they do, at the same time (the runtime's cleanup waits for it).
-        scheduler.stop(settings.timeout_graceful_shutdown)
+        # same grace period as they do, and is cut off when they are (the runtime's cleanup
+        # waits for it); the server says when (without it, a test's app: the grace from now).
+        scheduler.stop(settings.timeout_graceful_shutdown, app[READINESS].cut_at if READINESS in app else None)
 
     app.cleanup_ctx.append(functools.partial(_runtime_context, scheduler=scheduler))
     app.on_shutdown.append(stop_schedules)

@@ -144,18 +144,21 @@ class Scheduler:
                 self._keep(workflow, runtime), name=f"schedule {workflow.name}"
             )
 
-    def stop(self, grace: float) -> None:
-        """No more runs: a schedule waiting for its time ends now, a running one within ``grace`` seconds."""
+    def stop(self, grace: float, cut_at: float | None = None) -> None:
+        """No more runs: a schedule waiting for its time ends now, a running one within ``grace``
+        seconds (the graceful-shutdown period), cut off at ``cut_at`` (loop time) when given:
+        with the requests in flight, before the period ends."""
         self.stopping = True
         self._grace = grace
         loop = asyncio.get_running_loop()
+        when = loop.time() + grace if cut_at is None else cut_at
         for name, task in self.tasks.items():
             run = self.running.get(name)
             if run is None:
                 task.cancel()
                 continue
             logger.info("waiting up to %gs for scheduled run %d of workflow %s", grace, run, name)
-            self._timers.append(loop.call_later(grace, self._cut_off, name))
+            self._timers.append(loop.call_at(when, self._cut_off, name))
 
     async def close(self) -> None:
         """Wait for the schedules stopped by :meth:`stop` (cancel them at once if it was not called)."""
