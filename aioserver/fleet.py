@@ -98,11 +98,14 @@ def redacted(url: str) -> str:
     if any(key == "password" for key, _ in query):
         query = [(key, "***" if key == "password" else item) for key, item in query]
         parts = parts._replace(query=urllib.parse.urlencode(query))
-    if password is None:
-        return urllib.parse.urlunsplit(parts)
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    text = urllib.parse.urlunsplit(parts)
+    if not parts.netloc and url.startswith(f"{parts.scheme}://"):  # urlunsplit makes unix:///p unix:/p
+        text = f"{parts.scheme}://{text.removeprefix(parts.scheme + ':')}"
+    return text
 
 
 class Unavailable(Exception):
