@@ -441,3 +441,34 @@ def test_the_redis_up_gauge_follows_redis(loop: str, workers: str, redis_server:
         wait_for(lambda: redis_up() == 1, "aioserver_redis_up 1")
         assert all(redis_up() == 1 for _ in range(5))  # every worker's back
     assert PASSWORD not in "".join(server.log)
+
+
+@LOOPS
+def test_failures_do_not_wait_for_a_redis_that_hangs(loop: str, redis_server: RedisServer) -> None:
+    """Redis stopped (SIGSTOP: connections open, no answer) mid-run: the failures under way wait
+    for the time limit (1 s), the others are counted locally at once until the probe finds it back."""
+    args = ("--redis", redis_server.url, "--loop", loop, "--trusted-proxies", "127.0.0.1")
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as server:
+        assert call(server.port, WRONG, client="10.2.0.1")[0] == 401
+        assert redis_server.process is not None
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert call(server.port, WRONG, client="10.2.0.2")[0] == 401  # waits for the time limit
+            assert time.monotonic() - started < 5
+            wait_for(lambda: lines([server], AWAY), "the away line")
+            slowest = 0.0
+            for i in range(24):  # over some 3 s: the probe tries (and waits) three times meanwhile
+                started = time.monotonic()
+                assert call(server.port, WRONG, client=f"10.2.1.{i}")[0] == 401
+                slowest = max(slowest, time.monotonic() - started)
+                time.sleep(0.1)
+            assert call(server.port, TOKEN, client="10.2.0.3")[0] == 200
+            # None waited for Redis's time limit (1 s): they did not ask it.
+            assert slowest < 0.8, slowest
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: lines([server], BACK), "the back line")
+        assert call(server.port, WRONG, client="10.2.0.4")[0] == 401
+        assert redis_server.client().get(f"{PREFIX}throttle:10.2.0.4") == "1"
+    assert len(lines([server], AWAY)) == len(lines([server], BACK)) == 1, "".join(server.log)
