@@ -27,17 +27,22 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from .auth import FailureThrottle
 from .fleet import Fleet, Unavailable, key
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
 # KEYS[1]: the client's key; ARGV[1]: the window in milliseconds. Returns {count, ms left}.
-# A key left without a time to live (never by us) gets the window's: it cannot lock a client out.
+# A key without a time to live, or a longer one (never set by us), gets the window's: no key
+# found in Redis locks a client out for longer than a window.
 COUNT = """
 local count = redis.call('INCR', KEYS[1])
 local left = redis.call('PTTL', KEYS[1])
-if count == 1 or left < 0 then
+if count == 1 or left < 0 or left > tonumber(ARGV[1]) then
     redis.call('PEXPIRE', KEYS[1], ARGV[1])
     left = tonumber(ARGV[1])
 end
@@ -74,7 +79,8 @@ class FleetThrottle(FailureThrottle):
         self._learn(client, count, left / 1000)
         return self._past(client)
 
-    def _count(self, client: str) -> Any:
+    def _count(self, client: str) -> Callable[[Redis], Awaitable[Any]]:
+        """The call running the script on ``client``'s key (the reply: [count, ms left])."""
         script, keys, args = self._script, [key("throttle", client)], [self._window_ms]
         return lambda redis: script(keys=keys, args=args, client=redis)
 

@@ -297,6 +297,12 @@ def test_a_failure_past_the_fleet_limit_is_429_and_a_process_counts_one_at_a_tim
         assert results == {"wrong": 429} and rights == [429] * 3
         assert redis_server.client().get(f"{PREFIX}throttle:10.1.0.2") == str(LIMIT + 1)
 
+        # A key found with a longer life than the window (not ours) locks a client out one window only.
+        redis_server.client().set(f"{PREFIX}throttle:10.1.0.3", 50, ex=86400)
+        status, headers, _ = call(first.port, WRONG, client="10.1.0.3")
+        assert status == 429 and 50 <= int(headers["retry-after"]) <= 60, headers
+        assert 55_000 < redis_server.client().pttl(f"{PREFIX}throttle:10.1.0.3") <= 60_000
+
 
 def spin(redis_server: RedisServer, seconds: float) -> None:
     """Keep Redis busy (single-threaded: every other command waits) for ``seconds``."""
