@@ -87,6 +87,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None, fleet: Fl
     app[TOKENS] = tokens
     if fleet is not None:
         app[FLEET] = fleet
+    if isinstance(throttle, FleetThrottle):
+        app.cleanup_ctx.append(throttle.listening)  # the fleet's news of clients at the limit
     if clients is not None:
         app[CLIENTS] = clients
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)

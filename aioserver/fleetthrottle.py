@@ -3,19 +3,22 @@ minute in total, whichever processes of whichever hosts they reach.
 
 Each failure is one round trip: a Lua script increments the client's key (``aioserver:throttle:``
 and the client, an IPv6 client's /64), gives a new key the window's time to live and returns
-the count and the time left, atomically. A success costs no round trip: each process refuses
-a client (429, before any token is checked) from what it knows locally, as auth.FailureThrottle
-does, and what it knows is every reply it had: the fleet's count and the window's end. So once
-the fleet counts ``limit`` failures, the process that counted the last one refuses the client;
-a process that has not heard checks one more token, whose failure's count (past the limit) it
-answers with 429, and from then on refuses too.
+the count and the time left, atomically; from the limit on, the same script publishes the
+news on :data:`CHANNEL`, to which every process listens. A success costs no round trip: each
+process refuses a client (429, before any token is checked) from what it knows locally, as
+auth.FailureThrottle does, and what it knows is every reply it had (the fleet's count and
+the window's end) and every piece of news it heard. A failure whose count is past the limit
+is answered 429.
 
-What an attacker still gets, per client and window: ``limit`` guesses, plus one for each other
-process of the fleet (every worker of every host), at most. A process counts one failure of a
-client at a time: a request of a client whose failure is being counted waits for that count
-(the reply, well under a millisecond on a LAN) before its token is checked, so that requests
-sent at once to one process are not all checked before the first count comes back. Those
-waits are the only cost a success pays, and only a client failing at that very moment pays it.
+What an attacker still gets, per client and window: ``limit`` guesses, plus those that other
+processes check before the news reaches them (it travels as the script's reply does: well
+under a millisecond on a LAN). At most one per other process (every worker of every host),
+whatever the timing: a process that has not heard checks one more token, whose count (past
+the limit) tells it. A process counts one failure of a client at a time: a request of a
+client whose failure is being counted waits for that count before its token is checked, so
+that requests sent at once to one process are not all checked before the first count comes
+back. Those waits are the only cost a success pays, and only a client failing at that very
+moment pays it. A process that was not listening (Redis restarting) has only the replies.
 
 Redis away (:class:`fleet.Unavailable`, or known away): each process counts locally, as
 without ``--redis`` (``limit`` per process), and nothing fails. While Redis is known away no
@@ -25,10 +28,13 @@ call is even tried (the fleet's probe finds it back), so that no failure waits f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
 
 from .auth import FailureThrottle
 from .fleet import Fleet, Unavailable, key
@@ -36,7 +42,9 @@ from .fleet import Fleet, Unavailable, key
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-# KEYS[1]: the client's key; ARGV[1]: the window in milliseconds. Returns {count, ms left}.
+# KEYS[1]: the client's key; ARGV: the window in milliseconds, the limit, the channel and the
+# client. Returns {count, ms left}; from the limit on, publishes "CLIENT MS_LEFT" (one of the
+# few messages a window: a process that heard does not count that client's failures again).
 # A key without a time to live, or a longer one (never set by us), gets the window's: no key
 # found in Redis locks a client out for longer than a window.
 COUNT = """
@@ -46,8 +54,13 @@ if count == 1 or left < 0 or left > tonumber(ARGV[1]) then
     redis.call('PEXPIRE', KEYS[1], ARGV[1])
     left = tonumber(ARGV[1])
 end
+if count >= tonumber(ARGV[2]) then
+    redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. left)
+end
 return {count, left}
 """
+CHANNEL = key("throttled")  # news of the clients at the limit
+LISTEN_AGAIN = 1.0  # seconds before listening again, after Redis failed the listener
 
 
 class FleetThrottle(FailureThrottle):
@@ -81,8 +94,62 @@ class FleetThrottle(FailureThrottle):
 
     def _count(self, client: str) -> Callable[[Redis], Awaitable[Any]]:
         """The call running the script on ``client``'s key (the reply: [count, ms left])."""
-        script, keys, args = self._script, [key("throttle", client)], [self._window_ms]
+        script, keys = self._script, [key("throttle", client)]
+        args = [self._window_ms, str(self.limit), CHANNEL, client]
         return lambda redis: script(keys=keys, args=args, client=redis)
+
+    async def listening(self, app: web.Application) -> AsyncIterator[None]:
+        """The app's cleanup context: :meth:`listen` while the app runs."""
+        task = asyncio.create_task(self.listen())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def listen(self) -> None:
+        """Take the news of clients at the limit (:data:`CHANNEL`) for as long as the process runs.
+
+        While Redis is away (the fleet's probe says when it is back), or when it fails this
+        listener, it listens again a second later: news sent meanwhile is lost, and the
+        processes that missed it learn from their own replies.
+        """
+        from redis.asyncio import ConnectionPool, Redis
+        from redis.exceptions import RedisError
+
+        # A connection of its own, in a pool of its own: a subscribed connection is never one
+        # that a call takes (after Redis restarts, such a mix-up cut every call's connection).
+        shared = self.fleet.client.connection_pool
+        pool = ConnectionPool(connection_class=shared.connection_class, **shared.connection_kwargs)
+        listener = Redis(connection_pool=pool)
+        try:
+            while True:
+                subscription = listener.pubsub()
+                try:
+                    if self.fleet.up:
+                        await subscription.subscribe(CHANNEL)
+                        # A time limit on each wait: a Redis lost without a word (the fleet's
+                        # probe notices) is left for a new subscription once it is back.
+                        while self.fleet.up:
+                            message = await subscription.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                            if message is not None:
+                                self._heard(message.get("data"))
+                except (RedisError, OSError, TimeoutError):
+                    pass
+                finally:
+                    await subscription.aclose()  # type: ignore[no-untyped-call]
+                await asyncio.sleep(LISTEN_AGAIN)
+        finally:
+            await pool.disconnect()
+
+    def _heard(self, data: Any) -> None:
+        """A piece of news: ``CLIENT MS_LEFT``, a client the fleet has counted ``limit`` failures of."""
+        try:
+            client, _, left = bytes(data).decode("ascii").rpartition(" ")
+            seconds = int(left) / 1000
+        except (TypeError, ValueError):
+            return  # not ours (anyone who may write to Redis may publish): ignored
+        if client:
+            self._learn(client, self.limit, seconds)
 
     def _learn(self, client: str, count: int, left: float) -> None:
         """Take the fleet's ``count`` of ``client``'s failures, in a window ending in ``left`` seconds.
@@ -92,7 +159,7 @@ class FleetThrottle(FailureThrottle):
         """
         now = time.monotonic()
         local, _ = self._failures.pop(client, (0, now))
-        started = now + left - self.window
+        started = now + min(left, self.window) - self.window
         self._failures[client] = (max(count, local), started)
         self._quiet_from = max(self._quiet_from, started + self.window)
         while len(self._failures) > self.max_clients:
