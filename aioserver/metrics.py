@@ -359,6 +359,9 @@ class _Files:
         self.registry = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(self.registry, directory)  # type: ignore[no-untyped-call]
         self._timer: asyncio.TimerHandle | None = None
+        # A gauge's file holds 0 from its making: written now, a worker still starting does not
+        # pull the other workers' lowest (livemin) down to 0 (Redis away, a certificate expired).
+        self.refresh()
 
     def _metric(self, family: Family) -> Counter | Histogram:
         metric = self.metrics.get(family)

@@ -515,3 +515,31 @@ def test_failures_do_not_wait_for_a_redis_that_hangs(loop: str, redis_server: Re
         assert call(server.port, WRONG, client="10.2.0.4")[0] == 401
         assert redis_server.client().get(f"{PREFIX}throttle:10.2.0.4") == "1"
     assert len(lines([server], AWAY)) == len(lines([server], BACK)) == 1, "".join(server.log)
+
+
+STARTING_WORKER = """
+import sys
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from aioserver.fleet import Fleet, parse_redis_url
+from aioserver.metrics import Metrics, WorkerFiles
+
+files = WorkerFiles()
+WorkerFiles.serve_as(0)
+fleet = Fleet(parse_redis_url(sys.argv[1]))
+metrics = Metrics([], None, files.path, fleet)  # made, its app not started yet
+text = generate_latest(metrics.store.registry).decode()  # as another worker's scrape reads the files
+files.remove()
+print([s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == "aioserver_redis_up"])
+"""
+
+
+def test_a_worker_still_starting_does_not_pull_the_gauge_down(redis_server: RedisServer) -> None:
+    """Under --workers the gauge is the lowest of the workers' (livemin): a worker whose metrics
+    are made but whose app has not started yet counts with its value, not a 0 (a scrape that
+    the other worker answered then said Redis was away)."""
+    done = subprocess.run(
+        [sys.executable, "-c", STARTING_WORKER, redis_server.url], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1.0]", done.stdout
