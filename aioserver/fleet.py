@@ -21,6 +21,7 @@ This module needs the ``redis`` extra (redis-py); config.py imports it only with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import urllib.parse
@@ -146,6 +147,11 @@ class Fleet:
             async with asyncio.timeout(2 * self.timeout):
                 result = await command(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
+            if self.up:
+                # The idle connections are as dead as this one (a restarted Redis closed them
+                # all): dropped now, else each would fail a call once it is back.
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await self.client.connection_pool.disconnect(inuse_connections=False)
             self._away(exc)
             raise Unavailable(f"{self.where}: {self._reason(exc)}") from None
         self._back()

@@ -262,6 +262,34 @@ def test_redis_away_and_back_is_logged_once_each_and_no_request_fails(loop: str,
     assert PASSWORD not in log and "Traceback" not in log
 
 
+@LOOPS
+def test_redis_restarted_between_calls_is_away_and_back_once(loop: str, redis_server: RedisServer) -> None:
+    """Restarted while no call was under way, Redis has closed every connection the process
+    holds: the first call after finds it away, and once it is back, no other closed connection
+    fails a call (each used to, logging it away again)."""
+    args = ("--redis", redis_server.url, "--loop", loop, "--trusted-proxies", "127.0.0.1")
+
+    def failures_at_once(clients: list[str]) -> None:
+        threads = [threading.Thread(target=call, args=(server.port, WRONG), kwargs={"client": c}) for c in clients]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as server:
+        failures_at_once([f"10.3.0.{i}" for i in range(8)])  # as many connections, at most
+        redis_server.stop()
+        redis_server.start()
+        assert call(server.port, WRONG, client="10.3.1.0")[0] == 401  # on a closed connection
+        wait_for(lambda: lines([server], BACK), "the back line")
+        failures_at_once([f"10.3.2.{i}" for i in range(8)])
+        with redis_server.client() as client:
+            assert sorted(client.keys(f"{PREFIX}throttle:10.3.2.*")) == [
+                f"{PREFIX}throttle:10.3.2.{i}" for i in range(8)
+            ]
+    assert len(lines([server], AWAY)) == len(lines([server], BACK)) == 1, "".join(server.log)
+
+
 # -- the throttle fleet-wide
 
 
