@@ -4,7 +4,7 @@ minute in total, whichever processes of whichever hosts they reach.
 Each failure is one round trip: a Lua script increments the client's key (``aioserver:throttle:``
 and the client, an IPv6 client's /64), gives a new key the window's time to live and returns
 the count and the time left, atomically; from the limit on, the same script publishes the
-news on :data:`CHANNEL`, to which every process listens. A success costs no round trip: each
+news on a channel (:func:`channel`), to which every process listens. A success costs no round trip: each
 process refuses a client (429, before any token is checked) from what it knows locally, as
 auth.FailureThrottle does, and what it knows is every reply it had (the fleet's count and
 the window's end) and every piece of news it heard. A failure whose count is past the limit
@@ -59,8 +59,13 @@ if count >= tonumber(ARGV[2]) then
 end
 return {count, left}
 """
-CHANNEL = key("throttled")  # news of the clients at the limit
 LISTEN_AGAIN = 1.0  # seconds before listening again, after Redis failed the listener
+
+
+def channel(fleet: Fleet) -> str:
+    """The channel of the news of clients at the limit: the database's (channels are the whole
+    server's, keys a database's: a service with a database of its own hears only its own news)."""
+    return key("throttled", str(fleet.client.connection_pool.connection_kwargs.get("db", 0)))
 
 
 class FleetThrottle(FailureThrottle):
@@ -71,6 +76,7 @@ class FleetThrottle(FailureThrottle):
         self.fleet = fleet
         self._window_ms = str(math.ceil(window * 1000))
         self._script = fleet.client.register_script(COUNT)  # EVALSHA; loaded again after a restart
+        self.channel = channel(fleet)
 
     async def count(self, client: str) -> int:
         # Counted here first, at once, as without Redis: the fallback if Redis does not answer,
@@ -95,7 +101,7 @@ class FleetThrottle(FailureThrottle):
     def _count(self, client: str) -> Callable[[Redis], Awaitable[Any]]:
         """The call running the script on ``client``'s key (the reply: [count, ms left])."""
         script, keys = self._script, [key("throttle", client)]
-        args = [self._window_ms, str(self.limit), CHANNEL, client]
+        args = [self._window_ms, str(self.limit), self.channel, client]
         return lambda redis: script(keys=keys, args=args, client=redis)
 
     async def listening(self, app: web.Application) -> AsyncIterator[None]:
@@ -107,7 +113,7 @@ class FleetThrottle(FailureThrottle):
             await task
 
     async def listen(self) -> None:
-        """Take the news of clients at the limit (:data:`CHANNEL`) for as long as the process runs.
+        """Take the news of clients at the limit (:attr:`channel`) for as long as the process runs.
 
         While Redis is away (the fleet's probe says when it is back), or when it fails this
         listener, it listens again a second later: news sent meanwhile is lost, and the
@@ -126,7 +132,7 @@ class FleetThrottle(FailureThrottle):
                 subscription = listener.pubsub()
                 try:
                     if self.fleet.up:
-                        await subscription.subscribe(CHANNEL)
+                        await subscription.subscribe(self.channel)
                         # A time limit on each wait: a Redis lost without a word (the fleet's
                         # probe notices) is left for a new subscription once it is back.
                         while self.fleet.up:

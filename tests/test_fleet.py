@@ -79,12 +79,13 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 20) ->
         time.sleep(0.05)
 
 
-def listening(redis_server: RedisServer, processes: int) -> None:
+def listening(redis_server: RedisServer, processes: int, database: int = 0) -> None:
     """Wait until ``processes`` processes listen to the news of clients at the limit."""
+    channel = f"{PREFIX}throttled:{database}"
 
     def subscribers() -> int:
         with redis_server.client() as client:
-            return int(dict(client.pubsub_numsub(f"{PREFIX}throttled"))[f"{PREFIX}throttled"])
+            return int(dict(client.pubsub_numsub(channel))[channel])
 
     wait_for(lambda: subscribers() == processes, f"{processes} processes listening")
 
@@ -312,6 +313,29 @@ def test_the_fleet_counts_one_window_and_every_process_hears_the_limit(loop: str
             assert status == 429 and json.loads(body) == {"error": "too many failed authorizations"}
             assert 40 <= int(headers["retry-after"]) <= 60  # the key's time left
         assert redis_server.client().get(f"{PREFIX}throttle:10.1.0.1") == str(LIMIT)  # no guess checked since
+
+
+@LOOPS
+def test_a_service_with_a_database_of_its_own_hears_only_its_own_news(loop: str, redis_server: RedisServer) -> None:
+    """Two services on one Redis, databases 0 and 1: a client at the limit on one is not on the
+    other (Redis's channels are the whole server's; the news goes on the database's)."""
+    env = {"TOKEN": TOKEN_HASH}
+    other = redis_server.url.removesuffix("/0") + "/1"
+    with (
+        Server("--redis", redis_server.url, "--loop", loop, "--trusted-proxies", "127.0.0.1", env=env) as first,
+        Server("--redis", other, "--loop", loop, "--trusted-proxies", "127.0.0.1", env=env) as second,
+    ):
+        listening(redis_server, 1, 0)
+        listening(redis_server, 1, 1)
+        assert [call(first.port, WRONG, client="10.4.0.1")[0] for _ in range(LIMIT + 1)] == [401] * LIMIT + [429]
+        time.sleep(0.5)  # news, if any, heard
+        assert call(second.port, TOKEN, client="10.4.0.1")[0] == 200
+        assert call(second.port, WRONG, client="10.4.0.1")[0] == 401
+        with redis_server.client() as client:  # one connection: SELECT 1 then GET
+            assert client.pipeline(transaction=False).select(1).get(f"{PREFIX}throttle:10.4.0.1").execute() == [
+                True,
+                "1",
+            ]
 
 
 @LOOPS
