@@ -142,10 +142,12 @@ class FleetThrottle(FailureThrottle):
                 except (RedisError, OSError, TimeoutError):
                     pass
                 finally:
-                    await subscription.aclose()  # type: ignore[no-untyped-call]
+                    with contextlib.suppress(RedisError, OSError, TimeoutError):
+                        await subscription.aclose()  # type: ignore[no-untyped-call]
                 await asyncio.sleep(LISTEN_AGAIN)
         finally:
-            await pool.disconnect()
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await pool.disconnect()
 
     def _heard(self, data: Any) -> None:
         """A piece of news: ``CLIENT MS_LEFT``, a client the fleet has counted ``limit`` failures of."""
