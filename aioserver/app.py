@@ -13,6 +13,7 @@ from .clientcerts import CLIENTS, ClientStore
 from .config import Config
 from .errorlog import TracebackLog
 from .errors import error_middleware
+from .fleetthrottle import FleetThrottle
 from .keys import CONFIG, FLEET, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
 from .openapi import setup_openapi
@@ -42,7 +43,7 @@ def create_app(config: Config, schedules: HostSchedules | None = None, fleet: Fl
     tokens = TokenStore(config.tokens)
     # auth.clients: only with HTTPS (config.py checked), whose context tells what is verified.
     clients = ClientStore(config.clients, config.tls) if config.client_sources and config.tls else None
-    metrics = _metrics(config)
+    metrics = _metrics(config, fleet)
     # Middleware order, outermost first:
     # 0. with --metrics, the one counting requests, outermost of all: it counts each answer
     #    with the status it leaves with, an error's as rendered by 1;
@@ -74,7 +75,9 @@ def create_app(config: Config, schedules: HostSchedules | None = None, fleet: Fl
     open_service = not config.tokens and clients is None and config.jwt is None
     if open_service and not config.proxied and config.loopback_only and ANY_HOST not in allowed_hosts:
         middlewares.append(HostGuard(allowed_hosts).middleware())
-    middlewares.append(auth_middleware(tokens, FailureThrottle(), clients, config.jwt))
+    # With --redis, the failures are counted fleet-wide (fleetthrottle.py); else by this process.
+    throttle = FleetThrottle(fleet) if fleet is not None else FailureThrottle()
+    middlewares.append(auth_middleware(tokens, throttle, clients, config.jwt))
     middlewares.append(json_body_middleware())
     if config.dependencies:
         middlewares.append(dependencies_middleware(config.dependencies))
@@ -84,6 +87,8 @@ def create_app(config: Config, schedules: HostSchedules | None = None, fleet: Fl
     app[TOKENS] = tokens
     if fleet is not None:
         app[FLEET] = fleet
+    if isinstance(throttle, FleetThrottle):
+        app.cleanup_ctx.append(throttle.listening)  # the fleet's news of clients at the limit
     if clients is not None:
         app[CLIENTS] = clients
     app[LIMITS] = WorkflowLimits(config.settings.limit_concurrency, config.settings.timeout_workflow)
@@ -108,7 +113,7 @@ def create_app(config: Config, schedules: HostSchedules | None = None, fleet: Fl
     return app
 
 
-def _metrics(config: Config) -> Metrics | None:
+def _metrics(config: Config, fleet: Fleet | None) -> Metrics | None:
     """The metrics of the app, with --metrics; None without (and no cost)."""
     if not config.settings.metrics:
         return None
@@ -116,4 +121,4 @@ def _metrics(config: Config) -> Metrics | None:
     # only when asked for (config.py has checked it is installed).
     from .metrics import Metrics
 
-    return Metrics(config.workflows, config.tls, config.metrics_dir)
+    return Metrics(config.workflows, config.tls, config.metrics_dir, fleet)

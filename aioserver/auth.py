@@ -17,6 +17,7 @@ throttle and access-log name. A request with one is judged by its token alone.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -210,6 +211,9 @@ class FailureThrottle:
         self.max_clients = max_clients
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._quiet_from = 0.0  # when the last window open ends: from then on nobody is counted
+        # Clients whose failure is being counted elsewhere (FleetThrottle: Redis's reply awaited):
+        # their next requests wait for that count before a token is checked. Here always empty.
+        self.pending: dict[str, asyncio.Future[None]] = {}
 
     @staticmethod
     def client_key(address: str | None) -> str:
@@ -244,6 +248,22 @@ class FailureThrottle:
         self._quiet_from = max(self._quiet_from, started + self.window)
         while len(self._failures) > self.max_clients:
             self._failures.popitem(last=False)
+
+    async def count(self, client: str) -> int:
+        """Count a failure of ``client``'s: seconds it must wait if this one is past the limit (429
+        instead of the refusal), else 0. With --redis, fleetthrottle.FleetThrottle counts fleet-wide."""
+        self.failed(client)
+        return self._past(client)
+
+    def _past(self, client: str) -> int:
+        """Seconds left in ``client``'s window if its count is past the limit, else 0."""
+        count, started = self._failures.get(client, (0, 0.0))
+        return max(1, math.ceil(started + self.window - time.monotonic())) if count > self.limit else 0
+
+    async def settled(self, client: str) -> None:
+        """Return once no failure of ``client``'s is being counted (see ``pending``)."""
+        while (counting := self.pending.get(client)) is not None:
+            await asyncio.shield(counting)
 
     def active(self, now: float | None = None) -> bool:
         """Whether a window is open: until then, no request needs its address keyed."""
@@ -285,16 +305,17 @@ def auth_middleware(
             return await handler(request)
         # Keyed only while someone's window is open: parsing the address costs on every request.
         client = throttle.client_key(request.remote) if throttle.active() else None
+        if client in throttle.pending:  # one of its failures is being counted: its count first
+            await throttle.settled(client)
         wait = throttle.retry_after(client) if client is not None else 0
         if wait:
-            request[AUTH_FAILURE] = "throttled"
-            raise http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
+            raise _throttled(request, wait)
 
         headers = request.headers.getall("Authorization", [])
         if not headers:
             if clients is None:
                 raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
-            _by_certificate(request, clients, throttle, client)
+            await _by_certificate(request, clients, throttle, client)
             return await handler(request)
         scheme = headers[0].split(" ", 1)[0]
         if len(headers) == 1 and scheme.lower() != "bearer":
@@ -302,14 +323,14 @@ def auth_middleware(
             raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required: Bearer token", None)
         bearer = _BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
         if bearer is None:
-            throttle.failed(client or throttle.client_key(request.remote))
+            await _count_failure(request, throttle, client)
             raise _deny(
                 request, "invalid_request", web.HTTPBadRequest, "malformed Authorization header", "invalid_request"
             )
         value = bearer.group(1)
         token = await jwt.verify(value) if jwt is not None and jwt.is_jwt(value) else store.match(value)
         if token is None:
-            throttle.failed(client or throttle.client_key(request.remote))
+            await _count_failure(request, throttle, client)
             raise _deny(request, "invalid_token", web.HTTPUnauthorized, "invalid token", "invalid_token")
         # Known before its scope is judged: a refusal's access line names the token refused.
         request[IDENTITY] = token
@@ -328,7 +349,21 @@ def auth_middleware(
     return middleware
 
 
-def _by_certificate(request: web.Request, clients: ClientStore, throttle: FailureThrottle, client: str | None) -> None:
+async def _count_failure(request: web.Request, throttle: FailureThrottle, client: str | None) -> None:
+    """Count the request's failure; one past the limit (the fleet's, with --redis) is answered 429."""
+    wait = await throttle.count(client or throttle.client_key(request.remote))
+    if wait:
+        raise _throttled(request, wait)
+
+
+def _throttled(request: web.Request, wait: int) -> web.HTTPException:
+    request[AUTH_FAILURE] = "throttled"
+    return http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
+
+
+async def _by_certificate(
+    request: web.Request, clients: ClientStore, throttle: FailureThrottle, client: str | None
+) -> None:
     """Authorize a request without an Authorization header by its TLS client certificate.
 
     No certificate (or one no longer trusted) is no credential: 401, as without a token. A
@@ -339,7 +374,7 @@ def _by_certificate(request: web.Request, clients: ClientStore, throttle: Failur
     if isinstance(identity, str):  # why not: "missing" or "unknown_certificate"
         if identity == "missing":
             raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
-        throttle.failed(client or throttle.client_key(request.remote))
+        await _count_failure(request, throttle, client)
         raise _deny(request, identity, web.HTTPForbidden, "this client certificate is not allowed", None)
     request[IDENTITY] = identity  # before the scope check: a refused identity is named in the access line too
     if not identity.may_call(request):  # as for a token (see the middleware)

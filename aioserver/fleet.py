@@ -21,6 +21,7 @@ This module needs the ``redis`` extra (redis-py); config.py imports it only with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import urllib.parse
@@ -98,11 +99,14 @@ def redacted(url: str) -> str:
     if any(key == "password" for key, _ in query):
         query = [(key, "***" if key == "password" else item) for key, item in query]
         parts = parts._replace(query=urllib.parse.urlencode(query))
-    if password is None:
-        return urllib.parse.urlunsplit(parts)
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if password is not None:
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:***@{host}")
+    text = urllib.parse.urlunsplit(parts)
+    if not parts.netloc and url.startswith(f"{parts.scheme}://"):  # urlunsplit makes unix:///p unix:/p
+        text = f"{parts.scheme}://{text.removeprefix(parts.scheme + ':')}"
+    return text
 
 
 class Unavailable(Exception):
@@ -143,6 +147,11 @@ class Fleet:
             async with asyncio.timeout(2 * self.timeout):
                 result = await command(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
+            if self.up:
+                # The idle connections are as dead as this one (a restarted Redis closed them
+                # all): dropped now, else each would fail a call once it is back.
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await self.client.connection_pool.disconnect(inuse_connections=False)
             self._away(exc)
             raise Unavailable(f"{self.where}: {self._reason(exc)}") from None
         self._back()

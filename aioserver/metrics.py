@@ -15,6 +15,8 @@ What is counted (SPEC section 8), all by the outermost middleware, once a reques
 - ``aioserver_auth_failures_total{reason}``: the reason auth.py notes on a refused request.
 - ``aioserver_connections_open`` and ``aioserver_tls_certificate_expiry_timestamp_seconds`` (the
   notAfter of the certificate served, as loaded, reloaded or renewed): read when scraped.
+- ``aioserver_redis_up``, with ``--redis``: 1 while the fleet's Redis answers, 0 while it is away
+  (fleet.py tells of each change); under ``--workers`` the lowest of the workers'.
 
 Every label value is one the service chose; the series of the known ones (each configured
 workflow and outcome, each reason) are there from the start, at 0.
@@ -53,6 +55,7 @@ from prometheus_client.utils import floatToGoString
 from .auth import AUTH_FAILURE, AUTH_FAILURES
 from .connections import CONNECTIONS, Connections
 from .errors import CUT_OFF
+from .fleet import Fleet
 from .tls import ReloadableContext
 from .views import WORKFLOW
 
@@ -133,7 +136,13 @@ class Metrics:
     ``shared``: the directory the workers share (under ``--workers``), whose files a scrape reads.
     """
 
-    def __init__(self, workflows: Iterable[str], tls: ReloadableContext | None, shared: str | None = None) -> None:
+    def __init__(
+        self,
+        workflows: Iterable[str],
+        tls: ReloadableContext | None,
+        shared: str | None = None,
+        fleet: Fleet | None = None,
+    ) -> None:
         self.tls = tls
         self.connections: Connections | None = None  # the server's, once started (none under a test client)
         readings = [
@@ -149,6 +158,19 @@ class Metrics:
                     "livemin",
                 )
             )
+        self._redis_up = 1.0 if fleet is None or fleet.up else 0.0
+        if fleet is not None:
+            # Under --workers the lowest among them: 0 as soon as one worker cannot reach Redis
+            # (it counts alone), whatever the others see; a dead worker's value is dropped.
+            readings.append(
+                Reading(
+                    "aioserver_redis_up",
+                    "Whether the fleet's Redis (--redis) answers: 1, or 0 while it is away",
+                    lambda: self._redis_up,
+                    "livemin",
+                )
+            )
+            fleet.changed.append(self._redis_changed)
         self.store: _Memory | _Files = _Files(shared, readings) if shared else _Memory(readings)
         self.workflows = frozenset(workflows)
         # The series each request adds to, by (method, route, status): made once each.
@@ -226,6 +248,12 @@ class Metrics:
     async def scrape(self, request: web.Request) -> web.Response:
         """``GET /metrics``: every metric, in Prometheus's text format (every worker's, under --workers)."""
         return web.Response(body=await self.store.exposition(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+    def _redis_changed(self, up: bool) -> None:
+        """Fleet.changed's callback: the gauge follows at once (under --workers, written to the files now)."""
+        self._redis_up = 1.0 if up else 0.0
+        if isinstance(self.store, _Files):
+            self.store.refresh()
 
     def _open(self) -> float:
         return len(self.connections) if self.connections is not None else 0
@@ -331,6 +359,9 @@ class _Files:
         self.registry = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(self.registry, directory)  # type: ignore[no-untyped-call]
         self._timer: asyncio.TimerHandle | None = None
+        # A gauge's file holds 0 from its making: written now, a worker still starting does not
+        # pull the other workers' lowest (livemin) down to 0 (Redis away, a certificate expired).
+        self.refresh()
 
     def _metric(self, family: Family) -> Counter | Histogram:
         metric = self.metrics.get(family)
