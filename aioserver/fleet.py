@@ -166,12 +166,12 @@ class Fleet:
 
     async def watch(self) -> None:
         """Probe Redis for as long as the process runs, so that its loss and return are logged."""
-        while True:
-            await asyncio.sleep(PROBE_UP if self.up else PROBE_AWAY)
+        while True:  # the first probe at once: a Redis away at start-up is said (and measured) then
             try:
                 await self.call(lambda client: client.ping())
             except Unavailable:
                 pass
+            await asyncio.sleep(PROBE_UP if self.up else PROBE_AWAY)
 
     async def close(self) -> None:
         await self.client.aclose()
