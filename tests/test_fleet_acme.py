@@ -36,7 +36,7 @@ from aioserver.server import create_redirect_app
 
 from acmeserver import Leaf, Pebble, new_key_pem
 from conftest import TOKEN_HASH, Server, free_port
-from test_acme import DOMAIN, HTTPS, OBTAINED, ORDERING, eventually, log_of, request, wait_for_log
+from test_acme import DOMAIN, HTTPS, OBTAINED, ORDERING, eventually, fill, log_of, request, small_disk, wait_for_log
 
 T = TypeVar("T")
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -89,9 +89,18 @@ class Host:
         return (self.state / "certificates" / DOMAIN / "key.pem").read_bytes()
 
 
-def start(host: Host, pebble: Pebble, redis_server: RedisServer, loop: str, pattern: str, *extra: str) -> Server:
+def start(
+    host: Host,
+    pebble: Pebble,
+    redis_server: RedisServer,
+    loop: str,
+    pattern: str,
+    *extra: str,
+    prefix: tuple[str, ...] = (),
+) -> Server:
     """The host's instance (a token set: no Host guard), once its log matches ``pattern``."""
-    return Server(*host.args(pebble, redis_server, loop), *extra, env={"TOKEN": TOKEN_HASH}, pattern=pattern)
+    args = (*host.args(pebble, redis_server, loop), *extra)
+    return Server(*args, env={"TOKEN": TOKEN_HASH}, pattern=pattern, prefix=prefix)
 
 
 def issued(pebble: Pebble) -> list[int]:
@@ -375,3 +384,28 @@ def test_redis_away_a_certificate_about_to_expire_is_renewed_alone(
             # Renewed in the last tenth of the old one's life, not when it was due.
             assert old.not_after - old.lifetime / 10 - datetime.timedelta(seconds=2) < new.not_before < old.not_after
             assert issued(pebble) == [old.serial, new.serial]
+
+
+@LOOPS
+def test_a_full_state_directory_loads_the_fleets_certificate_once_there_is_room(
+    loop: str, tmp_path: Path, pebble: Pebble, redis_server: RedisServer
+) -> None:
+    """A host whose disk is full when the fleet's certificate comes: the log says why (no
+    traceback, no minute lost to a restart of the work), and room again, it is loaded."""
+    first, second = Host("first", tmp_path, pebble.http_port), Host("second", tmp_path, free_port())
+    with start(first, pebble, redis_server, loop, HTTPS):
+        serial = pebble.served_certificate(first.port, DOMAIN).serial
+        redis_server.stop()  # so that the second finds nothing at start-up, and its disk can be filled first
+        away = rf"acme: a certificate for {re.escape(DOMAIN)} is due, but redis is away"
+        with small_disk(second.state) as (prefix, seen):
+            with start(second, pebble, redis_server, loop, away, prefix=prefix) as server:
+                filler = fill(seen(server.process.pid))
+                redis_server.start()  # empty: the first stores its certificate again within 30 s
+                wait_for_log(
+                    server, r"acme: cannot write the fleet's certificate .*No space left on device", timeout=60
+                )
+                filler.unlink()
+                wait_for_log(server, HTTPS, timeout=30)
+                assert pebble.served_certificate(second.port, DOMAIN).serial == serial
+                assert "Traceback" not in log_of(server) and not re.search(ORDERING, log_of(server))
+    assert len(issued(pebble)) == 1
