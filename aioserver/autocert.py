@@ -873,14 +873,16 @@ class CertificateManager:
                 )
             wait = (min(due, plan.recheck_at) if plan else due) - datetime.datetime.now(datetime.UTC)
             if wait.total_seconds() > 0:
-                # With a fleet, a look at Redis meanwhile: another host's renewal serves here too.
-                await asyncio.sleep(min(wait.total_seconds(), POLL) if self.shared else wait.total_seconds())
+                if self.shared is None:
+                    await asyncio.sleep(wait.total_seconds())
+                else:  # a look at Redis meanwhile (another host's renewal serves here too), and once it is back
+                    await self.shared.pause(min(wait.total_seconds(), POLL))
                 continue
             if due > datetime.datetime.now(datetime.UTC):
                 continue  # time to ask the CA for its window again
             pause, alone = await self._fleet_turn(held)
             if pause is not None:
-                await asyncio.sleep(pause)
+                await (self.shared.pause(pause) if self.shared else asyncio.sleep(pause))
                 continue
             try:
                 failures = await self._order(failures, alone)
@@ -907,12 +909,15 @@ class CertificateManager:
                     await self.shared.share_account(self._in_thread)  # one account for the fleet
                 async with asyncio.timeout(ORDER_TIMEOUT):
                     held = await self._in_thread(order, self.settings, self.state, abandoned, challenges)
-            except (OrderFailed, TimeoutError, Unavailable) as exc:
+            except (OrderFailed, Unavailable, OSError) as exc:
                 abandoned.set()  # an order still running in its thread writes nothing now
                 if isinstance(exc, Unavailable):
                     failure = OrderFailed(f"redis did not answer ({exc})")
                 elif isinstance(exc, TimeoutError):
                     failure = OrderFailed(f"not done within {ORDER_TIMEOUT:g}s")
+                elif isinstance(exc, OSError):  # the fleet's account key, written before the order
+                    where = f"{exc.filename}: " if exc.filename else ""
+                    failure = OrderFailed(f"cannot write in the state directory: {where}{exc.strerror or exc}")
                 else:
                     failure = exc
                 if self.shared is not None and not alone:
@@ -949,7 +954,9 @@ class CertificateManager:
         ours to Redis; nothing when Redis is away."""
         if self.shared is None:
             return
-        with contextlib.suppress(Unavailable):
+        from .fleetacme import NotWritten
+
+        with contextlib.suppress(Unavailable, NotWritten):  # logged; the certificate held serves on
             if await self.shared.sync(self._in_thread):
                 await self._in_thread(self._load)
 
@@ -994,12 +1001,20 @@ class CertificateManager:
                 )
             return max(FOLLOW_INTERVAL, min(pause, POLL)), False
         self._said = None
+        settling = self.shared.settling()
+        if settling > 0:
+            # Redis just came back, empty perhaps (restarted): a moment for the hosts holding a
+            # certificate to store it again, rather than an order of a certificate they have.
+            await self.shared.release()
+            return settling, False
+        from .fleetacme import NotWritten
+
         try:
             if await self.shared.sync(self._in_thread):  # stored by the lock's last holder
                 await self._in_thread(self._load)
                 await self.shared.release()
                 return 0.0, False
-        except Unavailable:
+        except (Unavailable, NotWritten):  # the fleet has a certificate: not ordered again
             await self.shared.release()
             return FLEET_RETRY, False
         return None, False

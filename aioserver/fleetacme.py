@@ -31,10 +31,12 @@ last tenth of its life is renewed by a host on its own, as a duplicate beats an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,6 +55,9 @@ LOCK_EXTEND = LOCK_TTL / 3  # how often the holder extends it while its order ru
 CHALLENGE_TTL = 600  # seconds: no order lasts longer (autocert.STALE_CHALLENGE)
 FAILURES_TTL = 2 * 86400  # seconds: the fleet's count of failed orders is forgotten after this
 CALL_TIMEOUT = 5.0  # seconds for a call made from the order's thread (each Redis call is bounded)
+# Redis back (after a restart, empty perhaps): no order this long after, while the hosts that
+# hold the certificate store it again (each notices within a second: fleet.PROBE_AWAY).
+SETTLE = 10.0
 
 # KEYS[1] the lock, KEYS[2] the backoff; ARGV[1] the holder's value, ARGV[2] the expiry (ms).
 # 1: taken; 0: another holds it; negative: the fleet waits after a failure, this many ms.
@@ -91,6 +96,10 @@ return count
 """
 
 
+class NotWritten(Exception):
+    """The fleet's certificate could not be checked or written in the state directory (the reason, logged)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Shared:
     """A certificate with its key, as stored in Redis or on disk, usable for the domains."""
@@ -121,13 +130,34 @@ class FleetCertificates:
         self._holder: str | None = None  # the lock's value while this process holds it
         self._seen: bytes | None = None  # the fingerprint in Redis when last looked at whole
         self._refused: bytes | None = None  # one found unusable: said once
+        self._unwritten = False  # the state directory refused it: said once
+        self._back = asyncio.Event()  # set when Redis comes back: look at it at once
+        self._back_at = -SETTLE
+        fleet.changed.append(self._changed)
+
+    def _changed(self, up: bool) -> None:
+        if up:
+            self._back_at = time.monotonic()
+            self._seen = None  # what Redis holds now is to be looked at whole
+            self._back.set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if Redis comes back meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._back.wait(), seconds)
+        self._back.clear()
+
+    def settling(self) -> float:
+        """Seconds left before an order, Redis having come back lately (0: none)."""
+        return max(0.0, self._back_at + SETTLE - time.monotonic())
 
     # -- the certificate
 
     async def sync(self, in_thread: Callable[..., Any]) -> bool:
         """Load a newer certificate from Redis to disk (True), or store ours if it is newer.
 
-        Unavailable when Redis does not answer. One small read when nothing changed.
+        Unavailable when Redis does not answer; NotWritten when the state directory cannot take
+        it (no order then: the fleet has a certificate). One small read when nothing changed.
         """
         fingerprint = _bytes(await self.fleet.call(lambda client: client.hget(self.certificate_key, "fingerprint")))
         if fingerprint is not None and fingerprint == self._seen:
@@ -136,10 +166,17 @@ class FleetCertificates:
         remote: Shared | None = None
         if fingerprint is not None:
             stored = await self.fleet.call(lambda client: client.hgetall(self.certificate_key))
-            remote = await in_thread(self._usable, stored)
+            try:  # checked by loading it, from a scratch copy in the state directory
+                remote = await in_thread(self._usable, stored)
+            except OSError as exc:
+                raise self._cannot_write(exc) from None
         self._seen = fingerprint
         if remote is not None and (local is None or remote.not_after > local.not_after):
-            await in_thread(self._write, remote)
+            try:
+                await in_thread(self._write, remote)
+            except OSError as exc:
+                raise self._cannot_write(exc) from None
+            self._unwritten = False
             logger.info(
                 "acme: loaded the fleet's certificate for %s from redis, valid until %s",
                 self.settings.name,
@@ -150,6 +187,20 @@ class FleetCertificates:
             # What is there now, unusable here (damaged, for other names or another CA), is replaced.
             await self.store(local, replace=fingerprint is not None and remote is None)
         return False
+
+    def _cannot_write(self, exc: OSError) -> NotWritten:
+        """A full disk, say: the certificate held serves on, and the next look tries again (said once)."""
+        self._seen = None
+        where = f"{exc.filename}: " if exc.filename else ""
+        reason = f"{where}{exc.strerror or exc}"
+        if not self._unwritten:
+            self._unwritten = True
+            logger.error(
+                "acme: cannot write the fleet's certificate for %s in the state directory: %s; trying again",
+                self.settings.name,
+                reason,
+            )
+        return NotWritten(reason)
 
     async def store_held(self, in_thread: Callable[..., Any]) -> None:
         """Store the certificate on disk (just obtained) for the fleet; Unavailable if Redis is away."""

@@ -404,6 +404,9 @@ def test_a_full_state_directory_loads_the_fleets_certificate_once_there_is_room(
                 wait_for_log(
                     server, r"acme: cannot write the fleet's certificate .*No space left on device", timeout=60
                 )
+                time.sleep(12)  # past the 10 s after Redis's return: the host would order, if it did
+                assert not re.search(ORDERING, log_of(server))  # the fleet has a certificate
+                assert len(re.findall("cannot write the fleet's certificate", log_of(server))) == 1  # said once
                 filler.unlink()
                 wait_for_log(server, HTTPS, timeout=30)
                 assert pebble.served_certificate(second.port, DOMAIN).serial == serial
