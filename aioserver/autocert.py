@@ -11,6 +11,9 @@
   ``/.well-known/acme-challenge/<token>`` from the state directory, so that any worker (or any
   process sharing the directory) answers the CA's validation.
 
+With ``--redis``, fleetacme.py extends both across hosts: one order in the fleet at a time,
+the certificate shared, the answers in Redis for any host to give.
+
 The ``acme`` package is an extra (``pip install 'aioserver[acme]'``): it is imported only
 here, and only once ACME is on.
 """
@@ -33,16 +36,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from .errors import http_error
 from .files import read_small_file
+from .fleet import Unavailable
 from .logtext import loggable
 from .tls import ReloadableContext, TLSError, TLSFiles, create_ssl_context
 
 if TYPE_CHECKING:
+    from .fleet import Fleet
+    from .fleetacme import FleetCertificates
     from .systemd import Notifier
 
 logger = logging.getLogger("aioserver.acme")
@@ -73,6 +79,11 @@ STALE_CHALLENGE = 600.0  # an answer this old (seconds) belongs to no order unde
 RESTART_AFTER = 60.0  # seconds before the certificate work starts again after an unexpected error
 # A process that does not order looks at the files (and for the lock) this often.
 FOLLOW_INTERVAL = 2.0
+# With a fleet (--redis): how often a lead looks at Redis for a certificate another host
+# stored while its own is not due (one small read: a renewal reaches every host within this),
+# and how soon it tries again to order while Redis is away.
+POLL = 30.0
+FLEET_RETRY = 5.0
 # Without a renewal window from the CA, renew when a third of the lifetime is left, a little
 # earlier at random (up to a thirtieth of the lifetime) so that a fleet does not renew at once.
 RENEW_WHEN_LEFT = 1 / 3
@@ -327,6 +338,14 @@ def examine(
     return leaf.not_valid_before_utc, leaf.not_valid_after_utc
 
 
+class Challenges(Protocol):
+    """Where an order puts its http-01 answers (blocking): the state directory, or the fleet's Redis too."""
+
+    def put_challenge(self, token: str, answer: str) -> None: ...
+
+    def drop_challenge(self, token: str) -> None: ...
+
+
 class OrderFailed(Exception):
     """An order that did not give a certificate: ``reason`` says why, ``retry_after`` when the CA asked."""
 
@@ -336,13 +355,19 @@ class OrderFailed(Exception):
         self.retry_after = retry_after
 
 
-def order(settings: AcmeSettings, state: StateDirectory, abandoned: threading.Event | None = None) -> Held:
+def order(
+    settings: AcmeSettings,
+    state: StateDirectory,
+    abandoned: threading.Event | None = None,
+    answers: Challenges | None = None,
+) -> Held:
     """Obtain a certificate for ``settings.domains`` and store it with its new key; raises OrderFailed.
 
     Account (its key made once, ECDSA P-256, terms of service agreed), order, http-01
-    challenges answered from ``state`` by whichever process the CA reaches, finalize with a
-    new ECDSA P-256 key, download the chain; the chain is checked before anything is
-    replaced. Once ``abandoned`` is set (the order took too long), nothing is written.
+    challenges answered from ``state`` (or ``answers``: the fleet's Redis too) by whichever
+    process the CA reaches, finalize with a new ECDSA P-256 key, download the chain; the chain
+    is checked before anything is replaced. Once ``abandoned`` is set (the order took too long),
+    nothing is written.
     """
     import requests
     from acme import errors as acme_errors
@@ -351,7 +376,7 @@ def order(settings: AcmeSettings, state: StateDirectory, abandoned: threading.Ev
     client: _Client | None = None
     try:
         client = _client(settings, state)
-        return _order(client, settings, state, abandoned or threading.Event())
+        return _order(client, settings, state, abandoned or threading.Event(), answers or state)
     except OrderFailed:
         raise
     except acme_errors.ValidationError as exc:
@@ -481,7 +506,9 @@ def _bounded_adapter() -> Any:
     return BoundedAdapter()
 
 
-def _order(client: _Client, settings: AcmeSettings, state: StateDirectory, abandoned: threading.Event) -> Held:
+def _order(
+    client: _Client, settings: AcmeSettings, state: StateDirectory, abandoned: threading.Event, answers: Challenges
+) -> Held:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -494,7 +521,7 @@ def _order(client: _Client, settings: AcmeSettings, state: StateDirectory, aband
     # a CA counts duplicate certificates, Let's Encrypt allows 5 a week).
     key_temporary = state.write_temporary(state.key_file, key_pem)
     try:
-        return _order_with_key(client, settings, state, abandoned, key_pem, key_temporary)
+        return _order_with_key(client, settings, state, abandoned, answers, key_pem, key_temporary)
     finally:
         with contextlib.suppress(FileNotFoundError):  # not put in place
             os.unlink(key_temporary)
@@ -505,6 +532,7 @@ def _order_with_key(
     settings: AcmeSettings,
     state: StateDirectory,
     abandoned: threading.Event,
+    answers: Challenges,
     key_pem: bytes,
     key_temporary: str,
 ) -> Held:
@@ -522,14 +550,14 @@ def _order_with_key(
                 raise OrderFailed(f"the CA offers no http-01 challenge for {name}")
             response, validation = challenge.response_and_validation(client.net.key)
             token = challenge.chall.encode("token")
-            state.put_challenge(token, validation)
+            answers.put_challenge(token, validation)
             answered.append(token)
             client.acme.answer_challenge(challenge, response)
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_DEADLINE)
         done = client.acme.poll_and_finalize(pending, deadline)
     finally:
         for token in answered:
-            state.drop_challenge(token)
+            answers.drop_challenge(token)
     chain = done.fullchain_pem.encode("ascii")
     # Checked before it replaces anything: a chain for other names, expired, or that OpenSSL
     # cannot load would be served by the next reload (SIGHUP, the hourly one), and a restart
@@ -700,10 +728,18 @@ class CertificateManager:
 
     ``ready`` is set once ``tls`` serves a usable certificate. The process holding the state
     directory's lock (``fcntl.flock``, released by the kernel when it dies) orders and renews;
-    the others load what it writes.
+    the others load what it writes. With ``fleet`` (``--redis``), that process orders only
+    while it holds the fleet's order lock too, and brings the certificate another host stored
+    in Redis to the state directory (fleetacme.py).
     """
 
-    def __init__(self, settings: AcmeSettings, tls: ReloadableContext, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        settings: AcmeSettings,
+        tls: ReloadableContext,
+        notifier: Notifier | None = None,
+        fleet: Fleet | None = None,
+    ) -> None:
         self.settings = settings
         self.state = StateDirectory(settings.state_dir, settings.name)
         self.tls = tls
@@ -711,6 +747,12 @@ class CertificateManager:
         self.ready = asyncio.Event()
         self._lock: int | None = None
         self._lock_failed = False  # said once, until the lock file opens again
+        self.shared: FleetCertificates | None = None
+        if fleet is not None:
+            from .fleetacme import FleetCertificates
+
+            self.shared = FleetCertificates(fleet, settings, self.state)
+        self._said: str | None = None  # the fleet's last reason not to order now, said once
 
     async def run(self) -> None:
         """Follow the files until this process gets the lock, then order and renew; forever.
@@ -798,6 +840,7 @@ class CertificateManager:
         plan: _Plan | None = None  # when to renew the certificate held
         await self._in_thread(self.state.drop_stale_challenges)
         while True:
+            await self._sync()  # the fleet's certificate to disk, if newer; ours to the fleet
             await self._in_thread(self._follow)  # what is on disk, if it changed and serves
             held = await self._in_thread(load_held, self.state, self.settings.domains)
             now = datetime.datetime.now(datetime.UTC)
@@ -830,21 +873,56 @@ class CertificateManager:
                 )
             wait = (min(due, plan.recheck_at) if plan else due) - datetime.datetime.now(datetime.UTC)
             if wait.total_seconds() > 0:
-                await asyncio.sleep(wait.total_seconds())
+                if self.shared is None:
+                    await asyncio.sleep(wait.total_seconds())
+                else:  # a look at Redis meanwhile (another host's renewal serves here too), and once it is back
+                    await self.shared.pause(min(wait.total_seconds(), POLL))
                 continue
             if due > datetime.datetime.now(datetime.UTC):
                 continue  # time to ask the CA for its window again
+            pause, alone = await self._fleet_turn(held)
+            if pause is not None:
+                await (self.shared.pause(pause) if self.shared else asyncio.sleep(pause))
+                continue
+            try:
+                failures = await self._order(failures, alone)
+            finally:
+                if self.shared is not None:
+                    await self.shared.release()
+
+    async def _order(self, failures: int, alone: bool) -> int:
+        """One order (and, after a failure, the wait before the next): the failures in a row since."""
+        name = self.settings.name
+        keeping: asyncio.Task[None] | None = None
+        challenges: Challenges = self.state
+        if self.shared is not None and not alone:
+            keeping = asyncio.create_task(self.shared.keep())
+            challenges = self.shared.challenges(asyncio.get_running_loop())
+        try:
             logger.info(
                 "acme: ordering a certificate for %s from %s", ", ".join(self.settings.domains), self.settings.directory
             )
             self._status(f"acme: ordering a certificate for {name}")
             abandoned = threading.Event()
             try:
+                if self.shared is not None and not alone:
+                    await self.shared.share_account(self._in_thread)  # one account for the fleet
                 async with asyncio.timeout(ORDER_TIMEOUT):
-                    held = await self._in_thread(order, self.settings, self.state, abandoned)
-            except (OrderFailed, TimeoutError) as exc:
+                    held = await self._in_thread(order, self.settings, self.state, abandoned, challenges)
+            except (OrderFailed, Unavailable, OSError) as exc:
                 abandoned.set()  # an order still running in its thread writes nothing now
-                failure = exc if isinstance(exc, OrderFailed) else OrderFailed(f"not done within {ORDER_TIMEOUT:g}s")
+                if isinstance(exc, Unavailable):
+                    failure = OrderFailed(f"redis did not answer ({exc})")
+                elif isinstance(exc, TimeoutError):
+                    failure = OrderFailed(f"not done within {ORDER_TIMEOUT:g}s")
+                elif isinstance(exc, OSError):  # the fleet's account key, written before the order
+                    where = f"{exc.filename}: " if exc.filename else ""
+                    failure = OrderFailed(f"cannot write in the state directory: {where}{exc.strerror or exc}")
+                else:
+                    failure = exc
+                if self.shared is not None and not alone:
+                    with contextlib.suppress(Unavailable):  # counted for the whole fleet
+                        failures = await self.shared.failed() - 1
                 delay = min(RETRY_MAX, RETRY_FIRST * RETRY_FACTOR**failures) * random.uniform(1, 1.1)
                 # The CA's Retry-After is respected up to the longest wait of our own: "ten
                 # years" (a broken CA, or a hostile one) would leave the certificate to expire.
@@ -852,11 +930,100 @@ class CertificateManager:
                 failures += 1
                 logger.error("acme: order for %s failed: %s; retrying in %ds", name, failure.reason, round(delay))
                 self._status(f"acme: order for {name} failed, retrying in {round(delay)}s")
+                if self.shared is not None and not alone:
+                    with contextlib.suppress(Unavailable):  # no other host orders before then either
+                        await self.shared.wait_after_failure(delay)
+                    await self.shared.release()
                 await asyncio.sleep(delay)
-                continue
-            failures = 0
+                return failures
             await self._in_thread(self._load)
             logger.info("acme: certificate for %s obtained, valid until %s", name, _iso(held.not_after))
+            if self.shared is not None:
+                try:
+                    await self.shared.store_held(self._in_thread)
+                    await self.shared.succeeded()
+                except Unavailable:
+                    pass  # stored by the next look, once Redis is back
+            return 0
+        finally:
+            if keeping is not None:
+                keeping.cancel()
+
+    async def _sync(self) -> None:
+        """With a fleet: a newer certificate from Redis to the state directory (and served), or
+        ours to Redis; nothing when Redis is away."""
+        if self.shared is None:
+            return
+        from .fleetacme import NotWritten
+
+        with contextlib.suppress(Unavailable, NotWritten):  # logged; the certificate held serves on
+            if await self.shared.sync(self._in_thread):
+                await self._in_thread(self._load)
+
+    async def _fleet_turn(self, held: Held | None) -> tuple[float | None, bool]:
+        """Whether this process may order now: (None, alone) if so, else (seconds to wait, _).
+
+        Without a fleet, always. With one, once it holds the fleet's order lock and Redis holds
+        no newer certificate (one a host that held the lock before just stored); alone (without
+        the lock) only when Redis is away and the certificate held is in the last tenth of its
+        life: a duplicate order beats an expired certificate.
+        """
+        if self.shared is None:
+            return None, False
+        name = self.settings.name
+        try:
+            pause = await self.shared.take()
+        except Unavailable:
+            now = datetime.datetime.now(datetime.UTC)
+            if held is not None and now >= held.not_after - (held.not_after - held.not_before) * WINDOW_MARGIN:
+                self._say(
+                    "alone",
+                    logging.WARNING,
+                    f"acme: redis is away and the certificate for {name} expires at {_iso(held.not_after)}:"
+                    " ordering without the fleet's lock",
+                )
+                return None, True
+            self._say(
+                "away",
+                logging.WARNING,
+                f"acme: a certificate for {name} is due, but redis is away: ordering once it is back"
+                + ("; the certificate held serves meanwhile" if held else ""),
+            )
+            return FLEET_RETRY, False
+        if pause is not None:
+            if pause > 0:
+                self._say("backoff", logging.INFO, f"acme: the fleet's last order for {name} failed: waiting")
+            else:
+                self._say(
+                    "other",
+                    logging.INFO,
+                    f"acme: another process of the fleet orders the certificate for {name}: waiting for it",
+                )
+            return max(FOLLOW_INTERVAL, min(pause, POLL)), False
+        self._said = None
+        settling = self.shared.settling()
+        if settling > 0:
+            # Redis just came back, empty perhaps (restarted): a moment for the hosts holding a
+            # certificate to store it again, rather than an order of a certificate they have.
+            await self.shared.release()
+            return settling, False
+        from .fleetacme import NotWritten
+
+        try:
+            if await self.shared.sync(self._in_thread):  # stored by the lock's last holder
+                await self._in_thread(self._load)
+                await self.shared.release()
+                return 0.0, False
+        except (Unavailable, NotWritten):  # the fleet has a certificate: not ordered again
+            await self.shared.release()
+            return FLEET_RETRY, False
+        return None, False
+
+    def _say(self, reason: str, level: int, text: str) -> None:
+        """Log ``text`` once while ``reason`` stays the fleet's reason not to order."""
+        if self._said != reason:
+            self._said = reason
+            logger.log(level, "%s", text)
 
     def extend_start_timeout(self, seconds: float) -> None:
         """Ask systemd (or a worker's parent) to wait this much longer for READY=1."""
@@ -899,11 +1066,15 @@ class CertificateManager:
 # -- the plain listener's part
 
 
-def add_challenge_route(app: web.Application, state: StateDirectory) -> None:
-    """Answer the CA's http-01 requests (RFC 8555 section 8.3) on the plain-HTTP app; before its other routes."""
+def add_challenge_route(app: web.Application, state: StateDirectory, shared: FleetCertificates | None = None) -> None:
+    """Answer the CA's http-01 requests (RFC 8555 section 8.3) on the plain-HTTP app; before its
+    other routes. With ``shared`` (a fleet), the answers in Redis too: another host's order."""
 
     async def challenge(request: web.Request) -> web.StreamResponse:
-        answer = state.challenge(request.match_info["token"])
+        token = request.match_info["token"]
+        answer = state.challenge(token)
+        if answer is None and shared is not None:
+            answer = await shared.challenge(token)
         if answer is None:
             raise http_error(web.HTTPNotFound, "no such ACME challenge")
         return web.Response(body=answer, content_type="application/octet-stream")

@@ -23,6 +23,7 @@ from .config import Config
 from .connections import CONNECTIONS, Connections, TLSSite, ensure_file_limit, peer, reset
 from .errors import CUT_OFF, ConfigError, StartupError, error_middleware, http_error
 from .fleet import Fleet
+from .fleetacme import FleetCertificates
 from .keys import TOKENS
 from .limits import LimitedRunner
 from .listeners import MAIN, REDIRECT, Listener, describe, open_listeners, stop_listening
@@ -121,7 +122,7 @@ async def _serve(
     grace = config.settings.timeout_graceful_shutdown
     deadline: float | None = None  # of the stop: the grace period from the end of --shutdown-delay on
     # With ACME, this process's part in obtaining the certificate and keeping it fresh.
-    certificates = CertificateManager(config.acme, config.tls, notifier) if config.acme and config.tls else None
+    certificates = CertificateManager(config.acme, config.tls, notifier, fleet) if config.acme and config.tls else None
     stop: signal.Signals | None = None
     hurried = False  # a second SIGINT during --shutdown-delay: cut the requests off at once
     try:
@@ -130,7 +131,9 @@ async def _serve(
         redirects = [listener for listener in sockets if listener.role == REDIRECT]
         if redirects:
             https_port = next((listener.port for listener in main if listener.port), 443)
-            redirect_app = create_redirect_app(https_port, certificates.state if certificates else None)
+            redirect_app = create_redirect_app(
+                https_port, certificates.state if certificates else None, certificates.shared if certificates else None
+            )
             runners.append(_runner(redirect_app, config, connections))
             await runners[1].setup()
         if watchdog:
@@ -538,9 +541,11 @@ async def renew_session_keys(tls: ReloadableContext, every: float) -> None:
             )
 
 
-def create_redirect_app(https_port: int, acme: StateDirectory | None = None) -> web.Application:
+def create_redirect_app(
+    https_port: int, acme: StateDirectory | None = None, shared: FleetCertificates | None = None
+) -> web.Application:
     """A plain-HTTP app answering every request with 308 to the same URL over HTTPS, but the
-    ACME CA's http-01 challenges (from ``acme``'s state directory)."""
+    ACME CA's http-01 challenges (from ``acme``'s state directory, and the fleet's Redis: ``shared``)."""
     # The Host header names the target: a name or an IP literal, and a port. yarl lets more
     # through ("[x" is the host "x"), or refuses it with a ValueError ("x:abc", "x:99999").
     host_header = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?", re.ASCII)
@@ -558,6 +563,6 @@ def create_redirect_app(https_port: int, acme: StateDirectory | None = None) -> 
     # and the headers every answer carries; no HSTS on plain HTTP (RFC 6797 section 7.2).
     app = web.Application(middlewares=[error_middleware(HEADERS)])
     if acme is not None:
-        add_challenge_route(app, acme)
+        add_challenge_route(app, acme, shared)
     app.router.add_route("*", "/{path:.*}", redirect)
     return app
