@@ -158,7 +158,7 @@ def build_config(
     # A config file's auth.tokens and auth.clients are read again on SIGHUP; inline YAML cannot be.
     config_file = None if source in (DEFAULT_SOURCE, INLINE_SOURCE) else source
     sources = token_sources(document.get("auth"), env, source, config_file)
-    tokens = tuple(sources.load())
+    tokens = tuple(dataclasses.replace(sources, path=None).load())  # auth.tokens as just read, not the file again
     jwt = _jwt(document.get("auth"), source)
     clients = client_sources(document.get("auth"), source, config_file)
     if acme:
