@@ -234,6 +234,91 @@ def test_check_with_a_wrong_password_shows_neither(redis_server: RedisServer) ->
     assert "not-the-password-77" not in done.stdout + done.stderr and PASSWORD not in done.stdout + done.stderr
 
 
+# -- a Redis that answers PING but refuses the fleet's commands
+
+
+FLEET_USER_PASSWORD = "fleet-user-pw-92eb5c1f"
+
+
+def acl_user(redis_server: RedisServer, rules: str) -> str:
+    """The URL of a new ACL user of ``redis_server`` with ``rules`` (ACL SETUSER's)."""
+    with redis_server.client() as client:
+        client.execute_command("ACL", "SETUSER", "fleet", "reset", "on", f">{FLEET_USER_PASSWORD}", *rules.split())
+    return f"redis://fleet:{FLEET_USER_PASSWORD}@127.0.0.1:{redis_server.port}/0"
+
+
+@LOOPS
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "~aioserver:* +@all",  # Redis 7's acl-pubsub-default: no channel, so no news published
+        "~* &* +@all -evalsha",  # no script
+    ],
+)
+def test_a_redis_that_refuses_the_fleets_commands_is_away_and_stays_away(
+    loop: str, rules: str, redis_server: RedisServer
+) -> None:
+    """A Redis that answers PING but refuses what the fleet asks of it (an ACL user short of a
+    right; a read-only replica, a full memory under noeviction fail the same way) is away from
+    the start, for --check and for the server: it used to be "back" at each probe's PING and
+    "away" again at the next failure (a pair of lines every few seconds under attack, the gauge
+    flapping, and each process's failures counted alone meanwhile)."""
+    url = acl_user(redis_server, rules)
+    done = check("--redis", url)
+    assert done.returncode == 2, done.stdout
+    assert re.search(r"--redis: .*redis://fleet:\*\*\*@127\.0\.0\.1:\d+/0: NoPermissionError: ", done.stderr), done.stderr
+    assert FLEET_USER_PASSWORD not in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+    args = ("--redis", url, "--loop", loop, "--trusted-proxies", "127.0.0.1")
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as server:
+        for round in range(2):
+            statuses = [call(server.port, WRONG, client=f"10.6.{round}.1")[0] for _ in range(LIMIT + 2)]
+            assert statuses == [401] * LIMIT + [429] * 2  # counted by the process, as with Redis away
+            assert call(server.port, TOKEN, client=f"10.6.{round}.2")[0] == 200
+            time.sleep(6)  # more than a probe's interval while Redis is up (5 s)
+    log = "".join(server.log)
+    assert len(lines([server], AWAY)) == 1 and not lines([server], BACK), log
+    assert re.search(AWAY + r"NoPermissionError: ", log), log
+    assert FLEET_USER_PASSWORD not in log and "Traceback" not in log
+
+
+@LOOPS
+def test_the_acl_the_readme_gives_serves_the_fleet(loop: str, redis_server: RedisServer) -> None:
+    url = acl_user(redis_server, "~aioserver:* &aioserver:* +@all")  # README: A fleet through Redis
+    done = check("--redis", url)
+    assert done.returncode == 0 and " answers (Redis 7" in done.stdout, done.stderr
+    args = ("--redis", url, "--loop", loop, "--trusted-proxies", "127.0.0.1")
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as first, Server(*args, env={"TOKEN": TOKEN_HASH}) as second:
+        listening(redis_server, 2)
+        assert [call(first.port, WRONG, client="10.6.9.1")[0] for _ in range(LIMIT)] == [401] * LIMIT
+        assert call(second.port, TOKEN, client="10.6.9.1")[0] == 429  # the news heard
+        time.sleep(6)  # a probe at least
+    assert not lines([first, second], AWAY), "".join(first.log + second.log)
+
+
+@pytest.mark.parametrize("query", ["?foo=1", "?db=x", "?socket_timeout=soon"])
+def test_a_redis_url_whose_query_redis_py_refuses_is_refused_at_start(query: str, redis_server: RedisServer) -> None:
+    """Such a URL used to pass: --check printed a traceback, and a server served with it and
+    answered every auth failure with 500 (the connection could not be made)."""
+    url = redis_server.url + query
+    done = check("--redis", url)
+    assert done.returncode == 2
+    assert "aioserver: error: command line: --redis: expected a redis://" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and PASSWORD not in done.stdout + done.stderr
+    try:
+        served = subprocess.run(
+            [sys.executable, "-m", "aioserver", "--port", "0", "--redis", url],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={"PATH": "/usr/bin:/bin", "TOKEN": TOKEN_HASH},
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("it served")
+    assert served.returncode == 2 and "--redis: expected a redis://" in served.stderr, served.stderr
+    assert "Traceback" not in served.stderr and PASSWORD not in served.stderr
+
+
 # -- one process: Redis away, and back
 
 
