@@ -298,3 +298,29 @@ async def test_a_claim_with_redis_away_is_unavailable(redis_server: RedisServer)
         redis_server.stop()
         with pytest.raises(Unavailable):  # the scheduler's cue to skip the tick
             await a.claim("w", time.time(), None, 0)
+
+
+async def test_a_claim_whose_answer_was_lost_does_not_hold_the_schedule_up(redis_server: RedisServer) -> None:
+    """Redis stalled (SIGSTOP) with a claim on its way: the process gave up on it (Unavailable, the
+    tick skipped), but Redis ran it once it went on, taking the hold of a run that never came.
+    That hold kept every process of the fleet from running the schedule for HOLD_SECONDS (15 s)
+    after Redis was back; the process's next claim drops it (claiming, it runs nothing of that
+    schedule: a hold of its own is one it lost)."""
+    assert redis_server.process is not None
+    async with processes(redis_server, 1) as (a,):
+        due = math.floor(time.time()) + 1.0
+        await a.claim("other", due, None, 0)  # connected, the script loaded: the claim runs as sent
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(Unavailable):
+                await a.claim("w", due, None, 0)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        await a.fleet.probe()  # back (only the probe says so)
+        with redis_server.client() as client:
+            deadline = time.monotonic() + 10
+            while client.get("aioserver:schedule:w:running") != a.claimant:  # Redis ran the lost claim
+                assert time.monotonic() < deadline, "the claim sent to the stopped Redis never ran"
+                await asyncio.sleep(0.05)
+            assert (await a.claim("w", due + 1, None, 0)).ours  # not held up by the run that never came
+            assert client.get("aioserver:schedule:w:running") == a.claimant  # the new run's hold
