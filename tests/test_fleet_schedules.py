@@ -156,6 +156,28 @@ def test_each_tick_runs_once_across_the_fleet_and_ticks_are_skipped_while_redis_
 
 
 @LOOPS
+def test_ticks_run_again_as_soon_as_a_stalled_redis_is_back(tmp_path: Path, loop: str) -> None:
+    """Redis stopped (SIGSTOP) for 3 s: the claim on its way when it stopped is given up on (the
+    tick skipped) but run by Redis when it goes on, taking the hold of a run that never came.
+    The schedule used to stay held up for HOLD_SECONDS (15 s) after Redis was back."""
+    path = tmp_path / "runs"
+    with RedisServer(tmp_path / "redis") as redis, host(config(path), loop, 1, redis.url) as server:
+        assert redis.process is not None
+        wait_for(lambda: len(starts(path)) >= 2, 30, "two runs", [server])
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: AWAY.search(log(server)) is not None, 20, "the away line", [server])
+            time.sleep(2)
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: BACK.search(log(server)) is not None, 20, "the back line", [server])
+        back = time.time()
+        # A generous bound, for a loaded machine: ticks are every second; the hold was 15 s.
+        wait_for(lambda: any(run.time > back for run in starts(path)), 8, "a run after", [server])
+    assert "Traceback" not in log(server) and PASSWORD not in log(server)
+
+
+@LOOPS
 def test_iterations_count_across_the_fleet_even_with_redis_restarted_empty(tmp_path: Path, loop: str) -> None:
     path = tmp_path / "runs"
     redis = RedisServer(tmp_path / "redis")  # started once every host contends: all count from the first run
