@@ -322,6 +322,43 @@ def test_a_redis_url_whose_query_redis_py_refuses_is_refused_at_start(query: str
     assert "Traceback" not in served.stderr and PASSWORD not in served.stderr
 
 
+@LOOPS
+def test_a_flood_of_failures_from_many_clients_does_not_make_redis_away(loop: str, redis_server: RedisServer) -> None:
+    """Hundreds of clients failing at once: each failure is a call to Redis, and each call in flight
+    took a connection; past redis-py's pool (100 connections in redis-py 8; unbounded before, as
+    many file descriptors and Redis clients as calls) a call failed, and the process took Redis
+    for away: an attacker's throwaway addresses switched the fleet to counting per process, and
+    wrote two log lines, at will. Calls now wait for a connection of the process's own few."""
+    clients = 400
+    args = ("--redis", redis_server.url, "--loop", loop, "--trusted-proxies", "127.0.0.1")
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as server:
+        body = json.dumps({"name": "echo", "elements": ["hi"]}).encode()
+        connections = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(clients)]
+        try:
+            for i, connection in enumerate(connections):  # all sent before any answer is read
+                head = (
+                    f"POST /workflow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {WRONG}\r\n"
+                    f"X-Forwarded-For: 10.7.{i // 250}.{i % 250 + 1}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                )
+                connection.sendall(head.encode() + body)
+            statuses = Counter()
+            for connection in connections:
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                statuses[answer.split(b" ", 2)[1]] += 1
+        finally:
+            for connection in connections:
+                connection.close()
+        assert statuses == {b"401": clients}
+        with redis_server.client() as client:
+            assert len(client.keys(f"{PREFIX}throttle:10.7.*")) == clients  # each counted in Redis
+        time.sleep(1)  # a probe's time, had it been found away
+    log = "".join(server.log)
+    assert not lines([server], AWAY) and "Traceback" not in log, log
+
+
 # -- one process: Redis away, and back
 
 
