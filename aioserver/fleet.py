@@ -41,10 +41,18 @@ SCHEMES = ("redis", "rediss", "unix")
 # A call's time limit (connect, then each reply). Redis answers in well under a millisecond
 # on a LAN; a second means it is gone, and a request on the failure path waits at most that.
 TIMEOUT = 1.0
-# While Redis is away: how often it is probed (and calls tried again); while it is up: how
+# While Redis is away: how often it is probed (no other call is tried); while it is up: how
 # often it is pinged, so that its loss is logged (and the metric drops) without traffic.
 PROBE_AWAY = 1.0
 PROBE_UP = 5.0
+# Calls a process has at Redis at once, each on a connection of its own (the pool's size): a
+# call beyond waits for one, a time limit at most, then is counted locally (Unavailable)
+# without Redis being taken for away. Unbounded, a flood of failures from many clients (an
+# attacker's throwaway addresses) opened as many connections; bounded by redis-py alone (its
+# pool of 100 in redis-py 8), the calls beyond failed and the process took Redis for away:
+# the fleet counting per process, at the attacker's will. 32 calls of well under a millisecond
+# each are far more failures a second than a process answers.
+CONNECTIONS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +177,10 @@ class Fleet:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
+            max_connections=CONNECTIONS,
         )
+        # The URL's ?max_connections= wins over ours: the calls are bounded by the pool's size.
+        self._slots = asyncio.Semaphore(self.client.connection_pool.max_connections)
         self._password = urllib.parse.urlsplit(url.url).password
         # The news of clients at the limit (fleetthrottle.py): the database's channel, since
         # channels are the whole server's and keys a database's (see the README on two services).
@@ -192,6 +203,11 @@ class Fleet:
         if not self.up and not probe:
             raise Unavailable(f"{self.where} is away")
         try:
+            async with asyncio.timeout(self.timeout):  # waiting for a connection (CONNECTIONS) is no failure of Redis
+                await self._slots.acquire()
+        except TimeoutError:
+            raise Unavailable(f"{self.where}: every connection busy") from None
+        try:
             # Belt and braces over the socket time limits: a connect and a reply at most.
             async with asyncio.timeout(2 * self.timeout):
                 result = await command(self.client)
@@ -203,6 +219,8 @@ class Fleet:
                     await self.client.connection_pool.disconnect(inuse_connections=False)
             self._away(exc)
             raise Unavailable(f"{self.where}: {self._reason(exc)}") from None
+        finally:
+            self._slots.release()
         if probe:
             self._back()
         return result
