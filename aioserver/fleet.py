@@ -189,6 +189,7 @@ class Fleet:
         self.up = True  # until a call fails; then False until a probe succeeds
         self._lost = asyncio.Event()  # set by a call that found Redis away: the probe looks at once
         self.changed: list[Callable[[bool], None]] = []  # told of each change of `up` (the metric)
+        self._closing = False  # closed by the process's stop: a call then cut off says nothing of Redis
 
     async def call(self, command: Callable[[Redis], Awaitable[T]], probe: bool = False) -> T:
         """``command(client)``'s result; Unavailable if Redis is away or fails it.
@@ -212,6 +213,8 @@ class Fleet:
             async with asyncio.timeout(2 * self.timeout):
                 result = await command(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
+            if self._closing:  # a call (the probe) cut off by close(): no "away" line at the stop
+                raise Unavailable(f"{self.where} is closed") from None
             if self.up:
                 # The idle connections are as dead as this one (a restarted Redis closed them
                 # all): dropped now, else each would fail a call once it is back.
@@ -250,6 +253,7 @@ class Fleet:
                     await self._lost.wait()
 
     async def close(self) -> None:
+        self._closing = True
         await self.client.aclose()
 
     def _away(self, exc: BaseException) -> None:

@@ -4,6 +4,7 @@ takes a ``loop`` parameter: the redis extra is in the test venv only."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import re
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redisserver import PASSWORD, RedisServer
 from test_proxy import nginx_config
 
-from aioserver.fleet import PREFIX, RedisURL, parse_redis_url, redacted
+from aioserver.fleet import PREFIX, Fleet, RedisURL, Unavailable, parse_redis_url, redacted
 
 from conftest import TOKEN, TOKEN_HASH, PemFiles, Server, free_port
 
@@ -720,3 +721,24 @@ def test_a_worker_still_starting_does_not_pull_the_gauge_down(redis_server: Redi
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[1.0]", done.stdout
+
+
+async def test_a_call_cut_off_by_the_stop_says_nothing_of_redis(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The process's stop closes its link with a call in flight (the probe, every 5 s: aligned
+    with the schedule ticks, it was often in flight at a stop right after a tick): that call
+    used to log Redis away, after the "stopped" line."""
+    assert redis_server.process is not None
+    fleet = Fleet(parse_redis_url(redis_server.url))
+    await fleet.probe()  # connected
+    redis_server.process.send_signal(signal.SIGSTOP)  # the call in flight stays in flight
+    try:
+        probing = asyncio.create_task(fleet.probe())
+        await asyncio.sleep(0.2)
+        await fleet.close()
+        with pytest.raises(Unavailable):
+            await probing
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert "is away" not in caplog.text, caplog.text
