@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+import math
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,10 +41,18 @@ SCHEMES = ("redis", "rediss", "unix")
 # A call's time limit (connect, then each reply). Redis answers in well under a millisecond
 # on a LAN; a second means it is gone, and a request on the failure path waits at most that.
 TIMEOUT = 1.0
-# While Redis is away: how often it is probed (and calls tried again); while it is up: how
+# While Redis is away: how often it is probed (no other call is tried); while it is up: how
 # often it is pinged, so that its loss is logged (and the metric drops) without traffic.
 PROBE_AWAY = 1.0
 PROBE_UP = 5.0
+# Calls a process has at Redis at once, each on a connection of its own (the pool's size): a
+# call beyond waits for one, a time limit at most, then is counted locally (Unavailable)
+# without Redis being taken for away. Unbounded, a flood of failures from many clients (an
+# attacker's throwaway addresses) opened as many connections; bounded by redis-py alone (its
+# pool of 100 in redis-py 8), the calls beyond failed and the process took Redis for away:
+# the fleet counting per process, at the attacker's will. 32 calls of well under a millisecond
+# each are far more failures a second than a process answers.
+CONNECTIONS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +93,29 @@ def parse_redis_url(value: Any) -> RedisURL:
         database = parts.path.strip("/")
         if database and not database.isdigit():
             raise ValueError(f"expected {parts.scheme}://HOST[:PORT][/DB] with a database number")
+    _connectable(value)
     return RedisURL(value)
+
+
+def _connectable(url: str) -> None:
+    """Raise ValueError unless redis-py makes a connection of ``url``: its query's parameters are
+    its connections' (``?db=1``, ``?socket_timeout=2``...), read when a connection is made. Else
+    the server would start and fail each call (an unknown parameter: every auth failure a 500).
+
+    Without the redis extra nothing is checked: config.py says it is missing.
+    """
+    try:
+        from redis.asyncio import ConnectionPool
+        from redis.exceptions import RedisError
+    except ImportError:
+        return
+    try:
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]  # made, not connected
+    except (TypeError, ValueError, RedisError):  # their messages may repeat a value: not shown
+        raise ValueError(
+            "expected a redis://, rediss:// or unix:// URL whose query redis-py takes: one of its"
+            " parameters is unknown, or its value does not parse"
+        ) from None
 
 
 def redacted(url: str) -> str:
@@ -109,6 +139,23 @@ def redacted(url: str) -> str:
     return text
 
 
+# The probe: what the fleet's calls need, not a PING, which a Redis that refuses them answers
+# (an ACL user short of EVALSHA, of the keys under aioserver: or of the news channel, as Redis
+# 7's default `acl-pubsub-default resetchannels` leaves a new user; a read-only replica; memory
+# full under `noeviction`): such a Redis is away until it serves, instead of "back" at each
+# probe and "away" at the next call. A script (EVALSHA) writing a key of ours (SET), and the
+# rights on the channel (KEYS[1]: the key; ARGV[1]: the channel; ARGV[2]: the key's life, ms).
+# redis.acl_check_cmd is Redis 7's (Valkey's): an older server is not asked.
+PROBE = """
+if redis.acl_check_cmd and not (redis.acl_check_cmd('PUBLISH', ARGV[1], '')
+        and redis.acl_check_cmd('SUBSCRIBE', ARGV[1])) then
+    return redis.error_reply('NOPERM this user may not publish and subscribe on channel ' .. ARGV[1])
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+return 1
+"""
+
+
 class Unavailable(Exception):
     """Redis did not answer (or answered with an error): the caller takes its fallback."""
 
@@ -130,23 +177,44 @@ class Fleet:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
+            max_connections=CONNECTIONS,
         )
+        # The URL's ?max_connections= wins over ours: the calls are bounded by the pool's size.
+        self._slots = asyncio.Semaphore(self.client.connection_pool.max_connections)
         self._password = urllib.parse.urlsplit(url.url).password
-        self.up = True  # until a call fails; then False until one succeeds again
-        self._retry_at = 0.0  # while away: calls before this fail at once
+        # The news of clients at the limit (fleetthrottle.py): the database's channel, since
+        # channels are the whole server's and keys a database's (see the README on two services).
+        self.channel = key("throttled", str(self.client.connection_pool.connection_kwargs.get("db", 0)))
+        self._probe = self.client.register_script(PROBE)
+        self.up = True  # until a call fails; then False until a probe succeeds
+        self._lost = asyncio.Event()  # set by a call that found Redis away: the probe looks at once
         self.changed: list[Callable[[bool], None]] = []  # told of each change of `up` (the metric)
+        self._closing = False  # closed by the process's stop: a call then cut off says nothing of Redis
 
-    async def call(self, command: Callable[[Redis], Awaitable[T]]) -> T:
-        """``command(client)``'s result; Unavailable if Redis is away or fails it."""
+    async def call(self, command: Callable[[Redis], Awaitable[T]], probe: bool = False) -> T:
+        """``command(client)``'s result; Unavailable if Redis is away or fails it.
+
+        While Redis is away, only the probe (``probe``) is tried: the others fail at once, and
+        only the probe says it is back. A call's success says little: a Redis that refuses the
+        fleet some of its commands (see :data:`PROBE`) runs the others, and a call that began
+        before Redis was found away may end after.
+        """
         from redis.exceptions import RedisError
 
-        if not self.up and time.monotonic() < self._retry_at:
+        if not self.up and not probe:
             raise Unavailable(f"{self.where} is away")
+        try:
+            async with asyncio.timeout(self.timeout):  # waiting for a connection (CONNECTIONS) is no failure of Redis
+                await self._slots.acquire()
+        except TimeoutError:
+            raise Unavailable(f"{self.where}: every connection busy") from None
         try:
             # Belt and braces over the socket time limits: a connect and a reply at most.
             async with asyncio.timeout(2 * self.timeout):
                 result = await command(self.client)
         except (RedisError, OSError, TimeoutError) as exc:
+            if self._closing:  # a call (the probe) cut off by close(): no "away" line at the stop
+                raise Unavailable(f"{self.where} is closed") from None
             if self.up:
                 # The idle connections are as dead as this one (a restarted Redis closed them
                 # all): dropped now, else each would fail a call once it is back.
@@ -154,33 +222,45 @@ class Fleet:
                     await self.client.connection_pool.disconnect(inuse_connections=False)
             self._away(exc)
             raise Unavailable(f"{self.where}: {self._reason(exc)}") from None
-        self._back()
+        finally:
+            self._slots.release()
+        if probe:
+            self._back()
         return result
 
     async def version(self) -> str:
         """The server's name and version, for ``--check``; Unavailable if it does not answer."""
-        info = await self.call(lambda client: client.info("server"))
+        info = await self.call(lambda client: client.info("server"), probe=True)
         if "valkey_version" in info:
             return f"Valkey {info['valkey_version']}"
         return f"Redis {info.get('redis_version', '(version unknown)')}"
+
+    async def probe(self) -> None:
+        """Whether Redis serves the fleet (see :data:`PROBE`): Unavailable if not."""
+        keys, args = [key("probe")], [self.channel, str(math.ceil(2 * PROBE_UP * 1000))]
+        await self.call(lambda client: self._probe(keys=keys, args=args, client=client), probe=True)
 
     async def watch(self) -> None:
         """Probe Redis for as long as the process runs, so that its loss and return are logged."""
         while True:  # the first probe at once: a Redis away at start-up is said (and measured) then
             try:
-                await self.call(lambda client: client.ping())
+                await self.probe()
             except Unavailable:
                 pass
-            await asyncio.sleep(PROBE_UP if self.up else PROBE_AWAY)
+            self._lost.clear()
+            with contextlib.suppress(TimeoutError):  # the interval, or a call finding Redis away
+                async with asyncio.timeout(PROBE_UP if self.up else PROBE_AWAY):
+                    await self._lost.wait()
 
     async def close(self) -> None:
+        self._closing = True
         await self.client.aclose()
 
     def _away(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + PROBE_AWAY
         if not self.up:
             return
         self.up = False
+        self._lost.set()
         logger.warning(
             "redis at %s is away (%s): auth failures are counted by each process, schedule ticks are"
             " skipped, the certificate held is kept, until it is back",
@@ -209,7 +289,9 @@ def check(url: RedisURL) -> str:
     async def connect() -> str:
         fleet = Fleet(url)
         try:
-            return await fleet.version()
+            version = await fleet.version()
+            await fleet.probe()  # answering is not enough: it must take what the fleet asks
+            return version
         finally:
             await fleet.close()
 

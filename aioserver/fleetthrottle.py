@@ -4,7 +4,7 @@ minute in total, whichever processes of whichever hosts they reach.
 Each failure is one round trip: a Lua script increments the client's key (``aioserver:throttle:``
 and the client, an IPv6 client's /64), gives a new key the window's time to live and returns
 the count and the time left, atomically; from the limit on, the same script publishes the
-news on a channel (:func:`channel`), to which every process listens. A success costs no round trip: each
+news on a channel (``Fleet.channel``), to which every process listens. A success costs no round trip: each
 process refuses a client (429, before any token is checked) from what it knows locally, as
 auth.FailureThrottle does, and what it knows is every reply it had (the fleet's count and
 the window's end) and every piece of news it heard. A failure whose count is past the limit
@@ -62,12 +62,6 @@ return {count, left}
 LISTEN_AGAIN = 1.0  # seconds before listening again, after Redis failed the listener
 
 
-def channel(fleet: Fleet) -> str:
-    """The channel of the news of clients at the limit: the database's (channels are the whole
-    server's, keys a database's: a service with a database of its own hears only its own news)."""
-    return key("throttled", str(fleet.client.connection_pool.connection_kwargs.get("db", 0)))
-
-
 class FleetThrottle(FailureThrottle):
     """auth.FailureThrottle whose counts are the fleet's, from Redis; local when Redis is away."""
 
@@ -76,7 +70,7 @@ class FleetThrottle(FailureThrottle):
         self.fleet = fleet
         self._window_ms = str(math.ceil(window * 1000))
         self._script = fleet.client.register_script(COUNT)  # EVALSHA; loaded again after a restart
-        self.channel = channel(fleet)
+        self.channel = fleet.channel  # the database's (see Fleet.channel)
 
     async def count(self, client: str) -> int:
         # Counted here first, at once, as without Redis: the fallback if Redis does not answer,

@@ -4,6 +4,7 @@ takes a ``loop`` parameter: the redis extra is in the test venv only."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import re
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redisserver import PASSWORD, RedisServer
 from test_proxy import nginx_config
 
-from aioserver.fleet import PREFIX, RedisURL, parse_redis_url, redacted
+from aioserver.fleet import PREFIX, Fleet, RedisURL, Unavailable, parse_redis_url, redacted
 
 from conftest import TOKEN, TOKEN_HASH, PemFiles, Server, free_port
 
@@ -232,6 +233,131 @@ def test_check_with_a_wrong_password_shows_neither(redis_server: RedisServer) ->
     assert done.returncode == 2
     assert "AuthenticationError" in done.stderr, done.stderr
     assert "not-the-password-77" not in done.stdout + done.stderr and PASSWORD not in done.stdout + done.stderr
+
+
+# -- a Redis that answers PING but refuses the fleet's commands
+
+
+FLEET_USER_PASSWORD = "fleet-user-pw-92eb5c1f"
+
+
+def acl_user(redis_server: RedisServer, rules: str) -> str:
+    """The URL of a new ACL user of ``redis_server`` with ``rules`` (ACL SETUSER's)."""
+    with redis_server.client() as client:
+        client.execute_command("ACL", "SETUSER", "fleet", "reset", "on", f">{FLEET_USER_PASSWORD}", *rules.split())
+    return f"redis://fleet:{FLEET_USER_PASSWORD}@127.0.0.1:{redis_server.port}/0"
+
+
+@LOOPS
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "~aioserver:* +@all",  # Redis 7's acl-pubsub-default: no channel, so no news published
+        "~* &* +@all -evalsha",  # no script
+    ],
+)
+def test_a_redis_that_refuses_the_fleets_commands_is_away_and_stays_away(
+    loop: str, rules: str, redis_server: RedisServer
+) -> None:
+    """A Redis that answers PING but refuses what the fleet asks of it (an ACL user short of a
+    right; a read-only replica, a full memory under noeviction fail the same way) is away from
+    the start, for --check and for the server: it used to be "back" at each probe's PING and
+    "away" again at the next failure (a pair of lines every few seconds under attack, the gauge
+    flapping, and each process's failures counted alone meanwhile)."""
+    url = acl_user(redis_server, rules)
+    done = check("--redis", url)
+    assert done.returncode == 2, done.stdout
+    assert re.search(r"--redis: .*redis://fleet:\*\*\*@127\.0\.0\.1:\d+/0: NoPermissionError: ", done.stderr), (
+        done.stderr
+    )
+    assert FLEET_USER_PASSWORD not in done.stdout + done.stderr and "Traceback" not in done.stderr
+
+    args = ("--redis", url, "--loop", loop, "--trusted-proxies", "127.0.0.1")
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as server:
+        for round in range(2):
+            statuses = [call(server.port, WRONG, client=f"10.6.{round}.1")[0] for _ in range(LIMIT + 2)]
+            assert statuses == [401] * LIMIT + [429] * 2  # counted by the process, as with Redis away
+            assert call(server.port, TOKEN, client=f"10.6.{round}.2")[0] == 200
+            time.sleep(6)  # more than a probe's interval while Redis is up (5 s)
+    log = "".join(server.log)
+    away, back = (pattern.replace("redis://:", "redis://fleet:") for pattern in (AWAY, BACK))
+    assert len(lines([server], away)) == 1 and not lines([server], back), log
+    assert re.search(away + r"NoPermissionError: ", log), log
+    assert FLEET_USER_PASSWORD not in log and "Traceback" not in log
+
+
+@LOOPS
+def test_the_acl_the_readme_gives_serves_the_fleet(loop: str, redis_server: RedisServer) -> None:
+    url = acl_user(redis_server, "~aioserver:* &aioserver:* +@all")  # README: A fleet through Redis
+    done = check("--redis", url)
+    assert done.returncode == 0 and " answers (Redis 7" in done.stdout, done.stderr
+    args = ("--redis", url, "--loop", loop, "--trusted-proxies", "127.0.0.1")
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as first, Server(*args, env={"TOKEN": TOKEN_HASH}) as second:
+        listening(redis_server, 2)
+        assert [call(first.port, WRONG, client="10.6.9.1")[0] for _ in range(LIMIT)] == [401] * LIMIT
+        assert call(second.port, TOKEN, client="10.6.9.1")[0] == 429  # the news heard
+        time.sleep(6)  # a probe at least
+    assert not lines([first, second], "is away"), "".join(first.log + second.log)
+
+
+@pytest.mark.parametrize("query", ["?foo=1", "?db=x", "?socket_timeout=soon"])
+def test_a_redis_url_whose_query_redis_py_refuses_is_refused_at_start(query: str, redis_server: RedisServer) -> None:
+    """Such a URL used to pass: --check printed a traceback, and a server served with it and
+    answered every auth failure with 500 (the connection could not be made)."""
+    url = redis_server.url + query
+    done = check("--redis", url)
+    assert done.returncode == 2
+    assert "aioserver: error: command line: --redis: expected a redis://" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and PASSWORD not in done.stdout + done.stderr
+    try:
+        served = subprocess.run(
+            [sys.executable, "-m", "aioserver", "--port", "0", "--redis", url],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={"PATH": "/usr/bin:/bin", "TOKEN": TOKEN_HASH},
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("it served")
+    assert served.returncode == 2 and "--redis: expected a redis://" in served.stderr, served.stderr
+    assert "Traceback" not in served.stderr and PASSWORD not in served.stderr
+
+
+@LOOPS
+def test_a_flood_of_failures_from_many_clients_does_not_make_redis_away(loop: str, redis_server: RedisServer) -> None:
+    """Hundreds of clients failing at once: each failure is a call to Redis, and each call in flight
+    took a connection; past redis-py's pool (100 connections in redis-py 8; unbounded before, as
+    many file descriptors and Redis clients as calls) a call failed, and the process took Redis
+    for away: an attacker's throwaway addresses switched the fleet to counting per process, and
+    wrote two log lines, at will. Calls now wait for a connection of the process's own few."""
+    clients = 400
+    args = ("--redis", redis_server.url, "--loop", loop, "--trusted-proxies", "127.0.0.1")
+    with Server(*args, env={"TOKEN": TOKEN_HASH}) as server:
+        body = json.dumps({"name": "echo", "elements": ["hi"]}).encode()
+        connections = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(clients)]
+        try:
+            for i, connection in enumerate(connections):  # all sent before any answer is read
+                head = (
+                    f"POST /workflow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {WRONG}\r\n"
+                    f"X-Forwarded-For: 10.7.{i // 250}.{i % 250 + 1}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                )
+                connection.sendall(head.encode() + body)
+            statuses = Counter()
+            for connection in connections:
+                answer = b""
+                while chunk := connection.recv(65536):
+                    answer += chunk
+                statuses[answer.split(b" ", 2)[1]] += 1
+        finally:
+            for connection in connections:
+                connection.close()
+        assert statuses == {b"401": clients}
+        with redis_server.client() as client:
+            assert len(client.keys(f"{PREFIX}throttle:10.7.*")) == clients  # each counted in Redis
+        time.sleep(1)  # a probe's time, had it been found away
+    log = "".join(server.log)
+    assert not lines([server], AWAY) and "Traceback" not in log, log
 
 
 # -- one process: Redis away, and back
@@ -595,3 +721,24 @@ def test_a_worker_still_starting_does_not_pull_the_gauge_down(redis_server: Redi
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[1.0]", done.stdout
+
+
+async def test_a_call_cut_off_by_the_stop_says_nothing_of_redis(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The process's stop closes its link with a call in flight (the probe, every 5 s: aligned
+    with the schedule ticks, it was often in flight at a stop right after a tick): that call
+    used to log Redis away, after the "stopped" line."""
+    assert redis_server.process is not None
+    fleet = Fleet(parse_redis_url(redis_server.url))
+    await fleet.probe()  # connected
+    redis_server.process.send_signal(signal.SIGSTOP)  # the call in flight stays in flight
+    try:
+        probing = asyncio.create_task(fleet.probe())
+        await asyncio.sleep(0.2)
+        await fleet.close()
+        with pytest.raises(Unavailable):
+            await probing
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    assert "is away" not in caplog.text, caplog.text

@@ -156,6 +156,28 @@ def test_each_tick_runs_once_across_the_fleet_and_ticks_are_skipped_while_redis_
 
 
 @LOOPS
+def test_ticks_run_again_as_soon_as_a_stalled_redis_is_back(tmp_path: Path, loop: str) -> None:
+    """Redis stopped (SIGSTOP) for 3 s: the claim on its way when it stopped is given up on (the
+    tick skipped) but run by Redis when it goes on, taking the hold of a run that never came.
+    The schedule used to stay held up for HOLD_SECONDS (15 s) after Redis was back."""
+    path = tmp_path / "runs"
+    with RedisServer(tmp_path / "redis") as redis, host(config(path), loop, 1, redis.url) as server:
+        assert redis.process is not None
+        wait_for(lambda: len(starts(path)) >= 2, 30, "two runs", [server])
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: AWAY.search(log(server)) is not None, 20, "the away line", [server])
+            time.sleep(2)
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        wait_for(lambda: BACK.search(log(server)) is not None, 20, "the back line", [server])
+        back = time.time()
+        # A generous bound, for a loaded machine: ticks are every second; the hold was 15 s.
+        wait_for(lambda: any(run.time > back for run in starts(path)), 8, "a run after", [server])
+    assert "Traceback" not in log(server) and PASSWORD not in log(server)
+
+
+@LOOPS
 def test_iterations_count_across_the_fleet_even_with_redis_restarted_empty(tmp_path: Path, loop: str) -> None:
     path = tmp_path / "runs"
     redis = RedisServer(tmp_path / "redis")  # started once every host contends: all count from the first run
@@ -298,3 +320,29 @@ async def test_a_claim_with_redis_away_is_unavailable(redis_server: RedisServer)
         redis_server.stop()
         with pytest.raises(Unavailable):  # the scheduler's cue to skip the tick
             await a.claim("w", time.time(), None, 0)
+
+
+async def test_a_claim_whose_answer_was_lost_does_not_hold_the_schedule_up(redis_server: RedisServer) -> None:
+    """Redis stalled (SIGSTOP) with a claim on its way: the process gave up on it (Unavailable, the
+    tick skipped), but Redis ran it once it went on, taking the hold of a run that never came.
+    That hold kept every process of the fleet from running the schedule for HOLD_SECONDS (15 s)
+    after Redis was back; the process's next claim drops it (claiming, it runs nothing of that
+    schedule: a hold of its own is one it lost)."""
+    assert redis_server.process is not None
+    async with processes(redis_server, 1) as (a,):
+        due = math.floor(time.time()) + 1.0
+        await a.claim("other", due, None, 0)  # connected, the script loaded: the claim runs as sent
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(Unavailable):
+                await a.claim("w", due, None, 0)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        await a.fleet.probe()  # back (only the probe says so)
+        with redis_server.client() as client:
+            deadline = time.monotonic() + 10
+            while client.get("aioserver:schedule:w:running") != a.claimant:  # Redis ran the lost claim
+                assert time.monotonic() < deadline, "the claim sent to the stopped Redis never ran"
+                await asyncio.sleep(0.05)
+            assert (await a.claim("w", due + 1, None, 0)).ours  # not held up by the run that never came
+            assert client.get("aioserver:schedule:w:running") == a.claimant  # the new run's hold

@@ -62,7 +62,14 @@ HOLD_SECONDS = 15
 # the claiming process has seen; ARGV[4]: who claims (the lock's and the hold's value);
 # ARGV[5]: the hold's lifetime (ms).
 # Returns {1 if the tick is the caller's to run, the count (the run's number if so)}.
+# A hold of the caller's own is dropped first: a process claims a schedule's tick only when it
+# runs nothing of that schedule, so such a hold is a run that never came (a claim that Redis,
+# stalled, ran after the caller had given up on its answer: the tick skipped) or one whose
+# release was lost. Left, it kept the whole fleet from running the schedule for HOLD_SECONDS.
 CLAIM = """
+if redis.call('GET', KEYS[3]) == ARGV[4] then
+  redis.call('DEL', KEYS[3])
+end
 local runs = tonumber(redis.call('GET', KEYS[2]) or '0')
 local seen = tonumber(ARGV[3])
 if seen > runs then
