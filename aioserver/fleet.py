@@ -129,10 +129,12 @@ def redacted(url: str) -> str:
     if any(key == "password" for key, _ in query):
         query = [(key, "***" if key == "password" else item) for key, item in query]
         parts = parts._replace(query=urllib.parse.urlencode(query))
-    if password is not None:
-        user = parts.username or ""
+    if "@" in parts.netloc:
         host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{user}:***@{host}")
+        # A user alone (redis://SECRET@host) is shown as *** too: it is often a password that
+        # lacks its colon (redis-py then sends it as the user name, and the server refuses it).
+        user = f"{parts.username or ''}:" if password is not None else ""
+        parts = parts._replace(netloc=f"{user}***@{host}")
     text = urllib.parse.urlunsplit(parts)
     if not parts.netloc and url.startswith(f"{parts.scheme}://"):  # urlunsplit makes unix:///p unix:/p
         text = f"{parts.scheme}://{text.removeprefix(parts.scheme + ':')}"
@@ -181,7 +183,8 @@ class Fleet:
         )
         # The URL's ?max_connections= wins over ours: the calls are bounded by the pool's size.
         self._slots = asyncio.Semaphore(self.client.connection_pool.max_connections)
-        self._password = urllib.parse.urlsplit(url.url).password
+        given = urllib.parse.urlsplit(url.url)
+        self._password = given.password or given.username  # a user alone may be a password without its colon
         # The news of clients at the limit (fleetthrottle.py): the database's channel, since
         # channels are the whole server's and keys a database's (see the README on two services).
         self.channel = key("throttled", str(self.client.connection_pool.connection_kwargs.get("db", 0)))

@@ -175,6 +175,7 @@ def test_redis_urls_refused_without_their_password(url: str, problem: str) -> No
         ("unix:///run/redis.sock?db=2&password=s3cr3t-pw", "unix:///run/redis.sock?db=2&password=%2A%2A%2A"),
         ("redis://db:6379/0", "redis://db:6379/0"),
         ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("redis://s3cr3t-pw@db:6379/0", "redis://***@db:6379/0"),  # a password without its colon
     ],
 )
 def test_a_redis_url_is_shown_without_its_password(url: str, shown: str) -> None:
