@@ -88,7 +88,8 @@ def listening(redis_server: RedisServer, processes: int, database: int = 0) -> N
         with redis_server.client() as client:
             return int(dict(client.pubsub_numsub(channel))[channel])
 
-    wait_for(lambda: subscribers() == processes, f"{processes} processes listening")
+    # Generous: five processes starting at once on a loaded two-core machine (CI runs 4 tests at a time).
+    wait_for(lambda: subscribers() == processes, f"{processes} processes listening", timeout=60)
 
 
 def lines(servers: list[Server], pattern: str) -> list[str]:
