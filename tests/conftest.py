@@ -173,6 +173,20 @@ def _given(args: tuple[str, ...], flag: str) -> str | None:
     return None
 
 
+class _ServerProcess(subprocess.Popen[str]):
+    """The server's process, whose :meth:`wait` returns once its log is read to the end too: a
+    test reading the log after the exit must see its last lines (the drainer thread reads them
+    some time after the exit, later still on a loaded machine)."""
+
+    drainer: threading.Thread | None = None
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = super().wait(timeout)
+        if self.drainer is not None and self.drainer.is_alive():
+            self.drainer.join(timeout=10)  # EOF once every process holding the pipe (workers) is gone
+        return code
+
+
 class Server:
     """A running ``python -m aioserver``, its port read from its own log line.
 
@@ -216,7 +230,7 @@ class Server:
         self.listeners = listeners
         self.pattern = pattern
         self.ports: list[int] = []
-        self.process = subprocess.Popen(
+        self.process = _ServerProcess(
             [*prefix, *command, "--port", "0", *options, *args],
             env=environment,
             stderr=subprocess.PIPE,
@@ -224,6 +238,7 @@ class Server:
         )
         self.log: list[str] = []
         self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self.process.drainer = self._drainer
         self.port = self._wait_for_port()
         if duplicates:
             self.ports = list(dict.fromkeys(self.ports))
