@@ -25,14 +25,14 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .errors import ConfigError, http_error
+from .errors import Check, ConfigError, http_error
 
 if TYPE_CHECKING:
     from .clientcerts import ClientStore
@@ -264,24 +264,25 @@ def _deny(
     return http_error(cls, message, **{"WWW-Authenticate": value})
 
 
-def auth_middleware(
+def authorizer(
     store: TokenStore,
     throttle: FailureThrottle,
     clients: ClientStore | None = None,
     jwt: JWTVerifier | None = None,
-) -> Any:
-    """The middleware checking every request but ``GET /health`` and ``GET /ready`` (and HEAD) against ``store``,
+) -> Check:
+    """The check of every request but ``GET /health`` and ``GET /ready`` (and HEAD) against ``store``,
     and, without an Authorization header, against ``clients`` (the config's ``auth.clients``).
 
-    With ``jwt`` (``auth.jwt``), a bearer value shaped as a JWT is verified by it instead of ``store``.
-    With no token in ``store``, no ``clients`` and no ``jwt`` the service is open, as txtai's is without ``TOKEN``.
+    With ``jwt`` (``auth.jwt``), a bearer value shaped as a JWT is verified by it instead of
+    ``store``: then the check returns the verification to await (the keys may need fetching).
+    With no token in ``store``, no ``clients`` and no ``jwt`` the service is open, as txtai's is
+    without ``TOKEN``. A plain function, run by error_middleware with the app's other checks.
     """
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(request: web.Request) -> Awaitable[None] | None:
         open_service = not store.tokens and clients is None and jwt is None
         if open_service or (request.path in OPEN_PATHS and request.method in OPEN_METHODS):
-            return await handler(request)
+            return None
         # Keyed only while someone's window is open: parsing the address costs on every request.
         client = throttle.client_key(request.remote) if throttle.active() else None
         wait = throttle.retry_after(client) if client is not None else 0
@@ -289,42 +290,72 @@ def auth_middleware(
             request[AUTH_FAILURE] = "throttled"
             raise http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
 
-        headers = request.headers.getall("Authorization", [])
+        headers = request.headers.getall("Authorization", ())
         if not headers:
             if clients is None:
                 raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
             _by_certificate(request, clients, throttle, client)
-            return await handler(request)
-        scheme = headers[0].split(" ", 1)[0]
-        if len(headers) == 1 and scheme.lower() != "bearer":
-            # Another scheme is no bearer credential at all (RFC 6750 section 3.1).
-            raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required: Bearer token", None)
+            return None
         bearer = _BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
         if bearer is None:
+            if len(headers) == 1 and headers[0].split(" ", 1)[0].lower() != "bearer":
+                # Another scheme is no bearer credential at all (RFC 6750 section 3.1).
+                raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required: Bearer token", None)
             throttle.failed(client or throttle.client_key(request.remote))
             raise _deny(
                 request, "invalid_request", web.HTTPBadRequest, "malformed Authorization header", "invalid_request"
             )
         value = bearer.group(1)
-        token = await jwt.verify(value) if jwt is not None and jwt.is_jwt(value) else store.match(value)
-        if token is None:
-            throttle.failed(client or throttle.client_key(request.remote))
-            raise _deny(request, "invalid_token", web.HTTPUnauthorized, "invalid token", "invalid_token")
-        # Known before its scope is judged: a refusal's access line names the token refused.
-        request[IDENTITY] = token
-        # Routing is done when middlewares run: judged here, every route (an extension's,
-        # one added later) is in a scoped token's reach only if its list names it.
-        if not token.may_call(request):
-            raise _deny(
-                request,
-                "insufficient_scope",
-                web.HTTPForbidden,
-                "this token may not call this route",
-                "insufficient_scope",
-            )
+        if jwt is not None and jwt.is_jwt(value):
+            return _by_jwt(request, jwt, value, throttle, client)
+        _admit(request, store.match(value), throttle, client)
+        return None
+
+    return check
+
+
+def auth_middleware(
+    store: TokenStore,
+    throttle: FailureThrottle,
+    clients: ClientStore | None = None,
+    jwt: JWTVerifier | None = None,
+) -> Any:
+    """The :func:`authorizer` check as a middleware of its own (an app of a test's)."""
+    check = authorizer(store, throttle, clients, jwt)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        pending = check(request)
+        if pending is not None:
+            await pending
         return await handler(request)
 
     return middleware
+
+
+async def _by_jwt(
+    request: web.Request, jwt: JWTVerifier, value: str, throttle: FailureThrottle, client: str | None
+) -> None:
+    _admit(request, await jwt.verify(value), throttle, client)
+
+
+def _admit(request: web.Request, token: Identity | None, throttle: FailureThrottle, client: str | None) -> None:
+    """Let the bearer of ``token`` in (None: an invalid token), if its scope has the request's route."""
+    if token is None:
+        throttle.failed(client or throttle.client_key(request.remote))
+        raise _deny(request, "invalid_token", web.HTTPUnauthorized, "invalid token", "invalid_token")
+    # Known before its scope is judged: a refusal's access line names the token refused.
+    request[IDENTITY] = token
+    # Routing is done when middlewares run: judged here, every route (an extension's,
+    # one added later) is in a scoped token's reach only if its list names it.
+    if not token.may_call(request):
+        raise _deny(
+            request,
+            "insufficient_scope",
+            web.HTTPForbidden,
+            "this token may not call this route",
+            "insufficient_scope",
+        )
 
 
 def _by_certificate(request: web.Request, clients: ClientStore, throttle: FailureThrottle, client: str | None) -> None:
