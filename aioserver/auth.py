@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from .errors import Check, ConfigError, http_error
@@ -290,7 +290,7 @@ def authorizer(
             request[AUTH_FAILURE] = "throttled"
             raise http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
 
-        headers = request.headers.getall("Authorization", ())
+        headers = request.headers.getall(hdrs.AUTHORIZATION, ())
         if not headers:
             if clients is None:
                 raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
@@ -384,8 +384,11 @@ def _by_certificate(request: web.Request, clients: ClientStore, throttle: Failur
 
 def check_scope(request: web.Request, workflow: str) -> None:
     """Deny (403 insufficient_scope) an identity that may not run ``workflow``."""
-    identity = request.get(IDENTITY)
-    if identity is not None and not identity.may_run(workflow):
+    try:  # not request.get(): that is Mapping.get, in Python, raising the KeyError itself
+        identity = request[IDENTITY]
+    except KeyError:
+        return
+    if not identity.may_run(workflow):
         raise _deny(
             request,
             "insufficient_scope",

@@ -11,10 +11,11 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import CIMultiDict
 
 from .errorlog import TracebackLog
 from .logtext import loggable, logged_path
-from .requestids import HEADER as REQUEST_ID_HEADER
+from .requestids import HEADER_KEY as REQUEST_ID_HEADER
 from .requestids import assign as assign_request_id
 
 logger = logging.getLogger("aioserver.error")
@@ -92,6 +93,7 @@ def error_middleware(
     """
     tracebacks = tracebacks or TracebackLog(logger)
     checks = tuple(checks)
+    headers = CIMultiDict(headers)  # their names' case folded once, not on each answer
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
