@@ -101,8 +101,8 @@ def _fields(body: Any) -> tuple[str, list[Any]]:
     """The name and elements of a parsed body, or 400 saying what is wrong with its shape."""
     if not isinstance(body, dict):
         raise http_error(web.HTTPBadRequest, 'body must be a JSON object {"name": ..., "elements": [...]}')
-    unknown = body.keys() - REQUEST_KEYS
-    if unknown:
+    if not body.keys() <= REQUEST_KEYS:  # no set made when there is nothing unknown
+        unknown = body.keys() - REQUEST_KEYS
         raise http_error(web.HTTPBadRequest, f"unknown key {sorted(unknown)[0][:100]!r}; expected name and elements")
     name, elements = body.get("name"), body.get("elements")
     if not isinstance(name, str):
