@@ -101,7 +101,6 @@ class AccessLogger(AbstractAccessLogger):
             f'{client} {scheme} "{method} {path} {protocol}" {status} {size}'
             f" {time:.3f}s {identity or '-'} {request_id or '-'} {shown}"
         )
-        duration = int(time * 1_000_000) / 1_000_000  # to the microsecond, at half the cost of round()
         now = _clock()
         handler, until = _routes.get(logger, _UNKNOWN)
         if now >= until:  # looked up again at most every RECHECK seconds (see the module's docstring)
@@ -120,7 +119,7 @@ class AccessLogger(AbstractAccessLogger):
                     "path": path,
                     "status": status,
                     "bytes": size,
-                    "duration": duration,
+                    "duration": _microseconds(time),
                     "identity": identity,
                     "request_id": request_id,
                     "workflow": workflow,
@@ -139,13 +138,18 @@ class AccessLogger(AbstractAccessLogger):
         attributes["path"] = path
         attributes["status"] = status
         attributes["bytes"] = size
-        attributes["duration"] = duration
+        attributes["duration"] = _microseconds(time)
         attributes["identity"] = identity
         attributes["request_id"] = request_id
         attributes["workflow"] = workflow
         record = _new_record(LogRecord)
         record.__dict__ = attributes
         logger.handle(record)
+
+
+def _microseconds(seconds: float) -> float:
+    """A duration for the fields (JSON), to the microsecond, at half the cost of round(); the text line has its own."""
+    return int(seconds * 1_000_000) / 1_000_000
 
 
 class ProxiedAccessLogger(AccessLogger):
