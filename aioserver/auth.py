@@ -383,7 +383,7 @@ def _by_certificate(request: web.Request, clients: ClientStore, throttle: Failur
         throttle.failed(client or throttle.client_key(request.remote))
         raise _deny(request, identity, web.HTTPForbidden, "this client certificate is not allowed", None)
     request[IDENTITY] = identity  # before the scope check: a refused identity is named in the access line too
-    if not identity.may_call(request):  # as for a token (see the middleware)
+    if not identity.may_call(request):  # as for a token (see _admit)
         raise _deny(
             request,
             "insufficient_scope",

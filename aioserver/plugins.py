@@ -6,7 +6,7 @@ as it is. A dependency gets the request after the token check, may be sync or as
 denies by raising an ``aiohttp.web.HTTPException``. An extension gets the application; the
 routes it adds are authorized like every other one, scopes included: a token with a
 ``workflows`` list calls an extension's route only when the list names its path as
-registered (``/stats``, ``/items/{id}``), which the auth middleware checks after routing.
+registered (``/stats``, ``/items/{id}``), which the authorization checks after routing.
 """
 
 from __future__ import annotations

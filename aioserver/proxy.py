@@ -168,7 +168,7 @@ class TrustedProxies:
         if address is not None:
             overrides["remote"] = address
         if "proto" in client:
-            overrides["scheme"] = client["proto"].lower()  # checked in the middleware
+            overrides["scheme"] = client["proto"].lower()  # checked in forward()
         if "host" in client:
             overrides["host"] = client["host"]
         return request.clone(**overrides)
@@ -215,5 +215,5 @@ class TrustedProxies:
                     request[key] = value
 
 
-# The client address and scheme the proxy reported, for the access log (see the middleware).
+# The client address and scheme the proxy reported, for the access log (see forward()).
 REAL_CLIENT = web.RequestKey("real_client", tuple)
