@@ -209,13 +209,14 @@ _names: dict[str, tuple[str, str]] = {}
 _fit_paths: set[str] = set()
 _fit_names: set[str] = set()
 _REMEMBERED = 1024
+_REMEMBERED_PATH = 256  # characters: what clients make up is held in 256 KiB at most
 _PROTOCOLS = {HttpVersion10: "HTTP/1.0", HttpVersion11: "HTTP/1.1"}
 
 
 def _path(raw_path: str) -> str:
-    """logged_path(), remembering a path that it leaves as it is."""
+    """logged_path(), remembering a path (of a route's length) that it leaves as it is."""
     path = logged_path(raw_path)
-    if path == raw_path:
+    if path == raw_path and len(path) <= _REMEMBERED_PATH:
         _remember(_fit_paths, path)
     return path
 
