@@ -34,7 +34,7 @@ import time
 from logging import LogRecord
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.abc import AbstractAccessLogger
 
 from .auth import IDENTITY
@@ -74,15 +74,18 @@ class AccessLogger(AbstractAccessLogger):
                 client, scheme = (loggable(str(value)) for value in request[REAL_CLIENT])
             except KeyError:
                 pass
-        path = logged_path(request.rel_url.raw_path)
+        raw_path = request.rel_url.raw_path
+        path = raw_path if raw_path in _fit_paths else _path(raw_path)
         method = request.method
         if len(method) > LONGEST_METHOD:
             method = method[:LONGEST_METHOD] + "..."
         version = request.version
+        protocol = _PROTOCOLS.get(version) or f"HTTP/{version.major}.{version.minor}"
         status = response.status
-        size = _body_bytes(method, response)
+        size = _body_bytes(method, status, response)
         try:
-            identity: str | None = _fitting(request[IDENTITY].name)
+            name = request[IDENTITY].name
+            identity: str | None = name if name in _fit_names else _fitting(name)
         except KeyError:
             identity = None
         try:
@@ -90,14 +93,14 @@ class AccessLogger(AbstractAccessLogger):
         except KeyError:
             request_id = None
         try:
-            workflow, shown = _workflow(request[WORKFLOW])
+            workflow_name = request[WORKFLOW]
+            workflow, shown = _names.get(workflow_name) or _workflow(workflow_name)
         except KeyError:
             workflow, shown = None, "-"
         message = (
-            f'{client} {scheme} "{method} {path} HTTP/{version.major}.{version.minor}" {status} {size}'
+            f'{client} {scheme} "{method} {path} {protocol}" {status} {size}'
             f" {time:.3f}s {identity or '-'} {request_id or '-'} {shown}"
         )
-        duration = int(time * 1_000_000) / 1_000_000  # to the microsecond, at half the cost of round()
         now = _clock()
         handler, until = _routes.get(logger, _UNKNOWN)
         if now >= until:  # looked up again at most every RECHECK seconds (see the module's docstring)
@@ -116,7 +119,7 @@ class AccessLogger(AbstractAccessLogger):
                     "path": path,
                     "status": status,
                     "bytes": size,
-                    "duration": duration,
+                    "duration": _microseconds(time),
                     "identity": identity,
                     "request_id": request_id,
                     "workflow": workflow,
@@ -135,7 +138,7 @@ class AccessLogger(AbstractAccessLogger):
         attributes["path"] = path
         attributes["status"] = status
         attributes["bytes"] = size
-        attributes["duration"] = duration
+        attributes["duration"] = _microseconds(time)
         attributes["identity"] = identity
         attributes["request_id"] = request_id
         attributes["workflow"] = workflow
@@ -144,20 +147,24 @@ class AccessLogger(AbstractAccessLogger):
         logger.handle(record)
 
 
+def _microseconds(seconds: float) -> float:
+    """A duration for the fields (JSON), to the microsecond, at half the cost of round(); the text line has its own."""
+    return int(seconds * 1_000_000) / 1_000_000
+
+
 class ProxiedAccessLogger(AccessLogger):
     """The access logger behind trusted proxies: the client and scheme they reported, when they did."""
 
     proxied = True
 
 
-def _body_bytes(method: str, response: web.StreamResponse) -> int:
+def _body_bytes(method: str, status: int, response: web.StreamResponse) -> int:
     """The bytes of the answer's body handed to the connection, as nginx's ``$body_bytes_sent``.
 
     None until the answer ended (aiohttp counts what was written once it ends: an answer cut
     off while it was written counts 0); then a body sent whole, as its Content-Length says; a
     streamed one, what was written after the headers (its chunks' framing included).
     """
-    status = response.status
     written = response.body_length  # headers included
     if not written or method == "HEAD" or status in _NO_BODY or status < 200:
         return 0
@@ -189,12 +196,35 @@ def _fitting(name: str) -> str:
     """An identity's name as one field of a line: a JWT's ``sub`` is the identity provider's to
     choose, and a name may hold spaces; cut at LONGEST_NAME, spaces as ``%20``, escaped."""
     if len(name) <= LONGEST_NAME and " " not in name and name.isprintable():  # a token's name, nearly always
+        _remember(_fit_names, name)
         return name
     cut = name[:LONGEST_NAME] + ("..." if len(name) > LONGEST_NAME else "")
     return loggable(cut.replace(" ", "%20"))
 
 
 _names: dict[str, tuple[str, str]] = {}
+# Paths and identity names that a line shows as they are, as the last look found them: one set
+# look-up instead of the checks of logged_path or _fitting. Bounded: clients choose paths (and
+# a JWT's issuer its names); emptied when full.
+_fit_paths: set[str] = set()
+_fit_names: set[str] = set()
+_REMEMBERED = 1024
+_REMEMBERED_PATH = 256  # characters: what clients make up is held in 256 KiB at most
+_PROTOCOLS = {HttpVersion10: "HTTP/1.0", HttpVersion11: "HTTP/1.1"}
+
+
+def _path(raw_path: str) -> str:
+    """logged_path(), remembering a path (of a route's length) that it leaves as it is."""
+    path = logged_path(raw_path)
+    if path == raw_path and len(path) <= _REMEMBERED_PATH:
+        _remember(_fit_paths, path)
+    return path
+
+
+def _remember(known: set[str], value: str) -> None:
+    if len(known) >= _REMEMBERED:
+        known.clear()
+    known.add(value)
 
 
 def _workflow(name: str) -> tuple[str, str]:

@@ -7,18 +7,18 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from . import views
-from .auth import FailureThrottle, TokenStore, auth_middleware
-from .browser import ANY_HOST, HostGuard, json_body_middleware
+from .auth import FailureThrottle, TokenStore, authorizer
+from .browser import ANY_HOST, HostGuard, check_json_body
 from .clientcerts import CLIENTS, ClientStore
 from .config import Config
 from .errorlog import TracebackLog
-from .errors import error_middleware
+from .errors import Check, error_middleware
 from .fleetthrottle import FleetThrottle
 from .keys import CONFIG, FLEET, LIMITS, TOKENS, WORKFLOWS
 from .limits import WorkflowLimits
 from .openapi import setup_openapi
 from .pipelineviews import setup_pipeline_routes
-from .plugins import dependencies_middleware
+from .plugins import dependencies_check
 from .proxy import TrustedProxies, UntrustedForwarding
 from .readiness import READINESS, Readiness, ready
 from .workflow.runtime import setup_workflow_runtime
@@ -44,29 +44,30 @@ def create_app(config: Config, schedules: HostSchedules | None = None, fleet: Fl
     # auth.clients: only with HTTPS (config.py checked), whose context tells what is verified.
     clients = ClientStore(config.clients, config.tls) if config.client_sources and config.tls else None
     metrics = _metrics(config, fleet)
-    # Middleware order, outermost first:
-    # 0. with --metrics, the one counting requests, outermost of all: it counts each answer
-    #    with the status it leaves with, an error's as rendered by 1;
-    # 1. error_middleware renders every error raised inside it as JSON and adds the headers
-    #    every answer carries, so it wraps all else;
-    # 2. the proxy middleware swaps in the client and scheme a trusted proxy reports, so that
-    #    the auth throttle, the handlers and the access log see the real client; without
-    #    trusted proxies, one that warns once that forwarded headers came (a proxy left out);
-    # 3. the Host check (DNS rebinding), only while the service is open on loopback with no
-    #    proxy in front (never together with 2), before anything else looks at the request;
-    # 4. auth_middleware decides before any routing outcome is revealed (an unknown path
+    # The middlewares: with --metrics, the one counting requests, outermost of all (it counts
+    # each answer with the status it leaves with, an error's as rendered); then error_middleware,
+    # which renders every error raised inside it as JSON and adds the headers every answer
+    # carries, and runs the checks each request must pass before its handler, in this order:
+    # 1. behind trusted proxies, the client and scheme they report are swapped in first (its
+    #    ``forward``), so that the auth throttle, the handlers and the access log see the real
+    #    client; without trusted proxies, a check that warns once that forwarded headers came
+    #    (a proxy left out);
+    # 2. the Host check (DNS rebinding), only while the service is open on loopback with no
+    #    proxy in front (never together with a proxy), before anything else looks at the request;
+    # 3. the authorization decides before any routing outcome is revealed (an unknown path
     #    without a token is 401, not 404), scopes included;
-    # 5. the JSON Content-Type check (415) after it, so that an unauthorized request is 401
+    # 4. the JSON Content-Type check (415) after it, so that an unauthorized request is 401
     #    whatever its body, and before the user's code;
-    # 6. the user's dependencies run only for authorized requests.
+    # 5. the user's dependencies run only for authorized requests.
+    # One middleware for them all: aiohttp's cost is per middleware (a coroutine each).
     headers = {**HEADERS, "Strict-Transport-Security": HSTS} if config.tls else HEADERS
     tracebacks = TracebackLog()
-    middlewares = [metrics.middleware()] if metrics else []
-    middlewares.append(error_middleware(headers, tracebacks))
+    checks: list[Check] = []
+    forward = None
     if config.proxied:
-        middlewares.append(TrustedProxies(config.settings.trusted_proxies).middleware())
+        forward = TrustedProxies(config.settings.trusted_proxies).forward
     else:
-        middlewares.append(UntrustedForwarding().middleware())
+        checks.append(UntrustedForwarding())
     # Tokens cannot appear on reload when none was configured at start (a token file must
     # hold one), nor auth.jwt, and auth.clients stays on once given (emptied, it lets nobody
     # in), so "open" is known here once.
@@ -74,13 +75,15 @@ def create_app(config: Config, schedules: HostSchedules | None = None, fleet: Fl
     allowed_hosts = config.settings.allowed_hosts + (config.acme.domains if config.acme else ())
     open_service = not config.tokens and clients is None and config.jwt is None
     if open_service and not config.proxied and config.loopback_only and ANY_HOST not in allowed_hosts:
-        middlewares.append(HostGuard(allowed_hosts).middleware())
+        checks.append(HostGuard(allowed_hosts).check)
     # With --redis, the failures are counted fleet-wide (fleetthrottle.py); else by this process.
     throttle = FleetThrottle(fleet) if fleet is not None else FailureThrottle()
-    middlewares.append(auth_middleware(tokens, throttle, clients, config.jwt))
-    middlewares.append(json_body_middleware())
+    checks.append(authorizer(tokens, throttle, clients, config.jwt))
+    checks.append(check_json_body)
     if config.dependencies:
-        middlewares.append(dependencies_middleware(config.dependencies))
+        checks.append(dependencies_check(config.dependencies))
+    middlewares = [metrics.middleware()] if metrics else []
+    middlewares.append(error_middleware(headers, tracebacks, checks, forward))
     app = web.Application(middlewares=middlewares, client_max_size=config.settings.max_body_size)
     app[CONFIG] = config
     app[WORKFLOWS] = config.workflows

@@ -26,14 +26,14 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from .errors import ConfigError, http_error
+from .errors import Check, ConfigError, http_error
 from .files import read_config_file
 
 if TYPE_CHECKING:
@@ -285,65 +285,93 @@ def _deny(
     return http_error(cls, message, **{"WWW-Authenticate": value})
 
 
+def authorizer(
+    store: TokenStore,
+    throttle: FailureThrottle,
+    clients: ClientStore | None = None,
+    jwt: JWTVerifier | None = None,
+) -> Check:
+    """The check of every request but ``GET /health`` and ``GET /ready`` (and HEAD) against ``store``,
+    and, without an Authorization header, against ``clients`` (the config's ``auth.clients``).
+
+    With ``jwt`` (``auth.jwt``), a bearer value shaped as a JWT is verified by it instead of
+    ``store``. With no token in ``store``, no ``clients`` and no ``jwt`` the service is open, as
+    txtai's is without ``TOKEN``. A plain function, run by error_middleware with the app's other
+    checks: what must wait (a JWT's keys, a failure's count, fleet-wide with --redis) is returned
+    as an awaitable; an admitted token awaits nothing.
+    """
+
+    def check(request: web.Request) -> Awaitable[None] | None:
+        open_service = not store.tokens and clients is None and jwt is None
+        if open_service or (request.path in OPEN_PATHS and request.method in OPEN_METHODS):
+            return None
+        # Keyed only while someone's window is open: parsing the address costs on every request.
+        client = throttle.client_key(request.remote) if throttle.active() else None
+        if client in throttle.pending:  # one of its failures is being counted: its count first
+            return _after_settled(request, client)
+        return judge(request, client)
+
+    async def _after_settled(request: web.Request, client: str) -> None:
+        await throttle.settled(client)
+        pending = judge(request, client)
+        if pending is not None:
+            await pending
+
+    def judge(request: web.Request, client: str | None) -> Awaitable[None] | None:
+        """The check once the client's count is known: None when admitted, else what to await."""
+        wait = throttle.retry_after(client) if client is not None else 0
+        if wait:
+            raise _throttled(request, wait)
+        headers = request.headers.getall(hdrs.AUTHORIZATION, ())
+        if not headers:
+            if clients is None:
+                raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
+            return _by_certificate(request, clients, throttle, client)
+        value = _bearer(headers)
+        if value is None:
+            if len(headers) == 1 and headers[0].split(" ", 1)[0].lower() != "bearer":
+                # Another scheme is no bearer credential at all (RFC 6750 section 3.1).
+                raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required: Bearer token", None)
+            return _refused(request, client, "invalid_request", web.HTTPBadRequest, "malformed Authorization header")
+        if jwt is not None and jwt.is_jwt(value):
+            return _by_jwt(request, value, client)
+        token = store.match(value)
+        if token is None:
+            return _refused(request, client, "invalid_token", web.HTTPUnauthorized, "invalid token")
+        _admit(request, token)
+        return None
+
+    async def _refused(
+        request: web.Request, client: str | None, reason: str, cls: type[web.HTTPException], message: str
+    ) -> None:
+        await _count_failure(request, throttle, client)  # 429 instead, past the limit
+        raise _deny(request, reason, cls, message, reason)
+
+    async def _by_jwt(request: web.Request, value: str, client: str | None) -> None:
+        assert jwt is not None
+        token = await jwt.verify(value)
+        if token is None:
+            await _refused(request, client, "invalid_token", web.HTTPUnauthorized, "invalid token")
+        else:
+            _admit(request, token)
+
+    return check
+
+
 def auth_middleware(
     store: TokenStore,
     throttle: FailureThrottle,
     clients: ClientStore | None = None,
     jwt: JWTVerifier | None = None,
 ) -> Any:
-    """The middleware checking every request but ``GET /health`` and ``GET /ready`` (and HEAD) against ``store``,
-    and, without an Authorization header, against ``clients`` (the config's ``auth.clients``).
-
-    With ``jwt`` (``auth.jwt``), a bearer value shaped as a JWT is verified by it instead of ``store``.
-    With no token in ``store``, no ``clients`` and no ``jwt`` the service is open, as txtai's is without ``TOKEN``.
-    """
+    """The :func:`authorizer` check as a middleware of its own (an app of a test's)."""
+    check = authorizer(store, throttle, clients, jwt)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        open_service = not store.tokens and clients is None and jwt is None
-        if open_service or (request.path in OPEN_PATHS and request.method in OPEN_METHODS):
-            return await handler(request)
-        # Keyed only while someone's window is open: parsing the address costs on every request.
-        client = throttle.client_key(request.remote) if throttle.active() else None
-        if client in throttle.pending:  # one of its failures is being counted: its count first
-            await throttle.settled(client)
-        wait = throttle.retry_after(client) if client is not None else 0
-        if wait:
-            raise _throttled(request, wait)
-
-        headers = request.headers.getall("Authorization", [])
-        if not headers:
-            if clients is None:
-                raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required", None)
-            await _by_certificate(request, clients, throttle, client)
-            return await handler(request)
-        scheme = headers[0].split(" ", 1)[0]
-        if len(headers) == 1 and scheme.lower() != "bearer":
-            # Another scheme is no bearer credential at all (RFC 6750 section 3.1).
-            raise _deny(request, "missing", web.HTTPUnauthorized, "authorization required: Bearer token", None)
-        bearer = _BEARER.fullmatch(headers[0]) if len(headers) == 1 else None
-        if bearer is None:
-            await _count_failure(request, throttle, client)
-            raise _deny(
-                request, "invalid_request", web.HTTPBadRequest, "malformed Authorization header", "invalid_request"
-            )
-        value = bearer.group(1)
-        token = await jwt.verify(value) if jwt is not None and jwt.is_jwt(value) else store.match(value)
-        if token is None:
-            await _count_failure(request, throttle, client)
-            raise _deny(request, "invalid_token", web.HTTPUnauthorized, "invalid token", "invalid_token")
-        # Known before its scope is judged: a refusal's access line names the token refused.
-        request[IDENTITY] = token
-        # Routing is done when middlewares run: judged here, every route (an extension's,
-        # one added later) is in a scoped token's reach only if its list names it.
-        if not token.may_call(request):
-            raise _deny(
-                request,
-                "insufficient_scope",
-                web.HTTPForbidden,
-                "this token may not call this route",
-                "insufficient_scope",
-            )
+        pending = check(request)
+        if pending is not None:
+            await pending
         return await handler(request)
 
     return middleware
@@ -359,6 +387,30 @@ async def _count_failure(request: web.Request, throttle: FailureThrottle, client
 def _throttled(request: web.Request, wait: int) -> web.HTTPException:
     request[AUTH_FAILURE] = "throttled"
     return http_error(web.HTTPTooManyRequests, "too many failed authorizations", **{"Retry-After": str(wait)})
+
+
+def _bearer(headers: list[str]) -> str | None:
+    """The token of the one Authorization header, when it is a bearer credential (as _BEARER takes it)."""
+    if len(headers) != 1:
+        return None
+    header = headers[0]
+    value = header[7:]
+    if header.startswith("Bearer ") and value and value.isascii() and value.isprintable() and " " not in value:
+        return value  # as nearly every client sends it: the same verdict as _BEARER's, in C, without the pattern
+    bearer = _BEARER.fullmatch(header)
+    return bearer.group(1) if bearer is not None else None
+
+
+def _admit(request: web.Request, token: Identity) -> None:
+    """Let the bearer of ``token`` in, if its scope has the request's route."""
+    # Known before its scope is judged: a refusal's access line names the token refused.
+    request[IDENTITY] = token
+    # Routing is done when middlewares run: judged here, every route (an extension's,
+    # one added later) is in a scoped token's reach only if its list names it.
+    if not token.may_call(request):
+        raise _deny(
+            request, "insufficient_scope", web.HTTPForbidden, "this token may not call this route", "insufficient_scope"
+        )
 
 
 async def _by_certificate(
@@ -377,7 +429,7 @@ async def _by_certificate(
         await _count_failure(request, throttle, client)
         raise _deny(request, identity, web.HTTPForbidden, "this client certificate is not allowed", None)
     request[IDENTITY] = identity  # before the scope check: a refused identity is named in the access line too
-    if not identity.may_call(request):  # as for a token (see the middleware)
+    if not identity.may_call(request):  # as for a token (see _admit)
         raise _deny(
             request,
             "insufficient_scope",
@@ -389,8 +441,11 @@ async def _by_certificate(
 
 def check_scope(request: web.Request, workflow: str) -> None:
     """Deny (403 insufficient_scope) an identity that may not run ``workflow``."""
-    identity = request.get(IDENTITY)
-    if identity is not None and not identity.may_run(workflow):
+    try:  # not request.get(): that is Mapping.get, in Python, raising the KeyError itself
+        identity = request[IDENTITY]
+    except KeyError:
+        return
+    if not identity.may_run(workflow):
         raise _deny(
             request,
             "insufficient_scope",

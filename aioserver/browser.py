@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler, Middleware
 
 from .errors import http_error
 
@@ -42,25 +41,17 @@ def is_json(content_type: str | None) -> bool:
     return _JSON_TYPE.fullmatch(content_type.partition(";")[0].strip().lower()) is not None
 
 
-def json_body_middleware() -> Middleware:
-    """415 for a POST to a route whose body is not declared JSON.
+def check_json_body(request: web.Request) -> None:
+    """415 for a POST to a route whose body is not declared JSON (a check of error_middleware's).
 
     A POST that no route takes goes on to its 404 or 405: there is nothing to protect.
     """
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if (
-            request.method == hdrs.METH_POST
-            and not is_json(request.headers.get(hdrs.CONTENT_TYPE))
-            and request.match_info.http_exception is None
-        ):
-            raise http_error(
-                web.HTTPUnsupportedMediaType, "Content-Type must be application/json", **{hdrs.ACCEPT: JSON}
-            )
-        return await handler(request)
-
-    return middleware
+    if (
+        request.method == hdrs.METH_POST
+        and not is_json(request.headers.get(hdrs.CONTENT_TYPE))
+        and request.match_info.http_exception is None
+    ):
+        raise http_error(web.HTTPUnsupportedMediaType, "Content-Type must be application/json", **{hdrs.ACCEPT: JSON})
 
 
 def parse_allowed_hosts(value: Any) -> tuple[str, ...]:
@@ -143,31 +134,23 @@ class HostGuard:
             return False
         return is_loopback(host) or host in self.names or host in self.domains or host.endswith(self.suffixes)
 
-    def middleware(self) -> Middleware:
-        """400 for a request naming another host.
+    def check(self, request: web.Request) -> None:
+        """400 for a request naming another host (a check of error_middleware's).
 
         A request without Host passes: aiohttp's parser answers 400 to HTTP/1.1 without one
         (RFC 9112 section 3.2), and no browser speaks HTTP/1.0 without one.
         """
-        verdicts = self._verdicts
-
-        @web.middleware
-        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-            value = request.headers.get(hdrs.HOST)
-            if value is None:
-                return await handler(request)
-            allowed = verdicts.get(value)
-            if allowed is None:
-                allowed = self.allows(value)
-                if len(verdicts) < _CACHED_HOSTS:
-                    verdicts[value] = allowed
-            if not allowed:
-                # The value is not echoed: it is the attacker's, and nothing the client needs.
-                raise http_error(
-                    web.HTTPBadRequest,
-                    "Host not allowed: use a loopback name or one of --allowed-hosts"
-                    " (behind a proxy: --trusted-proxies)",
-                )
-            return await handler(request)
-
-        return middleware
+        value = request.headers.get(hdrs.HOST)
+        if value is None:
+            return
+        allowed = self._verdicts.get(value)
+        if allowed is None:
+            allowed = self.allows(value)
+            if len(self._verdicts) < _CACHED_HOSTS:
+                self._verdicts[value] = allowed
+        if not allowed:
+            # The value is not echoed: it is the attacker's, and nothing the client needs.
+            raise http_error(
+                web.HTTPBadRequest,
+                "Host not allowed: use a loopback name or one of --allowed-hosts (behind a proxy: --trusted-proxies)",
+            )

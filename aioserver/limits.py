@@ -73,9 +73,9 @@ class WorkflowLimits:
 
     async def run(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work()`` within the time limit; raise 504 as an HTTP error."""
-        task = asyncio.current_task()
-        assert task is not None
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)  # given the loop: it would look it up again (a getpid() each, on 3.11)
+        assert task is not None
         self._deadlines[task] = loop.time() + self.timeout
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._interval, self._sweep)

@@ -175,6 +175,24 @@ _DEFAULT = logging.Formatter()
 
 def _chunks(lines: list[str], encoding: str) -> list[str]:
     """``lines`` joined into pieces of at most PIPE_BUF bytes (a longer line is a piece alone)."""
+    text = "".join(lines)
+    if text.isascii() and text.count("\n") == len(lines):
+        # Nearly every batch: ASCII lines (a byte each character) of one line feed each, so the
+        # pieces are cut after the last line feed within PIPE_BUF, found in C: a search per
+        # piece, not a step per line.
+        if len(text) <= PIPE_BUF:
+            return [text]
+        pieces: list[str] = []
+        start, end = 0, len(text)
+        while end - start > PIPE_BUF:
+            cut = text.rfind("\n", start, start + PIPE_BUF) + 1
+            if cut == 0:  # a line longer than PIPE_BUF: a piece alone
+                cut = text.index("\n", start) + 1
+            pieces.append(text[start:cut])
+            start = cut
+        if start < end:
+            pieces.append(text[start:])
+        return pieces
     chunks: list[str] = []
     start = size = 0
     for i, line in enumerate(lines):

@@ -6,20 +6,19 @@ as it is. A dependency gets the request after the token check, may be sync or as
 denies by raising an ``aiohttp.web.HTTPException``. An extension gets the application; the
 routes it adds are authorized like every other one, scopes included: a token with a
 ``workflows`` list calls an extension's route only when the list names its path as
-registered (``/stats``, ``/items/{id}``), which the auth middleware checks after routing.
+registered (``/stats``, ``/items/{id}``), which the authorization checks after routing.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from .auth import OPEN_PATHS
-from .errors import ConfigError
+from .errors import Check, ConfigError
 from .workflow.actions import import_string
 
 Plugin = Callable[..., Any]
@@ -52,16 +51,25 @@ def _load(path: str, where: str, key: str) -> Plugin:
     return cast(Plugin, plugin)
 
 
-def dependencies_middleware(dependencies: tuple[Plugin, ...]) -> Middleware:
-    """Run every dependency on each request but the open ones, after authorization."""
+def dependencies_check(dependencies: tuple[Plugin, ...]) -> Check:
+    """Run every dependency on each request but the open ones, after authorization (a check of
+    error_middleware's): the first async one's result, and the rest, are returned to await."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not (request.path in OPEN_PATHS and request.method == "GET"):
-            for dependency in dependencies:
-                result = dependency(request)
-                if inspect.isawaitable(result):
-                    await result
-        return await handler(request)
+    def check(request: web.Request) -> Awaitable[None] | None:
+        if request.path in OPEN_PATHS and request.method == "GET":
+            return None
+        for i, dependency in enumerate(dependencies):
+            result = dependency(request)
+            if inspect.isawaitable(result):
+                return _rest(request, result, dependencies[i + 1 :])
+        return None
 
-    return middleware
+    return check
+
+
+async def _rest(request: web.Request, pending: Awaitable[Any], dependencies: tuple[Plugin, ...]) -> None:
+    await pending
+    for dependency in dependencies:
+        result = dependency(request)
+        if inspect.isawaitable(result):
+            await result

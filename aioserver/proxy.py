@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 from aiohttp_remotes import XForwardedFiltered
 
 logger = logging.getLogger("aioserver.proxy")
@@ -122,16 +122,10 @@ class UntrustedForwarding:
                 request.remote,
             )
 
-    def middleware(self) -> Middleware:
-        """Without trusted proxies, every peer is untrusted: the check until it has warned, then none."""
-
-        @web.middleware
-        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if not self.warned:
-                self.check(request)
-            return await handler(request)
-
-        return middleware
+    def __call__(self, request: web.Request) -> None:
+        """The check of every request without trusted proxies: until it has warned, then a flag test."""
+        if not self.warned:
+            self.check(request)
 
 
 class TrustedProxies:
@@ -174,56 +168,52 @@ class TrustedProxies:
         if address is not None:
             overrides["remote"] = address
         if "proto" in client:
-            overrides["scheme"] = client["proto"].lower()  # checked in the middleware
+            overrides["scheme"] = client["proto"].lower()  # checked in forward()
         if "host" in client:
             overrides["host"] = client["host"]
         return request.clone(**overrides)
 
-    def middleware(self) -> Any:
-        """The middleware that gives handlers, the auth throttle and the access log the real client."""
+    async def forward(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Call ``handler`` with the request as the trusted proxy describes it: the real client for
+        the handlers, the auth throttle and the access log (error_middleware's ``forward``)."""
+        if not self.trusts_peer(request):
+            if not self._untrusted.warned:
+                self._untrusted.check(request)
+            return await handler(request)  # headers from anyone else are ignored
+        seen: list[web.Request] = []
 
-        @web.middleware
-        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if not self.trusts_peer(request):
-                if not self._untrusted.warned:
-                    self._untrusted.check(request)
-                return await handler(request)  # headers from anyone else are ignored
-            seen: list[web.Request] = []
+        async def forward(clone: web.Request) -> web.StreamResponse:
+            # A scheme is http or https, else the connection's own. aiohttp-remotes checks
+            # X-Forwarded-For's addresses but keeps an IPv6 zone's text ("fe80::1%anything"):
+            # then the peer's address (Forwarded's arrive checked, without zones).
+            remote, scheme = clone.remote or "", clone.scheme
+            if scheme not in SCHEMES or "%" in remote:
+                # Every value again: a clone of a clone keeps none of the first one's.
+                clone = clone.clone(
+                    remote=(request.remote or "") if "%" in remote else remote,  # "": a Unix socket peer
+                    scheme=scheme if scheme in SCHEMES else request.scheme,
+                    host=clone.host,
+                )
+            seen.append(clone)
+            return await handler(clone)
 
-            async def forward(clone: web.Request) -> web.StreamResponse:
-                # A scheme is http or https, else the connection's own. aiohttp-remotes checks
-                # X-Forwarded-For's addresses but keeps an IPv6 zone's text ("fe80::1%anything"):
-                # then the peer's address (Forwarded's arrive checked, without zones).
-                remote, scheme = clone.remote or "", clone.scheme
-                if scheme not in SCHEMES or "%" in remote:
-                    # Every value again: a clone of a clone keeps none of the first one's.
-                    clone = clone.clone(
-                        remote=(request.remote or "") if "%" in remote else remote,  # "": a Unix socket peer
-                        scheme=scheme if scheme in SCHEMES else request.scheme,
-                        host=clone.host,
-                    )
-                seen.append(clone)
-                return await handler(clone)
-
-            try:
-                # X-Forwarded-For is what nginx sends; Forwarded (RFC 7239) only when it is absent.
-                if "X-Forwarded-For" in request.headers and self._x_forwarded is not None:
-                    return await self._x_forwarded.middleware(request, forward)
-                if "X-Forwarded-For" in request.headers:  # a Unix-socket peer, no networks given
-                    return await XForwardedFiltered(set()).middleware(request, forward)
-                if request.forwarded:
-                    return await forward(self._from_forwarded(request))
-                return await handler(request)
-            finally:
-                # aiohttp's access log gets the request it made, not the clone the handlers saw:
-                # hand the real client and what the handlers learnt (the identity) back to it.
-                if seen:
-                    request[REAL_CLIENT] = (seen[0].remote, seen[0].scheme)
-                    for key, value in seen[0].items():
-                        request[key] = value
-
-        return middleware
+        try:
+            # X-Forwarded-For is what nginx sends; Forwarded (RFC 7239) only when it is absent.
+            if "X-Forwarded-For" in request.headers and self._x_forwarded is not None:
+                return await self._x_forwarded.middleware(request, forward)
+            if "X-Forwarded-For" in request.headers:  # a Unix-socket peer, no networks given
+                return await XForwardedFiltered(set()).middleware(request, forward)
+            if request.forwarded:
+                return await forward(self._from_forwarded(request))
+            return await handler(request)
+        finally:
+            # aiohttp's access log gets the request it made, not the clone the handlers saw:
+            # hand the real client and what the handlers learnt (the identity) back to it.
+            if seen:
+                request[REAL_CLIENT] = (seen[0].remote, seen[0].scheme)
+                for key, value in seen[0].items():
+                    request[key] = value
 
 
-# The client address and scheme the proxy reported, for the access log (see the middleware).
+# The client address and scheme the proxy reported, for the access log (see forward()).
 REAL_CLIENT = web.RequestKey("real_client", tuple)

@@ -38,7 +38,8 @@ async def run_workflow(request: web.Request) -> web.Response:
     """Run the named workflow over the elements and answer with the list of results."""
     app = request.app
     check_length(request)  # 413 before 503: waiting for a free slot would not help
-    with app[LIMITS]:  # a slot, or 503, before the body is read
+    limits = app[LIMITS]
+    with limits:  # a slot, or 503, before the body is read
         body, inline = await read_json(request)
         name, elements = _fields(body)
         request[WORKFLOW] = name
@@ -47,8 +48,13 @@ async def run_workflow(request: web.Request) -> web.Response:
         if workflow is None:
             raise http_error(web.HTTPNotFound, f"no workflow named {name[:100]!r}")
         elements = request_elements(elements)  # JSON arrays are txtai's (id, data, tags) tuples
-        results = await app[LIMITS].run(lambda: workflow(elements, app[RUNTIME]))
-        answer = await json_answer(results, inline, f"workflow {name!r}")
+        runtime = app[RUNTIME]
+        results = await limits.run(lambda: workflow(elements, runtime))
+        # A small body's answer is made here, without a coroutine of its own (json_answer's).
+        try:
+            answer = jsoncodec.dumps(results) if inline else await jsoncodec.dumps_off_loop(results)
+        except (TypeError, ValueError) as exc:
+            raise _not_serializable(f"workflow {name!r}", exc) from None
     return web.Response(body=answer, content_type="application/json")
 
 
@@ -83,15 +89,20 @@ async def json_answer(results: Any, inline: bool, who: str) -> bytes:
         # An answer to a big body may be big too: what orjson cannot serialize leaves the loop.
         return jsoncodec.dumps(results) if inline else await jsoncodec.dumps_off_loop(results)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{who} returned a result that is not JSON-serializable: {exc}") from None
+        raise _not_serializable(who, exc) from None
+
+
+def _not_serializable(who: str, exc: Exception) -> TypeError:
+    """The error (a 500) of a result that JSON cannot hold."""
+    return TypeError(f"{who} returned a result that is not JSON-serializable: {exc}")
 
 
 def _fields(body: Any) -> tuple[str, list[Any]]:
     """The name and elements of a parsed body, or 400 saying what is wrong with its shape."""
     if not isinstance(body, dict):
         raise http_error(web.HTTPBadRequest, 'body must be a JSON object {"name": ..., "elements": [...]}')
-    unknown = body.keys() - REQUEST_KEYS
-    if unknown:
+    if not body.keys() <= REQUEST_KEYS:  # no set made when there is nothing unknown
+        unknown = body.keys() - REQUEST_KEYS
         raise http_error(web.HTTPBadRequest, f"unknown key {sorted(unknown)[0][:100]!r}; expected name and elements")
     name, elements = body.get("name"), body.get("elements")
     if not isinstance(name, str):

@@ -246,6 +246,31 @@ async def test_writes_hold_whole_lines_of_at_most_pipe_buf_bytes() -> None:
     assert "".join(stream.writes).count("\n") == logs.BATCH and stream.flushes >= len(stream.writes)
 
 
+def test_ascii_batches_are_cut_at_line_ends_within_pipe_buf() -> None:
+    """The ASCII batch's pieces (cut by searching for line ends) hold whole lines, at most PIPE_BUF bytes
+    but for a longer line alone, in order; a record of several lines (a traceback) is never cut."""
+    lines = [f"{i:04d} {'x' * (i * 37 % 300)}\n" for i in range(200)]
+    lines[50] = "y" * (PIPE_BUF + 10) + "\n"  # longer than a piece: alone
+    lines[120] = "z" * (PIPE_BUF - 1) + "\n"  # exactly PIPE_BUF bytes: a piece of its own
+    pieces = logs._chunks(lines, "utf-8")
+    assert "".join(pieces) == "".join(lines)
+    assert all(p.endswith("\n") for p in pieces)
+    assert [p for p in pieces if len(p) > PIPE_BUF] == [lines[50]]
+    assert lines[120] in pieces
+    # Each piece but the last could not take the next line too.
+    for i, piece in enumerate(pieces[:-1]):
+        following = "".join(pieces[i + 1 :]).split("\n", 1)[0] + "\n"
+        assert len(piece) + len(following) > PIPE_BUF or len(following) > PIPE_BUF, (i, len(piece))
+    even = ["a" * 240 + "\n"] * 40  # 17 of them are PIPE_BUF + 1 bytes: the 17th goes to the next piece
+    pieces = logs._chunks(even, "utf-8")
+    assert "".join(pieces) == "".join(even) and max(map(len, pieces)) == 16 * 241
+    traceback = "first\n  a frame\nValueError: x\n"
+    many = [f"{i:03d} {'w' * 100}\n" for i in range(60)] + [traceback]
+    pieces = logs._chunks(many, "utf-8")
+    assert "".join(pieces) == "".join(many) and any(p.endswith(traceback) for p in pieces)
+    assert all(len(p.encode()) <= PIPE_BUF for p in pieces)
+
+
 def test_a_json_line_never_fails_and_carries_the_traceback() -> None:
     formatter = JSONFormatter()
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "bad \udc80 %s", (object(),), None)

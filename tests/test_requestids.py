@@ -301,3 +301,28 @@ def test_new_ids_differ_across_forked_workers() -> None:
     os.close(read)
     os.close(write)
     assert NEW_ID.fullmatch(child) and child != requestids.new_id()
+
+
+def test_new_ids_are_sixteen_hex_digits_and_do_not_repeat_across_batches() -> None:
+    """Ids are made a batch at a time: across several batches, each is 16 hex digits and new."""
+    ids = [requestids.new_id() for _ in range(3 * requestids._BATCH + 7)]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_forked_worker_hands_out_none_of_its_parents_ids() -> None:
+    """After a fork, the child's next ids are not those the parent hands out next (nor equal to each other)."""
+    requestids.new_id()  # a batch under way in the parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write, ",".join(requestids.new_id() for _ in range(5)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read().split(",")
+    os.waitpid(pid, 0)
+    parent = [requestids.new_id() for _ in range(5)]
+    assert len(child) == 5 and not set(child) & set(parent)
