@@ -345,12 +345,13 @@ class FleetCertificates:
             await self.fleet.call(lambda client: client.set(self.account_key, local))
 
     def _adopt_account(self, pem: bytes) -> bool:
+        from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
         try:
             account = serialization.load_pem_private_key(pem, password=None)
-        except ValueError:
+        except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: encrypted with a password
             return False
         if not isinstance(account, ec.EllipticCurvePrivateKey):
             return False
