@@ -113,6 +113,11 @@ class Unavailable(Exception):
     """Redis did not answer (or answered with an error): the caller takes its fallback."""
 
 
+class Refused(Unavailable):
+    """Redis answered, with an error for this command (a key of the wrong type, say: whoever
+    writes in the database may put one there): it is not away, and other calls go on."""
+
+
 class Fleet:
     """This process's link to the fleet's Redis: :meth:`call` runs a command, or raises Unavailable."""
 
@@ -138,7 +143,7 @@ class Fleet:
 
     async def call(self, command: Callable[[Redis], Awaitable[T]]) -> T:
         """``command(client)``'s result; Unavailable if Redis is away or fails it."""
-        from redis.exceptions import RedisError
+        from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
         if not self.up and time.monotonic() < self._retry_at:
             raise Unavailable(f"{self.where} is away")
@@ -146,6 +151,15 @@ class Fleet:
             # Belt and braces over the socket time limits: a connect and a reply at most.
             async with asyncio.timeout(2 * self.timeout):
                 result = await command(self.client)
+        except ResponseError as exc:
+            # An answer (WRONGTYPE, say): Redis is there, only this command failed; taken for
+            # away, a key of the wrong type made every process say so and drop its connections,
+            # over and over. A full or read-only Redis (a replica) fails every write: away.
+            if isinstance(exc, OutOfMemoryError | ReadOnlyError):
+                self._away(exc)
+                raise Unavailable(f"{self.where}: {self._reason(exc)}") from None
+            self._back()
+            raise Refused(f"{self.where}: {self._reason(exc)}") from None
         except (RedisError, OSError, TimeoutError) as exc:
             if self.up:
                 # The idle connections are as dead as this one (a restarted Redis closed them

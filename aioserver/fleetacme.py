@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .fleet import Fleet, Unavailable, key
+from .fleet import Fleet, Refused, Unavailable, key
 from .logtext import loggable
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ CALL_TIMEOUT = 5.0  # seconds for a call made from the order's thread (each Redi
 # Redis back (after a restart, empty perhaps): no order this long after, while the hosts that
 # hold the certificate store it again (each notices within a second: fleet.PROBE_AWAY).
 SETTLE = 10.0
+NOT_A_HASH = b"(not a hash)"  # in place of the fingerprint of a certificate key of another type
 
 # KEYS[1] the lock, KEYS[2] the backoff; ARGV[1] the holder's value, ARGV[2] the expiry (ms).
 # 1: taken; 0: another holds it; negative: the fleet waits after a failure, this many ms.
@@ -77,11 +78,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 # KEYS[1] the certificate hash; ARGV not_after, fingerprint, chain, key, directory, and "1" to
-# replace one found unusable. Else stored only if it lives longer than the one there:
-# concurrent stores settle on the newest.
+# replace one found unusable (of another type even: HGET would fail on it). Else stored only if
+# it lives longer than the one there: concurrent stores settle on the newest.
 STORE = """
-local current = redis.call('HGET', KEYS[1], 'not_after')
-if ARGV[6] ~= '1' and current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+if ARGV[6] ~= '1' then
+  local current = tonumber(redis.call('HGET', KEYS[1], 'not_after'))
+  if current and current >= tonumber(ARGV[1]) then return 0 end
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'not_after', ARGV[1], 'fingerprint', ARGV[2], 'chain', ARGV[3], 'key', ARGV[4],
   'directory', ARGV[5])
@@ -159,12 +162,18 @@ class FleetCertificates:
         Unavailable when Redis does not answer; NotWritten when the state directory cannot take
         it (no order then: the fleet has a certificate). One small read when nothing changed.
         """
-        fingerprint = _bytes(await self.fleet.call(lambda client: client.hget(self.certificate_key, "fingerprint")))
+        not_hash = False
+        try:
+            fingerprint = _bytes(await self.fleet.call(lambda client: client.hget(self.certificate_key, "fingerprint")))
+        except Refused:  # not a hash (WRONGTYPE): whoever wrote it, it is replaced as an unusable one is
+            fingerprint, not_hash = NOT_A_HASH, True
         if fingerprint is not None and fingerprint == self._seen:
             return False
         local: Shared | None = await in_thread(self._local)
         remote: Shared | None = None
-        if fingerprint is not None:
+        if not_hash:
+            self._refuse(fingerprint, "is not a hash of the fleet's")
+        elif fingerprint is not None:
             stored = await self.fleet.call(lambda client: client.hgetall(self.certificate_key))
             try:  # checked by loading it, from a scratch copy in the state directory
                 remote = await in_thread(self._usable, stored)
@@ -251,12 +260,16 @@ class FleetCertificates:
                 if problem is None:
                     return Shared(chain, key_pem, examined[1])
                 problem = f"cannot be served: {problem}"
+        self._refuse(fingerprint, problem)
+        return None
+
+    def _refuse(self, fingerprint: bytes | None, problem: str) -> None:
+        """Say why the certificate in Redis is not loaded, once for each one stored there."""
         if fingerprint != self._refused:
             self._refused = fingerprint
             logger.warning(
                 "acme: the certificate in redis for %s %s: not loaded", self.settings.name, loggable(problem)
             )
-        return None
 
     def _write(self, shared: Shared) -> None:
         """Put the fleet's certificate in the state directory (the key first, as an order does)."""
@@ -327,7 +340,10 @@ class FleetCertificates:
 
     async def share_account(self, in_thread: Callable[..., Any]) -> None:
         """One account for the fleet: the key in Redis if there is one (written to disk), else ours, stored."""
-        stored = await self.fleet.call(lambda client: client.get(self.account_key))
+        try:
+            stored = await self.fleet.call(lambda client: client.get(self.account_key))
+        except Refused:  # not a string (WRONGTYPE): unreadable, replaced
+            stored = b""
         if stored is not None:
             if await in_thread(self._adopt_account, stored):
                 return

@@ -22,7 +22,7 @@ from redisserver import RedisServer
 from aioserver.fleet import Fleet
 
 from acmeserver import Pebble
-from test_acme import DOMAIN, HTTPS, ORDERING, log_of
+from test_acme import DOMAIN, HTTPS, ORDERING, eventually, log_of
 from test_fleet_acme import (  # noqa: F401 (fixtures)
     CERTIFICATE,
     LOCK,
@@ -90,3 +90,26 @@ async def test_an_encrypted_key_in_redis_is_refused_not_raised(
     assert redis.get(ACCOUNT).encode() != account
     assert "the account key in redis is unreadable: replacing it" in caplog.text
     assert "PRIVATE KEY" not in caplog.text
+
+
+@LOOPS
+def test_keys_of_the_wrong_type_neither_stop_the_order_nor_take_redis_for_away(
+    loop: str, tmp_path: Path, pebble: Pebble, redis_server: RedisServer
+) -> None:
+    """The certificate's key a string, the account's a hash, the failures' a list: a host still
+    orders (once), stores its certificate over them, and never says Redis is away (a WRONGTYPE
+    answer was taken for an outage: the host logged "away" and "back" each second and never
+    ordered, its throttle counting alone meanwhile)."""
+    redis = redis_server.client()
+    redis.set(CERTIFICATE, "not a hash")
+    redis.hset(ACCOUNT, "not", "a string")
+    redis.rpush(f"aioserver:acme:{DOMAIN}:failures", "not", "a counter")
+    host = Host("first", tmp_path, pebble.http_port)
+    with start(host, pebble, redis_server, loop, HTTPS) as server:
+        log = log_of(server)
+        assert len(re.findall(ORDERING, log)) == 1 and len(issued(pebble)) == 1
+        fingerprint = hashlib.sha256(host.chain()).hexdigest()
+        eventually(lambda: redis.type(CERTIFICATE) == "hash" and redis.hget(CERTIFICATE, "fingerprint") == fingerprint)
+        assert redis.get(ACCOUNT) == (host.state / "account.key").read_text()
+        assert re.search(rf"the certificate in redis for {re.escape(DOMAIN)} is not a hash of the fleet's", log)
+        assert "is away" not in log and "Traceback" not in log
