@@ -61,11 +61,19 @@ SETTLE = 10.0
 NOT_A_HASH = b"(not a hash)"  # in place of the fingerprint of a certificate key of another type
 
 # KEYS[1] the lock, KEYS[2] the backoff; ARGV[1] the holder's value, ARGV[2] the expiry (ms).
-# 1: taken; 0: another holds it; negative: the fleet waits after a failure, this many ms.
+# 1: taken; 0: another holds it; negative: the fleet waits after a failure, this many ms; 2:
+# another holds it without an expiry or with a longer one than the fleet gives (never one of
+# the fleet's: a SET by hand, or a writer's), which would hold every host up for ever: it is
+# given the fleet's expiry.
 TAKE = """
 local wait = redis.call('PTTL', KEYS[2])
 if wait > 0 then return -wait end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left > tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 2
+end
 return 0
 """
 # The holder alone extends (ARGV[2] ms) or deletes (ARGV[2] empty) the lock.
@@ -289,6 +297,14 @@ class FleetCertificates:
         if taken == 1:
             self._holder = holder
             return None
+        if taken == 2:
+            logger.warning(
+                "acme: the fleet's order lock for %s had no expiry or a longer one (not set by aioserver):"
+                " it expires in %gs",
+                self.settings.name,
+                LOCK_TTL,
+            )
+            return 0.0
         return -int(taken) / 1000 if int(taken) < 0 else 0.0
 
     async def keep(self) -> None:

@@ -12,32 +12,40 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 from redisserver import RedisServer
+from test_fleet_acme import CERTIFICATE, LOCK, LOOPS, Host, in_thread, issued, shared_state, start
 
-from aioserver.fleet import Fleet
+from aioserver.fleet import Fleet, parse_redis_url
 
 from acmeserver import Pebble
 from test_acme import DOMAIN, HTTPS, ORDERING, eventually, log_of
-from test_fleet_acme import (  # noqa: F401 (fixtures)
-    CERTIFICATE,
-    LOCK,
-    LOOPS,
-    Host,
-    fleet,
-    in_thread,
-    issued,
-    pebble,
-    redis_server,
-    shared_state,
-    start,
-)
 
 ACCOUNT = "aioserver:acme:account"
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    with Pebble(tmp_path / "pebble") as running:
+        yield running
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as running:
+        yield running
+
+
+@pytest.fixture
+async def fleet(redis_server: RedisServer) -> AsyncIterator[Fleet]:
+    link = Fleet(parse_redis_url(redis_server.url))
+    yield link
+    await link.close()
 
 
 def duplicated_extension(chain: bytes) -> bytes:
@@ -113,3 +121,24 @@ def test_keys_of_the_wrong_type_neither_stop_the_order_nor_take_redis_for_away(
         assert redis.get(ACCOUNT) == (host.state / "account.key").read_text()
         assert re.search(rf"the certificate in redis for {re.escape(DOMAIN)} is not a hash of the fleet's", log)
         assert "is away" not in log and "Traceback" not in log
+
+
+async def test_a_lock_set_without_expiry_expires_and_the_log_says_so(
+    tmp_path: Path, fleet: Fleet, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fleet's lock always has an expiry of 60 s at most: one without (a SET by hand, or a
+    writer's), or one of a year, is no lock of the fleet's. It was waited for for ever (each host
+    saying once that another process orders): it is given 60 s, and the log says why."""
+    shared = shared_state(fleet, tmp_path)
+    redis = redis_server.client()
+    for expiry in (None, 365 * 86400):
+        redis.set(LOCK, "set by hand", ex=expiry)
+        assert await shared.take() == 0.0  # not taken now: its holder, if any, has 60 s
+        assert 0 < redis.pttl(LOCK) <= 60_000
+        assert redis.get(LOCK) == "set by hand"
+    assert caplog.text.count(f"the fleet's order lock for {DOMAIN} had no expiry or a longer one") == 2
+    redis.delete(LOCK)
+    redis.hset(LOCK, "a", "hash")  # of another type: the same
+    assert await shared.take() == 0.0 and 0 < redis.pttl(LOCK) <= 60_000
+    redis.delete(LOCK)
+    assert await shared.take() is None  # and then the fleet orders
