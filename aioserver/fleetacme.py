@@ -59,6 +59,7 @@ CALL_TIMEOUT = 5.0  # seconds for a call made from the order's thread (each Redi
 # hold the certificate store it again (each notices within a second: fleet.PROBE_AWAY).
 SETTLE = 10.0
 NOT_A_HASH = b"(not a hash)"  # in place of the fingerprint of a certificate key of another type
+TOO_LARGE = b"(too large)"  # in place of a fingerprint longer than any is
 
 # KEYS[1] the lock, KEYS[2] the backoff; ARGV[1] the holder's value, ARGV[2] the expiry (ms).
 # 1: taken; 0: another holds it; negative: the fleet waits after a failure, this many ms; 2:
@@ -99,6 +100,24 @@ redis.call('HSET', KEYS[1], 'not_after', ARGV[1], 'fingerprint', ARGV[2], 'chain
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
+# Reads of what anyone who writes in the database may have made huge (a string is up to 512 MB):
+# KEYS[1] a hash, ARGV[1] a length, ARGV[2...] fields: their values, or 0 if one is longer (then
+# nothing is sent); the fields asked for only (another could be huge too).
+FIELDS = """
+for i = 2, #ARGV do
+  if redis.call('HSTRLEN', KEYS[1], ARGV[i]) > tonumber(ARGV[1]) then return 0 end
+end
+return redis.call('HMGET', KEYS[1], unpack(ARGV, 2))
+"""
+# KEYS[1] a string, ARGV[1] a length: its value, or 0 if it is longer.
+BOUNDED = """
+if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return 0 end
+return redis.call('GET', KEYS[1])
+"""
+CERTIFICATE_FIELDS = ("chain", "key", "directory", "fingerprint")
+FINGERPRINT_LIMIT = 64  # a SHA-256, in hex
+ANSWER_LIMIT = 1024  # a key authorization: a token (256 at most), a dot and a thumbprint (512)
+
 # KEYS[1] the failures count: one more, forgotten FAILURES_TTL after the last.
 FAILED = """
 local count = redis.call('INCR', KEYS[1])
@@ -170,23 +189,33 @@ class FleetCertificates:
         Unavailable when Redis does not answer; NotWritten when the state directory cannot take
         it (no order then: the fleet has a certificate). One small read when nothing changed.
         """
-        not_hash = False
+        from .autocert import STATE_FILE_LIMIT
+
+        problem: str | None = None  # why what Redis holds is not even read
         try:
-            fingerprint = _bytes(await self.fleet.call(lambda client: client.hget(self.certificate_key, "fingerprint")))
+            found = await self._fields(FINGERPRINT_LIMIT, "fingerprint")
+            fingerprint = TOO_LARGE if found is None else _bytes(found[0])
         except Refused:  # not a hash (WRONGTYPE): whoever wrote it, it is replaced as an unusable one is
-            fingerprint, not_hash = NOT_A_HASH, True
+            fingerprint, problem = NOT_A_HASH, "is not a hash of the fleet's"
         if fingerprint is not None and fingerprint == self._seen:
             return False
         local: Shared | None = await in_thread(self._local)
         remote: Shared | None = None
-        if not_hash:
-            self._refuse(fingerprint, "is not a hash of the fleet's")
-        elif fingerprint is not None:
-            stored = await self.fleet.call(lambda client: client.hgetall(self.certificate_key))
-            try:  # checked by loading it, from a scratch copy in the state directory
-                remote = await in_thread(self._usable, stored)
-            except OSError as exc:
-                raise self._cannot_write(exc) from None
+        if fingerprint == TOO_LARGE:
+            problem = "is too large"
+        elif fingerprint is not None and problem is None:
+            values = await self._fields(STATE_FILE_LIMIT, *CERTIFICATE_FIELDS)
+            if values is None:
+                problem = "is too large"  # the state directory's files are read up to this size
+            else:
+                fields = zip(CERTIFICATE_FIELDS, values, strict=True)
+                stored = {name.encode(): value for name, value in fields if value is not None}
+                try:  # checked by loading it, from a scratch copy in the state directory
+                    remote = await in_thread(self._usable, stored)
+                except OSError as exc:
+                    raise self._cannot_write(exc) from None
+        if problem is not None:
+            self._refuse(fingerprint, problem)
         self._seen = fingerprint
         if remote is not None and (local is None or remote.not_after > local.not_after):
             try:
@@ -204,6 +233,12 @@ class FleetCertificates:
             # What is there now, unusable here (damaged, for other names or another CA), is replaced.
             await self.store(local, replace=fingerprint is not None and remote is None)
         return False
+
+    async def _fields(self, limit: int, *fields: str) -> list[Any] | None:
+        """The certificate hash's ``fields`` (None each if missing), or None if one is longer than ``limit``."""
+        args = (str(limit), *fields)
+        found = await self.fleet.call(lambda client: client.eval(FIELDS, 1, self.certificate_key, *args))
+        return found if isinstance(found, list) else None
 
     def _cannot_write(self, exc: OSError) -> NotWritten:
         """A full disk, say: the certificate held serves on, and the next look tries again (said once)."""
@@ -356,8 +391,12 @@ class FleetCertificates:
 
     async def share_account(self, in_thread: Callable[..., Any]) -> None:
         """One account for the fleet: the key in Redis if there is one (written to disk), else ours, stored."""
+        from .autocert import STATE_FILE_LIMIT
+
         try:
-            stored = await self.fleet.call(lambda client: client.get(self.account_key))
+            stored = _bounded(
+                await self.fleet.call(lambda client: client.eval(BOUNDED, 1, self.account_key, STATE_FILE_LIMIT))
+            )
         except Refused:  # not a string (WRONGTYPE): unreadable, replaced
             stored = b""
         if stored is not None:
@@ -403,7 +442,7 @@ class FleetCertificates:
         if not TOKEN.fullmatch(token):
             return None
         try:
-            answer = await self.fleet.call(lambda client: client.get(challenge_key(token)))
+            answer = await self.fleet.call(lambda client: client.eval(BOUNDED, 1, challenge_key(token), ANSWER_LIMIT))
         except Unavailable:
             return None
         if not isinstance(answer, bytes):
@@ -447,6 +486,11 @@ class FleetChallenges:
         except TimeoutError:
             future.cancel()
             raise Unavailable("no answer in time") from None
+
+
+def _bounded(value: object) -> bytes | None:
+    """BOUNDED's reply: the value, None if there is none, b"" (unreadable) if it was too long."""
+    return b"" if value == 0 else _bytes(value)
 
 
 def _bytes(value: object) -> bytes | None:

@@ -16,12 +16,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import redis as redis_client
 import trustme
+from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from redisserver import RedisServer
 from test_fleet_acme import CERTIFICATE, LOCK, LOOPS, Host, in_thread, issued, shared_state, start
 
 from aioserver.fleet import Fleet, parse_redis_url
+from aioserver.server import create_redirect_app
 
 from acmeserver import Pebble
 from test_acme import DOMAIN, HTTPS, ORDERING, eventually, log_of
@@ -142,3 +145,52 @@ async def test_a_lock_set_without_expiry_expires_and_the_log_says_so(
     assert await shared.take() == 0.0 and 0 < redis.pttl(LOCK) <= 60_000
     redis.delete(LOCK)
     assert await shared.take() is None  # and then the fleet orders
+
+
+def sent_by_redis(redis: redis_client.Redis) -> int:
+    """The bytes Redis has sent its clients so far (INFO stats)."""
+    return int(redis.info("stats")["total_net_output_bytes"])
+
+
+async def test_huge_values_in_redis_are_not_fetched(
+    tmp_path: Path, fleet: Fleet, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What no certificate, account key or answer can be (many MiB) is refused by its length,
+    without being read: every host fetched the whole hash (each time its fingerprint changed,
+    a 500 MB one in 3 s and twice its size in memory), and the plain listener fetched a huge
+    answer for each request for its token."""
+    shared = shared_state(fleet, tmp_path)
+    redis = redis_server.client()
+    leaf = trustme.CA().issue_cert(DOMAIN)
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    huge = b"A" * (16 << 20)
+    fields = {"chain": chain, "key": leaf.private_key_pem.bytes(), "directory": shared.settings.directory}
+    cases = [
+        {**fields, "chain": huge, "fingerprint": "a"},
+        {**fields, "key": huge, "fingerprint": "b"},
+        {**fields, "fingerprint": huge},
+        {**fields, "directory": huge, "fingerprint": "c"},
+        {**fields, "junk": huge, "fingerprint": "d"},  # a field of no use: never asked for
+    ]
+    for mapping in cases:
+        redis.delete(CERTIFICATE)
+        redis.hset(CERTIFICATE, mapping={**mapping, "not_after": 2_000_000_000})
+        before = sent_by_redis(redis)
+        loaded = await shared.sync(in_thread)
+        assert sent_by_redis(redis) - before < 1 << 20, sorted(mapping)
+        assert loaded is ("junk" in mapping)
+    assert "is too large: not loaded" in caplog.text
+
+    redis.set(ACCOUNT, huge)
+    before = sent_by_redis(redis)
+    await shared.share_account(in_thread)  # replaced by the host's own
+    assert sent_by_redis(redis) - before < 1 << 20
+    assert redis.get(ACCOUNT) == Path(shared.state.account_key_file).read_text()
+
+    redis.set("aioserver:acme:challenge:tok-1", b"tok-1." + huge)
+    async with TestClient(TestServer(create_redirect_app(8443, shared.state, shared))) as client:
+        before = sent_by_redis(redis)
+        for _ in range(3):
+            answer = await client.get("/.well-known/acme-challenge/tok-1", headers={"Host": DOMAIN})
+            assert answer.status == 404
+        assert sent_by_redis(redis) - before < 1 << 20
