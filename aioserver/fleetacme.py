@@ -117,6 +117,11 @@ return redis.call('GET', KEYS[1])
 CERTIFICATE_FIELDS = ("chain", "key", "directory", "fingerprint")
 FINGERPRINT_LIMIT = 64  # a SHA-256, in hex
 ANSWER_LIMIT = 1024  # a key authorization: a token (256 at most), a dot and a thumbprint (512)
+# Lookups of an answer in Redis at once, per process: each waiting one holds a connection of the
+# client's pool, and anyone can send the plain listener requests for made-up tokens (a flood of
+# them opened a hundred connections per process, Redis's maxclients being the fleet's). The CA
+# sends a handful; a lookup takes well under a millisecond, so a queue drains fast.
+CHALLENGE_LOOKUPS = 8
 
 # KEYS[1] the failures count: one more, forgotten FAILURES_TTL after the last.
 FAILED = """
@@ -163,6 +168,7 @@ class FleetCertificates:
         self._unwritten = False  # the state directory refused it: said once
         self._back = asyncio.Event()  # set when Redis comes back: look at it at once
         self._back_at = -SETTLE
+        self._lookups = asyncio.Semaphore(CHALLENGE_LOOKUPS)  # the challenge route's Redis lookups
         fleet.changed.append(self._changed)
 
     def _changed(self, up: bool) -> None:
@@ -442,7 +448,10 @@ class FleetCertificates:
         if not TOKEN.fullmatch(token):
             return None
         try:
-            answer = await self.fleet.call(lambda client: client.eval(BOUNDED, 1, challenge_key(token), ANSWER_LIMIT))
+            async with self._lookups:  # waits its turn: a flood queues here, not in Redis's connections
+                answer = await self.fleet.call(
+                    lambda client: client.eval(BOUNDED, 1, challenge_key(token), ANSWER_LIMIT)
+                )
         except Unavailable:
             return None
         if not isinstance(answer, bytes):

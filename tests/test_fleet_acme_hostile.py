@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import trustme
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from redisserver import RedisServer
-from test_fleet_acme import CERTIFICATE, LOCK, LOOPS, Host, in_thread, issued, shared_state, start
+from test_fleet_acme import CERTIFICATE, LOCK, LOOPS, Host, in_thread, issued, plain_get, shared_state, start
 
 from aioserver.fleet import Fleet, parse_redis_url
 from aioserver.server import create_redirect_app
@@ -30,6 +32,7 @@ from acmeserver import Pebble
 from test_acme import DOMAIN, HTTPS, ORDERING, eventually, log_of
 
 ACCOUNT = "aioserver:acme:account"
+PROBE = "/.well-known/acme-challenge/no-such-token"
 
 
 @pytest.fixture
@@ -194,3 +197,29 @@ async def test_huge_values_in_redis_are_not_fetched(
             answer = await client.get("/.well-known/acme-challenge/tok-1", headers={"Host": DOMAIN})
             assert answer.status == 404
         assert sent_by_redis(redis) - before < 1 << 20
+
+
+@LOOPS
+def test_a_flood_of_challenge_requests_opens_few_redis_connections(
+    loop: str, tmp_path: Path, pebble: Pebble, redis_server: RedisServer
+) -> None:
+    """Each request for an answer this host does not hold asks Redis: 400 of them at once
+    (wrk, 5 s) made the host open a connection to Redis for each one waiting (a hundred and
+    more, kept after; Redis's maxclients is shared by the whole fleet). A few lookups at a time
+    now; the plain listener answers on (404, quickly), the CA's own request among them."""
+    host = Host("first", tmp_path, pebble.http_port)
+    redis = redis_server.client()
+    with start(host, pebble, redis_server, loop, HTTPS):
+        flood = subprocess.run(
+            ["wrk", "-t2", "-c400", "-d5s", "--timeout", "10s", f"http://127.0.0.1:{host.redirect}{PROBE}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert re.search(r"Non-2xx or 3xx responses: \d+", flood), flood
+        clients = int(redis.info("clients")["connected_clients"])
+        assert clients <= 30, clients
+        started = time.monotonic()
+        assert plain_get(host.redirect, PROBE) == 404
+        assert time.monotonic() - started < 5  # it did not stall
