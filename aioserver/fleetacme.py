@@ -2,7 +2,9 @@
 
 Each host keeps its state directory and its lead process (autocert.py: the one holding the
 directory's lock); with ``--redis`` that lead also shares, through the fleet's Redis, under
-``aioserver:acme:<first name>:``:
+``aioserver:acme:<names>:`` (``--acme-domain``'s names, in order, joined by commas: hosts
+given other names, though the first be the same, have certificates of their own, or each would
+replace the other's in Redis at each look, for ever):
 
 - ``lock``: the order lock, a random value set NX with an expiry, extended while the order
   runs, deleted only by its holder (compare and delete, in one script): whoever takes it first
@@ -156,7 +158,7 @@ class FleetCertificates:
         self.fleet = fleet
         self.settings = settings
         self.state = state
-        prefix = ("acme", settings.name)
+        prefix = ("acme", ",".join(settings.domains))  # no name holds a comma, nor a colon
         self.lock_key = key(*prefix, "lock")
         self.certificate_key = key(*prefix, "certificate")
         self.failures_key = key(*prefix, "failures")

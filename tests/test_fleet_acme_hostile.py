@@ -9,6 +9,7 @@ where the finding was a whole host's.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import re
@@ -23,9 +24,11 @@ import trustme
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives import serialization
 from redisserver import RedisServer
-from test_fleet_acme import CERTIFICATE, LOCK, LOOPS, Host, in_thread, issued, plain_get, shared_state, start
+from test_fleet_acme import CERTIFICATE, LOCK, LOOPS, Host, in_thread, issued, plain_get, start
 
+from aioserver.autocert import AcmeSettings, StateDirectory
 from aioserver.fleet import Fleet, parse_redis_url
+from aioserver.fleetacme import FleetCertificates, Shared
 from aioserver.server import create_redirect_app
 
 from acmeserver import Pebble
@@ -33,6 +36,14 @@ from test_acme import DOMAIN, HTTPS, ORDERING, eventually, log_of
 
 ACCOUNT = "aioserver:acme:account"
 PROBE = "/.well-known/acme-challenge/no-such-token"
+
+
+def shared_state(fleet: Fleet, tmp_path: Path, domains: tuple[str, ...] = (DOMAIN,)) -> FleetCertificates:
+    """A host's side of the fleet for ``domains`` (test_fleet_acme's, with the names to choose)."""
+    settings = AcmeSettings(domains, None, "https://127.0.0.1:9/dir", None, str(tmp_path / "state"))
+    state = StateDirectory(settings.state_dir, settings.name)
+    state.prepare()
+    return FleetCertificates(fleet, settings, state)
 
 
 @pytest.fixture
@@ -223,3 +234,25 @@ def test_a_flood_of_challenge_requests_opens_few_redis_connections(
         started = time.monotonic()
         assert plain_get(host.redirect, PROBE) == 404
         assert time.monotonic() - started < 5  # it did not stall
+
+
+async def test_hosts_with_other_names_first_the_same_do_not_replace_each_others_certificate(
+    tmp_path: Path, fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two services on one Redis database, "--acme-domain api,www" and "--acme-domain api" (or a
+    fleet halfway through adding a name): their certificates differ. Keyed by the first name
+    alone, each replaced the other's in Redis at each look (every 30 s, for ever: the one for
+    both names, older, "unusable" for lacking www, over the newer one for api alone, and back)."""
+    caplog.set_level(logging.INFO, "aioserver.acme")
+    both = shared_state(fleet, tmp_path / "both", (DOMAIN, f"www.{DOMAIN}"))
+    one = shared_state(fleet, tmp_path / "one")
+    authority = trustme.CA()
+    now = datetime.datetime.now(datetime.UTC)
+    for shared, days in ((both, 60), (one, 90)):  # the one for api alone is newer
+        leaf = authority.issue_cert(*shared.settings.domains, not_after=now + datetime.timedelta(days=days))
+        chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+        shared._write(Shared(chain, leaf.private_key_pem.bytes(), now))
+    for _ in range(3):
+        for shared in (both, one):
+            await shared.sync(in_thread)
+    assert caplog.text.count("stored the certificate for") == 2, caplog.text  # once each, not at each look
