@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import logging
 import re
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -256,3 +257,25 @@ async def test_hosts_with_other_names_first_the_same_do_not_replace_each_others_
         for shared in (both, one):
             await shared.sync(in_thread)
     assert caplog.text.count("stored the certificate for") == 2, caplog.text  # once each, not at each look
+
+
+@LOOPS
+def test_a_host_stopped_during_its_order_releases_the_fleets_lock(
+    loop: str, tmp_path: Path, pebble: Pebble, redis_server: RedisServer
+) -> None:
+    """SIGTERM while the order waits for the CA (pebble stopped): the lock is released on the
+    way out, not left to expire (a minute during which no host of the fleet orders: each host's
+    restart, in a rolling one, held the others up so)."""
+    redis = redis_server.client()
+    host = Host("first", tmp_path, pebble.http_port)
+    assert pebble._pebble is not None
+    pebble._pebble.send_signal(signal.SIGSTOP)  # its answers never come: the order waits
+    try:
+        with start(host, pebble, redis_server, loop, ORDERING) as server:
+            eventually(lambda: redis.exists(LOCK) == 1)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(30) == 0
+            assert not redis.exists(LOCK), redis.pttl(LOCK)
+            assert "Traceback" not in log_of(server)
+    finally:
+        pebble._pebble.send_signal(signal.SIGCONT)
