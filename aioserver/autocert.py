@@ -315,8 +315,10 @@ def examine(
 ) -> tuple[datetime.datetime, datetime.datetime] | Unusable:
     """The leaf's (not before, not after) if ``chain`` and ``key`` can serve ``domains`` now."""
     from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     try:
         leaf = x509.load_pem_x509_certificate(chain)
         private = serialization.load_pem_private_key(key, password=None)
@@ -325,10 +327,14 @@ def examine(
             names = set(alternative.get_values_for_type(x509.DNSName))
         except x509.ExtensionNotFound:
             names = set()
-    except ValueError:  # cryptography's word for bytes that are not what they should be
+        matches = private.public_key().public_bytes(*spki) == leaf.public_key().public_bytes(*spki)
+    # ValueError: cryptography's word for bytes that are not what they should be; TypeError for
+    # a key encrypted with a password (whoever writes the fleet's Redis may put one there), and
+    # UnsupportedAlgorithm for a key or certificate of a kind it cannot use, DuplicateExtension
+    # for a certificate with two SAN lists (none of them ValueErrors).
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
         return Unusable("or its key is unreadable", damaged=True)
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+    if not matches:
         return Unusable("does not match its key", damaged=True)
     missing = [domain for domain in domains if domain not in names]
     if missing:

@@ -162,6 +162,11 @@ class Unavailable(Exception):
     """Redis did not answer (or answered with an error): the caller takes its fallback."""
 
 
+class Refused(Unavailable):
+    """Redis answered, with an error for this command (a key of the wrong type, say: whoever
+    writes in the database may put one there): it is not away, and other calls go on."""
+
+
 class Fleet:
     """This process's link to the fleet's Redis: :meth:`call` runs a command, or raises Unavailable."""
 
@@ -202,7 +207,7 @@ class Fleet:
         fleet some of its commands (see :data:`PROBE`) runs the others, and a call that began
         before Redis was found away may end after.
         """
-        from redis.exceptions import RedisError
+        from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
         if not self.up and not probe:
             raise Unavailable(f"{self.where} is away")
@@ -215,6 +220,16 @@ class Fleet:
             # Belt and braces over the socket time limits: a connect and a reply at most.
             async with asyncio.timeout(2 * self.timeout):
                 result = await command(self.client)
+        except ResponseError as exc:
+            # An answer (WRONGTYPE, say): Redis is there, only this command failed; taken for
+            # away, a key of the wrong type made every process say so and drop its connections,
+            # over and over. A full or read-only Redis (a replica) fails every write, and one
+            # that denies the fleet's user a command (NOPERM) fails it every time: away; so is
+            # any error of the probe, which runs just what the fleet needs.
+            if probe or isinstance(exc, OutOfMemoryError | ReadOnlyError | NoPermissionError):
+                self._away(exc)
+                raise Unavailable(f"{self.where}: {self._reason(exc)}") from None
+            raise Refused(f"{self.where}: {self._reason(exc)}") from None
         except (RedisError, OSError, TimeoutError) as exc:
             if self._closing:  # a call (the probe) cut off by close(): no "away" line at the stop
                 raise Unavailable(f"{self.where} is closed") from None

@@ -2,7 +2,9 @@
 
 Each host keeps its state directory and its lead process (autocert.py: the one holding the
 directory's lock); with ``--redis`` that lead also shares, through the fleet's Redis, under
-``aioserver:acme:<first name>:``:
+``aioserver:acme:<names>:`` (``--acme-domain``'s names, in order, joined by commas: hosts
+given other names, though the first be the same, have certificates of their own, or each would
+replace the other's in Redis at each look, for ever):
 
 - ``lock``: the order lock, a random value set NX with an expiry, extended while the order
   runs, deleted only by its holder (compare and delete, in one script): whoever takes it first
@@ -41,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .fleet import Fleet, Unavailable, key
+from .fleet import Fleet, Refused, Unavailable, key
 from .logtext import loggable
 
 if TYPE_CHECKING:
@@ -58,13 +60,23 @@ CALL_TIMEOUT = 5.0  # seconds for a call made from the order's thread (each Redi
 # Redis back (after a restart, empty perhaps): no order this long after, while the hosts that
 # hold the certificate store it again (each notices within a second: fleet.PROBE_AWAY).
 SETTLE = 10.0
+NOT_A_HASH = b"(not a hash)"  # in place of the fingerprint of a certificate key of another type
+TOO_LARGE = b"(too large)"  # in place of a fingerprint longer than any is
 
 # KEYS[1] the lock, KEYS[2] the backoff; ARGV[1] the holder's value, ARGV[2] the expiry (ms).
-# 1: taken; 0: another holds it; negative: the fleet waits after a failure, this many ms.
+# 1: taken; 0: another holds it; negative: the fleet waits after a failure, this many ms; 2:
+# another holds it without an expiry or with a longer one than the fleet gives (never one of
+# the fleet's: a SET by hand, or a writer's), which would hold every host up for ever: it is
+# given the fleet's expiry.
 TAKE = """
 local wait = redis.call('PTTL', KEYS[2])
 if wait > 0 then return -wait end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left > tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 2
+end
 return 0
 """
 # The holder alone extends (ARGV[2] ms) or deletes (ARGV[2] empty) the lock.
@@ -77,17 +89,42 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 # KEYS[1] the certificate hash; ARGV not_after, fingerprint, chain, key, directory, and "1" to
-# replace one found unusable. Else stored only if it lives longer than the one there:
-# concurrent stores settle on the newest.
+# replace one found unusable (of another type even: HGET would fail on it). Else stored only if
+# it lives longer than the one there: concurrent stores settle on the newest.
 STORE = """
-local current = redis.call('HGET', KEYS[1], 'not_after')
-if ARGV[6] ~= '1' and current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+if ARGV[6] ~= '1' then
+  local current = tonumber(redis.call('HGET', KEYS[1], 'not_after'))
+  if current and current >= tonumber(ARGV[1]) then return 0 end
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'not_after', ARGV[1], 'fingerprint', ARGV[2], 'chain', ARGV[3], 'key', ARGV[4],
   'directory', ARGV[5])
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
+# Reads of what anyone who writes in the database may have made huge (a string is up to 512 MB):
+# KEYS[1] a hash, ARGV[1] a length, ARGV[2...] fields: their values, or 0 if one is longer (then
+# nothing is sent); the fields asked for only (another could be huge too).
+FIELDS = """
+for i = 2, #ARGV do
+  if redis.call('HSTRLEN', KEYS[1], ARGV[i]) > tonumber(ARGV[1]) then return 0 end
+end
+return redis.call('HMGET', KEYS[1], unpack(ARGV, 2))
+"""
+# KEYS[1] a string, ARGV[1] a length: its value, or 0 if it is longer.
+BOUNDED = """
+if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return 0 end
+return redis.call('GET', KEYS[1])
+"""
+CERTIFICATE_FIELDS = ("chain", "key", "directory", "fingerprint")
+FINGERPRINT_LIMIT = 64  # a SHA-256, in hex
+ANSWER_LIMIT = 1024  # a key authorization: a token (256 at most), a dot and a thumbprint (512)
+# Lookups of an answer in Redis at once, per process: each waiting one holds a connection of the
+# client's pool, and anyone can send the plain listener requests for made-up tokens (a flood of
+# them opened a hundred connections per process, Redis's maxclients being the fleet's). The CA
+# sends a handful; a lookup takes well under a millisecond, so a queue drains fast.
+CHALLENGE_LOOKUPS = 8
+
 # KEYS[1] the failures count: one more, forgotten FAILURES_TTL after the last.
 FAILED = """
 local count = redis.call('INCR', KEYS[1])
@@ -121,7 +158,7 @@ class FleetCertificates:
         self.fleet = fleet
         self.settings = settings
         self.state = state
-        prefix = ("acme", settings.name)
+        prefix = ("acme", ",".join(settings.domains))  # no name holds a comma, nor a colon
         self.lock_key = key(*prefix, "lock")
         self.certificate_key = key(*prefix, "certificate")
         self.failures_key = key(*prefix, "failures")
@@ -133,6 +170,7 @@ class FleetCertificates:
         self._unwritten = False  # the state directory refused it: said once
         self._back = asyncio.Event()  # set when Redis comes back: look at it at once
         self._back_at = -SETTLE
+        self._lookups = asyncio.Semaphore(CHALLENGE_LOOKUPS)  # the challenge route's Redis lookups
         fleet.changed.append(self._changed)
 
     def _changed(self, up: bool) -> None:
@@ -159,17 +197,33 @@ class FleetCertificates:
         Unavailable when Redis does not answer; NotWritten when the state directory cannot take
         it (no order then: the fleet has a certificate). One small read when nothing changed.
         """
-        fingerprint = _bytes(await self.fleet.call(lambda client: client.hget(self.certificate_key, "fingerprint")))
+        from .autocert import STATE_FILE_LIMIT
+
+        problem: str | None = None  # why what Redis holds is not even read
+        try:
+            found = await self._fields(FINGERPRINT_LIMIT, "fingerprint")
+            fingerprint = TOO_LARGE if found is None else _bytes(found[0])
+        except Refused:  # not a hash (WRONGTYPE): whoever wrote it, it is replaced as an unusable one is
+            fingerprint, problem = NOT_A_HASH, "is not a hash of the fleet's"
         if fingerprint is not None and fingerprint == self._seen:
             return False
         local: Shared | None = await in_thread(self._local)
         remote: Shared | None = None
-        if fingerprint is not None:
-            stored = await self.fleet.call(lambda client: client.hgetall(self.certificate_key))
-            try:  # checked by loading it, from a scratch copy in the state directory
-                remote = await in_thread(self._usable, stored)
-            except OSError as exc:
-                raise self._cannot_write(exc) from None
+        if fingerprint == TOO_LARGE:
+            problem = "is too large"
+        elif fingerprint is not None and problem is None:
+            values = await self._fields(STATE_FILE_LIMIT, *CERTIFICATE_FIELDS)
+            if values is None:
+                problem = "is too large"  # the state directory's files are read up to this size
+            else:
+                fields = zip(CERTIFICATE_FIELDS, values, strict=True)
+                stored = {name.encode(): value for name, value in fields if value is not None}
+                try:  # checked by loading it, from a scratch copy in the state directory
+                    remote = await in_thread(self._usable, stored)
+                except OSError as exc:
+                    raise self._cannot_write(exc) from None
+        if problem is not None:
+            self._refuse(fingerprint, problem)
         self._seen = fingerprint
         if remote is not None and (local is None or remote.not_after > local.not_after):
             try:
@@ -187,6 +241,12 @@ class FleetCertificates:
             # What is there now, unusable here (damaged, for other names or another CA), is replaced.
             await self.store(local, replace=fingerprint is not None and remote is None)
         return False
+
+    async def _fields(self, limit: int, *fields: str) -> list[Any] | None:
+        """The certificate hash's ``fields`` (None each if missing), or None if one is longer than ``limit``."""
+        args = (str(limit), *fields)
+        found = await self.fleet.call(lambda client: client.eval(FIELDS, 1, self.certificate_key, *args))
+        return found if isinstance(found, list) else None
 
     def _cannot_write(self, exc: OSError) -> NotWritten:
         """A full disk, say: the certificate held serves on, and the next look tries again (said once)."""
@@ -251,12 +311,16 @@ class FleetCertificates:
                 if problem is None:
                     return Shared(chain, key_pem, examined[1])
                 problem = f"cannot be served: {problem}"
+        self._refuse(fingerprint, problem)
+        return None
+
+    def _refuse(self, fingerprint: bytes | None, problem: str) -> None:
+        """Say why the certificate in Redis is not loaded, once for each one stored there."""
         if fingerprint != self._refused:
             self._refused = fingerprint
             logger.warning(
                 "acme: the certificate in redis for %s %s: not loaded", self.settings.name, loggable(problem)
             )
-        return None
 
     def _write(self, shared: Shared) -> None:
         """Put the fleet's certificate in the state directory (the key first, as an order does)."""
@@ -276,6 +340,14 @@ class FleetCertificates:
         if taken == 1:
             self._holder = holder
             return None
+        if taken == 2:
+            logger.warning(
+                "acme: the fleet's order lock for %s had no expiry or a longer one (not set by aioserver):"
+                " it expires in %gs",
+                self.settings.name,
+                LOCK_TTL,
+            )
+            return 0.0
         return -int(taken) / 1000 if int(taken) < 0 else 0.0
 
     async def keep(self) -> None:
@@ -327,7 +399,14 @@ class FleetCertificates:
 
     async def share_account(self, in_thread: Callable[..., Any]) -> None:
         """One account for the fleet: the key in Redis if there is one (written to disk), else ours, stored."""
-        stored = await self.fleet.call(lambda client: client.get(self.account_key))
+        from .autocert import STATE_FILE_LIMIT
+
+        try:
+            stored = _bounded(
+                await self.fleet.call(lambda client: client.eval(BOUNDED, 1, self.account_key, STATE_FILE_LIMIT))
+            )
+        except Refused:  # not a string (WRONGTYPE): unreadable, replaced
+            stored = b""
         if stored is not None:
             if await in_thread(self._adopt_account, stored):
                 return
@@ -345,12 +424,13 @@ class FleetCertificates:
             await self.fleet.call(lambda client: client.set(self.account_key, local))
 
     def _adopt_account(self, pem: bytes) -> bool:
+        from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
         try:
             account = serialization.load_pem_private_key(pem, password=None)
-        except ValueError:
+        except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: encrypted with a password
             return False
         if not isinstance(account, ec.EllipticCurvePrivateKey):
             return False
@@ -370,7 +450,10 @@ class FleetCertificates:
         if not TOKEN.fullmatch(token):
             return None
         try:
-            answer = await self.fleet.call(lambda client: client.get(challenge_key(token)))
+            async with self._lookups:  # waits its turn: a flood queues here, not in Redis's connections
+                answer = await self.fleet.call(
+                    lambda client: client.eval(BOUNDED, 1, challenge_key(token), ANSWER_LIMIT)
+                )
         except Unavailable:
             return None
         if not isinstance(answer, bytes):
@@ -414,6 +497,11 @@ class FleetChallenges:
         except TimeoutError:
             future.cancel()
             raise Unavailable("no answer in time") from None
+
+
+def _bounded(value: object) -> bytes | None:
+    """BOUNDED's reply: the value, None if there is none, b"" (unreadable) if it was too long."""
+    return b"" if value == 0 else _bytes(value)
 
 
 def _bytes(value: object) -> bytes | None:

@@ -184,6 +184,10 @@ async def _serve(
             for task in background:
                 task.cancel()
         if fleet:
+            # Their ends first, while the fleet's client is open: an ACME order cut short
+            # releases the fleet's lock (else no host orders for a minute), a bounded wait.
+            if background:
+                await asyncio.wait(background, timeout=2 * fleet.timeout + 1)
             await fleet.close()
         flush_logs()
         if owned:
