@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .systemd import Notifier
 
 logger = logging.getLogger("aioserver.acme")
+ACME_THREAD = "aioserver-acme"  # the thread of the blocking ACME work (cli.run looks for it at exit)
 T = TypeVar("T")
 
 CHALLENGE_PATH = "/.well-known/acme-challenge/"
@@ -1065,7 +1066,7 @@ class CertificateManager:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(settle, *outcome)
 
-        threading.Thread(target=work, name="aioserver-acme", daemon=True).start()
+        threading.Thread(target=work, name=ACME_THREAD, daemon=True).start()
         return await future
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from . import __version__, fleet, workers
+from .autocert import ACME_THREAD
 from .certinfo import describe_certificates
 from .config import SECRET_VARIABLES, Config, load_config
 from .errors import ConfigError, StartupError
@@ -223,11 +224,17 @@ def run() -> NoReturn:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     status = main()
-    abandoned = [t for t in threading.enumerate() if t.name.startswith(ACTION_THREADS) and t.is_alive()]
-    if abandoned:
-        # A sync action still running after the grace period cannot be interrupted, and the
-        # interpreter would wait for it at exit: leave now, as the grace period promised.
-        logging.getLogger("aioserver").warning("exiting with %d action threads still running", len(abandoned))
+    alive = [t for t in threading.enumerate() if t.is_alive()]
+    abandoned = [t for t in alive if t.name.startswith(ACTION_THREADS)]
+    # An ACME order abandoned at the stop may be inside cryptography's Rust code, GIL released:
+    # at the interpreter's finalization its thread would be ended by pthread_exit, whose unwinding
+    # Rust's panic guard stops ("FATAL: exception not rethrown"): SIGABRT, a core, a failed stop.
+    ordering = any(t.name == ACME_THREAD for t in alive)
+    if abandoned or ordering:
+        if abandoned:
+            # A sync action still running after the grace period cannot be interrupted, and the
+            # interpreter would wait for it at exit: leave now, as the grace period promised.
+            logging.getLogger("aioserver").warning("exiting with %d action threads still running", len(abandoned))
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

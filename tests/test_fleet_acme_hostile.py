@@ -274,7 +274,7 @@ def test_a_host_stopped_during_its_order_releases_the_fleets_lock(
         with start(host, pebble, redis_server, loop, ORDERING) as server:
             eventually(lambda: redis.exists(LOCK) == 1)
             server.process.send_signal(signal.SIGTERM)
-            assert server.process.wait(30) == 0
+            assert server.process.wait(30) == 0, log_of(server)
             assert not redis.exists(LOCK), redis.pttl(LOCK)
             assert "Traceback" not in log_of(server)
     finally:
