@@ -518,3 +518,24 @@ def client_ssl_ctx(tls_certificate_authority: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     tls_certificate_authority.configure_trust(context)
     return context
+
+
+# -- real servers a test needs beside aioserver, each in the test's own folder, stopped after it
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Any]:
+    """A real ACME server (acmeserver.Pebble: pebble and its DNS server), running for the test."""
+    from acmeserver import Pebble
+
+    with Pebble(tmp_path / "pebble") as running:
+        yield running
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server with a password (redisserver.RedisServer), running for the test."""
+    from redisserver import RedisServer
+
+    with RedisServer(tmp_path / "redis") as running:
+        yield running

@@ -39,12 +39,6 @@ HTTPS = r"serving on https://127\.0\.0\.1:(\d+)"
 
 
 @pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    with Pebble(tmp_path / "pebble") as running:
-        yield running
-
-
-@pytest.fixture
 def short_lived(tmp_path: Path) -> Iterator[Pebble]:
     """A pebble whose certificates live 60 s: renewal (a third left) comes about 40 s after issuance."""
     with Pebble(tmp_path / "pebble", validity=60) as running:

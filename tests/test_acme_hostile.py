@@ -44,12 +44,6 @@ CHALLENGE = "/.well-known/acme-challenge/"
 MINUTE = datetime.timedelta(minutes=1)
 
 
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    with Pebble(tmp_path / "pebble") as running:
-        yield running
-
-
 def fetch(port: int, path: str) -> tuple[int, bytes]:
     """GET ``path`` on the plain listener as the CA does (Host: the domain); 5 s at most."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

@@ -36,12 +36,6 @@ AWAY = WHERE + r" is away \("
 BACK = WHERE + r" is back: the fleet shares its state again$"
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
 def call(
     port: int,
     token: str | None,

@@ -20,7 +20,7 @@ import http.client
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,18 +46,6 @@ WAITING = rf"acme: another process of the fleet orders the certificate for {re.e
 LOADED = rf"acme: loaded the fleet's certificate for {re.escape(DOMAIN)} from redis"
 ISSUED = r"Issued certificate serial ([0-9a-f]+) for order"
 CHALLENGE = r'"GET /\.well-known/acme-challenge/[A-Za-z0-9_-]+ HTTP/1\.1" 200 '
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    with Pebble(tmp_path / "pebble") as running:
-        yield running
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as running:
-        yield running
 
 
 class Host:

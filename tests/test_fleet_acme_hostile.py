@@ -16,7 +16,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -45,18 +45,6 @@ def shared_state(fleet: Fleet, tmp_path: Path, domains: tuple[str, ...] = (DOMAI
     state = StateDirectory(settings.state_dir, settings.name)
     state.prepare()
     return FleetCertificates(fleet, settings, state)
-
-
-@pytest.fixture
-def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    with Pebble(tmp_path / "pebble") as running:
-        yield running
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as running:
-        yield running
 
 
 @pytest.fixture

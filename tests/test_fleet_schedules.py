@@ -250,12 +250,6 @@ def test_a_process_killed_in_a_run_holds_the_schedule_up_for_a_while_only(tmp_pa
 # -- in-process: the claim script, on the same real redis-server
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
 @contextlib.asynccontextmanager
 async def processes(server: RedisServer, count: int) -> AsyncIterator[list[FleetTicks]]:
     """``count`` processes' links to the fleet's Redis, as each host's scheduling process has."""
