@@ -58,6 +58,7 @@ class WorkflowLimits:
         self._deadlines: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._interval = min(1.0, timeout / 4)
 
     def __enter__(self) -> None:
@@ -73,9 +74,18 @@ class WorkflowLimits:
 
     async def run(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work()`` within the time limit; raise 504 as an HTTP error."""
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task(loop)  # given the loop: it would look it up again (a getpid() each, on 3.11)
-        assert task is not None
+        # The loop of the last run, when it is still the one running this task: Python 3.11's
+        # get_running_loop() and current_task() without a loop make a getpid() system call
+        # each. current_task(loop) of a loop not running here is None: then it is looked up.
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if loop is None or task is None:
+            running = asyncio.get_running_loop()
+            if running is not loop:
+                self._sweeper = None  # one of a loop that ended would never run
+            loop = self._loop = running
+            task = asyncio.current_task(loop)
+            assert task is not None
         self._deadlines[task] = loop.time() + self.timeout
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._interval, self._sweep)

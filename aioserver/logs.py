@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -109,6 +110,7 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._timer_thread = 0
 
     def handle(self, record: logging.LogRecord) -> bool:
         # Handler.handle, without its calls that do nothing here: a tenth of an access line's cost.
@@ -141,6 +143,11 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
         if len(self._lines) >= BATCH:
             self.flush()
             return
+        timer_loop = self._timer_loop
+        if self._timer is not None and self._timer_thread == threading.get_ident() and timer_loop.is_running():  # type: ignore[union-attr]
+            # A write is due, by the loop running here (one loop a thread): known without
+            # get_running_loop(), a getpid() system call each on Python 3.11.
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not the loop's thread (or no loop at all): nothing would write it later
@@ -148,6 +155,7 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
             return
         if self._timer is None or self._timer_loop is not loop:
             self._timer_loop = loop
+            self._timer_thread = threading.get_ident()
             self._timer = loop.call_later(BATCH_DELAY, self._flush_later)
 
     def _flush_later(self) -> None:

@@ -11,6 +11,7 @@ and the count is divided by the requests.
     python3 bench/instructions.py             # the floor, aioserver, --no-access-log, --metrics, json logs
     python3 bench/instructions.py --variant "" --variant "--no-access-log"
     python3 bench/instructions.py --aioserver-path /path/to/other/checkout   # an older build, same venv
+    python3 bench/instructions.py --floor-variant="--middlewares 1" --floor-variant=--access-log
 
 Run it inside bench/.venv (run.py makes it): ``bench/.venv/bin/python bench/instructions.py``.
 Needs valgrind (``apt-get install valgrind``). About 25 s per server.
@@ -137,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variant", action="append", help="aioserver options, one server each (repeatable) [default set]"
     )
+    parser.add_argument(
+        "--floor-variant",
+        action="append",
+        default=[],
+        help="options of bench/apps/aiohttp_floor.py (--middlewares N, --access-log), one more floor each (repeatable)",
+    )
     parser.add_argument("--aioserver-path", help="import aioserver from this checkout (PYTHONPATH)")
     args = parser.parse_args(argv)
     variants = DEFAULT_VARIANTS if args.variant is None else tuple(args.variant)
@@ -152,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         cert, key = work / "cert.pem", work / "key.pem"
         certificate.cert_chain_pems[0].write_to_path(cert)
         certificate.private_key_pem.write_to_path(key)
-        floor = count(
-            [sys.executable, str(HERE / "apps" / "aiohttp_floor.py"), "--certfile", str(cert), "--keyfile", str(key)],
-            env,
-            args,
-            work,
-        )
+        floor_command = [sys.executable, str(HERE / "apps" / "aiohttp_floor.py"), "--certfile", str(cert)]
+        floor_command += ["--keyfile", str(key)]
+        floor = count(floor_command, env, args, work)
         rows = [("bare aiohttp (floor)", floor)]
         print(f"bare aiohttp (floor): {floor:,} instructions/request", flush=True)
+        for variant in args.floor_variant:
+            value = count([*floor_command, *shlex.split(variant)], env, args, work)
+            name = f"bare aiohttp {variant}"
+            rows.append((name, value))
+            print(f"{name}: {value:,} instructions/request", flush=True)
         for variant in variants:
             command = [sys.executable, "-m", "aioserver", "--host", "127.0.0.1"]
             command += ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key), *shlex.split(variant)]

@@ -158,6 +158,7 @@ def stacks_table() -> tuple:  # type: ignore[type-arg]
     from stacks import (
         Stack,
         aioserver_launcher,
+        floor_launcher,
         launch_floor,
         launch_nginx,
         launch_txtai,
@@ -171,6 +172,25 @@ def stacks_table() -> tuple:  # type: ignore[type-arg]
         Stack("txtai", "txtai: FastAPI + uvicorn", True, "aioserver", launch_txtai, fastapi_denials),
         Stack("nginx", "txtai behind nginx", True, "aioserver", launch_nginx, fastapi_denials),
         Stack("aiohttp", "bare aiohttp (floor)", True, "aioserver", launch_floor),
+        # What aiohttp itself charges for one middleware layer and for its own access log: the
+        # budget the targets below leave (bench/README.md, "The cost of observability").
+        Stack(
+            "aiohttp-middleware",
+            "bare aiohttp + 1 middleware doing nothing",
+            True,
+            "aioserver",
+            floor_launcher("--middlewares", "1"),
+        ),
+        Stack("aiohttp-access-log", "bare aiohttp + its access log", True, "aioserver", floor_launcher("--access-log")),
+        # The least SPEC section 8 asks, the cheapest way, in the floor's handler: a lower bound.
+        Stack("aiohttp-headers", "bare aiohttp + request id, headers", True, "aioserver", floor_launcher("--headers")),
+        Stack(
+            "aiohttp-headers-lines",
+            "bare aiohttp + request id, headers, lines",
+            True,
+            "aioserver",
+            floor_launcher("--headers", "--lines"),
+        ),
         Stack("aioserver", "aioserver, 1 worker", True, "aioserver", aioserver_launcher(1)),
         Stack(
             "aioserver-no-access-log",

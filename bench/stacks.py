@@ -263,15 +263,25 @@ def launch_nginx(ctx: Context, scheme: str, cpus: str | None) -> Server:
     return Server(f"{scheme}://{HOST}:{port}", (name, upstream_name), (process, uvicorn))
 
 
-def launch_floor(ctx: Context, scheme: str, cpus: str | None) -> Server:
-    """The bare aiohttp app with the same token check."""
-    port = free_port()
-    command = [ctx.python, str(APPS / "aiohttp_floor.py"), "--port", str(port), "--loop", ctx.floor_loop]
-    if scheme == "https":
-        command += ["--certfile", str(ctx.certfile), "--keyfile", str(ctx.keyfile)]
-    name = f"aiohttp-{scheme}"
-    process = ctx.processes.start(name, command, ctx.server_env(), cpus)
-    return Server(f"{scheme}://{HOST}:{port}", (name,), (process,))
+def floor_launcher(*options: str) -> Launcher:
+    """A launcher of the bare aiohttp app with the same token check, with ``options`` (its
+    ``--middlewares N``, ``--access-log``: what aiohttp charges for them)."""
+
+    def launch(ctx: Context, scheme: str, cpus: str | None) -> Server:
+        port = free_port()
+        command = [ctx.python, str(APPS / "aiohttp_floor.py"), "--port", str(port), "--loop", ctx.floor_loop]
+        command += options
+        if scheme == "https":
+            command += ["--certfile", str(ctx.certfile), "--keyfile", str(ctx.keyfile)]
+        variant = "".join(option.replace("--", "-").replace(" ", "") for option in options)
+        name = f"aiohttp{variant}-{scheme}"
+        process = ctx.processes.start(name, command, ctx.server_env(), cpus)
+        return Server(f"{scheme}://{HOST}:{port}", (name,), (process,))
+
+    return launch
+
+
+launch_floor = floor_launcher()
 
 
 # Options of aioserver's that need a library of an extra: the module, and the extra.

@@ -279,6 +279,20 @@ async def test_a_workflow_is_cut_off_at_its_deadline_and_an_idle_process_sweeps_
     assert len(sweeps) <= idle_from + 1  # the one that finds nothing left to watch
 
 
+def test_limits_used_by_a_later_loop_of_the_thread_watch_that_loop_s_task() -> None:
+    """The loop of the last run is kept (get_running_loop() is a system call on 3.11); a run on
+    a new loop, the first one gone, times out on the new loop's task, not on nothing."""
+    limits = WorkflowLimits(concurrency=1, timeout=0.2)
+    assert asyncio.run(limits.run(lambda: asyncio.sleep(0, "first"))) == "first"
+
+    async def second() -> None:
+        with pytest.raises(web.HTTPGatewayTimeout):
+            await limits.run(lambda: asyncio.sleep(3600))
+
+    asyncio.run(asyncio.wait_for(second(), 5))
+    assert not limits._deadlines
+
+
 async def test_limits_hold_with_tokens(make_client: ClientFactory) -> None:
     client = await make_client(CONFIG, env={"TOKEN": TOKEN_HASH})
     response = await client.post(

@@ -226,6 +226,25 @@ async def test_a_line_from_another_thread_is_written_at_once_in_order() -> None:
     assert [line.split(": ")[1] for line in "".join(stream.writes).splitlines()] == ["from the loop", "from a thread"]
 
 
+def test_a_line_waiting_on_a_loop_that_ended_is_written_by_the_next_loop_of_the_thread() -> None:
+    """The batch's write is due on the loop that was running: once that loop is gone (its timer
+    never fires), a line logged on a new loop of the same thread sets a timer there."""
+    stream = Stream()
+    _, logger = handler_on(stream)
+
+    async def log(message: str, wait: float) -> None:
+        logger.info(message)
+        await asyncio.sleep(wait)
+
+    asyncio.run(log("on the first loop", 0))  # ended before its write was due
+    assert stream.writes == []
+    asyncio.run(log("on the second loop", logs.BATCH_DELAY * 3))
+    assert [line.split(": ")[1] for line in "".join(stream.writes).splitlines()] == [
+        "on the first loop",
+        "on the second loop",
+    ]
+
+
 def test_outside_a_loop_each_line_is_written_at_once() -> None:
     stream = Stream()
     _, logger = handler_on(stream)
