@@ -218,7 +218,8 @@ async def test_open_loopback_service_answers_loopback_hosts_only(
     text = await response.text()
     if status == 400:
         assert json.loads(text) == {
-            "error": "Host not allowed: use a loopback name or one of --allowed-hosts (behind a proxy: --trusted-proxies)"
+            "error": "Host not allowed: use a loopback name or one of --allowed-hosts"
+            " (behind a proxy: --trusted-proxies)"
         }
         assert "attacker" not in text
 

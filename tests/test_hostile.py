@@ -167,7 +167,8 @@ def test_a_client_gone_stops_its_work(tmp_path: Path, name: str, elements: list[
     with Server("--config", str(config), "--max-body-size", "100000000") as server:
         pid = server.process.pid
         body = json.dumps({"name": name, "elements": elements}).encode()
-        head = f"POST /workflow HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = "POST /workflow HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
         with socket.create_connection(("127.0.0.1", server.port)) as client:
             client.sendall(head.encode() + body)
             deadline = time.monotonic() + 10

@@ -19,6 +19,7 @@ import pytest
 
 from aioserver import create_app, load_config
 from aioserver.readiness import READINESS
+
 from conftest import TOKEN, TOKEN_HASH, Server
 
 CONFIG = """

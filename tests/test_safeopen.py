@@ -265,7 +265,8 @@ async def test_service_post_batch_and_extract(upstream: Upstream, post: Post) ->
 
 
 async def test_service_get_per_element(upstream: Upstream, post: Post) -> None:
-    task = f"[{{task: service, url: '{upstream.url('/one')}', method: get, params: {{q: null}}, batch: false, extract: result}}]"
+    task = f"[{{task: service, url: '{upstream.url('/one')}', method: get, params: {{q: null}}, batch: false,"
+    task += " extract: result}]"
     status, body = await post(config([f"127.0.0.1:{upstream.port}"], task), ["abc", "xy"])
     assert (status, body) == (200, ["cba", "yx"])
     assert sorted(upstream.hits) == ["/one?q=abc", "/one?q=xy"]

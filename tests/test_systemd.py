@@ -238,7 +238,8 @@ def test_clear_text_guard_judges_activated_sockets(
             .read_text()
             .splitlines()[-1]
             .startswith(
-                f"aioserver: error: environment: LISTEN_FDS: tokens would travel in clear text on the activated socket 0.0.0.0:{port}"
+                "aioserver: error: environment: LISTEN_FDS: tokens would travel in clear text"
+                f" on the activated socket 0.0.0.0:{port}"
             )
         )
 

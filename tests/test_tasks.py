@@ -75,7 +75,8 @@ async def test_task_keys(task: str, elements: list, expected: list | None) -> No
 
 async def test_initialize_and_finalize_run_around_the_workflow() -> None:
     sample_actions.HOOKS.clear()
-    text = "workflow:\n  w:\n    tasks: [{action: echo, initialize: sample_actions.start, finalize: sample_actions.stop}]\n"
+    text = "workflow:\n  w:\n    tasks: [{action: echo, initialize: sample_actions.start,"
+    text += " finalize: sample_actions.stop}]\n"
     assert await run(text, [1]) == [1]
     assert sample_actions.HOOKS == ["start", "stop"]
     sample_actions.HOOKS.clear()

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from aioserver import load_config
-from aioserver.errors import ConfigError, InvalidElement
+from aioserver.errors import InvalidElement
 from aioserver.workflow.builtins import BUILTINS
 
 import sample_actions
