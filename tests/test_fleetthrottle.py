@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
-from redisserver import RedisServer
+from redisserver import PASSWORD, REDIS_SERVER, RedisServer
 
 from aioserver.fleet import PREFIX, Fleet, parse_redis_url
 from aioserver.fleetthrottle import FleetThrottle
@@ -85,6 +88,7 @@ async def test_two_processes_share_one_count_and_the_limit_is_the_fleets(redis_s
             assert 59_000 < client.pttl(KEY) <= 60_000
         assert a.retry_after(CLIENT) == b.retry_after(CLIENT) == 0  # 9: the next token is still checked
         assert local_count(a) == 9 and local_count(b) == 8  # each has the fleet's count of its last reply
+        assert a.pending == b.pending == {}  # no request of the client's waits for a count any more
         assert await a.count(CLIENT) == 0  # the 10th failure: refused as any, not yet 429
         assert 59 <= a.retry_after(CLIENT) <= 60  # from now on 429 before any token is checked
         assert b.retry_after(CLIENT) == 0  # b has not heard (no listener here)
@@ -162,8 +166,8 @@ async def test_a_failure_being_counted_holds_the_clients_next_requests(redis_ser
         await asyncio.sleep(0)
         assert not waiting.done()  # the next request waits for the count
         assert await counting == 0
-        await asyncio.wait_for(waiting, 5)
         assert a.pending == {}
+        await asyncio.wait_for(waiting, 5)
         await asyncio.wait_for(a.settled(CLIENT), 5)  # nothing pending: at once
 
 
@@ -181,6 +185,70 @@ async def test_the_news_of_a_client_at_the_limit_reaches_a_listening_process(red
         assert local_count(b) == 10
         assert abs(remaining(b) - remaining(a)) < 0.5  # the window's end, as the script told it
         assert b.retry_after(CLIENT) in (600, 599)
+
+
+async def test_news_alone_opens_a_window_that_other_failures_keep(redis_server: RedisServer) -> None:
+    """A process that has counted no failure of its own, told of a client at the limit, keys the
+    requests (active) and keeps that client's refusal when another client fails."""
+    async with processes(redis_server, 1, window=600) as (b,):
+        assert not b.active()
+        b._heard(f"{CLIENT} 300000".encode())
+        assert b.active()  # else the authorizer would not key the client's requests: no 429
+        await b.count("192.0.2.8")
+        assert b.retry_after(CLIENT) in (300, 299)
+
+
+async def test_an_idle_listener_waits_for_news_without_spinning(redis_server: RedisServer) -> None:
+    async with processes(redis_server, 1) as (b,), listening(redis_server, b):
+        spent = time.process_time()
+        await asyncio.sleep(2)
+        assert time.process_time() - spent < 0.5  # each wait has its time limit, not none
+
+
+@contextlib.contextmanager
+def redis_on_a_unix_socket() -> Iterator[str]:
+    """A redis-server listening on a unix socket only (a short path: sockets' are bounded); its URL."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        socket = Path(directory) / "redis.sock"
+        command = [REDIS_SERVER, "--port", "0", "--unixsocket", str(socket), "--unixsocketperm", "700"]
+        command += ["--save", "", "--appendonly", "no", "--dir", directory, "--requirepass", PASSWORD]
+        with open(Path(directory) / "redis.log", "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while not socket.exists():
+                assert process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+            yield f"unix://:{PASSWORD}@{socket}?db=0"
+        finally:
+            process.kill()
+            process.wait()
+
+
+async def test_the_news_reaches_a_listener_on_a_unix_socket() -> None:
+    """The listener's own pool is made as the fleet's (its connection class: a unix socket here)."""
+    with redis_on_a_unix_socket() as url:
+        fleets = [Fleet(parse_redis_url(url)) for _ in range(2)]
+        a, b = (FleetThrottle(fleet) for fleet in fleets)
+        task = asyncio.create_task(b.listen())
+        try:
+
+            async def subscribers() -> int:
+                return int(dict(await a.fleet.client.pubsub_numsub(CHANNEL))[CHANNEL.encode()])
+
+            deadline = time.monotonic() + 10
+            while await subscribers() != 1:
+                assert time.monotonic() < deadline and not task.done(), "b never subscribed"
+                await asyncio.sleep(0.05)
+            for _ in range(10):
+                await a.count(CLIENT)
+            await eventually(lambda: b.retry_after(CLIENT) > 0, "b hears on the unix socket")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            for fleet in fleets:
+                await fleet.close()
 
 
 async def test_garbage_on_the_channel_is_ignored_and_the_listener_goes_on(redis_server: RedisServer) -> None:
