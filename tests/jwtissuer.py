@@ -17,6 +17,7 @@ import json
 import ssl
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from conftest import free_port
+from conftest import TOKEN_HASH, free_port
 
 ISSUER = "https://idp.example/realms/aioserver"
 AUDIENCE = "aioserver-api"
+INVALID = 'Bearer realm="aioserver", error="invalid_token"'
+INSUFFICIENT = 'Bearer realm="aioserver", error="insufficient_scope"'
+WORKFLOWS = """
+workflow:
+  echo: {tasks: [echo]}
+  upper: {tasks: [upper]}
+"""
 
 
 def b64(data: bytes) -> str:
@@ -111,6 +119,30 @@ def tampered(token: str, **changes: Any) -> str:
     """``token`` with its payload rewritten (``changes`` made), its signature kept."""
     header, _, signature = token.split(".")
     return f"{header}.{b64json(claims(**changes))}.{signature}"
+
+
+def config(jwks_location: str | Path, tokens: bool = True, **more: Any) -> str:
+    """The workflows, a plain token named static (unless not ``tokens``), and auth.jwt with
+    ``more`` settings (in JSON, which is YAML)."""
+    settings = {"issuer": ISSUER, "audience": AUDIENCE, "jwks": str(jwks_location), **more}
+    static = f"  tokens: [{{name: static, sha256: {TOKEN_HASH}}}]\n" if tokens else ""
+    return f"{WORKFLOWS}auth:\n{static}  jwt: {json.dumps(settings)}\n"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The provider's keys of the tests, each named by its kid."""
+
+    es: SigningKey
+    rs: SigningKey
+    ed: SigningKey
+    impostor: SigningKey  # not in the key set, though it says kid "es"
+
+
+def make_keys() -> Keys:
+    return Keys(
+        SigningKey("ES256", "es"), SigningKey("RS256", "rs"), SigningKey("EdDSA", "ed"), SigningKey("ES256", "es")
+    )
 
 
 def jwks(*keys: SigningKey | dict[str, Any]) -> dict[str, Any]:
