@@ -155,7 +155,8 @@ class JWKSServer:
     ``document`` is what it serves (JSON); ``status`` another answer; ``redirect`` a 302 there;
     ``hang`` keeps every request waiting; ``padding`` bytes of white space lead the document,
     sent ``chunked`` (no Content-Length) if asked.
-    ``fetches`` counts the requests for the key set. ``ca_file`` verifies its certificate.
+    ``fetches`` counts the requests for the key set, ``accept`` is the last one's Accept header.
+    ``ca_file`` verifies its certificate.
     """
 
     def __init__(self, folder: Path, document: dict[str, Any]) -> None:
@@ -166,6 +167,7 @@ class JWKSServer:
         self.padding = 0
         self.chunked = False
         self.fetches = 0
+        self.accept: str | None = None  # the Accept header of the last request
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}/jwks"
         authority = trustme.CA()
@@ -205,6 +207,7 @@ class JWKSServer:
 
     async def _jwks(self, request: web.Request) -> web.StreamResponse:
         self.fetches += 1
+        self.accept = request.headers.get("Accept")
         while self.hang:
             await asyncio.sleep(0.05)
         if self.redirect is not None:

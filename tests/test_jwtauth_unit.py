@@ -321,6 +321,11 @@ REFUSALS: list[tuple[str, Callable[[Keys], str], str]] = [
     ("signed by another key", lambda k: k.impostor.mint(), "bad signature"),
     ("payload tampered with", lambda k: tampered(k.es.mint(), scope="workflow:*"), "bad signature"),
     ("nonsense", lambda k: "not.a.jwt", "malformed (DecodeError: …"),
+    (
+        "exp not a number",
+        lambda k: k.es.mint(exp="soon"),
+        "invalid (DecodeError: Expiration Time claim (exp) must be an integer.)",
+    ),
 ]
 
 
@@ -444,6 +449,11 @@ async def test_a_key_set_file_read_again(keys: Keys, tmp_path: Path, caplog: pyt
     path.write_text(json.dumps(jwks(keys.es)))
     verifier = load_config(config(path)).jwt
     assert verifier is not None and list(verifier.keys) == ["es"]
+    assert verifier.describe() == (
+        f"jwt: issuer {ISSUER}, audience {AUDIENCE}, algorithms ES256, EdDSA, RS256, leeway 30s, keys es from {path}"
+    )
+    fetched = load_config(config("https://idp.example/jwks")).jwt
+    assert fetched is not None and fetched.settings.jwks == "https://idp.example/jwks" and fetched.keys == {}
     token = keys.es.mint()
     assert await verifier.verify(token) is not None
     # The same keys: what was verified stays remembered.
@@ -609,6 +619,11 @@ async def test_a_jwt_runs_the_workflows_its_scope_names(make_client: ClientFacto
     assert (await run("upper", keys.es.mint(scope="workflow:echo")))[0] == 403
     assert await run("upper", keys.es.mint(scope="workflow:*")) == (200, ["HI"])
     assert (await run("echo", keys.es.mint(scope="openid echo")))[0] == 403
+    # A JWT that may run no workflow is refused before its body is read.
+    answer = await client.post(
+        "/workflow", data=b"{", headers={"Authorization": f"Bearer {keys.es.mint(scope='openid')}"}
+    )
+    assert (answer.status, answer.headers["WWW-Authenticate"]) == (403, INSUFFICIENT)
     expired = keys.es.mint(exp=int(time.time()) - 120)
     status, body = await run("echo", expired)
     assert (status, body) == (401, {"error": "invalid token"})
@@ -669,7 +684,10 @@ async def test_an_unknown_kid_fetches_the_keys_at_most_once_a_minute(  # type: i
     # The same keys fetched again change nothing: what was verified stays remembered.
     token = keys.ed.mint(sub="remembered")
     assert await verifier.verify(token) is not None
-    await verifier.reload()
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="aioserver.jwt"):
+        await verifier.reload()
+    assert caplog.messages == [f"fetching the JWT keys from {trusted.url}: reload"]
     assert trusted.fetches == 4 and token in verifier._verified
     # A key taken out (revoked) takes its tokens with it, remembered or not.
     trusted.document = jwks(keys.es, keys.rs)
@@ -780,3 +798,26 @@ async def test_no_fetch_once_the_app_is_gone(trusted: JWKSServer, keys: Keys) ->
     assert await verifier.verify(keys.rs.mint()) is None
     await verifier.reload()
     assert trusted.fetches == fetches
+
+
+async def test_what_a_fetch_returns_and_a_fault_in_it(  # type: ignore[no-untyped-def]
+    trusted: JWKSServer, aiohttp_client, keys: Keys, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verifier = fetched_verifier(trusted)
+    await serving(verifier, aiohttp_client)
+    assert trusted.accept == "application/json"
+    assert await verifier._fetch("test") is True
+    trusted.status = 500
+    assert await verifier._fetch("test") is False
+    trusted.status = 200
+
+    def fault(data: bytes, algorithms: frozenset[str]) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(jwtauth, "parse_jwks", fault)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="aioserver.jwt"):
+        assert await verifier._fetch("test") is False
+    assert caplog.messages == [f"JWT keys not fetched from {trusted.url}, keeping the 1 in force"]
+    assert caplog.records[0].levelno == logging.ERROR and caplog.records[0].exc_info is not None
+    assert list(verifier.keys) == ["es"] and verifier._fetching is None
