@@ -355,6 +355,10 @@ async def test_what_is_accepted_and_who_it_is(keys: Keys) -> None:
     identity = await verifier.verify(keys.es.mint(sub="eve\nINFO forged", aud=["other", AUDIENCE]))
     assert identity is not None and identity.name == "eve\\nINFO forged"
     assert (identity.digest, identity.workflows, identity.every_workflow) == (b"", frozenset({"echo"}), False)
+    identity = await verifier.verify(keys.es.mint(sub="no-scope", scope=None))
+    assert identity is not None and identity.workflows == frozenset() and not identity.every_workflow
+    identity = await verifier.verify(keys.es.mint(sub="tab", scope="workflow:echo\tworkflow:upper"))
+    assert identity is not None and not identity.may_run("upper")  # space-separated (RFC 8693)
     identity = await verifier.verify(keys.es.mint(scope="workflow:* workflow:echo"))
     assert identity is not None and identity.every_workflow and identity.workflows == frozenset({"echo"})
 
@@ -462,14 +466,25 @@ async def test_a_key_set_file_read_again(keys: Keys, tmp_path: Path, caplog: pyt
     with caplog.at_level(logging.INFO, logger="aioserver.jwt"):
         await verifier.reload()
     assert "reloaded JWT keys (unchanged): es" in caplog.messages
+    # The same JWK, its members in another order: the same key.
+    path.write_text(json.dumps({"keys": [dict(reversed(list(keys.es.jwk().items())))]}))
+    assert verifier.reread_file() is False and token in verifier._verified
+    # Another key under the same kid: put in force, what it verified forgotten.
+    path.write_text(json.dumps(jwks(keys.impostor)))
+    assert verifier.reread_file() is True and verifier._verified == {}
+    assert await verifier.verify(token) is None
+    assert await verifier.verify(keys.impostor.mint()) is not None
+    path.write_text(json.dumps(jwks(keys.es)))
+    assert verifier.reread_file() is True
+    assert await verifier.verify(token) is not None
     # Keys changed: the tokens remembered are verified again, against them.
-    path.write_text(json.dumps(jwks(keys.rs, {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"})))
+    path.write_text(json.dumps(jwks(keys.rs, {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}, keys.ed)))
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="aioserver.jwt"):
         await verifier.reload()
     assert caplog.messages == [
         f"JWT keys from {path}: key 'hmac' left out: a symmetric key (HMAC is never used)",
-        "reloaded JWT keys: rs",
+        "reloaded JWT keys: rs, ed",
     ]
     assert verifier._verified == {}
     assert await verifier.verify(token) is None
@@ -482,8 +497,8 @@ async def test_a_key_set_file_read_again(keys: Keys, tmp_path: Path, caplog: pyt
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="aioserver.jwt"):
         await verifier.reload()
-    assert caplog.messages == [f"JWT key reload failed, keeping the 1 keys in force: {path}: not JSON"]
-    assert list(verifier.keys) == ["rs"]
+    assert caplog.messages == [f"JWT key reload failed, keeping the 2 keys in force: {path}: not JSON"]
+    assert list(verifier.keys) == ["rs", "ed"]
 
 
 async def test_a_file_s_unknown_kid_is_not_fetched(keys: Keys, clock: Clock) -> None:
@@ -537,6 +552,19 @@ def test_settings_and_their_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
     )
     assert settings.fetched and isinstance(settings.leeway, float)
     assert parse_settings({"issuer": "i", "audience": "a", "jwks": "/j", "leeway": 300}, "t").leeway == 300.0
+    url = "https://idp.example/jwks?from=https://idp.example"
+    assert parse_settings({"issuer": "i", "audience": "a", "jwks": url}, "t").jwks == url
+    for algorithms, problem in [
+        ("RS256", "expected a list of algorithms among ES256, ES384, ES512, RS256, RS384, RS512, PS256, PS384,"),
+        (
+            ["HS256"],
+            "HS256 is refused: HMAC takes a shared secret, and a public key of the key set could pass for"
+            " one (key confusion); asymmetric algorithms only",
+        ),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            parse_settings({"issuer": "i", "audience": "a", "jwks": "/j", "algorithms": algorithms}, "src")
+        assert error.value.problem.startswith(problem), error.value.problem
     assert parse_settings({"issuer": "i", "audience": "a", "jwks": "/j", "leeway": 2.5}, "t").leeway == 2.5
     verifier = JWTVerifier(settings)
     assert verifier.describe() == (
@@ -600,6 +628,9 @@ def test_a_key_set_s_entries_that_will_not_do(keys: Keys) -> None:
         "no usable key (key 'h' left out: a symmetric key (HMAC is never used);"
         " key 'x' left out: kty None fits none of auth.jwt.algorithms)"
     )
+    with pytest.raises(jwtauth.JWKSError) as error:
+        parse_jwks(b'{"keys": []}', frozenset({"ES256"}))
+    assert str(error.value) == "no usable key"
     for data in (b"\xff", b"[]", b'{"keys": 1}'):
         with pytest.raises(jwtauth.JWKSError):
             parse_jwks(data, frozenset({"ES256"}))
@@ -653,6 +684,10 @@ def fetched_verifier(provider: JWKSServer, **options: Any) -> JWTVerifier:
 def trusted(provider: JWKSServer, monkeypatch: pytest.MonkeyPatch) -> JWKSServer:
     """The provider, whose CA the verifier trusts through SSL_CERT_FILE."""
     monkeypatch.setenv("SSL_CERT_FILE", str(provider.ca_file))
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"):  # never used: trust_env=False
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
     return provider
 
 
@@ -665,6 +700,7 @@ async def test_an_unknown_kid_fetches_the_keys_at_most_once_a_minute(  # type: i
     assert trusted.fetches == 1 and list(verifier.keys) == ["es"]
     assert f"JWT keys in force from {trusted.url}: es" in caplog.messages
     assert f"fetching the JWT keys from {trusted.url}: scheduled" in caplog.messages
+    assert f"JWT access tokens from {ISSUER}, keys fetched from {trusted.url}" in caplog.messages
     # The provider rotates in a key: the first tokens naming it have the keys fetched, once for all.
     trusted.document = jwks(keys.es, keys.rs)
     caplog.clear()
@@ -742,10 +778,11 @@ async def test_a_fetch_that_fails_keeps_the_keys(  # type: ignore[no-untyped-def
 
 
 async def test_a_scheduled_fetch_that_failed_is_tried_again_soon(  # type: ignore[no-untyped-def]
-    trusted: JWKSServer, aiohttp_client, keys: Keys
+    trusted: JWKSServer, aiohttp_client, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(jwtauth, "RETRY_AFTER_FAILURE", 0.1)
     trusted.status = 503
-    verifier = fetched_verifier(trusted, refresh_every=0.2)
+    verifier = fetched_verifier(trusted, refresh_every=3600)
     app = web.Application()
     verifier.setup(app)
     await aiohttp_client(app)
@@ -755,14 +792,12 @@ async def test_a_scheduled_fetch_that_failed_is_tried_again_soon(  # type: ignor
         await asyncio.sleep(0.02)
     assert verifier.keys == {}
     trusted.status = 200
-    while not verifier.keys:
+    while not verifier.keys or verifier._fetching is not None:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
-    # After the next fetch, an hour's wait: no fetch in flight when the app stops.
-    verifier._refresh_every, fetches = 3600.0, trusted.fetches
-    while trusted.fetches == fetches or verifier._fetching is not None:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    fetches = trusted.fetches
+    await asyncio.sleep(1)  # fetched, the next fetch waits an hour (refresh_every), not the retry's wait
+    assert trusted.fetches == fetches
     assert await verifier.verify(keys.es.mint()) is not None
 
 
@@ -780,11 +815,13 @@ async def test_the_providers_certificate_is_verified_in_process(  # type: ignore
         while not any("not fetched" in m for m in caplog.messages):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
-    assert "certificate verify failed" in caplog.text
+    said = [m for m in caplog.messages if "not fetched" in m]
+    prefix = f"JWT keys not fetched from {provider.url}, keeping the 0 in force: "
+    assert said[0].startswith(prefix) and "certificate verify failed" in said[0], said
     assert await verifier.verify(keys.es.mint()) is None
 
 
-async def test_no_fetch_once_the_app_is_gone(trusted: JWKSServer, keys: Keys) -> None:
+async def test_no_fetch_once_the_app_is_gone(trusted: JWKSServer, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
     verifier = fetched_verifier(trusted)
     app = web.Application()
     verifier.setup(app)
@@ -795,9 +832,12 @@ async def test_no_fetch_once_the_app_is_gone(trusted: JWKSServer, keys: Keys) ->
             await asyncio.sleep(0.02)
     assert verifier._session is None and verifier._fetching is None
     fetches = trusted.fetches
-    assert await verifier.verify(keys.rs.mint()) is None
-    await verifier.reload()
+    with caplog.at_level(logging.DEBUG, logger="aioserver.jwt"):
+        assert await verifier.verify(keys.rs.mint()) is None
+        await verifier.reload()
+        await asyncio.sleep(0.1)
     assert trusted.fetches == fetches
+    assert [r.getMessage() for r in caplog.records if r.levelno > logging.INFO] == []
 
 
 async def test_what_a_fetch_returns_and_a_fault_in_it(  # type: ignore[no-untyped-def]
