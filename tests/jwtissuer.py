@@ -17,6 +17,7 @@ import json
 import ssl
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from conftest import free_port
+from conftest import TOKEN_HASH, free_port
 
 ISSUER = "https://idp.example/realms/aioserver"
 AUDIENCE = "aioserver-api"
+INVALID = 'Bearer realm="aioserver", error="invalid_token"'
+INSUFFICIENT = 'Bearer realm="aioserver", error="insufficient_scope"'
+WORKFLOWS = """
+workflow:
+  echo: {tasks: [echo]}
+  upper: {tasks: [upper]}
+"""
 
 
 def b64(data: bytes) -> str:
@@ -113,6 +121,30 @@ def tampered(token: str, **changes: Any) -> str:
     return f"{header}.{b64json(claims(**changes))}.{signature}"
 
 
+def config(jwks_location: str | Path, tokens: bool = True, **more: Any) -> str:
+    """The workflows, a plain token named static (unless not ``tokens``), and auth.jwt with
+    ``more`` settings (in JSON, which is YAML)."""
+    settings = {"issuer": ISSUER, "audience": AUDIENCE, "jwks": str(jwks_location), **more}
+    static = f"  tokens: [{{name: static, sha256: {TOKEN_HASH}}}]\n" if tokens else ""
+    return f"{WORKFLOWS}auth:\n{static}  jwt: {json.dumps(settings)}\n"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The provider's keys of the tests, each named by its kid."""
+
+    es: SigningKey
+    rs: SigningKey
+    ed: SigningKey
+    impostor: SigningKey  # not in the key set, though it says kid "es"
+
+
+def make_keys() -> Keys:
+    return Keys(
+        SigningKey("ES256", "es"), SigningKey("RS256", "rs"), SigningKey("EdDSA", "ed"), SigningKey("ES256", "es")
+    )
+
+
 def jwks(*keys: SigningKey | dict[str, Any]) -> dict[str, Any]:
     return {"keys": [key.jwk() if isinstance(key, SigningKey) else key for key in keys]}
 
@@ -123,7 +155,8 @@ class JWKSServer:
     ``document`` is what it serves (JSON); ``status`` another answer; ``redirect`` a 302 there;
     ``hang`` keeps every request waiting; ``padding`` bytes of white space lead the document,
     sent ``chunked`` (no Content-Length) if asked.
-    ``fetches`` counts the requests for the key set. ``ca_file`` verifies its certificate.
+    ``fetches`` counts the requests for the key set, ``accept`` is the last one's Accept header.
+    ``ca_file`` verifies its certificate.
     """
 
     def __init__(self, folder: Path, document: dict[str, Any]) -> None:
@@ -134,6 +167,7 @@ class JWKSServer:
         self.padding = 0
         self.chunked = False
         self.fetches = 0
+        self.accept: str | None = None  # the Accept header of the last request
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}/jwks"
         authority = trustme.CA()
@@ -173,6 +207,7 @@ class JWKSServer:
 
     async def _jwks(self, request: web.Request) -> web.StreamResponse:
         self.fetches += 1
+        self.accept = request.headers.get("Accept")
         while self.hang:
             await asyncio.sleep(0.05)
         if self.redirect is not None:
