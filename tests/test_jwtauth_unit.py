@@ -239,15 +239,9 @@ async def test_keys_are_fetched_every_so_often(  # type: ignore[no-untyped-def]
     app = web.Application()
     verifier.setup(app)
     await aiohttp_client(app)
-    deadline = time.monotonic() + 10
-    while provider.fetches < 3:
-        assert time.monotonic() < deadline, provider.fetches
-        await asyncio.sleep(0.05)
+    await until(lambda: provider.fetches >= 3, "three fetches")
     provider.document = jwks(keys.rs)
-    deadline = time.monotonic() + 10
-    while "rs" not in verifier.keys:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await until(lambda: "rs" in verifier.keys, "the new key in force")
     assert await verifier.verify(keys.rs.mint()) is not None
     assert "es" not in verifier.keys
 
@@ -270,6 +264,14 @@ def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
         for record in caplog.records
         if record.name == "aioserver.jwt" and record.levelno == logging.INFO and "JWT refused" in record.getMessage()
     ]
+
+
+async def until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Wait for ``condition``, polled every 20 ms; the test fails naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.02)
 
 
 REFUSALS: list[tuple[str, Callable[[Keys], str], str]] = [
@@ -668,10 +670,10 @@ async def serving(verifier: JWTVerifier, aiohttp_client: Any) -> None:
     app = web.Application()
     verifier.setup(app)
     await aiohttp_client(app)
-    deadline = time.monotonic() + 10
-    while verifier._session is None or verifier._fetching is not None or not verifier.keys:
-        assert time.monotonic() < deadline, "no keys fetched at start"
-        await asyncio.sleep(0.02)
+    await until(
+        lambda: verifier._session is not None and verifier._fetching is None and verifier.keys,
+        "no keys fetched at start",
+    )
 
 
 def fetched_verifier(provider: JWKSServer, **options: Any) -> JWTVerifier:
@@ -786,15 +788,10 @@ async def test_a_scheduled_fetch_that_failed_is_tried_again_soon(  # type: ignor
     app = web.Application()
     verifier.setup(app)
     await aiohttp_client(app)
-    deadline = time.monotonic() + 10
-    while trusted.fetches < 3:
-        assert time.monotonic() < deadline, trusted.fetches
-        await asyncio.sleep(0.02)
+    await until(lambda: trusted.fetches >= 3, "three fetches")
     assert verifier.keys == {}
     trusted.status = 200
-    while not verifier.keys or verifier._fetching is not None:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await until(lambda: verifier.keys and verifier._fetching is None, "keys fetched again")
     fetches = trusted.fetches
     await asyncio.sleep(1)  # fetched, the next fetch waits an hour (refresh_every), not the retry's wait
     assert trusted.fetches == fetches
@@ -811,10 +808,7 @@ async def test_the_providers_certificate_is_verified_in_process(  # type: ignore
     verifier.setup(app)
     with caplog.at_level(logging.INFO, logger="aioserver.jwt"):
         await aiohttp_client(app)
-        deadline = time.monotonic() + 10
-        while not any("not fetched" in m for m in caplog.messages):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await until(lambda: any("not fetched" in m for m in caplog.messages), "the failed fetch said")
     said = [m for m in caplog.messages if "not fetched" in m]
     prefix = f"JWT keys not fetched from {provider.url}, keeping the 0 in force: "
     assert said[0].startswith(prefix) and "certificate verify failed" in said[0], said
@@ -826,10 +820,7 @@ async def test_no_fetch_once_the_app_is_gone(trusted: JWKSServer, keys: Keys, ca
     app = web.Application()
     verifier.setup(app)
     async with TestClient(TestServer(app)):
-        deadline = time.monotonic() + 10
-        while not verifier.keys:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await until(lambda: verifier.keys, "keys fetched")
     assert verifier._session is None and verifier._fetching is None
     fetches = trusted.fetches
     with caplog.at_level(logging.DEBUG, logger="aioserver.jwt"):
