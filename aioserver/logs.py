@@ -144,7 +144,12 @@ class BatchingHandler(logging.StreamHandler[TextIO]):
             self.flush()
             return
         timer_loop = self._timer_loop
-        if self._timer is not None and self._timer_thread == threading.get_ident() and timer_loop.is_running():  # type: ignore[union-attr]
+        if (
+            self._timer is not None
+            and timer_loop is not None
+            and self._timer_thread == threading.get_ident()
+            and timer_loop.is_running()
+        ):
             # A write is due, by the loop running here (one loop a thread): known without
             # get_running_loop(), a getpid() system call each on Python 3.11.
             return
